@@ -1,0 +1,190 @@
+//! The one HTTP service behind the listener: routes each request by path and content type to the gRPC
+//! handlers, the Connect translation, or the plain HTTP endpoints; authenticates; counts.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use compute_control::{AuthError, Control, Principal};
+use http::{header, Method, Request, Response, StatusCode, Version};
+use hyper::body::Incoming;
+use tonic::body::Body;
+use tonic::service::Routes;
+use tonic::Status;
+use tower::{Service, ServiceExt};
+
+use crate::connect::{self, Codec};
+use crate::http_util::{full, grpc_error, json};
+use crate::methods::{MethodInfo, Methods};
+use crate::metrics::{grpc_status, MeteredBody, Metrics};
+use crate::status::from_control;
+
+/// State shared by every connection.
+pub struct Shared {
+    pub control: Arc<Control>,
+    pub routes: Routes,
+    pub methods: Methods,
+    pub metrics: Arc<Metrics>,
+    pub max_message_bytes: usize,
+}
+
+/// The front door service; cheap to clone (one per connection).
+#[derive(Clone)]
+pub struct FrontDoor {
+    shared: Arc<Shared>,
+}
+
+impl FrontDoor {
+    /// A front door over `shared`.
+    pub fn new(shared: Arc<Shared>) -> Self {
+        Self { shared }
+    }
+}
+
+impl Service<Request<Incoming>> for FrontDoor {
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<Incoming>) -> Self::Future {
+        let shared = self.shared.clone();
+        Box::pin(async move { Ok(route(shared, req).await) })
+    }
+}
+
+async fn route(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
+    let path = req.uri().path().to_string();
+    let content_type = req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+    let is_grpc = content_type.starts_with("application/grpc");
+
+    if req.method() == Method::GET && !is_grpc {
+        match path.as_str() {
+            "/healthz" => return full(StatusCode::OK, "text/plain; charset=utf-8", "ok\n"),
+            "/metrics" => {
+                return full(StatusCode::OK, "application/openmetrics-text; version=1.0.0; charset=utf-8", shared.metrics.render())
+            }
+            "/v1/who-am-i" => return who_am_i(&shared, &req),
+            _ => {}
+        }
+    }
+
+    let Some(method) = shared.methods.get(&path).cloned() else {
+        let status = Status::unimplemented(format!("unknown method {path}: this Compute server does not serve it"));
+        return if is_grpc {
+            grpc_error(status)
+        } else if path.starts_with("/chalk.") || req.method() == Method::POST {
+            connect::error(&status)
+        } else {
+            json(StatusCode::NOT_FOUND, &serde_json::json!({"code": "not_found", "message": format!("no such endpoint: {path}")}))
+        };
+    };
+
+    if is_grpc {
+        grpc(shared, method, req).await
+    } else if let Some(codec) = Codec::from_content_type(&content_type) {
+        connect_unary(shared, method, codec, req).await
+    } else {
+        let msg = format!(
+            "unsupported content-type {content_type:?} for {path}: use gRPC (application/grpc over HTTP/2) or Connect \
+             unary (POST with application/proto or application/json)"
+        );
+        let mut resp = connect::error(&Status::unimplemented(msg));
+        *resp.status_mut() = StatusCode::UNSUPPORTED_MEDIA_TYPE;
+        resp
+    }
+}
+
+async fn grpc(shared: Arc<Shared>, method: MethodInfo, mut req: Request<Incoming>) -> Response<Body> {
+    let mut timer = shared.metrics.start(&method.path, "grpc");
+    if req.version() != Version::HTTP_2 {
+        timer.set_code(tonic::Code::Internal);
+        return full(
+            StatusCode::HTTP_VERSION_NOT_SUPPORTED,
+            "text/plain; charset=utf-8",
+            format!(
+                "{} is gRPC, which needs HTTP/2 (h2c with prior knowledge, or TLS with ALPN h2); over HTTP/1.1 use \
+                 the Connect protocol (POST with content-type application/proto or application/json)\n",
+                method.path
+            ),
+        );
+    }
+    if let Err(status) = admit(&shared, &method, &mut req) {
+        timer.set_code(status.code());
+        return grpc_error(status);
+    }
+    let resp = shared.routes.clone().oneshot(req).await.unwrap_or_else(|e| match e {});
+    if let Some(code) = grpc_status(resp.headers()) {
+        timer.set_code(code);
+    }
+    resp.map(|body| Body::new(MeteredBody::new(body, timer)))
+}
+
+async fn connect_unary(shared: Arc<Shared>, method: MethodInfo, codec: Codec, mut req: Request<Incoming>) -> Response<Body> {
+    let mut timer = shared.metrics.start(&method.path, "connect");
+    let result = async {
+        admit(&shared, &method, &mut req)?;
+        let (parts, message) = connect::read_request(&method, codec, req, shared.max_message_bytes).await?;
+        connect::call(shared.routes.clone(), &method, codec, parts, message).await
+    }
+    .await;
+    match result {
+        Ok(resp) => {
+            timer.set_code(tonic::Code::Ok);
+            resp
+        }
+        Err(status) => {
+            timer.set_code(status.code());
+            connect::error(&status)
+        }
+    }
+}
+
+/// Lets a call through to its handler: the method exists and works, and the caller is authenticated (the
+/// [`Principal`] is attached to the request for the handler).
+fn admit<B>(shared: &Shared, method: &MethodInfo, req: &mut Request<B>) -> Result<(), Status> {
+    if !method.public {
+        let principal = authenticate(shared, req)?;
+        req.extensions_mut().insert(principal);
+    }
+    if !method.implemented {
+        return Err(Status::unimplemented(format!(
+            "{} is not implemented by this Compute server yet",
+            method.path.trim_start_matches('/')
+        )));
+    }
+    Ok(())
+}
+
+fn authenticate<B>(shared: &Shared, req: &Request<B>) -> Result<Principal, Status> {
+    let bearer = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| crate::status::from_auth(AuthError::MissingToken))?;
+    let env = req.headers().get("x-chalk-env-id").and_then(|v| v.to_str().ok());
+    shared.control.auth().authenticate(bearer, env).map_err(from_control)
+}
+
+fn who_am_i(shared: &Shared, req: &Request<Incoming>) -> Response<Body> {
+    match authenticate(shared, req) {
+        Ok(p) => json(
+            StatusCode::OK,
+            &serde_json::json!({
+                "user": p.client_id,
+                "client_id": p.client_id,
+                "environment_id": p.environment_id,
+                "expires_at": p.expires_at,
+            }),
+        ),
+        Err(status) => connect::error(&status),
+    }
+}

@@ -1,0 +1,23 @@
+//! Compute's front door: one listener that serves every protocol the SDK speaks on the same port.
+//!
+//! - gRPC over HTTP/2 cleartext (prior knowledge) or TLS (ALPN `h2`), gzip-compressed requests accepted;
+//! - Connect unary over HTTP/1.1 or HTTP/2 (`application/proto` and `application/json`), with the Connect JSON
+//!   error body, by translating each call into the same gRPC handler;
+//! - `GET /healthz`, `GET /v1/who-am-i`, `GET /metrics` (Prometheus).
+//!
+//! The front door authenticates, validates and translates; it holds no state and no business rules, which
+//! live in `compute-control`.
+
+#![warn(missing_docs)]
+
+mod connect;
+mod front_door;
+mod http_util;
+mod methods;
+mod metrics;
+mod server;
+mod services;
+mod status;
+
+pub use methods::{MethodInfo, Methods};
+pub use server::{ApiConfig, ServeError, Server, TlsConfig};

@@ -1,0 +1,170 @@
+//! Prometheus metrics of the front door: requests and latency per method, in-flight requests, errors by code.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http_body::{Body as HttpBody, Frame, SizeHint};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+use tonic::Code;
+
+use crate::status::code_label;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MethodCode {
+    method: String,
+    protocol: &'static str,
+    code: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MethodLabel {
+    method: String,
+}
+
+/// The metric families, shared by every connection.
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<MethodCode, Counter>,
+    latency: Family<MethodLabel, Histogram>,
+    in_flight: Gauge,
+}
+
+impl Metrics {
+    /// Registers the families.
+    pub fn new() -> Arc<Self> {
+        let mut registry = Registry::with_prefix("compute_api");
+        let requests = Family::<MethodCode, Counter>::default();
+        let latency = Family::<MethodLabel, Histogram>::new_with_constructor(|| {
+            // 50 µs .. ~100 s
+            Histogram::new(exponential_buckets(0.00005, 2.0, 21))
+        });
+        let in_flight = Gauge::default();
+        registry.register(
+            "requests",
+            "RPCs handled, by method, protocol (grpc, connect) and status code; non-OK codes are the errors",
+            requests.clone(),
+        );
+        registry.register(
+            "request_duration_seconds",
+            "Time from request to the end of the response (streams: the whole stream), by method",
+            latency.clone(),
+        );
+        registry.register("in_flight_requests", "RPCs currently being handled", in_flight.clone());
+        Arc::new(Self { registry, requests, latency, in_flight })
+    }
+
+    /// Starts timing one request; the returned guard records it when finished or dropped.
+    pub fn start(self: &Arc<Self>, method: &str, protocol: &'static str) -> RequestTimer {
+        self.in_flight.inc();
+        RequestTimer { metrics: self.clone(), method: method.to_string(), protocol, start: Instant::now(), code: None }
+    }
+
+    /// The text exposition format.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String cannot fail");
+        out
+    }
+}
+
+/// One request being timed. Records on drop, with the code set by [`RequestTimer::set_code`] (or `UNKNOWN` if
+/// the response never said, e.g. the client went away mid-stream: then `CANCELLED`).
+pub struct RequestTimer {
+    metrics: Arc<Metrics>,
+    method: String,
+    protocol: &'static str,
+    start: Instant,
+    code: Option<Code>,
+}
+
+impl RequestTimer {
+    /// Sets the status the request ended with.
+    pub fn set_code(&mut self, code: Code) {
+        self.code = Some(code);
+    }
+
+    /// Whether the code is already known.
+    pub fn has_code(&self) -> bool {
+        self.code.is_some()
+    }
+}
+
+impl Drop for RequestTimer {
+    fn drop(&mut self) {
+        let m = &self.metrics;
+        m.in_flight.dec();
+        let code = code_label(self.code.unwrap_or(Code::Cancelled));
+        m.requests.get_or_create(&MethodCode { method: self.method.clone(), protocol: self.protocol, code }).inc();
+        m.latency
+            .get_or_create(&MethodLabel { method: self.method.clone() })
+            .observe(self.start.elapsed().as_secs_f64());
+    }
+}
+
+/// A gRPC response body that reports the call's end (its `grpc-status` trailer) to a [`RequestTimer`].
+pub struct MeteredBody {
+    inner: tonic::body::Body,
+    timer: Option<RequestTimer>,
+}
+
+impl MeteredBody {
+    /// Wraps `inner`; if the status is already known (a trailers-only response), `timer` carries it.
+    pub fn new(inner: tonic::body::Body, timer: RequestTimer) -> Self {
+        Self { inner, timer: Some(timer) }
+    }
+}
+
+impl HttpBody for MeteredBody {
+    type Data = Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(trailers) = frame.trailers_ref() {
+                    if let (Some(t), Some(code)) = (self.timer.as_mut(), grpc_status(trailers)) {
+                        t.set_code(code);
+                    }
+                }
+            }
+            Poll::Ready(Some(Err(status))) => {
+                let code = status.code();
+                if let Some(t) = self.timer.as_mut() {
+                    t.set_code(code);
+                }
+            }
+            Poll::Ready(None) => {
+                if let Some(mut t) = self.timer.take() {
+                    if !t.has_code() {
+                        t.set_code(Code::Ok);
+                    }
+                }
+            }
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// The `grpc-status` in a header map, if present and well-formed.
+pub fn grpc_status(headers: &http::HeaderMap) -> Option<Code> {
+    let v = headers.get("grpc-status")?.to_str().ok()?.parse::<i32>().ok()?;
+    Some(Code::from_i32(v))
+}

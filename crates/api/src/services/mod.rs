@@ -1,0 +1,85 @@
+//! gRPC service implementations: thin translations from wire messages to control-plane calls.
+
+mod auth;
+mod team;
+
+use std::sync::Arc;
+
+use compute_control::{Control, Principal};
+use compute_proto::chalk;
+use tonic::codec::CompressionEncoding;
+use tonic::service::Routes;
+
+pub use auth::AuthApi;
+pub use team::TeamApi;
+
+/// Registered but not implemented yet: every method answers UNIMPLEMENTED. The front door intercepts such calls
+/// first with a message naming the method; these impls make sure nothing reaches a handler that does not exist.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct NotYet;
+
+#[tonic::async_trait]
+impl chalk::server::v1::environment_secrets_service_server::EnvironmentSecretsService for NotYet {}
+#[tonic::async_trait]
+impl chalk::sandbox::v1::custom_image_service_server::CustomImageService for NotYet {}
+#[tonic::async_trait]
+impl chalk::sandbox::v1::sandbox_runtime_service_server::SandboxRuntimeService for NotYet {}
+#[tonic::async_trait]
+impl chalk::container::v1::container_service_server::ContainerService for NotYet {}
+#[tonic::async_trait]
+impl chalk::sandbox::v2::sandbox_service_server::SandboxService for NotYet {}
+#[tonic::async_trait]
+impl chalk::sandbox::v2::sandbox_process_service_server::SandboxProcessService for NotYet {}
+#[tonic::async_trait]
+impl chalk::sandbox::v2::sandbox_filesystem_service_server::SandboxFilesystemService for NotYet {}
+#[tonic::async_trait]
+impl chalk::scalinggroup::v1::scaling_group_manager_service_server::ScalingGroupManagerService for NotYet {}
+#[tonic::async_trait]
+impl chalk::volume::v2::volume_service_server::VolumeService for NotYet {}
+#[tonic::async_trait]
+impl chalk::externalfunctioncatalog::v1::external_function_catalog_service_server::ExternalFunctionCatalogService
+    for NotYet
+{
+}
+
+/// Every service in `proto/`, with gzip-compressed requests accepted and the message size limit applied.
+pub fn routes(control: Arc<Control>, max_message_bytes: usize) -> Routes {
+    macro_rules! svc {
+        ($server:ty, $imp:expr) => {
+            <$server>::new($imp)
+                .accept_compressed(CompressionEncoding::Gzip)
+                .max_decoding_message_size(max_message_bytes)
+                .max_encoding_message_size(max_message_bytes)
+        };
+    }
+    use chalk::*;
+    Routes::new(svc!(server::v1::auth_service_server::AuthServiceServer<AuthApi>, AuthApi::new(control.clone())))
+        .add_service(svc!(server::v1::team_service_server::TeamServiceServer<TeamApi>, TeamApi::new(control.clone())))
+        .add_service(svc!(server::v1::environment_secrets_service_server::EnvironmentSecretsServiceServer<NotYet>, NotYet))
+        .add_service(svc!(sandbox::v1::custom_image_service_server::CustomImageServiceServer<NotYet>, NotYet))
+        .add_service(svc!(sandbox::v1::sandbox_runtime_service_server::SandboxRuntimeServiceServer<NotYet>, NotYet))
+        .add_service(svc!(container::v1::container_service_server::ContainerServiceServer<NotYet>, NotYet))
+        .add_service(svc!(sandbox::v2::sandbox_service_server::SandboxServiceServer<NotYet>, NotYet))
+        .add_service(svc!(sandbox::v2::sandbox_process_service_server::SandboxProcessServiceServer<NotYet>, NotYet))
+        .add_service(svc!(
+            sandbox::v2::sandbox_filesystem_service_server::SandboxFilesystemServiceServer<NotYet>,
+            NotYet
+        ))
+        .add_service(svc!(
+            scalinggroup::v1::scaling_group_manager_service_server::ScalingGroupManagerServiceServer<NotYet>,
+            NotYet
+        ))
+        .add_service(svc!(volume::v2::volume_service_server::VolumeServiceServer<NotYet>, NotYet))
+        .add_service(svc!(
+            externalfunctioncatalog::v1::external_function_catalog_service_server::ExternalFunctionCatalogServiceServer<NotYet>,
+            NotYet
+        ))
+        .prepare()
+}
+
+/// The caller the front door authenticated. Every authenticated method can rely on it being present.
+pub fn principal<T>(req: &tonic::Request<T>) -> Result<&Principal, tonic::Status> {
+    req.extensions()
+        .get::<Principal>()
+        .ok_or_else(|| tonic::Status::unauthenticated("this method requires an access token"))
+}

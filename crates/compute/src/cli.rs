@@ -1,0 +1,321 @@
+//! Command-line parsing and the small operator commands.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use compute_control::{Control, ControlConfig};
+
+use crate::runtime_file::{self, AdminCredentials};
+use crate::settings::{self, Layer, Settings};
+
+/// Compute: a self-hostable container runtime for agents, inference and data pipelines, wire-compatible with
+/// the chalkcompute Python SDK.
+#[derive(Parser, Debug)]
+#[command(name = "compute", version, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args, Debug, Clone)]
+struct DataDir {
+    /// Data directory (state store, credentials). Default: $XDG_DATA_HOME/compute or ~/.local/share/compute.
+    #[arg(long, env = "COMPUTE_DATA_DIR", global = true)]
+    data_dir: Option<PathBuf>,
+}
+
+impl DataDir {
+    fn path(&self) -> PathBuf {
+        self.data_dir.clone().unwrap_or_else(settings::default_data_dir)
+    }
+}
+
+#[derive(Args, Debug, Clone, Default)]
+struct ServeFlags {
+    /// Address to listen on [default: 127.0.0.1:8420].
+    #[arg(long, env = "COMPUTE_LISTEN")]
+    listen: Option<String>,
+    /// PEM certificate chain: serve TLS (ALPN h2 and http/1.1) on the same port as cleartext.
+    #[arg(long, env = "COMPUTE_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key for --tls-cert.
+    #[arg(long, env = "COMPUTE_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Log format: text or json [default: text].
+    #[arg(long, env = "COMPUTE_LOG_FORMAT")]
+    log_format: Option<String>,
+    /// Largest RPC message accepted, e.g. 16MiB [default: 16MiB].
+    #[arg(long, env = "COMPUTE_MAX_MESSAGE_SIZE")]
+    max_message_size: Option<String>,
+    /// Lifetime of issued access tokens, e.g. 365d, 12h [default: 365d].
+    #[arg(long, env = "COMPUTE_TOKEN_TTL")]
+    token_ttl: Option<String>,
+}
+
+impl ServeFlags {
+    fn layer(&self) -> Layer {
+        Layer {
+            listen: self.listen.clone(),
+            tls_cert: self.tls_cert.clone(),
+            tls_key: self.tls_key.clone(),
+            log_format: self.log_format.clone(),
+            max_message_size: self.max_message_size.clone(),
+            token_ttl: self.token_ttl.clone(),
+        }
+    }
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the server on this machine (embedded defaults; settings from DATA_DIR/config.toml, COMPUTE_*, flags).
+    Serve {
+        #[command(flatten)]
+        dir: DataDir,
+        #[command(flatten)]
+        flags: ServeFlags,
+    },
+    /// Print the `export` lines that point the SDK at this data directory's server: eval "$(compute env)".
+    Env {
+        #[command(flatten)]
+        dir: DataDir,
+    },
+    /// Is the server up; its version, address and what it holds.
+    Status {
+        #[command(flatten)]
+        dir: DataDir,
+    },
+    /// Manage API clients (client id + secret).
+    #[command(subcommand)]
+    Client(ClientCommand),
+    /// Manage environments (every resource belongs to exactly one).
+    #[command(subcommand)]
+    Environment(EnvironmentCommand),
+    /// Manage the keys that sign access tokens.
+    #[command(subcommand)]
+    Key(KeyCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum ClientCommand {
+    /// Create a client and print its credentials (the secret is shown only now).
+    Create {
+        /// A label for the client.
+        name: String,
+        /// Its primary environment (id or name).
+        #[arg(long, default_value = compute_control::DEFAULT_ENVIRONMENT)]
+        environment: String,
+        /// Allow tokens for every environment, not just the primary one.
+        #[arg(long)]
+        all_environments: bool,
+        #[command(flatten)]
+        dir: DataDir,
+    },
+    /// List clients.
+    Ls {
+        #[command(flatten)]
+        dir: DataDir,
+    },
+    /// Revoke a client: its secret and every token it holds stop working.
+    Revoke {
+        /// Client id.
+        client_id: String,
+        #[command(flatten)]
+        dir: DataDir,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum EnvironmentCommand {
+    /// Create an environment.
+    Create {
+        /// Its name (lowercase letters, digits, '-').
+        name: String,
+        #[command(flatten)]
+        dir: DataDir,
+    },
+    /// List environments.
+    Ls {
+        #[command(flatten)]
+        dir: DataDir,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum KeyCommand {
+    /// Start signing tokens with a new key. Old tokens stay valid unless --retire-previous.
+    Rotate {
+        /// Stop accepting tokens signed by every older key, now.
+        #[arg(long)]
+        retire_previous: bool,
+        #[command(flatten)]
+        dir: DataDir,
+    },
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("compute: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Serve { dir, flags } => {
+            let data_dir = dir.path();
+            let layer = flags.layer().over(Layer::from_file(&data_dir)?);
+            let settings = Settings::resolve(layer)?;
+            init_logging(settings.json_logs);
+            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            rt.block_on(crate::serve::run(&data_dir, settings))
+        }
+        Command::Env { dir } => env(&dir.path()),
+        Command::Status { dir } => status(&dir.path()),
+        Command::Client(c) => client(c),
+        Command::Environment(c) => environment(c),
+        Command::Key(KeyCommand::Rotate { retire_previous, dir }) => {
+            let control = open_control(&dir.path())?;
+            let kid = control.auth().rotate_signing_key(retire_previous)?;
+            println!("new signing key {kid}{}", if retire_previous { "; older keys retired" } else { "" });
+            Ok(())
+        }
+    }
+}
+
+fn init_logging(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("COMPUTE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+/// Opens the control plane of a data directory that a server has already initialised.
+fn open_control(data_dir: &std::path::Path) -> anyhow::Result<Control> {
+    if !data_dir.join("state.db").exists() {
+        anyhow::bail!(
+            "no Compute data directory at {}: run `compute serve` first (or pass --data-dir)",
+            data_dir.display()
+        );
+    }
+    let (control, _) = Control::open(data_dir, ControlConfig::default())?;
+    Ok(control)
+}
+
+fn env(data_dir: &std::path::Path) -> anyhow::Result<()> {
+    let creds: AdminCredentials = runtime_file::read_json(&runtime_file::credentials_path(data_dir))?.with_context(|| {
+        format!("no admin credentials in {}: run `compute serve` first (or pass --data-dir)", data_dir.display())
+    })?;
+    let url = match runtime_file::running_server(data_dir)? {
+        Some(info) => info.url,
+        None => {
+            let settings = Settings::resolve(Layer { listen: std::env::var("COMPUTE_LISTEN").ok(), ..Default::default() }.over(Layer::from_file(data_dir)?))?;
+            eprintln!("# note: no server is running on {}; showing its configured address", data_dir.display());
+            runtime_file::client_url(settings.listen)
+        }
+    };
+    println!("export CHALK_API_SERVER={url}");
+    println!("export CHALK_CLIENT_ID={}", creds.client_id);
+    println!("export CHALK_CLIENT_SECRET={}", creds.client_secret);
+    Ok(())
+}
+
+fn status(data_dir: &std::path::Path) -> anyhow::Result<()> {
+    let Some(info) = runtime_file::running_server(data_dir)? else {
+        println!("server: not running (data directory {})", data_dir.display());
+        std::process::exit(3);
+    };
+    let healthy = probe_health(&info.listen);
+    let uptime_s = (compute_store::now_millis() - info.started_at).max(0) / 1000;
+    println!("server:      {} (pid {}, up {}s)", if healthy { "up" } else { "NOT RESPONDING" }, info.pid, uptime_s);
+    println!("version:     {}", info.version);
+    println!("address:     {}{}", info.url, if info.tls { " (TLS also served)" } else { "" });
+    println!("data dir:    {}", data_dir.display());
+    let control = open_control(data_dir)?;
+    let envs = control.environments()?;
+    let clients = control.auth().clients()?;
+    println!("environments: {}", envs.iter().map(|e| e.name.as_str()).collect::<Vec<_>>().join(", "));
+    println!("clients:     {} ({} revoked)", clients.len(), clients.iter().filter(|c| c.revoked_at.is_some()).count());
+    println!("running:     no workloads (sandboxes arrive with the runtime)");
+    if !healthy {
+        std::process::exit(1);
+    }
+    Ok(())
+}
+
+/// `GET /healthz` over a plain TCP connection.
+fn probe_health(listen: &str) -> bool {
+    use std::io::{Read, Write};
+    let Ok(addr) = listen.parse::<std::net::SocketAddr>() else { return false };
+    let addr = if addr.ip().is_unspecified() { std::net::SocketAddr::from(([127, 0, 0, 1], addr.port())) } else { addr };
+    let Ok(mut s) = std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(2)) else { return false };
+    let _ = s.set_read_timeout(Some(std::time::Duration::from_secs(2)));
+    if s.write_all(b"GET /healthz HTTP/1.1\r\nHost: compute\r\nConnection: close\r\n\r\n").is_err() {
+        return false;
+    }
+    let mut buf = String::new();
+    let _ = s.read_to_string(&mut buf);
+    buf.starts_with("HTTP/1.1 200")
+}
+
+fn client(cmd: ClientCommand) -> anyhow::Result<()> {
+    match cmd {
+        ClientCommand::Create { name, environment, all_environments, dir } => {
+            let control = open_control(&dir.path())?;
+            let creds = control.auth().create_client(&name, &environment, all_environments)?;
+            println!("client_id:     {}", creds.client_id);
+            println!("client_secret: {}", creds.client_secret);
+            println!("environment:   {}", creds.environment_id);
+            println!("# the secret is not stored and cannot be shown again");
+        }
+        ClientCommand::Ls { dir } => {
+            let control = open_control(&dir.path())?;
+            let envs = control.environments()?;
+            println!("{:<24} {:<20} {:<16} {:<8} STATUS", "CLIENT ID", "NAME", "ENVIRONMENT", "SCOPE");
+            for c in control.auth().clients()? {
+                let env = envs.iter().find(|e| e.id == c.environment_id).map_or(c.environment_id.as_str(), |e| e.name.as_str());
+                println!(
+                    "{:<24} {:<20} {:<16} {:<8} {}",
+                    c.id,
+                    c.name,
+                    env,
+                    if c.all_environments { "all" } else { "primary" },
+                    if c.revoked_at.is_some() { "revoked" } else { "active" }
+                );
+            }
+        }
+        ClientCommand::Revoke { client_id, dir } => {
+            let control = open_control(&dir.path())?;
+            control.auth().revoke_client(&client_id)?;
+            println!("revoked {client_id}");
+        }
+    }
+    Ok(())
+}
+
+fn environment(cmd: EnvironmentCommand) -> anyhow::Result<()> {
+    match cmd {
+        EnvironmentCommand::Create { name, dir } => {
+            let control = open_control(&dir.path())?;
+            let env = control.create_environment(&name)?;
+            println!("{}\t{}", env.id, env.name);
+        }
+        EnvironmentCommand::Ls { dir } => {
+            let control = open_control(&dir.path())?;
+            println!("{:<20} NAME", "ID");
+            for e in control.environments()? {
+                println!("{:<20} {}", e.id, e.name);
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,10 @@
+//! `compute`: the operator CLI, and `compute serve`, which runs everything on one machine.
+
+mod cli;
+mod runtime_file;
+mod serve;
+mod settings;
+
+fn main() -> std::process::ExitCode {
+    cli::main()
+}

@@ -1,0 +1,204 @@
+//! Server settings: embedded defaults, overridden by `DATA_DIR/config.toml`, overridden by `COMPUTE_*`
+//! environment variables, overridden by command-line flags.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use serde::Deserialize;
+
+/// The settings file's name inside the data directory.
+pub const CONFIG_FILE: &str = "config.toml";
+
+/// Settings as one layer gives them; unset fields defer to the layer below.
+#[derive(Debug, Default, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Layer {
+    /// Address to listen on.
+    pub listen: Option<String>,
+    /// TLS certificate chain (PEM).
+    pub tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM).
+    pub tls_key: Option<PathBuf>,
+    /// `text` or `json`.
+    pub log_format: Option<String>,
+    /// Largest RPC message, e.g. `16MiB`.
+    pub max_message_size: Option<String>,
+    /// Lifetime of issued tokens, e.g. `365d`.
+    pub token_ttl: Option<String>,
+}
+
+impl Layer {
+    /// `self` where set, else `below`.
+    pub fn over(self, below: Layer) -> Layer {
+        Layer {
+            listen: self.listen.or(below.listen),
+            tls_cert: self.tls_cert.or(below.tls_cert),
+            tls_key: self.tls_key.or(below.tls_key),
+            log_format: self.log_format.or(below.log_format),
+            max_message_size: self.max_message_size.or(below.max_message_size),
+            token_ttl: self.token_ttl.or(below.token_ttl),
+        }
+    }
+
+    /// Reads `DATA_DIR/config.toml`; a missing file is an empty layer.
+    pub fn from_file(data_dir: &Path) -> anyhow::Result<Layer> {
+        let path = data_dir.join(CONFIG_FILE);
+        match std::fs::read_to_string(&path) {
+            Ok(text) => toml::from_str(&text).with_context(|| format!("invalid settings in {}", path.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Layer::default()),
+            Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+        }
+    }
+}
+
+/// The resolved settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Settings {
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    /// TLS certificate and key, when both are set.
+    pub tls: Option<(PathBuf, PathBuf)>,
+    /// Emit JSON logs.
+    pub json_logs: bool,
+    /// Largest RPC message in bytes.
+    pub max_message_bytes: usize,
+    /// Lifetime of issued tokens.
+    pub token_ttl: Duration,
+}
+
+/// The listen address when nothing else says.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8420";
+
+impl Settings {
+    /// Resolves a merged layer against the embedded defaults, checking every value.
+    pub fn resolve(layer: Layer) -> anyhow::Result<Settings> {
+        let listen_text = layer.listen.unwrap_or_else(|| DEFAULT_LISTEN.into());
+        let listen = listen_text
+            .parse()
+            .with_context(|| format!("listen address {listen_text:?} is not HOST:PORT with an IP host, e.g. 127.0.0.1:8420"))?;
+        let tls = match (layer.tls_cert, layer.tls_key) {
+            (Some(c), Some(k)) => Some((c, k)),
+            (None, None) => None,
+            _ => bail!("TLS needs both tls_cert and tls_key (flags --tls-cert/--tls-key)"),
+        };
+        let json_logs = match layer.log_format.as_deref().unwrap_or("text") {
+            "text" => false,
+            "json" => true,
+            other => bail!("log format {other:?} is not one of: text, json"),
+        };
+        let max_message_bytes = parse_size(layer.max_message_size.as_deref().unwrap_or("16MiB"))?;
+        let token_ttl = parse_duration(layer.token_ttl.as_deref().unwrap_or("365d"))?;
+        Ok(Settings { listen, tls, json_logs, max_message_bytes, token_ttl })
+    }
+}
+
+/// Parses `123`, `64KiB`, `16MiB`, `1GiB`, `10MB`.
+pub fn parse_size(text: &str) -> anyhow::Result<usize> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: usize = num.parse().with_context(|| format!("size {text:?} must start with a number"))?;
+    let mult = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        "KB" | "kB" => 1000,
+        "MB" => 1000 * 1000,
+        "GB" => 1000 * 1000 * 1000,
+        other => bail!("size unit {other:?} is not one of B, KiB, MiB, GiB, KB, MB, GB"),
+    };
+    let bytes = n.checked_mul(mult).with_context(|| format!("size {text:?} is too large"))?;
+    if bytes == 0 {
+        bail!("size {text:?} must be positive");
+    }
+    Ok(bytes)
+}
+
+/// Parses `90s`, `30m`, `12h`, `365d`.
+pub fn parse_duration(text: &str) -> anyhow::Result<Duration> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num.parse().with_context(|| format!("duration {text:?} must start with a number"))?;
+    let secs = match unit {
+        "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        "d" => n * 86400,
+        _ => bail!("duration {text:?} needs a unit: s, m, h or d (e.g. 365d)"),
+    };
+    if secs == 0 {
+        bail!("duration {text:?} must be positive");
+    }
+    Ok(Duration::from_secs(secs))
+}
+
+/// The data directory when neither `--data-dir` nor `COMPUTE_DATA_DIR` says: a per-user location.
+pub fn default_data_dir() -> PathBuf {
+    if let Some(xdg) = std::env::var_os("XDG_DATA_HOME").filter(|v| !v.is_empty()) {
+        return PathBuf::from(xdg).join("compute");
+    }
+    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/tmp"));
+    home.join(".local/share/compute")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_override_env_override_file_override_defaults() {
+        let file = Layer {
+            listen: Some("127.0.0.1:1111".into()),
+            log_format: Some("json".into()),
+            token_ttl: Some("2d".into()),
+            ..Default::default()
+        };
+        let env = Layer { listen: Some("127.0.0.1:2222".into()), max_message_size: Some("1MiB".into()), ..Default::default() };
+        let flags = Layer { listen: Some("127.0.0.1:3333".into()), ..Default::default() };
+
+        let s = Settings::resolve(flags.clone().over(env.clone().over(file.clone()))).unwrap();
+        assert_eq!(s.listen.port(), 3333, "flag wins");
+        assert_eq!(s.max_message_bytes, 1 << 20, "env wins over file and default");
+        assert!(s.json_logs, "file wins over default");
+        assert_eq!(s.token_ttl, Duration::from_secs(2 * 86400));
+
+        let s = Settings::resolve(Layer::default().over(env.over(file.clone()))).unwrap();
+        assert_eq!(s.listen.port(), 2222, "env wins over file");
+        let s = Settings::resolve(file).unwrap();
+        assert_eq!(s.listen.port(), 1111, "file wins over default");
+        let s = Settings::resolve(Layer::default()).unwrap();
+        assert_eq!(s.listen.to_string(), DEFAULT_LISTEN);
+        assert_eq!(s.max_message_bytes, 16 << 20);
+    }
+
+    #[test]
+    fn bad_values_name_the_setting() {
+        let err = Settings::resolve(Layer { listen: Some("localhost".into()), ..Default::default() }).unwrap_err();
+        assert!(format!("{err:#}").contains("listen address"), "{err:#}");
+        let err = Settings::resolve(Layer { tls_cert: Some("c".into()), ..Default::default() }).unwrap_err();
+        assert!(err.to_string().contains("tls_key"));
+        let err = Settings::resolve(Layer { log_format: Some("xml".into()), ..Default::default() }).unwrap_err();
+        assert!(err.to_string().contains("text, json"));
+        assert!(parse_size("12XB").is_err());
+        assert!(parse_duration("12").is_err());
+        assert_eq!(parse_size("64KiB").unwrap(), 65536);
+        assert_eq!(parse_duration("90s").unwrap(), Duration::from_secs(90));
+    }
+
+    #[test]
+    fn settings_file_is_parsed_and_checked() {
+        let dir = std::env::temp_dir().join(format!("compute-settings-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        assert_eq!(Layer::from_file(&dir).unwrap(), Layer::default());
+        std::fs::write(dir.join(CONFIG_FILE), "listen = \"0.0.0.0:9000\"\n").unwrap();
+        assert_eq!(Layer::from_file(&dir).unwrap().listen.as_deref(), Some("0.0.0.0:9000"));
+        std::fs::write(dir.join(CONFIG_FILE), "lisen = 1\n").unwrap();
+        let err = Layer::from_file(&dir).unwrap_err();
+        assert!(format!("{err:#}").contains("lisen"), "{err:#}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,66 @@
+//! Identifiers and the name rules shared by every resource.
+
+use rand::Rng;
+
+use crate::ControlError;
+
+const ALPHABET: &[u8] = b"0123456789abcdefghijklmnopqrstuvwxyz";
+
+/// `len` random characters from `[0-9a-z]`.
+pub fn random_token(len: usize) -> String {
+    let mut rng = rand::thread_rng();
+    (0..len).map(|_| ALPHABET[rng.gen_range(0..ALPHABET.len())] as char).collect()
+}
+
+/// A new environment id.
+pub fn environment_id() -> String {
+    format!("env-{}", random_token(12))
+}
+
+/// A new client id.
+pub fn client_id() -> String {
+    format!("client-{}", random_token(16))
+}
+
+/// A new client secret: 40 random characters (~206 bits).
+pub fn client_secret() -> String {
+    format!("secret-{}", random_token(40))
+}
+
+/// Checks a resource name: 1–63 characters of `[a-z0-9-]`, starting and ending with a letter or digit (a DNS
+/// label, because names become host names and pod names).
+pub fn validate_name(field: &str, name: &str) -> Result<(), ControlError> {
+    let ok_chars = name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    let ok_ends = name.bytes().next().is_some_and(|b| b != b'-') && name.bytes().last().is_some_and(|b| b != b'-');
+    if name.is_empty() || name.len() > 63 || !ok_chars || !ok_ends {
+        return Err(ControlError::InvalidArgument(format!(
+            "{field} {name:?} is not valid: use 1-63 characters of lowercase letters, digits and '-', starting and \
+             ending with a letter or digit"
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        for good in ["a", "default", "my-env-2", "0abc"] {
+            validate_name("name", good).unwrap();
+        }
+        for bad in ["", "-a", "a-", "A", "a_b", "a.b", &"x".repeat(64)] {
+            let err = validate_name("name", bad).unwrap_err().to_string();
+            assert!(err.contains("is not valid"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn ids_are_distinct_and_shaped() {
+        let a = client_id();
+        assert!(a.starts_with("client-") && a.len() == 23);
+        assert_ne!(a, client_id());
+        assert!(environment_id().starts_with("env-"));
+    }
+}

@@ -1,0 +1,107 @@
+//! Compute's control plane: the resources, their rules and state machines, and the only writer of the store.
+//!
+//! For now it owns identity: environments, API clients, and the access tokens the front door checks on every
+//! call. Later issues add sandboxes, images, volumes and scaling groups here, behind the same [`Control`].
+
+#![warn(missing_docs)]
+
+pub mod auth;
+mod error;
+pub mod ids;
+pub mod secret_hash;
+pub mod token;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use compute_store::{Environment, Store};
+
+pub use auth::{Auth, IssuedToken, NewClientCredentials, Principal};
+pub use error::{AuthError, ControlError};
+
+/// Name of the environment that exists on every server.
+pub const DEFAULT_ENVIRONMENT: &str = "default";
+
+/// Settings the control plane needs from the operator.
+#[derive(Debug, Clone)]
+pub struct ControlConfig {
+    /// How long an issued access token stays valid. The SDK never refreshes tokens, so this is long by default.
+    pub token_ttl: Duration,
+}
+
+impl Default for ControlConfig {
+    fn default() -> Self {
+        Self { token_ttl: Duration::from_secs(365 * 24 * 3600) }
+    }
+}
+
+/// The control plane of one data directory.
+pub struct Control {
+    store: Arc<Store>,
+    auth: Auth,
+    data_dir: PathBuf,
+}
+
+/// What [`Control::open`] created because this was the data directory's first start.
+#[derive(Debug, Default)]
+pub struct FirstStart {
+    /// The admin client made on first start, with its secret (shown once; only its hash is stored).
+    pub admin: Option<NewClientCredentials>,
+}
+
+impl Control {
+    /// Opens the store in `data_dir` and makes sure the default environment and a signing key exist. On the
+    /// first start it also creates the admin client and returns its credentials.
+    pub fn open(data_dir: &Path, config: ControlConfig) -> Result<(Self, FirstStart), ControlError> {
+        std::fs::create_dir_all(data_dir).map_err(|source| ControlError::DataDir { path: data_dir.into(), source })?;
+        let store = Arc::new(Store::open(data_dir.join("state.db"))?);
+        let auth = Auth::new(store.clone(), config.token_ttl);
+        let created_default = store.write(|r| {
+            if r.environments().get_by_name(DEFAULT_ENVIRONMENT)?.is_some() {
+                return Ok(false);
+            }
+            r.environments().insert(&Environment {
+                id: ids::environment_id(),
+                name: DEFAULT_ENVIRONMENT.into(),
+                created_at: compute_store::now_millis(),
+            })?;
+            Ok(true)
+        })?;
+        auth.ensure_signing_key()?;
+        let mut first = FirstStart::default();
+        if created_default {
+            let creds = auth.create_client("admin", DEFAULT_ENVIRONMENT, true)?;
+            first.admin = Some(creds);
+        }
+        Ok((Self { store, auth, data_dir: data_dir.to_path_buf() }, first))
+    }
+
+    /// Identity: clients, tokens, environments.
+    pub fn auth(&self) -> &Auth {
+        &self.auth
+    }
+
+    /// The underlying store (read access for operator views).
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
+    /// The data directory this control plane owns.
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
+    /// Creates an environment named `name`.
+    pub fn create_environment(&self, name: &str) -> Result<Environment, ControlError> {
+        ids::validate_name("environment name", name)?;
+        let env = Environment { id: ids::environment_id(), name: name.into(), created_at: compute_store::now_millis() };
+        self.store.write(|r| r.environments().insert(&env))?;
+        Ok(env)
+    }
+
+    /// Every environment.
+    pub fn environments(&self) -> Result<Vec<Environment>, ControlError> {
+        Ok(self.store.read(|r| r.environments().list())?)
+    }
+}

@@ -1,0 +1,55 @@
+//! Versioned schema migrations, applied in order inside one transaction each and recorded in `user_version`.
+
+use rusqlite::Connection;
+
+use crate::{Result, StoreError};
+
+/// Each entry moves the schema from version `index` to `index + 1`. Never edit a released entry; append.
+const MIGRATIONS: &[&str] = &[
+    // 1: environments, API clients and token signing keys.
+    r#"
+    CREATE TABLE environments (
+        id          TEXT PRIMARY KEY,
+        name        TEXT NOT NULL UNIQUE,
+        created_at  INTEGER NOT NULL
+    );
+    CREATE TABLE clients (
+        id              TEXT PRIMARY KEY,
+        name            TEXT NOT NULL,
+        secret_hash     TEXT NOT NULL,
+        environment_id  TEXT NOT NULL REFERENCES environments(id),
+        all_environments INTEGER NOT NULL DEFAULT 0,
+        created_at      INTEGER NOT NULL,
+        revoked_at      INTEGER
+    );
+    CREATE TABLE signing_keys (
+        kid         TEXT PRIMARY KEY,
+        secret      BLOB NOT NULL,
+        created_at  INTEGER NOT NULL,
+        retired_at  INTEGER
+    );
+    "#,
+];
+
+/// The schema version this binary migrates to.
+pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
+
+pub(crate) fn migrate(conn: &mut Connection) -> Result<()> {
+    let found: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    if found > SCHEMA_VERSION {
+        return Err(StoreError::TooNew { found, supported: SCHEMA_VERSION });
+    }
+    for (from, sql) in MIGRATIONS.iter().enumerate().skip(found as usize) {
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Exclusive)?;
+        // Re-check under the lock: another process may have migrated between our read and the lock.
+        let now: i64 = tx.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        if now > from as i64 {
+            continue;
+        }
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", from as i64 + 1)?;
+        tx.commit()?;
+        tracing::info!(version = from + 1, "applied state store migration");
+    }
+    Ok(())
+}
