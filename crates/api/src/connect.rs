@@ -47,6 +47,18 @@ impl Codec {
     }
 }
 
+/// Connect unary carries only unary methods.
+pub fn check_unary(method: &MethodInfo) -> Result<(), Status> {
+    if method.is_unary() {
+        Ok(())
+    } else {
+        Err(Status::unimplemented(format!(
+            "{} is a streaming method: call it over gRPC (HTTP/2), not Connect unary",
+            method.path
+        )))
+    }
+}
+
 /// Reads, decodes and checks a Connect unary request's body: the message in protobuf binary.
 pub async fn read_request(
     method: &MethodInfo,
@@ -56,12 +68,6 @@ pub async fn read_request(
 ) -> Result<(http::request::Parts, Bytes), Status> {
     if req.method() != Method::POST {
         return Err(Status::unimplemented("Connect unary calls must be POST"));
-    }
-    if !method.is_unary() {
-        return Err(Status::unimplemented(format!(
-            "{} is a streaming method: call it over gRPC (HTTP/2), not Connect unary",
-            method.path
-        )));
     }
     let (parts, body) = req.into_parts();
     let raw = Limited::new(body, max_message_bytes)

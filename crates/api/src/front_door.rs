@@ -18,7 +18,7 @@ use tower::{Service, ServiceExt};
 use crate::connect::{self, Codec};
 use crate::http_util::{full, grpc_error, json};
 use crate::methods::{MethodInfo, Methods};
-use crate::metrics::{grpc_status, MeteredBody, Metrics};
+use crate::metrics::{grpc_status, normalize_status, MeteredBody, Metrics};
 use crate::status::from_control;
 
 /// State shared by every connection.
@@ -118,7 +118,8 @@ async fn grpc(shared: Arc<Shared>, method: MethodInfo, mut req: Request<Incoming
         timer.set_code(status.code());
         return grpc_error(status);
     }
-    let resp = shared.routes.clone().oneshot(req).await.unwrap_or_else(|e| match e {});
+    let mut resp = shared.routes.clone().oneshot(req).await.unwrap_or_else(|e| match e {});
+    normalize_status(resp.headers_mut());
     if let Some(code) = grpc_status(resp.headers()) {
         timer.set_code(code);
     }
@@ -128,6 +129,7 @@ async fn grpc(shared: Arc<Shared>, method: MethodInfo, mut req: Request<Incoming
 async fn connect_unary(shared: Arc<Shared>, method: MethodInfo, codec: Codec, mut req: Request<Incoming>) -> Response<Body> {
     let mut timer = shared.metrics.start(&method.path, "connect");
     let result = async {
+        connect::check_unary(&method)?;
         admit(&shared, &method, &mut req)?;
         let (parts, message) = connect::read_request(&method, codec, req, shared.max_message_bytes).await?;
         connect::call(shared.routes.clone(), &method, codec, parts, message).await

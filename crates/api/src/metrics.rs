@@ -130,10 +130,17 @@ impl HttpBody for MeteredBody {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
-                if let Some(trailers) = frame.trailers_ref() {
+                if frame.is_trailers() {
+                    let mut frame = match polled {
+                        Poll::Ready(Some(Ok(frame))) => frame,
+                        _ => unreachable!("matched above"),
+                    };
+                    let trailers = frame.trailers_mut().expect("checked is_trailers");
+                    normalize_status(trailers);
                     if let (Some(t), Some(code)) = (self.timer.as_mut(), grpc_status(trailers)) {
                         t.set_code(code);
                     }
+                    return Poll::Ready(Some(Ok(frame)));
                 }
             }
             Poll::Ready(Some(Err(status))) => {
@@ -160,6 +167,19 @@ impl HttpBody for MeteredBody {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+/// tonic reports a request message over the size limit as OUT_OF_RANGE; the gRPC spec (and our Connect path)
+/// says RESOURCE_EXHAUSTED, which is also what clients retry or report sensibly. Rewrites that one case.
+pub fn normalize_status(headers: &mut http::HeaderMap) {
+    let too_large = headers.get("grpc-status").is_some_and(|v| v == "11")
+        && headers
+            .get("grpc-message")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|m| m.contains("message%20length%20too%20large") || m.contains("message length too large"));
+    if too_large {
+        headers.insert("grpc-status", http::HeaderValue::from_static("8"));
     }
 }
 

@@ -140,7 +140,7 @@ impl Auth {
         let client = self.store.read(|r| r.clients().get(client_id))?;
         // Hash even for an unknown client so that timing does not reveal which ids exist.
         let Some(client) = client else {
-            let _ = secret_hash::verify(client_secret, DUMMY_HASH);
+            let _ = secret_hash::verify(client_secret, dummy_hash());
             return Err(AuthError::InvalidCredentials.into());
         };
         if !secret_hash::verify(client_secret, &client.secret_hash) {
@@ -241,8 +241,12 @@ impl Auth {
     }
 }
 
-/// A valid Argon2id hash of a random string, verified against when the client id is unknown.
-const DUMMY_HASH: &str = "$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHRzb21lc2FsdA$6bNkYJ2MJvYEMYxyqTr3QaEbazDLyYWPAgwrM1Z2yZE";
+/// A real Argon2id hash of a random string, verified against when the client id is unknown so that the
+/// answer takes as long as for a known id.
+fn dummy_hash() -> &'static str {
+    static HASH: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    HASH.get_or_init(|| secret_hash::hash(&ids::client_secret()).unwrap_or_default())
+}
 
 fn new_signing_key() -> SigningKey {
     let mut secret = vec![0u8; 32];
