@@ -60,14 +60,23 @@ impl Service<Request<Incoming>> for FrontDoor {
 
 async fn route(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
     let path = req.uri().path().to_string();
-    let content_type = req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+    let content_type = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
     let is_grpc = content_type.starts_with("application/grpc");
 
     if req.method() == Method::GET && !is_grpc {
         match path.as_str() {
             "/healthz" => return full(StatusCode::OK, "text/plain; charset=utf-8", "ok\n"),
             "/metrics" => {
-                return full(StatusCode::OK, "application/openmetrics-text; version=1.0.0; charset=utf-8", shared.metrics.render())
+                return full(
+                    StatusCode::OK,
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    shared.metrics.render(),
+                )
             }
             "/v1/who-am-i" => return who_am_i(&shared, &req),
             _ => {}
@@ -75,13 +84,18 @@ async fn route(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
     }
 
     let Some(method) = shared.methods.get(&path).cloned() else {
-        let status = Status::unimplemented(format!("unknown method {path}: this Compute server does not serve it"));
+        let status = Status::unimplemented(format!(
+            "unknown method {path}: this Compute server does not serve it"
+        ));
         return if is_grpc {
             grpc_error(status)
         } else if path.starts_with("/chalk.") || req.method() == Method::POST {
             connect::error(&status)
         } else {
-            json(StatusCode::NOT_FOUND, &serde_json::json!({"code": "not_found", "message": format!("no such endpoint: {path}")}))
+            json(
+                StatusCode::NOT_FOUND,
+                &serde_json::json!({"code": "not_found", "message": format!("no such endpoint: {path}")}),
+            )
         };
     };
 
@@ -100,7 +114,11 @@ async fn route(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
     }
 }
 
-async fn grpc(shared: Arc<Shared>, method: MethodInfo, mut req: Request<Incoming>) -> Response<Body> {
+async fn grpc(
+    shared: Arc<Shared>,
+    method: MethodInfo,
+    mut req: Request<Incoming>,
+) -> Response<Body> {
     let mut timer = shared.metrics.start(&method.path, "grpc");
     if req.version() != Version::HTTP_2 {
         timer.set_code(tonic::Code::Internal);
@@ -118,7 +136,12 @@ async fn grpc(shared: Arc<Shared>, method: MethodInfo, mut req: Request<Incoming
         timer.set_code(status.code());
         return grpc_error(status);
     }
-    let mut resp = shared.routes.clone().oneshot(req).await.unwrap_or_else(|e| match e {});
+    let mut resp = shared
+        .routes
+        .clone()
+        .oneshot(req)
+        .await
+        .unwrap_or_else(|e| match e {});
     normalize_status(resp.headers_mut());
     if let Some(code) = grpc_status(resp.headers()) {
         timer.set_code(code);
@@ -126,12 +149,18 @@ async fn grpc(shared: Arc<Shared>, method: MethodInfo, mut req: Request<Incoming
     resp.map(|body| Body::new(MeteredBody::new(body, timer)))
 }
 
-async fn connect_unary(shared: Arc<Shared>, method: MethodInfo, codec: Codec, mut req: Request<Incoming>) -> Response<Body> {
+async fn connect_unary(
+    shared: Arc<Shared>,
+    method: MethodInfo,
+    codec: Codec,
+    mut req: Request<Incoming>,
+) -> Response<Body> {
     let mut timer = shared.metrics.start(&method.path, "connect");
     let result = async {
         connect::check_unary(&method)?;
         admit(&shared, &method, &mut req)?;
-        let (parts, message) = connect::read_request(&method, codec, req, shared.max_message_bytes).await?;
+        let (parts, message) =
+            connect::read_request(&method, codec, req, shared.max_message_bytes).await?;
         connect::call(shared.routes.clone(), &method, codec, parts, message).await
     }
     .await;
@@ -168,12 +197,22 @@ fn authenticate<B>(shared: &Shared, req: &Request<B>) -> Result<Principal, Statu
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
         .map(str::trim)
         .filter(|t| !t.is_empty())
         .ok_or_else(|| crate::status::from_auth(AuthError::MissingToken))?;
-    let env = req.headers().get("x-chalk-env-id").and_then(|v| v.to_str().ok());
-    shared.control.auth().authenticate(bearer, env).map_err(from_control)
+    let env = req
+        .headers()
+        .get("x-chalk-env-id")
+        .and_then(|v| v.to_str().ok());
+    shared
+        .control
+        .auth()
+        .authenticate(bearer, env)
+        .map_err(from_control)
 }
 
 fn who_am_i(shared: &Shared, req: &Request<Incoming>) -> Response<Body> {

@@ -6,7 +6,10 @@ use prost_reflect::MessageDescriptor;
 
 /// Methods with a real implementation. Every other method in `proto/` is registered and answers UNIMPLEMENTED
 /// naming itself, so the SDK fails fast instead of hanging.
-const IMPLEMENTED: &[&str] = &["/chalk.server.v1.AuthService/GetToken", "/chalk.server.v1.TeamService/GetEnv"];
+const IMPLEMENTED: &[&str] = &[
+    "/chalk.server.v1.AuthService/GetToken",
+    "/chalk.server.v1.TeamService/GetEnv",
+];
 
 /// Methods callable without a token.
 const PUBLIC: &[&str] = &["/chalk.server.v1.AuthService/GetToken"];
@@ -87,7 +90,9 @@ mod tests {
         for path in IMPLEMENTED.iter().chain(PUBLIC) {
             assert!(methods.get(path).is_some(), "{path} is not in proto/");
         }
-        assert!(methods.get("/chalk.sandbox.v2.SandboxProcessService/OpenSession").is_some_and(|m| !m.is_unary()));
+        assert!(methods
+            .get("/chalk.sandbox.v2.SandboxProcessService/OpenSession")
+            .is_some_and(|m| !m.is_unary()));
         assert!(methods.iter().count() >= 50);
     }
 }

@@ -21,12 +21,17 @@ pub fn from_control(err: ControlError) -> Status {
 pub fn from_auth(err: AuthError) -> Status {
     let msg = err.to_string();
     match err {
-        AuthError::InvalidCredentials | AuthError::MissingToken | AuthError::InvalidToken(_) | AuthError::Revoked(_) => {
-            Status::unauthenticated(msg)
+        AuthError::InvalidCredentials
+        | AuthError::MissingToken
+        | AuthError::InvalidToken(_)
+        | AuthError::Revoked(_) => Status::unauthenticated(msg),
+        AuthError::UnsupportedGrant(_) | AuthError::InvalidScope(_) => {
+            Status::invalid_argument(msg)
         }
-        AuthError::UnsupportedGrant(_) | AuthError::InvalidScope(_) => Status::invalid_argument(msg),
         AuthError::UnknownEnvironment(_) => Status::not_found(msg),
-        AuthError::EnvironmentDenied { .. } | AuthError::EnvironmentMismatch { .. } => Status::permission_denied(msg),
+        AuthError::EnvironmentDenied { .. } | AuthError::EnvironmentMismatch { .. } => {
+            Status::permission_denied(msg)
+        }
     }
 }
 

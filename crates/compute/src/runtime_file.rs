@@ -64,7 +64,10 @@ pub fn write_private_json<T: Serialize>(path: &Path, value: &T) -> anyhow::Resul
 /// Reads JSON from `path`; `None` if the file does not exist.
 pub fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> anyhow::Result<Option<T>> {
     match std::fs::read(path) {
-        Ok(bytes) => Ok(Some(serde_json::from_slice(&bytes).with_context(|| format!("parsing {}", path.display()))?)),
+        Ok(bytes) => Ok(Some(
+            serde_json::from_slice(&bytes)
+                .with_context(|| format!("parsing {}", path.display()))?,
+        )),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
     }
@@ -72,7 +75,9 @@ pub fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> anyhow::Result<Op
 
 /// The running server of this data directory, if its `server.json` names a live process.
 pub fn running_server(data_dir: &Path) -> anyhow::Result<Option<ServerInfo>> {
-    let Some(info) = read_json::<ServerInfo>(&server_info_path(data_dir))? else { return Ok(None) };
+    let Some(info) = read_json::<ServerInfo>(&server_info_path(data_dir))? else {
+        return Ok(None);
+    };
     let alive = Path::new(&format!("/proc/{}", info.pid)).exists();
     Ok(alive.then_some(info))
 }

@@ -11,7 +11,8 @@ use crate::runtime_file::{self, AdminCredentials, ServerInfo};
 use crate::settings::Settings;
 
 pub async fn run(data_dir: &Path, settings: Settings) -> anyhow::Result<()> {
-    std::fs::create_dir_all(data_dir).with_context(|| format!("creating data directory {}", data_dir.display()))?;
+    std::fs::create_dir_all(data_dir)
+        .with_context(|| format!("creating data directory {}", data_dir.display()))?;
     restrict_permissions(data_dir);
     // One server per data directory: the store allows it, but two front doors on one state would each think
     // they own the workloads.
@@ -23,10 +24,18 @@ pub async fn run(data_dir: &Path, settings: Settings) -> anyhow::Result<()> {
         .open(&lock_path)
         .with_context(|| format!("opening {}", lock_path.display()))?;
     if lock.try_lock().is_err() {
-        anyhow::bail!("another compute server is already running on data directory {}", data_dir.display());
+        anyhow::bail!(
+            "another compute server is already running on data directory {}",
+            data_dir.display()
+        );
     }
 
-    let (control, first) = Control::open(data_dir, ControlConfig { token_ttl: settings.token_ttl })?;
+    let (control, first) = Control::open(
+        data_dir,
+        ControlConfig {
+            token_ttl: settings.token_ttl,
+        },
+    )?;
     let control = Arc::new(control);
     let creds_path = runtime_file::credentials_path(data_dir);
     if let Some(admin) = &first.admin {
@@ -42,7 +51,10 @@ pub async fn run(data_dir: &Path, settings: Settings) -> anyhow::Result<()> {
 
     let config = ApiConfig {
         listen: settings.listen,
-        tls: settings.tls.clone().map(|(cert_path, key_path)| TlsConfig { cert_path, key_path }),
+        tls: settings.tls.clone().map(|(cert_path, key_path)| TlsConfig {
+            cert_path,
+            key_path,
+        }),
         max_message_bytes: settings.max_message_bytes,
         ..ApiConfig::default()
     };
@@ -66,7 +78,10 @@ pub async fn run(data_dir: &Path, settings: Settings) -> anyhow::Result<()> {
         println!("export CHALK_API_SERVER={url}");
         println!("export CHALK_CLIENT_ID={}", admin.client_id);
         println!("export CHALK_CLIENT_SECRET={}", admin.client_secret);
-        println!("# (`eval \"$(compute env)\"` prints these again; the secret is also in {})", creds_path.display());
+        println!(
+            "# (`eval \"$(compute env)\"` prints these again; the secret is also in {})",
+            creds_path.display()
+        );
     }
 
     server.run(shutdown_signal()).await;

@@ -46,7 +46,8 @@ impl Layer {
     pub fn from_file(data_dir: &Path) -> anyhow::Result<Layer> {
         let path = data_dir.join(CONFIG_FILE);
         match std::fs::read_to_string(&path) {
-            Ok(text) => toml::from_str(&text).with_context(|| format!("invalid settings in {}", path.display())),
+            Ok(text) => toml::from_str(&text)
+                .with_context(|| format!("invalid settings in {}", path.display())),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Layer::default()),
             Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
         }
@@ -90,7 +91,13 @@ impl Settings {
         };
         let max_message_bytes = parse_size(layer.max_message_size.as_deref().unwrap_or("16MiB"))?;
         let token_ttl = parse_duration(layer.token_ttl.as_deref().unwrap_or("365d"))?;
-        Ok(Settings { listen, tls, json_logs, max_message_bytes, token_ttl })
+        Ok(Settings {
+            listen,
+            tls,
+            json_logs,
+            max_message_bytes,
+            token_ttl,
+        })
     }
 }
 
@@ -99,7 +106,9 @@ pub fn parse_size(text: &str) -> anyhow::Result<usize> {
     let t = text.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let n: usize = num.parse().with_context(|| format!("size {text:?} must start with a number"))?;
+    let n: usize = num
+        .parse()
+        .with_context(|| format!("size {text:?} must start with a number"))?;
     let mult = match unit.trim() {
         "" | "B" => 1,
         "KiB" => 1 << 10,
@@ -110,7 +119,9 @@ pub fn parse_size(text: &str) -> anyhow::Result<usize> {
         "GB" => 1000 * 1000 * 1000,
         other => bail!("size unit {other:?} is not one of B, KiB, MiB, GiB, KB, MB, GB"),
     };
-    let bytes = n.checked_mul(mult).with_context(|| format!("size {text:?} is too large"))?;
+    let bytes = n
+        .checked_mul(mult)
+        .with_context(|| format!("size {text:?} is too large"))?;
     if bytes == 0 {
         bail!("size {text:?} must be positive");
     }
@@ -122,7 +133,9 @@ pub fn parse_duration(text: &str) -> anyhow::Result<Duration> {
     let t = text.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let n: u64 = num.parse().with_context(|| format!("duration {text:?} must start with a number"))?;
+    let n: u64 = num
+        .parse()
+        .with_context(|| format!("duration {text:?} must start with a number"))?;
     let secs = match unit {
         "s" => n,
         "m" => n * 60,
@@ -141,7 +154,9 @@ pub fn default_data_dir() -> PathBuf {
     if let Some(xdg) = std::env::var_os("XDG_DATA_HOME").filter(|v| !v.is_empty()) {
         return PathBuf::from(xdg).join("compute");
     }
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/tmp"));
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/tmp"));
     home.join(".local/share/compute")
 }
 
@@ -157,12 +172,23 @@ mod tests {
             token_ttl: Some("2d".into()),
             ..Default::default()
         };
-        let env = Layer { listen: Some("127.0.0.1:2222".into()), max_message_size: Some("1MiB".into()), ..Default::default() };
-        let flags = Layer { listen: Some("127.0.0.1:3333".into()), ..Default::default() };
+        let env = Layer {
+            listen: Some("127.0.0.1:2222".into()),
+            max_message_size: Some("1MiB".into()),
+            ..Default::default()
+        };
+        let flags = Layer {
+            listen: Some("127.0.0.1:3333".into()),
+            ..Default::default()
+        };
 
         let s = Settings::resolve(flags.clone().over(env.clone().over(file.clone()))).unwrap();
         assert_eq!(s.listen.port(), 3333, "flag wins");
-        assert_eq!(s.max_message_bytes, 1 << 20, "env wins over file and default");
+        assert_eq!(
+            s.max_message_bytes,
+            1 << 20,
+            "env wins over file and default"
+        );
         assert!(s.json_logs, "file wins over default");
         assert_eq!(s.token_ttl, Duration::from_secs(2 * 86400));
 
@@ -177,11 +203,23 @@ mod tests {
 
     #[test]
     fn bad_values_name_the_setting() {
-        let err = Settings::resolve(Layer { listen: Some("localhost".into()), ..Default::default() }).unwrap_err();
+        let err = Settings::resolve(Layer {
+            listen: Some("localhost".into()),
+            ..Default::default()
+        })
+        .unwrap_err();
         assert!(format!("{err:#}").contains("listen address"), "{err:#}");
-        let err = Settings::resolve(Layer { tls_cert: Some("c".into()), ..Default::default() }).unwrap_err();
+        let err = Settings::resolve(Layer {
+            tls_cert: Some("c".into()),
+            ..Default::default()
+        })
+        .unwrap_err();
         assert!(err.to_string().contains("tls_key"));
-        let err = Settings::resolve(Layer { log_format: Some("xml".into()), ..Default::default() }).unwrap_err();
+        let err = Settings::resolve(Layer {
+            log_format: Some("xml".into()),
+            ..Default::default()
+        })
+        .unwrap_err();
         assert!(err.to_string().contains("text, json"));
         assert!(parse_size("12XB").is_err());
         assert!(parse_duration("12").is_err());
@@ -195,7 +233,10 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         assert_eq!(Layer::from_file(&dir).unwrap(), Layer::default());
         std::fs::write(dir.join(CONFIG_FILE), "listen = \"0.0.0.0:9000\"\n").unwrap();
-        assert_eq!(Layer::from_file(&dir).unwrap().listen.as_deref(), Some("0.0.0.0:9000"));
+        assert_eq!(
+            Layer::from_file(&dir).unwrap().listen.as_deref(),
+            Some("0.0.0.0:9000")
+        );
         std::fs::write(dir.join(CONFIG_FILE), "lisen = 1\n").unwrap();
         let err = Layer::from_file(&dir).unwrap_err();
         assert!(format!("{err:#}").contains("lisen"), "{err:#}");

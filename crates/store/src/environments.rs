@@ -38,7 +38,11 @@ impl<'c> Environments<'c> {
     pub fn get(&self, id: &str) -> Result<Option<Environment>> {
         Ok(self
             .conn
-            .query_row("SELECT id, name, created_at FROM environments WHERE id = ?1", [id], row)
+            .query_row(
+                "SELECT id, name, created_at FROM environments WHERE id = ?1",
+                [id],
+                row,
+            )
             .optional()?)
     }
 
@@ -46,18 +50,30 @@ impl<'c> Environments<'c> {
     pub fn get_by_name(&self, name: &str) -> Result<Option<Environment>> {
         Ok(self
             .conn
-            .query_row("SELECT id, name, created_at FROM environments WHERE name = ?1", [name], row)
+            .query_row(
+                "SELECT id, name, created_at FROM environments WHERE name = ?1",
+                [name],
+                row,
+            )
             .optional()?)
     }
 
     /// Every environment, oldest first.
     pub fn list(&self) -> Result<Vec<Environment>> {
-        let mut stmt = self.conn.prepare_cached("SELECT id, name, created_at FROM environments ORDER BY created_at, id")?;
-        let rows = stmt.query_map([], row)?.collect::<rusqlite::Result<Vec<_>>>()?;
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT id, name, created_at FROM environments ORDER BY created_at, id",
+        )?;
+        let rows = stmt
+            .query_map([], row)?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
         Ok(rows)
     }
 }
 
 fn row(r: &Row<'_>) -> rusqlite::Result<Environment> {
-    Ok(Environment { id: r.get(0)?, name: r.get(1)?, created_at: r.get(2)? })
+    Ok(Environment {
+        id: r.get(0)?,
+        name: r.get(1)?,
+        created_at: r.get(2)?,
+    })
 }

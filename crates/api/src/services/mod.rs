@@ -33,7 +33,10 @@ impl chalk::sandbox::v2::sandbox_process_service_server::SandboxProcessService f
 #[tonic::async_trait]
 impl chalk::sandbox::v2::sandbox_filesystem_service_server::SandboxFilesystemService for NotYet {}
 #[tonic::async_trait]
-impl chalk::scalinggroup::v1::scaling_group_manager_service_server::ScalingGroupManagerService for NotYet {}
+impl chalk::scalinggroup::v1::scaling_group_manager_service_server::ScalingGroupManagerService
+    for NotYet
+{
+}
 #[tonic::async_trait]
 impl chalk::volume::v2::volume_service_server::VolumeService for NotYet {}
 #[tonic::async_trait]

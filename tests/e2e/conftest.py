@@ -1,0 +1,132 @@
+"""End-to-end fixtures: a real `compute serve` on a free port with a temporary data directory, and a way to run
+SDK programs against it in fresh interpreter processes (the SDK caches auth per process)."""
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+PROGRAMS = ROOT.parent / "shared" / "reference" / "sdk-programs"
+
+
+def compute_bin():
+    path = os.environ.get("COMPUTE_BIN") or str(ROOT / "target" / "debug" / "compute")
+    if not os.access(path, os.X_OK):
+        pytest.fail(f"compute binary not found at {path}: build it (cargo build) or set COMPUTE_BIN", pytrace=False)
+    return path
+
+
+class Server:
+    def __init__(self, data_dir, extra_args=()):
+        self.data_dir = pathlib.Path(data_dir)
+        self.extra_args = list(extra_args)
+        self.proc = None
+        self.start()
+
+    def start(self):
+        info = self.data_dir / "server.json"
+        if info.exists():
+            info.unlink()
+        self.log = open(self.data_dir.parent / f"{self.data_dir.name}.log", "ab")
+        self.proc = subprocess.Popen(
+            [compute_bin(), "serve", "--listen", "127.0.0.1:0", "--data-dir", str(self.data_dir), *self.extra_args],
+            stdout=self.log,
+            stderr=self.log,
+        )
+        deadline = time.time() + 30
+        while True:
+            try:
+                self.info = json.loads(info.read_text())
+                break
+            except (FileNotFoundError, json.JSONDecodeError):
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"compute serve exited with {self.proc.returncode}; see {self.log.name}")
+                if time.time() > deadline:
+                    raise RuntimeError("compute serve did not start within 30 s")
+                time.sleep(0.02)
+        creds = json.loads((self.data_dir / "admin-credentials.json").read_text())
+        self.url = self.info["url"]
+        self.client_id = creds["client_id"]
+        self.client_secret = creds["client_secret"]
+        self.environment_id = creds["environment_id"]
+
+    def stop(self, sig=signal.SIGTERM):
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+    def cli(self, *args, check=True):
+        out = subprocess.run(
+            [compute_bin(), *args, "--data-dir", str(self.data_dir)], capture_output=True, text=True, timeout=60
+        )
+        if check and out.returncode != 0:
+            raise AssertionError(f"compute {' '.join(args)} failed: {out.stderr}")
+        return out
+
+    def sdk_env(self, **extra):
+        """An environment with the three variables `compute env` prints, and nothing else of Chalk's."""
+        env = clean_env()
+        env.update(CHALK_API_SERVER=self.url, CHALK_CLIENT_ID=self.client_id, CHALK_CLIENT_SECRET=self.client_secret)
+        env.update(extra)
+        return env
+
+    def metrics(self):
+        with urllib.request.urlopen(f"{self.url}/metrics", timeout=10) as r:
+            return r.read().decode()
+
+    def connect(self, method, body, token=None):
+        """A Connect JSON unary call; returns (http status, parsed body)."""
+        req = urllib.request.Request(f"{self.url}/{method}", data=json.dumps(body).encode(), method="POST")
+        req.add_header("content-type", "application/json")
+        if token:
+            req.add_header("authorization", f"Bearer {token}")
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                return r.status, json.loads(r.read() or b"{}")
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read() or b"{}")
+
+    def token(self, client_id=None, secret=None, scope=None):
+        body = {"clientId": client_id or self.client_id, "clientSecret": secret or self.client_secret}
+        if scope:
+            body["scope"] = scope
+        status, out = self.connect("chalk.server.v1.AuthService/GetToken", body)
+        assert status == 200, out
+        return out["accessToken"]
+
+
+def clean_env():
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CHALK_", "_CHALK_"))}
+    env.pop("XDG_CONFIG_HOME", None)
+    return env
+
+
+@pytest.fixture
+def server(tmp_path):
+    s = Server(tmp_path / "data")
+    yield s
+    s.stop()
+
+
+def run_sdk(code, env, timeout=120, cwd=None):
+    """Runs `code` with the SDK in a new interpreter; returns the CompletedProcess (text)."""
+    return subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=timeout, cwd=cwd
+    )
+
+
+def run_program(path, env, timeout=600, cwd=None):
+    return subprocess.run(
+        [sys.executable, str(path)], env=env, capture_output=True, text=True, timeout=timeout, cwd=cwd or path.parent
+    )
