@@ -1,0 +1,165 @@
+//! `compute-agent init`: turn a host process into the PID 1 of a new sandbox (native backend).
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use compute_agent_protocol::BootConfig;
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use nix::sched::{setns, unshare, CloneFlags};
+use nix::sys::wait::{waitpid, WaitStatus};
+use nix::unistd::{fork, ForkResult};
+
+use crate::server::{self, Sandbox};
+
+fn io_err(what: impl std::fmt::Display, e: impl std::fmt::Display) -> std::io::Error {
+    std::io::Error::other(format!("{what}: {e}"))
+}
+
+/// Sets the sandbox up and serves; returns the exit code of the sandbox's PID 1.
+pub fn init(config_path: &str) -> std::io::Result<u8> {
+    let cfg: BootConfig = crate::read_config(config_path)?;
+    // Cgroups first, so that everything below (and every descendant) is accounted and limited.
+    let me = std::process::id().to_string();
+    for procs in &cfg.cgroup_procs {
+        std::fs::write(procs, &me).map_err(|e| io_err(format!("joining cgroup {procs}"), e))?;
+    }
+    match &cfg.netns {
+        Some(path) => {
+            let ns = File::open(path).map_err(|e| io_err(format!("opening network namespace {path}"), e))?;
+            setns(ns, CloneFlags::CLONE_NEWNET).map_err(|e| io_err("joining the network namespace", e))?;
+        }
+        None => unshare(CloneFlags::CLONE_NEWNET).map_err(|e| io_err("creating a network namespace", e))?,
+    }
+    let flags = CloneFlags::CLONE_NEWNS
+        | CloneFlags::CLONE_NEWUTS
+        | CloneFlags::CLONE_NEWIPC
+        | CloneFlags::CLONE_NEWPID
+        | CloneFlags::CLONE_NEWCGROUP;
+    unshare(flags).map_err(|e| io_err("creating namespaces", e))?;
+
+    // SAFETY: single-threaded so far (no thread has been spawned in this process), so fork is sound.
+    match unsafe { fork() }.map_err(|e| io_err("fork", e))? {
+        ForkResult::Parent { child } => {
+            // Stage 0 stays outside the PID namespace only to report PID 1's exit to the runtime.
+            loop {
+                match waitpid(child, None) {
+                    Ok(WaitStatus::Exited(_, code)) => return Ok(code as u8),
+                    Ok(WaitStatus::Signaled(_, sig, _)) => return Ok(128 + sig as u8),
+                    Ok(_) | Err(nix::errno::Errno::EINTR) => continue,
+                    Err(e) => return Err(io_err("waiting for the sandbox", e)),
+                }
+            }
+        }
+        ForkResult::Child => {
+            if let Err(e) = enter_root(&cfg) {
+                eprintln!("compute-agent: setting up the sandbox: {e}");
+                std::process::exit(125);
+            }
+            if cfg.harden {
+                if let Err(e) = crate::harden::apply() {
+                    eprintln!("compute-agent: hardening the sandbox: {e}");
+                    std::process::exit(125);
+                }
+            }
+            let code = server::serve(Sandbox { env: cfg.env, workdir: cfg.workdir, entrypoint: cfg.entrypoint })?;
+            std::process::exit(code.into());
+        }
+    }
+}
+
+fn m(src: Option<&str>, target: &Path, fstype: Option<&str>, flags: MsFlags, data: Option<&str>) -> std::io::Result<()> {
+    mount(src, target, fstype, flags, data).map_err(|e| io_err(format!("mounting {}", target.display()), e))
+}
+
+fn mkdirs(p: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(p).map_err(|e| io_err(format!("creating {}", p.display()), e))
+}
+
+/// Mounts the sandbox's pseudo filesystems and binds, then pivots into the root filesystem.
+fn enter_root(cfg: &BootConfig) -> std::io::Result<()> {
+    let root = PathBuf::from(&cfg.rootfs);
+    // Nothing we mount from here on propagates back to the host.
+    m(None, Path::new("/"), None, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None)?;
+    m(Some(&cfg.rootfs), &root, None, MsFlags::MS_BIND | MsFlags::MS_REC, None)?;
+
+    let nosuid_nodev_noexec = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    mkdirs(&root.join("proc"))?;
+    m(Some("proc"), &root.join("proc"), Some("proc"), nosuid_nodev_noexec, None)?;
+    mkdirs(&root.join("sys"))?;
+    m(Some("sysfs"), &root.join("sys"), Some("sysfs"), nosuid_nodev_noexec | MsFlags::MS_RDONLY, None)?;
+    if Path::new("/sys/fs/cgroup/unified").exists() || Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
+        // A cgroup2 view of the sandbox's own cgroup (the cgroup namespace makes it the root).
+        let cg = root.join("sys/fs/cgroup");
+        if mount(Some("tmpfs"), &cg, Some("tmpfs"), nosuid_nodev_noexec, Some("mode=755")).is_ok() {
+            let _ = std::fs::create_dir_all(cg.join("unified"));
+        }
+    }
+
+    let dev = root.join("dev");
+    mkdirs(&dev)?;
+    m(Some("tmpfs"), &dev, Some("tmpfs"), MsFlags::MS_NOSUID | MsFlags::MS_STRICTATIME, Some("mode=755,size=65536k"))?;
+    for name in ["null", "zero", "full", "random", "urandom", "tty"] {
+        let target = dev.join(name);
+        File::create(&target).map_err(|e| io_err(format!("creating {}", target.display()), e))?;
+        m(Some(&format!("/dev/{name}")), &target, None, MsFlags::MS_BIND, None)?;
+    }
+    mkdirs(&dev.join("pts"))?;
+    m(
+        Some("devpts"),
+        &dev.join("pts"),
+        Some("devpts"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        Some("newinstance,ptmxmode=0666,mode=0620,gid=5"),
+    )?;
+    std::os::unix::fs::symlink("pts/ptmx", dev.join("ptmx"))?;
+    mkdirs(&dev.join("shm"))?;
+    m(Some("shm"), &dev.join("shm"), Some("tmpfs"), nosuid_nodev_noexec, Some("mode=1777,size=65536k"))?;
+    mkdirs(&dev.join("mqueue"))?;
+    let _ = mount(Some("mqueue"), &dev.join("mqueue"), Some("mqueue"), nosuid_nodev_noexec, None::<&str>);
+    for (link, target) in [("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")] {
+        std::os::unix::fs::symlink(target, dev.join(link))?;
+    }
+
+    for (src, dst, read_only) in &cfg.binds {
+        let target = root.join(dst.trim_start_matches('/'));
+        if Path::new(src).is_dir() {
+            mkdirs(&target)?;
+        } else {
+            if let Some(p) = target.parent() {
+                mkdirs(p)?;
+            }
+            if !target.exists() {
+                File::create(&target).map_err(|e| io_err(format!("creating {}", target.display()), e))?;
+            }
+        }
+        m(Some(src), &target, None, MsFlags::MS_BIND | MsFlags::MS_REC, None)?;
+        if *read_only {
+            m(None, &target, None, MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY, None)?;
+        }
+    }
+
+    nix::unistd::sethostname(&cfg.hostname).map_err(|e| io_err("setting the host name", e))?;
+
+    // pivot_root(".", ".") stacks the old root under the new one; unmounting "." then drops the old root
+    // without needing a directory for it inside the image (runc does the same).
+    let old_root = File::open("/").map_err(|e| io_err("opening /", e))?;
+    let new_root = File::open(&root).map_err(|e| io_err(format!("opening {}", root.display()), e))?;
+    nix::unistd::fchdir(&new_root).map_err(|e| io_err("entering the root filesystem", e))?;
+    nix::unistd::pivot_root(".", ".").map_err(|e| io_err("pivot_root", e))?;
+    nix::unistd::fchdir(&old_root).map_err(|e| io_err("fchdir to the old root", e))?;
+    m(None, Path::new("."), None, MsFlags::MS_SLAVE | MsFlags::MS_REC, None)?;
+    umount2(".", MntFlags::MNT_DETACH).map_err(|e| io_err("detaching the host's root", e))?;
+    std::env::set_current_dir("/")?;
+    drop((old_root, new_root));
+
+    // Hide what a sandbox has no business reading or writing in /proc.
+    for masked in ["/proc/kcore", "/proc/keys", "/proc/timer_list", "/proc/sched_debug", "/proc/sysrq-trigger"] {
+        let _ = mount(Some("/dev/null"), masked, None::<&str>, MsFlags::MS_BIND, None::<&str>);
+    }
+    for ro in ["/proc/sys", "/proc/irq", "/proc/bus", "/proc/fs"] {
+        if mount(Some(ro), ro, None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>).is_ok() {
+            let _ = mount(None::<&str>, ro, None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | MsFlags::MS_REC, None::<&str>);
+        }
+    }
+    Ok(())
+}
