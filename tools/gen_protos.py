@@ -44,6 +44,9 @@ SERVED = {
     ],
 }
 
+# Types the server sends outside any method's request/response closure (e.g. in grpc-status-details-bin).
+EXTRA_TYPES = ["chalk.sandbox.v2.FilesystemErrorDetail"]
+
 FT = descriptor_pb2.FieldDescriptorProto
 SCALAR = {v: k[5:].lower() for k, v in FT.Type.items()}
 
@@ -278,7 +281,7 @@ def main():
                     roots += [m.input_type.lstrip("."), m.output_type.lstrip(".")]
     if set(SERVED) - set(service_files):
         sys.exit(f"services not in the SDK: {sorted(set(SERVED) - set(service_files))}")
-    keep = closure(index, roots)
+    keep = closure(index, roots + EXTRA_TYPES)
     by_file = collections.defaultdict(set)
     for fname, top in keep:
         by_file[fname].add(top)

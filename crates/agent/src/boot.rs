@@ -25,10 +25,13 @@ pub fn init(config_path: &str) -> std::io::Result<u8> {
     }
     match &cfg.netns {
         Some(path) => {
-            let ns = File::open(path).map_err(|e| io_err(format!("opening network namespace {path}"), e))?;
-            setns(ns, CloneFlags::CLONE_NEWNET).map_err(|e| io_err("joining the network namespace", e))?;
+            let ns = File::open(path)
+                .map_err(|e| io_err(format!("opening network namespace {path}"), e))?;
+            setns(ns, CloneFlags::CLONE_NEWNET)
+                .map_err(|e| io_err("joining the network namespace", e))?;
         }
-        None => unshare(CloneFlags::CLONE_NEWNET).map_err(|e| io_err("creating a network namespace", e))?,
+        None => unshare(CloneFlags::CLONE_NEWNET)
+            .map_err(|e| io_err("creating a network namespace", e))?,
     }
     let flags = CloneFlags::CLONE_NEWNS
         | CloneFlags::CLONE_NEWUTS
@@ -61,14 +64,25 @@ pub fn init(config_path: &str) -> std::io::Result<u8> {
                     std::process::exit(125);
                 }
             }
-            let code = server::serve(Sandbox { env: cfg.env, workdir: cfg.workdir, entrypoint: cfg.entrypoint })?;
+            let code = server::serve(Sandbox {
+                env: cfg.env,
+                workdir: cfg.workdir,
+                entrypoint: cfg.entrypoint,
+            })?;
             std::process::exit(code.into());
         }
     }
 }
 
-fn m(src: Option<&str>, target: &Path, fstype: Option<&str>, flags: MsFlags, data: Option<&str>) -> std::io::Result<()> {
-    mount(src, target, fstype, flags, data).map_err(|e| io_err(format!("mounting {}", target.display()), e))
+fn m(
+    src: Option<&str>,
+    target: &Path,
+    fstype: Option<&str>,
+    flags: MsFlags,
+    data: Option<&str>,
+) -> std::io::Result<()> {
+    mount(src, target, fstype, flags, data)
+        .map_err(|e| io_err(format!("mounting {}", target.display()), e))
 }
 
 fn mkdirs(p: &Path) -> std::io::Result<()> {
@@ -79,29 +93,75 @@ fn mkdirs(p: &Path) -> std::io::Result<()> {
 fn enter_root(cfg: &BootConfig) -> std::io::Result<()> {
     let root = PathBuf::from(&cfg.rootfs);
     // Nothing we mount from here on propagates back to the host.
-    m(None, Path::new("/"), None, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None)?;
-    m(Some(&cfg.rootfs), &root, None, MsFlags::MS_BIND | MsFlags::MS_REC, None)?;
+    m(
+        None,
+        Path::new("/"),
+        None,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None,
+    )?;
+    m(
+        Some(&cfg.rootfs),
+        &root,
+        None,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None,
+    )?;
 
     let nosuid_nodev_noexec = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
     mkdirs(&root.join("proc"))?;
-    m(Some("proc"), &root.join("proc"), Some("proc"), nosuid_nodev_noexec, None)?;
+    m(
+        Some("proc"),
+        &root.join("proc"),
+        Some("proc"),
+        nosuid_nodev_noexec,
+        None,
+    )?;
     mkdirs(&root.join("sys"))?;
-    m(Some("sysfs"), &root.join("sys"), Some("sysfs"), nosuid_nodev_noexec | MsFlags::MS_RDONLY, None)?;
-    if Path::new("/sys/fs/cgroup/unified").exists() || Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
+    m(
+        Some("sysfs"),
+        &root.join("sys"),
+        Some("sysfs"),
+        nosuid_nodev_noexec | MsFlags::MS_RDONLY,
+        None,
+    )?;
+    if Path::new("/sys/fs/cgroup/unified").exists()
+        || Path::new("/sys/fs/cgroup/cgroup.controllers").exists()
+    {
         // A cgroup2 view of the sandbox's own cgroup (the cgroup namespace makes it the root).
         let cg = root.join("sys/fs/cgroup");
-        if mount(Some("tmpfs"), &cg, Some("tmpfs"), nosuid_nodev_noexec, Some("mode=755")).is_ok() {
+        if mount(
+            Some("tmpfs"),
+            &cg,
+            Some("tmpfs"),
+            nosuid_nodev_noexec,
+            Some("mode=755"),
+        )
+        .is_ok()
+        {
             let _ = std::fs::create_dir_all(cg.join("unified"));
         }
     }
 
     let dev = root.join("dev");
     mkdirs(&dev)?;
-    m(Some("tmpfs"), &dev, Some("tmpfs"), MsFlags::MS_NOSUID | MsFlags::MS_STRICTATIME, Some("mode=755,size=65536k"))?;
+    m(
+        Some("tmpfs"),
+        &dev,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_STRICTATIME,
+        Some("mode=755,size=65536k"),
+    )?;
     for name in ["null", "zero", "full", "random", "urandom", "tty"] {
         let target = dev.join(name);
         File::create(&target).map_err(|e| io_err(format!("creating {}", target.display()), e))?;
-        m(Some(&format!("/dev/{name}")), &target, None, MsFlags::MS_BIND, None)?;
+        m(
+            Some(&format!("/dev/{name}")),
+            &target,
+            None,
+            MsFlags::MS_BIND,
+            None,
+        )?;
     }
     mkdirs(&dev.join("pts"))?;
     m(
@@ -113,10 +173,27 @@ fn enter_root(cfg: &BootConfig) -> std::io::Result<()> {
     )?;
     std::os::unix::fs::symlink("pts/ptmx", dev.join("ptmx"))?;
     mkdirs(&dev.join("shm"))?;
-    m(Some("shm"), &dev.join("shm"), Some("tmpfs"), nosuid_nodev_noexec, Some("mode=1777,size=65536k"))?;
+    m(
+        Some("shm"),
+        &dev.join("shm"),
+        Some("tmpfs"),
+        nosuid_nodev_noexec,
+        Some("mode=1777,size=65536k"),
+    )?;
     mkdirs(&dev.join("mqueue"))?;
-    let _ = mount(Some("mqueue"), &dev.join("mqueue"), Some("mqueue"), nosuid_nodev_noexec, None::<&str>);
-    for (link, target) in [("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")] {
+    let _ = mount(
+        Some("mqueue"),
+        &dev.join("mqueue"),
+        Some("mqueue"),
+        nosuid_nodev_noexec,
+        None::<&str>,
+    );
+    for (link, target) in [
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+    ] {
         std::os::unix::fs::symlink(target, dev.join(link))?;
     }
 
@@ -129,12 +206,25 @@ fn enter_root(cfg: &BootConfig) -> std::io::Result<()> {
                 mkdirs(p)?;
             }
             if !target.exists() {
-                File::create(&target).map_err(|e| io_err(format!("creating {}", target.display()), e))?;
+                File::create(&target)
+                    .map_err(|e| io_err(format!("creating {}", target.display()), e))?;
             }
         }
-        m(Some(src), &target, None, MsFlags::MS_BIND | MsFlags::MS_REC, None)?;
+        m(
+            Some(src),
+            &target,
+            None,
+            MsFlags::MS_BIND | MsFlags::MS_REC,
+            None,
+        )?;
         if *read_only {
-            m(None, &target, None, MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY, None)?;
+            m(
+                None,
+                &target,
+                None,
+                MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
+                None,
+            )?;
         }
     }
 
@@ -143,22 +233,55 @@ fn enter_root(cfg: &BootConfig) -> std::io::Result<()> {
     // pivot_root(".", ".") stacks the old root under the new one; unmounting "." then drops the old root
     // without needing a directory for it inside the image (runc does the same).
     let old_root = File::open("/").map_err(|e| io_err("opening /", e))?;
-    let new_root = File::open(&root).map_err(|e| io_err(format!("opening {}", root.display()), e))?;
+    let new_root =
+        File::open(&root).map_err(|e| io_err(format!("opening {}", root.display()), e))?;
     nix::unistd::fchdir(&new_root).map_err(|e| io_err("entering the root filesystem", e))?;
     nix::unistd::pivot_root(".", ".").map_err(|e| io_err("pivot_root", e))?;
     nix::unistd::fchdir(&old_root).map_err(|e| io_err("fchdir to the old root", e))?;
-    m(None, Path::new("."), None, MsFlags::MS_SLAVE | MsFlags::MS_REC, None)?;
+    m(
+        None,
+        Path::new("."),
+        None,
+        MsFlags::MS_SLAVE | MsFlags::MS_REC,
+        None,
+    )?;
     umount2(".", MntFlags::MNT_DETACH).map_err(|e| io_err("detaching the host's root", e))?;
     std::env::set_current_dir("/")?;
     drop((old_root, new_root));
 
     // Hide what a sandbox has no business reading or writing in /proc.
-    for masked in ["/proc/kcore", "/proc/keys", "/proc/timer_list", "/proc/sched_debug", "/proc/sysrq-trigger"] {
-        let _ = mount(Some("/dev/null"), masked, None::<&str>, MsFlags::MS_BIND, None::<&str>);
+    for masked in [
+        "/proc/kcore",
+        "/proc/keys",
+        "/proc/timer_list",
+        "/proc/sched_debug",
+        "/proc/sysrq-trigger",
+    ] {
+        let _ = mount(
+            Some("/dev/null"),
+            masked,
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        );
     }
     for ro in ["/proc/sys", "/proc/irq", "/proc/bus", "/proc/fs"] {
-        if mount(Some(ro), ro, None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>).is_ok() {
-            let _ = mount(None::<&str>, ro, None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | MsFlags::MS_REC, None::<&str>);
+        if mount(
+            Some(ro),
+            ro,
+            None::<&str>,
+            MsFlags::MS_BIND | MsFlags::MS_REC,
+            None::<&str>,
+        )
+        .is_ok()
+        {
+            let _ = mount(
+                None::<&str>,
+                ro,
+                None::<&str>,
+                MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | MsFlags::MS_REC,
+                None::<&str>,
+            );
         }
     }
     Ok(())

@@ -11,7 +11,11 @@ use compute_agent_protocol::{Failure, FileDone, FileWrite, Frame, Kind, CHUNK};
 use crate::server::Out;
 
 enum Upload {
-    Open { file: File, bytes: u64, path: String },
+    Open {
+        file: File,
+        bytes: u64,
+        path: String,
+    },
     Failed,
 }
 
@@ -28,7 +32,14 @@ impl Uploads {
     pub fn begin(&mut self, ch: u32, req: &FileWrite, out: &Out) {
         match open_for_write(req) {
             Ok(file) => {
-                self.open.insert(ch, Upload::Open { file, bytes: 0, path: req.path.clone() });
+                self.open.insert(
+                    ch,
+                    Upload::Open {
+                        file,
+                        bytes: 0,
+                        path: req.path.clone(),
+                    },
+                );
             }
             Err(f) => {
                 out.send(Frame::json(Kind::FileFailed, ch, &f));
@@ -55,7 +66,11 @@ impl Uploads {
         match self.open.remove(&ch) {
             Some(Upload::Open { file, bytes, path }) => match file.sync_data() {
                 Ok(()) => out.send(Frame::json(Kind::FileOk, ch, &FileDone { bytes })),
-                Err(e) => out.send(Frame::json(Kind::FileFailed, ch, &Failure::from_io(&format!("writing {path}"), &e))),
+                Err(e) => out.send(Frame::json(
+                    Kind::FileFailed,
+                    ch,
+                    &Failure::from_io(&format!("writing {path}"), &e),
+                )),
             },
             Some(Upload::Failed) => {
                 if let Some(f) = self.failed.remove(&ch) {
@@ -65,7 +80,11 @@ impl Uploads {
             None => out.send(Frame::json(
                 Kind::FileFailed,
                 ch,
-                &Failure { kind: "invalid".into(), message: "no upload open on this channel".into() },
+                &Failure {
+                    kind: "invalid".into(),
+                    message: "no upload open on this channel".into(),
+                    errno: None,
+                },
             )),
         }
     }
@@ -74,13 +93,22 @@ impl Uploads {
 fn open_for_write(req: &FileWrite) -> Result<File, Failure> {
     let path = Path::new(&req.path);
     if !path.is_absolute() {
-        return Err(Failure { kind: "invalid".into(), message: format!("destination {:?} must be an absolute path", req.path) });
+        return Err(Failure {
+            kind: "invalid".into(),
+            message: format!("destination {:?} must be an absolute path", req.path),
+            errno: Some(libc::EINVAL),
+        });
     }
     if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent).map_err(|e| Failure::from_io(&format!("creating {}", parent.display()), &e))?;
+        std::fs::create_dir_all(parent)
+            .map_err(|e| Failure::from_io(&format!("creating {}", parent.display()), &e))?;
     }
     if path.is_dir() {
-        return Err(Failure { kind: "is_a_directory".into(), message: format!("{} is a directory", req.path) });
+        return Err(Failure {
+            kind: "is_a_directory".into(),
+            message: format!("{} is a directory", req.path),
+            errno: Some(libc::EISDIR),
+        });
     }
     let mode = req.mode.unwrap_or(0o644) & 0o7777;
     let file = OpenOptions::new()
@@ -100,11 +128,19 @@ pub fn send_file(ch: u32, path: &str, out: &Out) {
     let result = (|| {
         let p = Path::new(path);
         if !p.is_absolute() {
-            return Err(Failure { kind: "invalid".into(), message: format!("path {path:?} must be absolute") });
+            return Err(Failure {
+                kind: "invalid".into(),
+                message: format!("path {path:?} must be absolute"),
+                errno: Some(libc::EINVAL),
+            });
         }
         let meta = std::fs::metadata(p).map_err(|e| Failure::from_io(path, &e))?;
         if meta.is_dir() {
-            return Err(Failure { kind: "is_a_directory".into(), message: format!("{path} is a directory") });
+            return Err(Failure {
+                kind: "is_a_directory".into(),
+                message: format!("{path} is a directory"),
+                errno: Some(libc::EISDIR),
+            });
         }
         let mut f = File::open(p).map_err(|e| Failure::from_io(path, &e))?;
         let mut buf = vec![0u8; CHUNK * 4];

@@ -11,8 +11,8 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use compute_agent_protocol::{
-    Exit, Failure, FileRead, FileWrite, Frame, Hello, Kind, Resize, Shutdown, Signal, Spawn, Spawned, CHUNK,
-    ENTRYPOINT_CHANNEL,
+    Exit, Failure, FileRead, FileWrite, Frame, Hello, Kind, Resize, Shutdown, Signal, Spawn,
+    Spawned, CHUNK, ENTRYPOINT_CHANNEL,
 };
 
 use crate::files::Uploads;
@@ -84,7 +84,13 @@ pub fn serve(sandbox: Sandbox) -> std::io::Result<u8> {
     let sessions: Sessions = Arc::default();
     let mut uploads = Uploads::default();
 
-    out.send(Frame::json(Kind::Ready, 0, &Hello { version: env!("CARGO_PKG_VERSION").into() }));
+    out.send(Frame::json(
+        Kind::Ready,
+        0,
+        &Hello {
+            version: env!("CARGO_PKG_VERSION").into(),
+        },
+    ));
     if let Some(entry) = sandbox.entrypoint.clone() {
         start(&sandbox, &sessions, &out, ENTRYPOINT_CHANNEL, entry);
     }
@@ -99,17 +105,31 @@ pub fn serve(sandbox: Sandbox) -> std::io::Result<u8> {
             }
         };
         let ch = frame.channel;
-        let session = || sessions.lock().unwrap_or_else(|p| p.into_inner()).get(&ch).cloned();
+        let session = || {
+            sessions
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&ch)
+                .cloned()
+        };
         match frame.kind {
             Kind::Spawn => match frame.parse::<Spawn>() {
                 Ok(spec) => {
                     if session().is_some() {
-                        out.send(Frame::json(Kind::SpawnFailed, ch, &failure("invalid", "channel already in use")));
+                        out.send(Frame::json(
+                            Kind::SpawnFailed,
+                            ch,
+                            &failure("invalid", "channel already in use"),
+                        ));
                     } else {
                         start(&sandbox, &sessions, &out, ch, spec);
                     }
                 }
-                Err(e) => out.send(Frame::json(Kind::SpawnFailed, ch, &failure("invalid", &e.to_string()))),
+                Err(e) => out.send(Frame::json(
+                    Kind::SpawnFailed,
+                    ch,
+                    &failure("invalid", &e.to_string()),
+                )),
             },
             Kind::Stdin => {
                 if let Some(s) = session() {
@@ -150,7 +170,11 @@ pub fn serve(sandbox: Sandbox) -> std::io::Result<u8> {
             }
             Kind::FileWrite => match frame.parse::<FileWrite>() {
                 Ok(req) => uploads.begin(ch, &req, &out),
-                Err(e) => out.send(Frame::json(Kind::FileFailed, ch, &failure("invalid", &e.to_string()))),
+                Err(e) => out.send(Frame::json(
+                    Kind::FileFailed,
+                    ch,
+                    &failure("invalid", &e.to_string()),
+                )),
             },
             Kind::FileData => uploads.data(ch, &frame.payload),
             Kind::FileEnd => uploads.end(ch, &out),
@@ -159,20 +183,32 @@ pub fn serve(sandbox: Sandbox) -> std::io::Result<u8> {
                     let out = out.clone();
                     std::thread::spawn(move || crate::files::send_file(ch, &req.path, &out));
                 }
-                Err(e) => out.send(Frame::json(Kind::FileFailed, ch, &failure("invalid", &e.to_string()))),
+                Err(e) => out.send(Frame::json(
+                    Kind::FileFailed,
+                    ch,
+                    &failure("invalid", &e.to_string()),
+                )),
             },
             Kind::Shutdown => {
                 let grace = frame.parse::<Shutdown>().map(|s| s.grace_ms).unwrap_or(0);
                 terminate_all(Duration::from_millis(grace));
                 return Ok(0);
             }
-            other => out.send(Frame::json(Kind::Error, ch, &failure("invalid", &format!("unexpected frame {other:?}")))),
+            other => out.send(Frame::json(
+                Kind::Error,
+                ch,
+                &failure("invalid", &format!("unexpected frame {other:?}")),
+            )),
         }
     }
 }
 
 fn failure(kind: &str, message: &str) -> Failure {
-    Failure { kind: kind.into(), message: message.into() }
+    Failure {
+        kind: kind.into(),
+        message: message.into(),
+        errno: None,
+    }
 }
 
 fn merged_env(base: &[(String, String)], extra: &[(String, String)]) -> Vec<(String, String)> {
@@ -185,7 +221,10 @@ fn merged_env(base: &[(String, String)], extra: &[(String, String)]) -> Vec<(Str
         }
     }
     if !env.iter().any(|(k, _)| k == "PATH") {
-        env.push(("PATH".into(), "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into()));
+        env.push((
+            "PATH".into(),
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
+        ));
     }
     env
 }
@@ -195,15 +234,40 @@ fn start(sandbox: &Arc<Sandbox>, sessions: &Sessions, out: &Out, ch: u32, spec: 
     if spec.pty.is_some() && !env.iter().any(|(k, _)| k == "TERM") {
         env.push(("TERM".into(), "xterm-256color".into()));
     }
-    let workdir = PathBuf::from(spec.workdir.clone().filter(|w| !w.is_empty()).unwrap_or_else(|| sandbox.workdir.clone()));
-    let workdir = if workdir.as_os_str().is_empty() { PathBuf::from("/") } else { workdir };
-    let path_var = env.iter().find(|(k, _)| k == "PATH").map(|(_, v)| v.clone()).unwrap_or_default();
-    let started = process::resolve(&spec.command, &path_var, &workdir)
-        .and_then(|program| process::spawn(&program, &spec.command, &spec.args, &env, &workdir, spec.pty));
+    let workdir = PathBuf::from(
+        spec.workdir
+            .clone()
+            .filter(|w| !w.is_empty())
+            .unwrap_or_else(|| sandbox.workdir.clone()),
+    );
+    let workdir = if workdir.as_os_str().is_empty() {
+        PathBuf::from("/")
+    } else {
+        workdir
+    };
+    let path_var = env
+        .iter()
+        .find(|(k, _)| k == "PATH")
+        .map(|(_, v)| v.clone())
+        .unwrap_or_default();
+    let started = process::resolve(&spec.command, &path_var, &workdir).and_then(|program| {
+        process::spawn(
+            &program,
+            &spec.command,
+            &spec.args,
+            &env,
+            &workdir,
+            spec.pty,
+        )
+    });
     let started = match started {
         Ok(s) => s,
         Err(e) => {
-            out.send(Frame::json(Kind::SpawnFailed, ch, &failure("not_found", &e.0)));
+            out.send(Frame::json(
+                Kind::SpawnFailed,
+                ch,
+                &failure("not_found", &e.0),
+            ));
             return;
         }
     };
@@ -212,7 +276,11 @@ fn start(sandbox: &Arc<Sandbox>, sessions: &Sessions, out: &Out, ch: u32, spec: 
     let (stdin_tx, stdin_rx) = sync_channel::<Option<Vec<u8>>>(256);
     let mut readers = Vec::new();
     let (stdin_file, pty) = match started.stdio {
-        Stdio::Pipes { stdin, stdout, stderr } => {
+        Stdio::Pipes {
+            stdin,
+            stdout,
+            stderr,
+        } => {
             readers.push(pump(stdout, Kind::Stdout, ch, out.clone(), gate.clone()));
             readers.push(pump(stderr, Kind::Stderr, ch, out.clone(), gate.clone()));
             (stdin, None)
@@ -232,15 +300,26 @@ fn start(sandbox: &Arc<Sandbox>, sessions: &Sessions, out: &Out, ch: u32, spec: 
         gate,
         timed_out: AtomicBool::new(false),
     });
-    sessions.lock().unwrap_or_else(|p| p.into_inner()).insert(ch, session.clone());
-    out.send(Frame::json(Kind::Spawned, ch, &Spawned { pid: started.pid }));
+    sessions
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(ch, session.clone());
+    out.send(Frame::json(
+        Kind::Spawned,
+        ch,
+        &Spawned { pid: started.pid },
+    ));
 
     if let Some(ms) = spec.timeout_ms {
         let s = session.clone();
         let sessions = sessions.clone();
         std::thread::spawn(move || {
             std::thread::sleep(Duration::from_millis(ms));
-            let still_running = sessions.lock().unwrap_or_else(|p| p.into_inner()).get(&ch).is_some_and(|x| Arc::ptr_eq(x, &s));
+            let still_running = sessions
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&ch)
+                .is_some_and(|x| Arc::ptr_eq(x, &s));
             if still_running {
                 s.timed_out.store(true, Ordering::SeqCst);
                 signal_group(s.pid, libc::SIGKILL);
@@ -265,13 +344,30 @@ fn start(sandbox: &Arc<Sandbox>, sessions: &Sessions, out: &Out, ch: u32, spec: 
             Ended::Signal(s) => (None, Some(s)),
         };
         let timed_out = session.timed_out.load(Ordering::SeqCst);
-        sessions.lock().unwrap_or_else(|p| p.into_inner()).remove(&ch);
-        out.send(Frame::json(Kind::Exited, ch, &Exit { code, signal, timed_out }));
+        sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&ch);
+        out.send(Frame::json(
+            Kind::Exited,
+            ch,
+            &Exit {
+                code,
+                signal,
+                timed_out,
+            },
+        ));
     });
 }
 
 /// Copies a process stream to the host in frames, holding back while the channel is paused.
-fn pump(mut from: File, kind: Kind, ch: u32, out: Out, gate: Arc<Gate>) -> std::thread::JoinHandle<()> {
+fn pump(
+    mut from: File,
+    kind: Kind,
+    ch: u32,
+    out: Out,
+    gate: Arc<Gate>,
+) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
         let mut buf = vec![0u8; CHUNK];
         loop {
@@ -340,6 +436,15 @@ pub fn terminate_all(grace: Duration) {
 
 fn count_processes() -> usize {
     std::fs::read_dir("/proc")
-        .map(|d| d.filter_map(Result::ok).filter(|e| e.file_name().to_string_lossy().bytes().all(|b| b.is_ascii_digit())).count())
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .filter(|e| {
+                    e.file_name()
+                        .to_string_lossy()
+                        .bytes()
+                        .all(|b| b.is_ascii_digit())
+                })
+                .count()
+        })
         .unwrap_or(0)
 }

@@ -244,13 +244,16 @@ fn gunzip(data: &[u8], limit: usize) -> Result<Bytes, Status> {
 
 /// `google.rpc.Status`, as carried in `grpc-status-details-bin`.
 #[derive(Clone, PartialEq, prost::Message)]
-struct RpcStatus {
+pub struct RpcStatus {
+    /// The code.
     #[prost(int32, tag = "1")]
-    code: i32,
+    pub code: i32,
+    /// The message.
     #[prost(string, tag = "2")]
-    message: String,
+    pub message: String,
+    /// Typed details.
     #[prost(message, repeated, tag = "3")]
-    details: Vec<prost_types::Any>,
+    pub details: Vec<prost_types::Any>,
 }
 
 /// The status's details in Connect's JSON form: `[{"type": "pkg.Msg", "value": "<base64>"}]`.

@@ -9,6 +9,20 @@ use prost_reflect::MessageDescriptor;
 const IMPLEMENTED: &[&str] = &[
     "/chalk.server.v1.AuthService/GetToken",
     "/chalk.server.v1.TeamService/GetEnv",
+    "/chalk.container.v1.ContainerService/RunContainer",
+    "/chalk.container.v1.ContainerService/GetContainer",
+    "/chalk.container.v1.ContainerService/StopContainer",
+    "/chalk.container.v1.ContainerService/ListContainers",
+    "/chalk.sandbox.v2.SandboxService/CreateSandbox",
+    "/chalk.sandbox.v2.SandboxService/GetSandbox",
+    "/chalk.sandbox.v2.SandboxService/ListSandboxes",
+    "/chalk.sandbox.v2.SandboxService/TerminateSandbox",
+    "/chalk.sandbox.v2.SandboxProcessService/ExecCommand",
+    "/chalk.sandbox.v2.SandboxProcessService/OpenSession",
+    "/chalk.sandbox.v2.SandboxProcessService/GetSession",
+    "/chalk.sandbox.v2.SandboxProcessService/ListSessions",
+    "/chalk.sandbox.v2.SandboxFilesystemService/UploadFile",
+    "/chalk.sandbox.v2.SandboxFilesystemService/DownloadFile",
 ];
 
 /// Methods callable without a token.

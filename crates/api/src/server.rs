@@ -79,7 +79,11 @@ pub enum ServeError {
 
 impl Server {
     /// Binds the listener and prepares the handlers.
-    pub async fn bind(config: ApiConfig, control: Arc<Control>) -> Result<Self, ServeError> {
+    pub async fn bind(
+        config: ApiConfig,
+        control: Arc<Control>,
+        workloads: Arc<compute_control::Workloads>,
+    ) -> Result<Self, ServeError> {
         let tls = config.tls.as_ref().map(load_tls).transpose()?;
         let listener =
             TcpListener::bind(config.listen)
@@ -89,7 +93,7 @@ impl Server {
                     source,
                 })?;
         let shared = Arc::new(Shared {
-            routes: crate::services::routes(control.clone(), config.max_message_bytes),
+            routes: crate::services::routes(control.clone(), workloads, config.max_message_bytes),
             control,
             methods: Methods::from_schema(),
             metrics: Metrics::new(),

@@ -10,11 +10,50 @@ pub fn from_control(err: ControlError) -> Status {
         ControlError::InvalidArgument(m) => Status::invalid_argument(m),
         ControlError::AlreadyExists(m) => Status::already_exists(m),
         ControlError::Auth(a) => from_auth(a),
+        ControlError::FailedPrecondition(m) => Status::failed_precondition(m),
+        ControlError::Unavailable(m) => Status::unavailable(m),
+        ControlError::File {
+            kind,
+            message,
+            errno,
+        } => filesystem_status(&kind, message, errno),
         e @ (ControlError::Store(_) | ControlError::Internal(_) | ControlError::DataDir { .. }) => {
             tracing::error!(error = %e, "internal error");
             Status::internal(e.to_string())
         }
     }
+}
+
+/// A filesystem failure inside a sandbox, with `chalk.sandbox.v2.FilesystemErrorDetail` attached as the SDK
+/// expects (it raises `SandboxFileSystemError` with the error kind and errno).
+pub fn filesystem_status(kind: &str, message: String, errno: Option<i32>) -> Status {
+    use compute_proto::chalk::sandbox::v2::{FilesystemError, FilesystemErrorDetail};
+    use prost::Message;
+    let (code, fs) = match kind {
+        "not_found" => (Code::NotFound, FilesystemError::NotFound),
+        "permission_denied" => (Code::PermissionDenied, FilesystemError::PermissionDenied),
+        "is_a_directory" | "not_a_directory" => (
+            Code::FailedPrecondition,
+            FilesystemError::FailedPrecondition,
+        ),
+        "invalid" => (Code::InvalidArgument, FilesystemError::InvalidArgument),
+        "no_space" => (Code::ResourceExhausted, FilesystemError::ResourceExhausted),
+        _ => (Code::Internal, FilesystemError::Internal),
+    };
+    let detail = FilesystemErrorDetail {
+        error: fs as i32,
+        posix_errno: errno,
+    };
+    let any = prost_types::Any {
+        type_url: "type.googleapis.com/chalk.sandbox.v2.FilesystemErrorDetail".into(),
+        value: detail.encode_to_vec(),
+    };
+    let rpc = crate::connect::RpcStatus {
+        code: code as i32,
+        message: message.clone(),
+        details: vec![any],
+    };
+    Status::with_details(code, message, rpc.encode_to_vec().into())
 }
 
 /// The gRPC status an authentication failure is reported as.

@@ -54,6 +54,18 @@ struct ServeFlags {
     /// Lifetime of issued access tokens, e.g. 365d, 12h [default: 365d].
     #[arg(long, env = "COMPUTE_TOKEN_TTL")]
     token_ttl: Option<String>,
+    /// Sandbox isolation: native (namespaces, cgroups, seccomp) or gvisor (runsc, systrap).
+    #[arg(long, env = "COMPUTE_ISOLATION")]
+    isolation: Option<String>,
+    /// Image store directory [default: DATA_DIR/images].
+    #[arg(long, env = "COMPUTE_IMAGE_DIR")]
+    image_dir: Option<PathBuf>,
+    /// The compute-agent binary [default: next to this binary].
+    #[arg(long, env = "COMPUTE_AGENT_BIN")]
+    agent_bin: Option<PathBuf>,
+    /// Memory limit of a sandbox whose spec sets none [default: 1Gi].
+    #[arg(long, env = "COMPUTE_DEFAULT_MEMORY")]
+    default_memory: Option<String>,
 }
 
 impl ServeFlags {
@@ -65,6 +77,10 @@ impl ServeFlags {
             log_format: self.log_format.clone(),
             max_message_size: self.max_message_size.clone(),
             token_ttl: self.token_ttl.clone(),
+            isolation: self.isolation.clone(),
+            image_dir: self.image_dir.clone(),
+            agent_bin: self.agent_bin.clone(),
+            default_memory: self.default_memory.clone(),
         }
     }
 }

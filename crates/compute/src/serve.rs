@@ -5,7 +5,9 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use compute_api::{ApiConfig, Server, TlsConfig};
-use compute_control::{Control, ControlConfig};
+use compute_control::{Control, ControlConfig, WorkloadConfig, Workloads};
+use compute_image::ImageStore;
+use compute_runtime::{Isolation, NetworkConfig, Runtime, RuntimeConfig};
 
 use crate::runtime_file::{self, AdminCredentials, ServerInfo};
 use crate::settings::Settings;
@@ -49,6 +51,7 @@ pub async fn run(data_dir: &Path, settings: Settings) -> anyhow::Result<()> {
         )?;
     }
 
+    let workloads = start_workloads(data_dir, &settings, &control).await;
     let config = ApiConfig {
         listen: settings.listen,
         tls: settings.tls.clone().map(|(cert_path, key_path)| TlsConfig {
@@ -58,7 +61,7 @@ pub async fn run(data_dir: &Path, settings: Settings) -> anyhow::Result<()> {
         max_message_bytes: settings.max_message_bytes,
         ..ApiConfig::default()
     };
-    let server = Server::bind(config, control.clone()).await?;
+    let server = Server::bind(config, control.clone(), workloads.clone()).await?;
     let addr = server.local_addr();
     let url = runtime_file::client_url(addr);
     let info = ServerInfo {
@@ -85,9 +88,113 @@ pub async fn run(data_dir: &Path, settings: Settings) -> anyhow::Result<()> {
     }
 
     server.run(shutdown_signal()).await;
+    workloads.stop_all("the server shut down").await;
     let _ = std::fs::remove_file(&info_path);
     tracing::info!("compute stopped");
     Ok(())
+}
+
+/// Sets up the runtime (if this machine can run sandboxes) and the workload manager, and cleans up after a
+/// previous run that did not shut down cleanly.
+async fn start_workloads(
+    data_dir: &Path,
+    settings: &Settings,
+    control: &Control,
+) -> Arc<Workloads> {
+    let agent_bin = settings.agent_bin.clone().unwrap_or_else(|| {
+        std::env::current_exe()
+            .map(|p| p.with_file_name("compute-agent"))
+            .unwrap_or_else(|_| "compute-agent".into())
+    });
+    let runsc_bin = which("runsc").unwrap_or_else(|| "runsc".into());
+    let (isolation, reason) = match settings.isolation {
+        Some(i) => (i, "chosen by configuration".to_string()),
+        None => (
+            Isolation::Native,
+            "the default (set --isolation gvisor to run sandboxes under runsc)".to_string(),
+        ),
+    };
+    let runtime = if !agent_bin.exists() {
+        Err(format!(
+            "the sandbox agent {} does not exist: build it (cargo build) or set --agent-bin",
+            agent_bin.display()
+        ))
+    } else if !nix_is_root() {
+        Err(
+            "sandboxes need root (namespaces, cgroups, mounts); run compute serve as root"
+                .to_string(),
+        )
+    } else {
+        Runtime::new(RuntimeConfig {
+            state_dir: data_dir.join("sandboxes"),
+            agent_bin,
+            isolation,
+            runsc_bin,
+            cgroup_parent: format!("compute-{}", short_hash(data_dir)),
+            network: NetworkConfig::default(),
+        })
+        .map_err(|e| e.to_string())
+    };
+    match &runtime {
+        Ok(rt) => {
+            tracing::info!(isolation = %rt.isolation(), reason, cgroups = ?rt.cgroup_version(), "sandbox runtime ready")
+        }
+        Err(why) => tracing::warn!("sandboxes are unavailable on this server: {why}"),
+    }
+    let image_dir = settings
+        .image_dir
+        .clone()
+        .unwrap_or_else(|| data_dir.join("images"));
+    let mirror = compute_image::Mirror::from_host().unwrap_or(compute_image::Mirror {
+        uri: "http://deb.debian.org/debian".into(),
+    });
+    let images = Arc::new(ImageStore::new(&image_dir, mirror).expect("creating the image store"));
+    let workloads = Workloads::new(
+        control.store().clone(),
+        runtime,
+        images,
+        WorkloadConfig {
+            log_dir: data_dir.join("logs"),
+            default_memory: settings.default_memory,
+            pids_limit: 4096,
+            disk_bytes: 8 << 30,
+        },
+    );
+    match workloads.reconcile().await {
+        Ok(0) => {}
+        Ok(n) => tracing::warn!(
+            count = n,
+            "marked workloads left live by a previous run as failed"
+        ),
+        Err(e) => tracing::error!(error = %e, "reconciling workloads failed"),
+    }
+    workloads
+}
+
+fn which(name: &str) -> Option<std::path::PathBuf> {
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|d| Path::new(d).join(name))
+        .find(|p| p.is_file())
+}
+
+fn nix_is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc_geteuid() == 0 }
+}
+
+extern "C" {
+    #[link_name = "geteuid"]
+    fn libc_geteuid() -> u32;
+}
+
+/// A short stable tag for a data directory, so two servers on one host keep separate cgroups.
+fn short_hash(p: &Path) -> String {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    p.hash(&mut h);
+    format!("{:08x}", h.finish() as u32)
 }
 
 async fn shutdown_signal() {

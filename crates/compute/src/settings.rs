@@ -27,6 +27,14 @@ pub struct Layer {
     pub max_message_size: Option<String>,
     /// Lifetime of issued tokens, e.g. `365d`.
     pub token_ttl: Option<String>,
+    /// `native` or `gvisor`.
+    pub isolation: Option<String>,
+    /// Where base images and layers are kept (shared between data directories if you like).
+    pub image_dir: Option<PathBuf>,
+    /// The `compute-agent` binary.
+    pub agent_bin: Option<PathBuf>,
+    /// Default memory limit of a sandbox whose spec has none, e.g. `1Gi`.
+    pub default_memory: Option<String>,
 }
 
 impl Layer {
@@ -39,6 +47,10 @@ impl Layer {
             log_format: self.log_format.or(below.log_format),
             max_message_size: self.max_message_size.or(below.max_message_size),
             token_ttl: self.token_ttl.or(below.token_ttl),
+            isolation: self.isolation.or(below.isolation),
+            image_dir: self.image_dir.or(below.image_dir),
+            agent_bin: self.agent_bin.or(below.agent_bin),
+            default_memory: self.default_memory.or(below.default_memory),
         }
     }
 
@@ -67,6 +79,14 @@ pub struct Settings {
     pub max_message_bytes: usize,
     /// Lifetime of issued tokens.
     pub token_ttl: Duration,
+    /// Isolation backend, when chosen explicitly.
+    pub isolation: Option<compute_runtime::Isolation>,
+    /// Image store directory, when set (default: DATA_DIR/images).
+    pub image_dir: Option<PathBuf>,
+    /// Agent binary, when set (default: next to the `compute` binary).
+    pub agent_bin: Option<PathBuf>,
+    /// Default sandbox memory limit, bytes.
+    pub default_memory: u64,
 }
 
 /// The listen address when nothing else says.
@@ -91,12 +111,28 @@ impl Settings {
         };
         let max_message_bytes = parse_size(layer.max_message_size.as_deref().unwrap_or("16MiB"))?;
         let token_ttl = parse_duration(layer.token_ttl.as_deref().unwrap_or("365d"))?;
+        let isolation = layer
+            .isolation
+            .as_deref()
+            .map(|s| {
+                s.parse::<compute_runtime::Isolation>()
+                    .map_err(|e| anyhow::anyhow!(e))
+            })
+            .transpose()?;
+        let default_memory = compute_control::quantity::parse_memory(
+            "default_memory",
+            layer.default_memory.as_deref().unwrap_or("1Gi"),
+        )?;
         Ok(Settings {
             listen,
             tls,
             json_logs,
             max_message_bytes,
             token_ttl,
+            isolation,
+            image_dir: layer.image_dir,
+            agent_bin: layer.agent_bin,
+            default_memory,
         })
     }
 }

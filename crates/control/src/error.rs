@@ -27,6 +27,22 @@ pub enum ControlError {
     /// A name or id is already taken.
     #[error("{0}")]
     AlreadyExists(String),
+    /// The resource is not in a state that allows the operation.
+    #[error("{0}")]
+    FailedPrecondition(String),
+    /// The server cannot do this now (e.g. it has no runtime).
+    #[error("{0}")]
+    Unavailable(String),
+    /// A file operation inside a sandbox failed.
+    #[error("{message}")]
+    File {
+        /// `not_found`, `is_a_directory`, `permission_denied`, `invalid`, `io`.
+        kind: String,
+        /// What failed.
+        message: String,
+        /// The POSIX errno, if known.
+        errno: Option<i32>,
+    },
     /// The store failed.
     #[error(transparent)]
     Store(StoreError),

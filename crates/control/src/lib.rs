@@ -8,8 +8,10 @@
 pub mod auth;
 mod error;
 pub mod ids;
+pub mod quantity;
 pub mod secret_hash;
 pub mod token;
+pub mod workloads;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -19,6 +21,7 @@ use compute_store::{Environment, Store};
 
 pub use auth::{Auth, IssuedToken, NewClientCredentials, Principal};
 pub use error::{AuthError, ControlError};
+pub use workloads::{WorkloadConfig, WorkloadKind, WorkloadRequest, Workloads};
 
 /// Name of the environment that exists on every server.
 pub const DEFAULT_ENVIRONMENT: &str = "default";

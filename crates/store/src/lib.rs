@@ -10,6 +10,7 @@ mod clients;
 mod environments;
 mod error;
 mod migrations;
+mod sandboxes;
 mod signing_keys;
 
 use std::path::{Path, PathBuf};
@@ -22,6 +23,7 @@ pub use clients::{Client, Clients, NewClient};
 pub use environments::{Environment, Environments};
 pub use error::StoreError;
 pub use migrations::SCHEMA_VERSION;
+pub use sandboxes::{SandboxRecord, SandboxStatus, Sandboxes};
 pub use signing_keys::{SigningKey, SigningKeys};
 
 /// Result type of every store operation.
@@ -118,6 +120,11 @@ impl<'c> Repos<'c> {
     /// API clients (id + hashed secret).
     pub fn clients(&self) -> Clients<'c> {
         Clients::new(self.conn)
+    }
+
+    /// Sandboxes and containers.
+    pub fn sandboxes(&self) -> Sandboxes<'c> {
+        Sandboxes::new(self.conn)
     }
 
     /// Token signing keys.

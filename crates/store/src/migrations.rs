@@ -29,6 +29,29 @@ const MIGRATIONS: &[&str] = &[
         retired_at  INTEGER
     );
     "#,
+    // 2: sandboxes and containers (one table: a container is a sandbox driven through the container API).
+    r#"
+    CREATE TABLE sandboxes (
+        id              TEXT PRIMARY KEY,
+        environment_id  TEXT NOT NULL REFERENCES environments(id),
+        kind            TEXT NOT NULL CHECK (kind IN ('sandbox', 'container')),
+        name            TEXT NOT NULL,
+        image           TEXT NOT NULL,
+        spec            BLOB NOT NULL,
+        status          TEXT NOT NULL,
+        status_message  TEXT,
+        status_details  TEXT,
+        exit_code       INTEGER,
+        created_by      TEXT NOT NULL,
+        created_at      INTEGER NOT NULL,
+        started_at      INTEGER,
+        finished_at     INTEGER
+    );
+    CREATE INDEX sandboxes_by_env ON sandboxes (environment_id, created_at);
+    -- A name is unique among the live workloads of an environment; finished ones keep theirs for history.
+    CREATE UNIQUE INDEX sandboxes_live_name ON sandboxes (environment_id, name)
+        WHERE status IN ('pending', 'running');
+    "#,
 ];
 
 /// The schema version this binary migrates to.

@@ -1,16 +1,25 @@
 //! gRPC service implementations: thin translations from wire messages to control-plane calls.
 
 mod auth;
+mod container;
+mod filesystem;
+mod process;
+mod sandbox;
 mod team;
+mod workload;
 
 use std::sync::Arc;
 
-use compute_control::{Control, Principal};
+use compute_control::{Control, Principal, Workloads};
 use compute_proto::chalk;
 use tonic::codec::CompressionEncoding;
 use tonic::service::Routes;
 
 pub use auth::AuthApi;
+pub use container::ContainerApi;
+pub use filesystem::FilesystemApi;
+pub use process::ProcessApi;
+pub use sandbox::SandboxApi;
 pub use team::TeamApi;
 
 /// Registered but not implemented yet: every method answers UNIMPLEMENTED. The front door intercepts such calls
@@ -25,14 +34,6 @@ impl chalk::sandbox::v1::custom_image_service_server::CustomImageService for Not
 #[tonic::async_trait]
 impl chalk::sandbox::v1::sandbox_runtime_service_server::SandboxRuntimeService for NotYet {}
 #[tonic::async_trait]
-impl chalk::container::v1::container_service_server::ContainerService for NotYet {}
-#[tonic::async_trait]
-impl chalk::sandbox::v2::sandbox_service_server::SandboxService for NotYet {}
-#[tonic::async_trait]
-impl chalk::sandbox::v2::sandbox_process_service_server::SandboxProcessService for NotYet {}
-#[tonic::async_trait]
-impl chalk::sandbox::v2::sandbox_filesystem_service_server::SandboxFilesystemService for NotYet {}
-#[tonic::async_trait]
 impl chalk::scalinggroup::v1::scaling_group_manager_service_server::ScalingGroupManagerService
     for NotYet
 {
@@ -46,7 +47,11 @@ impl chalk::externalfunctioncatalog::v1::external_function_catalog_service_serve
 }
 
 /// Every service in `proto/`, with gzip-compressed requests accepted and the message size limit applied.
-pub fn routes(control: Arc<Control>, max_message_bytes: usize) -> Routes {
+pub fn routes(
+    control: Arc<Control>,
+    workloads: Arc<Workloads>,
+    max_message_bytes: usize,
+) -> Routes {
     macro_rules! svc {
         ($server:ty, $imp:expr) => {
             <$server>::new($imp)
@@ -61,12 +66,21 @@ pub fn routes(control: Arc<Control>, max_message_bytes: usize) -> Routes {
         .add_service(svc!(server::v1::environment_secrets_service_server::EnvironmentSecretsServiceServer<NotYet>, NotYet))
         .add_service(svc!(sandbox::v1::custom_image_service_server::CustomImageServiceServer<NotYet>, NotYet))
         .add_service(svc!(sandbox::v1::sandbox_runtime_service_server::SandboxRuntimeServiceServer<NotYet>, NotYet))
-        .add_service(svc!(container::v1::container_service_server::ContainerServiceServer<NotYet>, NotYet))
-        .add_service(svc!(sandbox::v2::sandbox_service_server::SandboxServiceServer<NotYet>, NotYet))
-        .add_service(svc!(sandbox::v2::sandbox_process_service_server::SandboxProcessServiceServer<NotYet>, NotYet))
         .add_service(svc!(
-            sandbox::v2::sandbox_filesystem_service_server::SandboxFilesystemServiceServer<NotYet>,
-            NotYet
+            container::v1::container_service_server::ContainerServiceServer<ContainerApi>,
+            ContainerApi::new(workloads.clone())
+        ))
+        .add_service(svc!(
+            sandbox::v2::sandbox_service_server::SandboxServiceServer<SandboxApi>,
+            SandboxApi::new(workloads.clone())
+        ))
+        .add_service(svc!(
+            sandbox::v2::sandbox_process_service_server::SandboxProcessServiceServer<ProcessApi>,
+            ProcessApi::new(workloads.clone(), max_message_bytes.saturating_sub(64 * 1024))
+        ))
+        .add_service(svc!(
+            sandbox::v2::sandbox_filesystem_service_server::SandboxFilesystemServiceServer<FilesystemApi>,
+            FilesystemApi::new(workloads.clone())
         ))
         .add_service(svc!(
             scalinggroup::v1::scaling_group_manager_service_server::ScalingGroupManagerServiceServer<NotYet>,

@@ -1,0 +1,100 @@
+//! Shared translation between the container spec on the wire and the control plane's workload request.
+
+use compute_control::{WorkloadKind, WorkloadRequest};
+use compute_proto::chalk::container::v1::ChalkContainerSpec;
+use compute_store::{SandboxRecord, SandboxStatus};
+use prost::Message;
+use tonic::Status;
+
+/// Checks the parts of a spec this server does not serve yet, so a user learns at once rather than getting a
+/// workload without them.
+pub fn request(kind: WorkloadKind, spec: ChalkContainerSpec) -> Result<WorkloadRequest, Status> {
+    if !spec.volumes.is_empty() {
+        return Err(Status::unimplemented(
+            "spec.volumes: volume mounts are not implemented by this server yet",
+        ));
+    }
+    if !spec.secret_refs.is_empty() {
+        return Err(Status::unimplemented(
+            "spec.secret_refs: secrets are not implemented by this server yet",
+        ));
+    }
+    if spec
+        .restore_from_snapshot_id
+        .as_deref()
+        .is_some_and(|s| !s.is_empty())
+    {
+        return Err(Status::unimplemented(
+            "spec.restore_from_snapshot_id: snapshots are not implemented by this server yet",
+        ));
+    }
+    let resources = spec.resources.clone().unwrap_or_default();
+    if resources
+        .gpu
+        .as_deref()
+        .is_some_and(|g| !g.trim().is_empty())
+    {
+        return Err(Status::failed_precondition(
+            "resources.gpu: this node has no GPUs to pass through",
+        ));
+    }
+    let lifetime = match &spec.lifetime {
+        Some(d) if d.seconds < 0 || d.nanos < 0 => {
+            return Err(Status::invalid_argument("spec.lifetime must be positive"))
+        }
+        Some(d) => Some(std::time::Duration::new(d.seconds as u64, d.nanos as u32)),
+        None => None,
+    };
+    let mut env: Vec<(String, String)> = spec.env_vars.clone().into_iter().collect();
+    env.sort();
+    Ok(WorkloadRequest {
+        kind,
+        name: spec.name.clone(),
+        image: spec.image.clone(),
+        entrypoint: spec.entrypoint.clone(),
+        env,
+        cpu: resources.cpu,
+        memory: resources.memory,
+        lifetime,
+        spec: spec.encode_to_vec(),
+    })
+}
+
+/// The spec a record was created with.
+pub fn spec_of(rec: &SandboxRecord) -> ChalkContainerSpec {
+    let mut spec = ChalkContainerSpec::decode(rec.spec.as_slice()).unwrap_or_default();
+    // The generated name is the record's; show it.
+    spec.name = rec.name.clone();
+    spec
+}
+
+/// Milliseconds since the epoch as a protobuf timestamp.
+pub fn timestamp(ms: i64) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: ms.div_euclid(1000),
+        nanos: (ms.rem_euclid(1000) * 1_000_000) as i32,
+    }
+}
+
+/// The v2 sandbox status.
+pub fn sandbox_status(s: SandboxStatus) -> compute_proto::chalk::sandbox::v2::SandboxStatus {
+    use compute_proto::chalk::sandbox::v2::SandboxStatus as P;
+    match s {
+        SandboxStatus::Pending => P::Pending,
+        SandboxStatus::Running => P::Running,
+        SandboxStatus::Succeeded => P::Succeeded,
+        SandboxStatus::Failed => P::Failed,
+        SandboxStatus::Terminated => P::Terminated,
+    }
+}
+
+/// The container API's status string.
+pub fn container_status(s: SandboxStatus) -> &'static str {
+    match s {
+        SandboxStatus::Pending => "Pending",
+        SandboxStatus::Running => "Running",
+        SandboxStatus::Succeeded => "Succeeded",
+        SandboxStatus::Failed => "Failed",
+        SandboxStatus::Terminated => "Terminated",
+    }
+}

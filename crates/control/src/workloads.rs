@@ -1,0 +1,653 @@
+//! Sandboxes and containers: records, their state machine, and the reconciler that drives the runtime.
+//!
+//! Pending → Running → Succeeded | Failed | Terminated. `create` records the workload and returns at once; a
+//! task resolves the image, starts the sandbox and records Running; another watches the entrypoint. A finished
+//! workload never changes again (the store enforces it), so racing transitions resolve to the first.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use compute_image::ImageStore;
+use compute_runtime::{
+    EntrypointEnd, ExecSpec, Resources, Runtime, RuntimeError, SandboxSpec, Session,
+};
+use compute_store::{SandboxRecord, SandboxStatus, Store};
+use tokio::sync::mpsc;
+
+use crate::quantity::{parse_cpu, parse_memory};
+use crate::{ids, ControlError, Principal};
+
+/// Which API a workload was created through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorkloadKind {
+    /// `SandboxService`.
+    Sandbox,
+    /// `ContainerService`.
+    Container,
+}
+
+impl WorkloadKind {
+    fn as_str(self) -> &'static str {
+        match self {
+            WorkloadKind::Sandbox => "sandbox",
+            WorkloadKind::Container => "container",
+        }
+    }
+}
+
+/// What a client asks for.
+#[derive(Debug, Clone)]
+pub struct WorkloadRequest {
+    /// Through which API.
+    pub kind: WorkloadKind,
+    /// Name; generated when empty.
+    pub name: String,
+    /// Image reference.
+    pub image: String,
+    /// Entrypoint; the image's when empty.
+    pub entrypoint: Vec<String>,
+    /// Environment over the image's.
+    pub env: Vec<(String, String)>,
+    /// `resources.cpu`.
+    pub cpu: Option<String>,
+    /// `resources.memory`.
+    pub memory: Option<String>,
+    /// Ends the workload this long after creation.
+    pub lifetime: Option<Duration>,
+    /// The encoded spec, echoed back in responses.
+    pub spec: Vec<u8>,
+}
+
+/// Settings of the workload manager.
+#[derive(Debug, Clone)]
+pub struct WorkloadConfig {
+    /// Where entrypoint output is kept (`<dir>/<id>.log`), beyond the sandbox's own life.
+    pub log_dir: PathBuf,
+    /// Default memory limit when the spec gives none.
+    pub default_memory: u64,
+    /// Most processes per sandbox.
+    pub pids_limit: u64,
+    /// Size cap of a sandbox's writable layer.
+    pub disk_bytes: u64,
+}
+
+/// The workload manager.
+pub struct Workloads {
+    store: Arc<Store>,
+    runtime: Result<Arc<Runtime>, String>,
+    images: Arc<ImageStore>,
+    config: WorkloadConfig,
+}
+
+fn now() -> i64 {
+    compute_store::now_millis()
+}
+
+impl Workloads {
+    /// A manager; `runtime` is the reason sandboxes cannot run here when it is an error.
+    pub fn new(
+        store: Arc<Store>,
+        runtime: Result<Arc<Runtime>, String>,
+        images: Arc<ImageStore>,
+        config: WorkloadConfig,
+    ) -> Arc<Self> {
+        let _ = std::fs::create_dir_all(&config.log_dir);
+        Arc::new(Self {
+            store,
+            runtime,
+            images,
+            config,
+        })
+    }
+
+    fn runtime(&self) -> Result<&Arc<Runtime>, ControlError> {
+        self.runtime.as_ref().map_err(|why| {
+            ControlError::Unavailable(format!("this server cannot run sandboxes: {why}"))
+        })
+    }
+
+    /// After a restart: whatever was live could not be kept (its agent's pipes died with the old server), so its
+    /// leftovers are removed and it is marked Failed with the reason.
+    pub async fn reconcile(&self) -> Result<usize, ControlError> {
+        let live = self.store.read(|r| r.sandboxes().live())?;
+        for rec in &live {
+            self.store.write(|r| {
+                r.sandboxes().transition(
+                    &rec.id,
+                    SandboxStatus::Failed,
+                    Some("the server restarted while this sandbox was live; its processes were stopped"),
+                    None,
+                    None,
+                    now(),
+                )
+            })?;
+        }
+        if let Ok(rt) = &self.runtime {
+            let removed = rt.reconcile(&[]).await;
+            if !removed.is_empty() {
+                tracing::info!(
+                    count = removed.len(),
+                    "removed sandboxes left over from a previous run"
+                );
+            }
+        }
+        Ok(live.len())
+    }
+
+    /// Records a new workload and starts it in the background; returns the Pending record.
+    pub fn create(
+        self: &Arc<Self>,
+        who: &Principal,
+        req: WorkloadRequest,
+    ) -> Result<SandboxRecord, ControlError> {
+        let runtime = self.runtime()?.clone();
+        let cpu = req
+            .cpu
+            .as_deref()
+            .filter(|s| !s.trim().is_empty())
+            .map(|c| parse_cpu("resources.cpu", c))
+            .transpose()?;
+        let memory = req
+            .memory
+            .as_deref()
+            .filter(|s| !s.trim().is_empty())
+            .map(|m| parse_memory("resources.memory", m))
+            .transpose()?;
+        if req.image.trim().is_empty() {
+            return Err(ControlError::InvalidArgument(
+                "spec.image is required (e.g. \"python:3.13-slim-trixie\")".into(),
+            ));
+        }
+        compute_image::BaseRef::parse(&req.image)
+            .map_err(|e| ControlError::InvalidArgument(format!("spec.image: {e}")))?;
+        let prefix = match req.kind {
+            WorkloadKind::Sandbox => "sandbox",
+            WorkloadKind::Container => "container",
+        };
+        let name = if req.name.trim().is_empty() {
+            format!("{prefix}-{}", ids::random_token(8))
+        } else {
+            req.name.clone()
+        };
+        ids::validate_name("spec.name", &name)?;
+        for (k, _) in &req.env {
+            if k.is_empty() || k.contains('=') || k.contains('\0') {
+                return Err(ControlError::InvalidArgument(format!(
+                    "spec.env_vars: {k:?} is not a valid variable name"
+                )));
+            }
+        }
+        if let Some(l) = req.lifetime {
+            if l.is_zero() {
+                return Err(ControlError::InvalidArgument(
+                    "spec.lifetime must be positive".into(),
+                ));
+            }
+        }
+        let rec = SandboxRecord {
+            id: format!("sbx-{}", ids::random_token(16)),
+            environment_id: who.environment_id.clone(),
+            kind: req.kind.as_str().into(),
+            name: name.clone(),
+            image: req.image.clone(),
+            spec: req.spec.clone(),
+            status: SandboxStatus::Pending,
+            status_message: Some("preparing the image".into()),
+            status_details: None,
+            exit_code: None,
+            created_by: who.client_id.clone(),
+            created_at: now(),
+            started_at: None,
+            finished_at: None,
+        };
+        self.store
+            .write(|r| r.sandboxes().insert(&rec))
+            .map_err(|e| match ControlError::from(e) {
+                ControlError::AlreadyExists(_) => ControlError::AlreadyExists(format!(
+                    "a live workload named {name:?} already exists in this environment"
+                )),
+                other => other,
+            })?;
+        let this = self.clone();
+        let resources = Resources {
+            cpu_millis: cpu,
+            memory_bytes: Some(memory.unwrap_or(self.config.default_memory)),
+            pids: self.config.pids_limit,
+            disk_bytes: self.config.disk_bytes,
+        };
+        let started = rec.clone();
+        tokio::spawn(async move { this.start(started, req, resources, runtime).await });
+        Ok(rec)
+    }
+
+    async fn start(
+        self: Arc<Self>,
+        rec: SandboxRecord,
+        req: WorkloadRequest,
+        resources: Resources,
+        runtime: Arc<Runtime>,
+    ) {
+        let begun = std::time::Instant::now();
+        let image = match self.images.resolve(&rec.image).await {
+            Ok(i) => i,
+            Err(e) => {
+                return self.finish(
+                    &rec.id,
+                    SandboxStatus::Failed,
+                    &format!("image {}: {e}", rec.image),
+                    None,
+                    None,
+                )
+            }
+        };
+        let mut env = image.config.env.clone();
+        for (k, v) in ca_env().into_iter().chain(req.env.iter().cloned()) {
+            match env.iter_mut().find(|(ek, _)| *ek == k) {
+                Some(slot) => slot.1 = v,
+                None => env.push((k, v)),
+            }
+        }
+        let command: Vec<String> = if req.entrypoint.is_empty() {
+            image
+                .config
+                .entrypoint
+                .iter()
+                .chain(image.config.cmd.iter())
+                .cloned()
+                .collect()
+        } else {
+            req.entrypoint.clone()
+        };
+        let entrypoint = command.split_first().map(|(c, args)| ExecSpec {
+            command: c.clone(),
+            args: args.to_vec(),
+            ..Default::default()
+        });
+        let spec = SandboxSpec {
+            id: rec.id.clone(),
+            hostname: rec.name.clone(),
+            layers: image.layers.clone(),
+            env,
+            workdir: image.config.workdir.clone(),
+            entrypoint,
+            resources,
+            binds: vec![],
+            log_path: self.log_path(&rec.id),
+        };
+        let sandbox = match runtime.start(spec).await {
+            Ok(s) => s,
+            Err(e) => {
+                return self.finish(
+                    &rec.id,
+                    SandboxStatus::Failed,
+                    &format!("starting the sandbox: {e}"),
+                    None,
+                    None,
+                )
+            }
+        };
+        let running = self.store.write(|r| {
+            r.sandboxes()
+                .transition(&rec.id, SandboxStatus::Running, Some(""), None, None, now())
+        });
+        if !matches!(running, Ok(true)) {
+            // Terminated while it was starting.
+            let _ = runtime.stop(&rec.id, Duration::ZERO).await;
+            return;
+        }
+        tracing::info!(sandbox = %rec.id, name = %rec.name, ms = begun.elapsed().as_millis() as u64, provenance = %image.provenance, "sandbox running");
+
+        if let Some(lifetime) = req.lifetime {
+            let this = self.clone();
+            let id = rec.id.clone();
+            let env = rec.environment_id.clone();
+            let deadline = Duration::from_millis(
+                (rec.created_at + lifetime.as_millis() as i64 - now()).max(0) as u64,
+            );
+            tokio::spawn(async move {
+                tokio::time::sleep(deadline).await;
+                let msg = format!("its lifetime of {}s ended", lifetime.as_secs());
+                let _ = this
+                    .terminate_with(&env, &id, Duration::from_secs(5), &msg)
+                    .await;
+            });
+        }
+
+        let mut watch = sandbox.agent().entrypoint();
+        let this = self.clone();
+        let id = rec.id.clone();
+        tokio::spawn(async move {
+            let end = loop {
+                if let Some(end) = watch.borrow().clone() {
+                    break end;
+                }
+                if watch.changed().await.is_err() {
+                    break EntrypointEnd::AgentGone;
+                }
+            };
+            let oom = sandbox.oom_kills() > 0;
+            let (status, message, code) = match end {
+                EntrypointEnd::Exited { code: Some(0), .. } => (
+                    SandboxStatus::Succeeded,
+                    "entrypoint exited with code 0".to_string(),
+                    Some(0),
+                ),
+                EntrypointEnd::Exited {
+                    signal: Some(9), ..
+                } if oom => (
+                    SandboxStatus::Failed,
+                    "entrypoint was OOM-killed: the sandbox exceeded its memory limit".to_string(),
+                    Some(137),
+                ),
+                EntrypointEnd::Exited { code: Some(c), .. } => (
+                    SandboxStatus::Failed,
+                    format!("entrypoint exited with code {c}"),
+                    Some(c),
+                ),
+                EntrypointEnd::Exited { signal, .. } => {
+                    let s = signal.unwrap_or(0);
+                    (
+                        SandboxStatus::Failed,
+                        format!("entrypoint was killed by signal {s}"),
+                        Some(128 + s),
+                    )
+                }
+                EntrypointEnd::Failed(msg) => (
+                    SandboxStatus::Failed,
+                    format!("entrypoint could not start: {msg}"),
+                    Some(127),
+                ),
+                EntrypointEnd::AgentGone => (
+                    SandboxStatus::Failed,
+                    "the sandbox's init process exited unexpectedly".to_string(),
+                    None,
+                ),
+            };
+            let details = tail(&this.log_path(&id), 20);
+            this.finish(&id, status, &message, details.as_deref(), code);
+            let rt = this.runtime.as_ref().ok().cloned();
+            // Unless a terminate already took it down (and is tearing it down now).
+            if let Some(rt) = rt.filter(|rt| rt.get(&id).is_some()) {
+                if let Err(e) = rt.stop(&id, Duration::from_secs(1)).await {
+                    tracing::warn!(sandbox = %id, error = %e, "cleanup after the entrypoint ended was incomplete");
+                }
+            }
+        });
+    }
+
+    fn finish(
+        &self,
+        id: &str,
+        status: SandboxStatus,
+        message: &str,
+        details: Option<&str>,
+        code: Option<i32>,
+    ) {
+        match self.store.write(|r| {
+            r.sandboxes()
+                .transition(id, status, Some(message), details, code, now())
+        }) {
+            Ok(true) => {
+                tracing::info!(sandbox = %id, status = status.as_str(), message, "sandbox finished")
+            }
+            Ok(false) => {}
+            Err(e) => {
+                tracing::error!(sandbox = %id, error = %e, "recording a sandbox's end failed")
+            }
+        }
+    }
+
+    /// Where a workload's entrypoint output goes.
+    pub fn log_path(&self, id: &str) -> PathBuf {
+        self.config.log_dir.join(format!("{id}.log"))
+    }
+
+    /// A workload by id.
+    pub fn get(&self, who: &Principal, id: &str) -> Result<SandboxRecord, ControlError> {
+        self.store
+            .read(|r| r.sandboxes().get(&who.environment_id, id))?
+            .ok_or_else(|| {
+                ControlError::NotFound(format!("sandbox {id:?} not found in this environment"))
+            })
+    }
+
+    /// A workload by name (the live one, else the latest).
+    pub fn get_by_name(&self, who: &Principal, name: &str) -> Result<SandboxRecord, ControlError> {
+        self.store
+            .read(|r| r.sandboxes().get_by_name(&who.environment_id, name))?
+            .ok_or_else(|| {
+                ControlError::NotFound(format!("no workload named {name:?} in this environment"))
+            })
+    }
+
+    /// An environment's workloads, newest first.
+    pub fn list(
+        &self,
+        who: &Principal,
+        kind: Option<WorkloadKind>,
+        live_only: bool,
+        limit: u32,
+        offset: u32,
+    ) -> Result<Vec<SandboxRecord>, ControlError> {
+        Ok(self.store.read(|r| {
+            r.sandboxes().list(
+                &who.environment_id,
+                kind.map(WorkloadKind::as_str),
+                live_only,
+                limit,
+                offset,
+            )
+        })?)
+    }
+
+    /// Stops a workload (SIGTERM, SIGKILL after `grace`) and records it Terminated. Finished workloads are left
+    /// as they are.
+    pub async fn terminate(
+        &self,
+        who: &Principal,
+        id: &str,
+        grace: Duration,
+    ) -> Result<SandboxRecord, ControlError> {
+        self.terminate_with(
+            &who.environment_id,
+            id,
+            grace,
+            &format!("terminated by {}", who.client_id),
+        )
+        .await
+    }
+
+    async fn terminate_with(
+        &self,
+        env: &str,
+        id: &str,
+        grace: Duration,
+        why: &str,
+    ) -> Result<SandboxRecord, ControlError> {
+        let rec = self
+            .store
+            .read(|r| r.sandboxes().get(env, id))?
+            .ok_or_else(|| {
+                ControlError::NotFound(format!("sandbox {id:?} not found in this environment"))
+            })?;
+        if rec.status.is_live() {
+            self.store.write(|r| {
+                r.sandboxes().transition(
+                    id,
+                    SandboxStatus::Terminated,
+                    Some(why),
+                    None,
+                    None,
+                    now(),
+                )
+            })?;
+            if let Ok(rt) = &self.runtime {
+                rt.stop(id, grace)
+                    .await
+                    .map_err(|e| ControlError::Internal(format!("stopping sandbox {id}: {e}")))?;
+            }
+        }
+        self.store
+            .read(|r| r.sandboxes().get(env, id))?
+            .ok_or_else(|| ControlError::NotFound(format!("sandbox {id:?} not found")))
+    }
+
+    /// Stops every live workload (server shutdown).
+    pub async fn stop_all(&self, why: &str) {
+        let live = self
+            .store
+            .read(|r| r.sandboxes().live())
+            .unwrap_or_default();
+        for rec in live {
+            let _ = self
+                .terminate_with(&rec.environment_id, &rec.id, Duration::from_secs(2), why)
+                .await;
+        }
+    }
+
+    fn running(
+        &self,
+        who: &Principal,
+        id: &str,
+    ) -> Result<Arc<compute_runtime::Sandbox>, ControlError> {
+        let rec = self.get(who, id)?;
+        let not_running = |state: &str| {
+            ControlError::FailedPrecondition(format!(
+                "sandbox {id} is {state}: it accepts commands only while running"
+            ))
+        };
+        match rec.status {
+            SandboxStatus::Running => {}
+            SandboxStatus::Pending => return Err(not_running("still starting")),
+            s => {
+                return Err(not_running(&format!(
+                    "{} ({})",
+                    s.as_str(),
+                    rec.status_message.unwrap_or_default()
+                )))
+            }
+        }
+        self.runtime()?
+            .get(id)
+            .ok_or_else(|| not_running("stopping"))
+    }
+
+    /// Starts a process session in a running workload.
+    pub async fn exec(
+        &self,
+        who: &Principal,
+        id: &str,
+        spec: ExecSpec,
+    ) -> Result<Arc<Session>, ControlError> {
+        if spec.command.is_empty() {
+            return Err(ControlError::InvalidArgument("command is required".into()));
+        }
+        let sandbox = self.running(who, id)?;
+        let session_id = format!("ses-{}", ids::random_token(16));
+        sandbox
+            .agent()
+            .exec(spec, session_id)
+            .await
+            .map_err(runtime_error)
+    }
+
+    /// A session of a workload.
+    pub fn session(
+        &self,
+        who: &Principal,
+        id: &str,
+        session_id: &str,
+    ) -> Result<Arc<Session>, ControlError> {
+        let sandbox = self.running(who, id)?;
+        sandbox.agent().session(session_id).ok_or_else(|| {
+            ControlError::NotFound(format!("session {session_id:?} not found in sandbox {id}"))
+        })
+    }
+
+    /// Every session of a workload.
+    pub fn sessions(&self, who: &Principal, id: &str) -> Result<Vec<Arc<Session>>, ControlError> {
+        Ok(self.running(who, id)?.agent().sessions())
+    }
+
+    /// Writes a file into a running workload.
+    pub async fn upload(
+        &self,
+        who: &Principal,
+        id: &str,
+        path: &str,
+        mode: Option<u32>,
+        chunks: mpsc::Receiver<Bytes>,
+    ) -> Result<u64, ControlError> {
+        let sandbox = self.running(who, id)?;
+        sandbox
+            .agent()
+            .upload(path, mode, chunks)
+            .await
+            .map_err(runtime_error)
+    }
+
+    /// Reads a file from a running workload.
+    pub async fn download(
+        &self,
+        who: &Principal,
+        id: &str,
+        path: &str,
+    ) -> Result<mpsc::Receiver<compute_runtime::DownloadChunk>, ControlError> {
+        let sandbox = self.running(who, id)?;
+        sandbox.agent().download(path).await.map_err(runtime_error)
+    }
+}
+
+/// Maps a runtime failure to what the client is told.
+pub fn runtime_error(e: RuntimeError) -> ControlError {
+    match e {
+        RuntimeError::File {
+            kind,
+            message,
+            errno,
+        } => ControlError::File {
+            kind,
+            message,
+            errno,
+        },
+        RuntimeError::NotRunning(id) => {
+            ControlError::FailedPrecondition(format!("sandbox {id} is not running"))
+        }
+        other => ControlError::Internal(other.to_string()),
+    }
+}
+
+/// Every process trusts the host's CA bundle (bind-mounted over the image's), whatever library it uses.
+fn ca_env() -> Vec<(String, String)> {
+    const BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
+    if !std::path::Path::new(BUNDLE).exists() {
+        return vec![];
+    }
+    [
+        "SSL_CERT_FILE",
+        "REQUESTS_CA_BUNDLE",
+        "PIP_CERT",
+        "CURL_CA_BUNDLE",
+        "NODE_EXTRA_CA_CERTS",
+    ]
+    .iter()
+    .map(|k| (k.to_string(), BUNDLE.to_string()))
+    .collect()
+}
+
+fn tail(path: &std::path::Path, lines: usize) -> Option<String> {
+    let text = std::fs::read(path).ok()?;
+    let start = text.len().saturating_sub(64 * 1024);
+    let text = String::from_utf8_lossy(&text[start..]);
+    let last: Vec<&str> = text
+        .lines()
+        .rev()
+        .take(lines)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect();
+    (!last.is_empty()).then(|| last.join("\n"))
+}

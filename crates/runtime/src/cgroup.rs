@@ -1,0 +1,246 @@
+//! Resource limits through cgroups: v1 controllers (memory, cpu, pids) where the host mounts them separately,
+//! the unified v2 hierarchy where it has the controllers.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use crate::RuntimeError;
+
+const ROOT: &str = "/sys/fs/cgroup";
+const V1_CONTROLLERS: &[&str] = &["memory", "cpu", "pids"];
+
+/// Which cgroup interface the host offers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CgroupVersion {
+    /// Separate hierarchies per controller.
+    V1,
+    /// One unified hierarchy with the memory, cpu and pids controllers.
+    V2,
+}
+
+/// Detects the interface: v2 when the unified hierarchy at the root has the memory controller, else v1.
+pub fn detect() -> Result<CgroupVersion, RuntimeError> {
+    let controllers =
+        std::fs::read_to_string(format!("{ROOT}/cgroup.controllers")).unwrap_or_default();
+    if controllers.split_whitespace().any(|c| c == "memory") {
+        return Ok(CgroupVersion::V2);
+    }
+    if V1_CONTROLLERS
+        .iter()
+        .all(|c| Path::new(ROOT).join(c).is_dir())
+    {
+        return Ok(CgroupVersion::V1);
+    }
+    Err(RuntimeError::Unsupported(format!(
+        "no usable cgroups: neither a v2 hierarchy with the memory controller at {ROOT} nor v1 memory, cpu and pids \
+         hierarchies under it"
+    )))
+}
+
+fn write(path: &Path, value: &str) -> Result<(), RuntimeError> {
+    std::fs::write(path, value)
+        .map_err(|e| RuntimeError::io(format!("writing {value:?} to {}", path.display()), e))
+}
+
+/// Creates the parent cgroup(s) every sandbox goes under.
+pub fn prepare_parent(version: CgroupVersion, parent: &str) -> Result<(), RuntimeError> {
+    match version {
+        CgroupVersion::V1 => {
+            for c in V1_CONTROLLERS {
+                let dir = Path::new(ROOT).join(c).join(parent);
+                std::fs::create_dir_all(&dir)
+                    .map_err(|e| RuntimeError::io(format!("creating {}", dir.display()), e))?;
+            }
+        }
+        CgroupVersion::V2 => {
+            let dir = Path::new(ROOT).join(parent);
+            std::fs::create_dir_all(&dir)
+                .map_err(|e| RuntimeError::io(format!("creating {}", dir.display()), e))?;
+            for d in [Path::new(ROOT), &dir] {
+                let _ = std::fs::write(d.join("cgroup.subtree_control"), "+memory +cpu +pids");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Limits for one sandbox.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Limits {
+    /// CPU in thousandths of a core.
+    pub cpu_millis: Option<u64>,
+    /// Memory in bytes.
+    pub memory_bytes: Option<u64>,
+    /// Most processes at once.
+    pub pids: u64,
+}
+
+/// One sandbox's cgroup(s).
+#[derive(Debug, Clone)]
+pub struct Cgroup {
+    version: CgroupVersion,
+    dirs: Vec<PathBuf>,
+}
+
+impl Cgroup {
+    /// The cgroup of sandbox `id` (whether it exists or not).
+    pub fn of(version: CgroupVersion, parent: &str, id: &str) -> Self {
+        let dirs = match version {
+            CgroupVersion::V1 => V1_CONTROLLERS
+                .iter()
+                .map(|c| Path::new(ROOT).join(c).join(parent).join(id))
+                .collect(),
+            CgroupVersion::V2 => vec![Path::new(ROOT).join(parent).join(id)],
+        };
+        Self { version, dirs }
+    }
+
+    fn dir(&self, controller: &str) -> &Path {
+        match self.version {
+            CgroupVersion::V2 => &self.dirs[0],
+            CgroupVersion::V1 => {
+                let i = V1_CONTROLLERS
+                    .iter()
+                    .position(|c| *c == controller)
+                    .expect("known controller");
+                &self.dirs[i]
+            }
+        }
+    }
+
+    /// Creates the cgroup(s) and applies `limits`.
+    pub fn create(&self, limits: &Limits) -> Result<(), RuntimeError> {
+        for d in &self.dirs {
+            std::fs::create_dir_all(d)
+                .map_err(|e| RuntimeError::io(format!("creating cgroup {}", d.display()), e))?;
+        }
+        match self.version {
+            CgroupVersion::V1 => {
+                if let Some(m) = limits.memory_bytes {
+                    write(
+                        &self.dir("memory").join("memory.limit_in_bytes"),
+                        &m.to_string(),
+                    )?;
+                    // No swapping around the limit: a sandbox over its memory is OOM-killed, visibly.
+                    let _ = std::fs::write(self.dir("memory").join("memory.swappiness"), "0");
+                }
+                if let Some(c) = limits.cpu_millis {
+                    write(&self.dir("cpu").join("cpu.cfs_period_us"), "100000")?;
+                    write(
+                        &self.dir("cpu").join("cpu.cfs_quota_us"),
+                        &(c * 100).max(1000).to_string(),
+                    )?;
+                }
+                write(&self.dir("pids").join("pids.max"), &limits.pids.to_string())?;
+            }
+            CgroupVersion::V2 => {
+                let d = &self.dirs[0];
+                if let Some(m) = limits.memory_bytes {
+                    write(&d.join("memory.max"), &m.to_string())?;
+                    let _ = std::fs::write(d.join("memory.swap.max"), "0");
+                }
+                if let Some(c) = limits.cpu_millis {
+                    write(
+                        &d.join("cpu.max"),
+                        &format!("{} 100000", (c * 100).max(1000)),
+                    )?;
+                }
+                write(&d.join("pids.max"), &limits.pids.to_string())?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The `cgroup.procs` files a process writes its pid to, to join.
+    pub fn procs_files(&self) -> Vec<String> {
+        self.dirs
+            .iter()
+            .map(|d| d.join("cgroup.procs").to_string_lossy().into_owned())
+            .collect()
+    }
+
+    /// How many times the kernel OOM-killed a process in this cgroup.
+    pub fn oom_kills(&self) -> u64 {
+        let (file, key) = match self.version {
+            CgroupVersion::V1 => (self.dir("memory").join("memory.oom_control"), "oom_kill"),
+            CgroupVersion::V2 => (self.dirs[0].join("memory.events"), "oom_kill"),
+        };
+        std::fs::read_to_string(file)
+            .ok()
+            .and_then(|s| {
+                s.lines().find_map(|l| {
+                    l.strip_prefix(key)
+                        .and_then(|v| v.trim().parse::<u64>().ok())
+                })
+            })
+            .unwrap_or(0)
+    }
+
+    /// Memory in use, bytes.
+    pub fn memory_usage(&self) -> Option<u64> {
+        let file = match self.version {
+            CgroupVersion::V1 => self.dir("memory").join("memory.usage_in_bytes"),
+            CgroupVersion::V2 => self.dirs[0].join("memory.current"),
+        };
+        std::fs::read_to_string(file).ok()?.trim().parse().ok()
+    }
+
+    fn pids(&self) -> Vec<i32> {
+        let mut out = Vec::new();
+        for d in &self.dirs {
+            if let Ok(s) = std::fs::read_to_string(d.join("cgroup.procs")) {
+                out.extend(s.lines().filter_map(|l| l.trim().parse::<i32>().ok()));
+            }
+        }
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
+
+    /// SIGKILLs every process in the cgroup until none is left, then removes the cgroup(s).
+    pub fn destroy(&self) -> Result<(), RuntimeError> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let pids = self.pids();
+            if pids.is_empty() {
+                break;
+            }
+            for pid in pids {
+                // SAFETY: kill has no memory effects; the pid may already be gone.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+            if Instant::now() > deadline {
+                return Err(RuntimeError::Unsupported(format!(
+                    "processes in {} survived SIGKILL for 5 s",
+                    self.dirs[0].display()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        for d in &self.dirs {
+            // A just-killed process may linger briefly as the cgroup empties: retry rmdir for a moment.
+            let mut tries = 0;
+            while d.exists() {
+                match std::fs::remove_dir(d) {
+                    Ok(()) => break,
+                    Err(_) if tries < 200 => {
+                        tries += 1;
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                    Err(e) => {
+                        return Err(RuntimeError::io(
+                            format!("removing cgroup {}", d.display()),
+                            e,
+                        ))
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether any of this cgroup's directories exist.
+    pub fn exists(&self) -> bool {
+        self.dirs.iter().any(|d| d.exists())
+    }
+}
