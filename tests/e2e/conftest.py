@@ -15,6 +15,13 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 PROGRAMS = ROOT.parent / "shared" / "reference" / "sdk-programs"
 
 
+def image_dir():
+    """One image store for the whole suite: base images are built once, not per test server."""
+    d = os.environ.get("COMPUTE_E2E_IMAGE_DIR") or str(ROOT / "target" / "e2e-images")
+    os.makedirs(d, exist_ok=True)
+    return d
+
+
 def compute_bin():
     path = os.environ.get("COMPUTE_BIN") or str(ROOT / "target" / "debug" / "compute")
     if not os.access(path, os.X_OK):
@@ -35,7 +42,17 @@ class Server:
             info.unlink()
         self.log = open(self.data_dir.parent / f"{self.data_dir.name}.log", "ab")
         self.proc = subprocess.Popen(
-            [compute_bin(), "serve", "--listen", "127.0.0.1:0", "--data-dir", str(self.data_dir), *self.extra_args],
+            [
+                compute_bin(),
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--data-dir",
+                str(self.data_dir),
+                "--image-dir",
+                image_dir(),
+                *self.extra_args,
+            ],
             stdout=self.log,
             stderr=self.log,
         )
@@ -117,6 +134,20 @@ def server(tmp_path):
     s = Server(tmp_path / "data")
     yield s
     s.stop()
+
+
+@pytest.fixture(scope="module")
+def shared_server(tmp_path_factory):
+    """One server for a module's tests (sandbox tests start many workloads; a server each would only add
+    start-up time)."""
+    s = Server(tmp_path_factory.mktemp("shared") / "data")
+    yield s
+    s.stop()
+
+
+def require_root():
+    if os.geteuid() != 0:
+        pytest.fail("sandbox tests need root (namespaces, cgroups, mounts): run the suite as root", pytrace=False)
 
 
 def run_sdk(code, env, timeout=120, cwd=None):

@@ -7,13 +7,11 @@ import time
 
 from conftest import clean_env, compute_bin, run_sdk
 
-# A program that gets as far as the first resource call. Until that call is implemented it must fail with
-# UNIMPLEMENTED (which proves authentication passed: otherwise it would be UNAUTHENTICATED).
+# A program whose first resource call needs a valid token in the right environment: it lists containers.
 FIRST_CALL = """
-from chalkcompute import Container, Image
+from chalkcompute import Container
 try:
-    Container(image=Image.debian_slim(), cpu="1", memory="1Gi").run()
-    print("RESULT: ran")
+    print("RESULT: ran", len(Container.list_all()))
 except Exception as e:
     code = getattr(e, "code", None)
     print("RESULT:", type(e).__name__, getattr(code, "name", code) or "", e)
@@ -42,7 +40,7 @@ def jwt_payload(token):
 def assert_authenticated(out):
     # The only acceptable failures are about the workload call itself, never about auth.
     assert "UNAUTHENTICATED" not in out and "PERMISSION_DENIED" not in out, out
-    assert "ran" in out or "UNIMPLEMENTED" in out or "RunContainer" in out, out
+    assert out.startswith("ran"), out
 
 
 def test_compute_env_credentials_authenticate_the_sdk(server):
@@ -118,12 +116,21 @@ def test_wrong_secret_is_a_clear_auth_error(server):
     assert "invalid client credentials: check CHALK_CLIENT_ID and CHALK_CLIENT_SECRET" in out, out
 
 
+UNIMPLEMENTED_CALL = """
+from chalkcompute import Volume
+try:
+    Volume("not-served-yet").put_file("a.txt", b"x")
+    print("RESULT: ran")
+except Exception as e:
+    print("RESULT:", type(e).__name__, e)
+"""
+
+
 def test_unimplemented_method_fails_promptly(server):
     started = time.time()
-    out = result(run_sdk(FIRST_CALL, server.sdk_env()))
+    out = result(run_sdk(UNIMPLEMENTED_CALL, server.sdk_env()))
     elapsed = time.time() - started
-    if "UNIMPLEMENTED" in out:
-        assert "ContainerService/RunContainer" in out, out
+    assert "VolumeService/GetVolume is not implemented by this Compute server yet" in out, out
     assert elapsed < 30, f"took {elapsed:.1f}s: an unimplemented method must fail fast, not hang"
 
 

@@ -18,9 +18,7 @@ use std::time::{Duration, Instant};
 use compute_proto::chalk::server::v1::auth_service_client::AuthServiceClient;
 use compute_proto::chalk::server::v1::team_service_client::TeamServiceClient;
 use compute_proto::chalk::server::v1::team_service_server::{TeamService, TeamServiceServer};
-use compute_proto::chalk::server::v1::{
-    Environment, GetEnvRequest, GetEnvResponse, GetTokenRequest,
-};
+use compute_proto::chalk::server::v1::{Environment, GetEnvRequest, GetEnvResponse, GetTokenRequest};
 use tonic::transport::{Channel, Endpoint};
 
 struct Bare;
@@ -32,11 +30,7 @@ impl TeamService for Bare {
         _req: tonic::Request<GetEnvRequest>,
     ) -> Result<tonic::Response<GetEnvResponse>, tonic::Status> {
         Ok(tonic::Response::new(GetEnvResponse {
-            environment: Some(Environment {
-                id: "env-bare".into(),
-                name: "default".into(),
-                ..Default::default()
-            }),
+            environment: Some(Environment { id: "env-bare".into(), name: "default".into(), ..Default::default() }),
         }))
     }
 }
@@ -49,11 +43,7 @@ struct Figures {
 
 fn arg(name: &str, default: u64) -> u64 {
     let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
+    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).and_then(|v| v.parse().ok()).unwrap_or(default)
 }
 
 fn main() -> anyhow::Result<()> {
@@ -62,9 +52,7 @@ fn main() -> anyhow::Result<()> {
     }
     let seconds = arg("--seconds", 5);
     let concurrency = arg("--concurrency", 64) as usize;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
 
     // Compute, as a user runs it.
     let data_dir = std::env::temp_dir().join(format!("compute-bench-api-{}", std::process::id()));
@@ -81,11 +69,8 @@ fn main() -> anyhow::Result<()> {
 
     // The peer, in its own process like Compute.
     let port_file = data_dir.join("bare.port");
-    let mut bare = spawn(
-        Command::new(std::env::current_exe()?)
-            .arg("--bare-server")
-            .env("BARE_PORT_FILE", &port_file),
-    )?;
+    let mut bare =
+        spawn(Command::new(std::env::current_exe()?).arg("--bare-server").env("BARE_PORT_FILE", &port_file))?;
     let bare_addr: SocketAddr = wait_text(&port_file)?.trim().parse()?;
 
     let result = rt.block_on(async {
@@ -103,13 +88,7 @@ fn main() -> anyhow::Result<()> {
         let bare_ch = channel(bare_addr).await?;
         // Warm both up, then measure alternately so neither gets a quieter machine.
         measure(bare_ch.clone(), None, 1, Duration::from_millis(500)).await?;
-        measure(
-            compute_ch.clone(),
-            Some(&token),
-            1,
-            Duration::from_millis(500),
-        )
-        .await?;
+        measure(compute_ch.clone(), Some(&token), 1, Duration::from_millis(500)).await?;
         let d = Duration::from_secs(seconds);
         let bare_lat = measure(bare_ch.clone(), None, 1, d).await?;
         let compute_lat = measure(compute_ch.clone(), Some(&token), 1, d).await?;
@@ -124,13 +103,8 @@ fn main() -> anyhow::Result<()> {
     let _ = std::fs::remove_dir_all(&data_dir);
     let (compute_lat, bare_lat, compute_tp, bare_tp) = result?;
 
-    println!(
-        "bench/api: unary TeamService/GetEnv over h2c, {seconds}s per phase, same client for both"
-    );
-    println!(
-        "{:<28} {:>12} {:>12} {:>8}",
-        "", "compute", "bare tonic", "ratio"
-    );
+    println!("bench/api: unary TeamService/GetEnv over h2c, {seconds}s per phase, same client for both");
+    println!("{:<28} {:>12} {:>12} {:>8}", "", "compute", "bare tonic", "ratio");
     println!(
         "{:<28} {:>12.0} {:>12.0} {:>7.2}x",
         "latency p50 (µs, 1 in flight)",
@@ -169,18 +143,10 @@ fn verdict(ok: bool) -> &'static str {
 }
 
 async fn channel(addr: SocketAddr) -> anyhow::Result<Channel> {
-    Ok(Endpoint::from_shared(format!("http://{addr}"))?
-        .tcp_nodelay(true)
-        .connect()
-        .await?)
+    Ok(Endpoint::from_shared(format!("http://{addr}"))?.tcp_nodelay(true).connect().await?)
 }
 
-async fn measure(
-    ch: Channel,
-    token: Option<&str>,
-    workers: usize,
-    d: Duration,
-) -> anyhow::Result<Figures> {
+async fn measure(ch: Channel, token: Option<&str>, workers: usize, d: Duration) -> anyhow::Result<Figures> {
     let stop = Arc::new(AtomicBool::new(false));
     let count = Arc::new(AtomicU64::new(0));
     let auth = token.map(|t| format!("Bearer {t}"));
@@ -194,8 +160,7 @@ async fn measure(
             while !stop.load(Ordering::Relaxed) {
                 let mut req = tonic::Request::new(GetEnvRequest {});
                 if let Some(a) = &auth {
-                    req.metadata_mut()
-                        .insert("authorization", a.parse().expect("ascii token"));
+                    req.metadata_mut().insert("authorization", a.parse().expect("ascii token"));
                 }
                 let t = Instant::now();
                 client.get_env(req).await?;
@@ -214,17 +179,11 @@ async fn measure(
     let elapsed = started.elapsed().as_secs_f64();
     all.sort_unstable();
     let pct = |p: f64| all[((all.len() as f64 * p) as usize).min(all.len() - 1)] as f64 / 1000.0;
-    Ok(Figures {
-        p50_us: pct(0.50),
-        p99_us: pct(0.99),
-        rps: count.load(Ordering::Relaxed) as f64 / elapsed,
-    })
+    Ok(Figures { p50_us: pct(0.50), p99_us: pct(0.99), rps: count.load(Ordering::Relaxed) as f64 / elapsed })
 }
 
 fn bare_server() -> anyhow::Result<()> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     rt.block_on(async {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
@@ -252,10 +211,7 @@ fn compute_bin() -> anyhow::Result<PathBuf> {
     }
     let here = std::env::current_exe()?;
     let sibling = here.with_file_name("compute");
-    anyhow::ensure!(
-        sibling.exists(),
-        "build the server first: cargo build --release -p compute (or set COMPUTE_BIN)"
-    );
+    anyhow::ensure!(sibling.exists(), "build the server first: cargo build --release -p compute (or set COMPUTE_BIN)");
     Ok(sibling)
 }
 
@@ -271,11 +227,7 @@ fn wait_text(path: &std::path::Path) -> anyhow::Result<String> {
                 return Ok(t);
             }
         }
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "timed out waiting for {}",
-            path.display()
-        );
+        anyhow::ensure!(Instant::now() < deadline, "timed out waiting for {}", path.display());
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -286,11 +238,7 @@ fn wait_json(path: &std::path::Path) -> anyhow::Result<serde_json::Value> {
         if let Ok(v) = serde_json::from_str(&wait_text(path)?) {
             return Ok(v);
         }
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "timed out reading {}",
-            path.display()
-        );
+        anyhow::ensure!(Instant::now() < deadline, "timed out reading {}", path.display());
         std::thread::sleep(Duration::from_millis(20));
     }
 }

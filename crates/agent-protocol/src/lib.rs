@@ -129,30 +129,18 @@ pub struct Frame {
 impl Frame {
     /// A frame with a JSON payload.
     pub fn json<T: Serialize>(kind: Kind, channel: u32, value: &T) -> Frame {
-        Frame {
-            kind,
-            channel,
-            payload: serde_json::to_vec(value).expect("protocol messages serialize"),
-        }
+        Frame { kind, channel, payload: serde_json::to_vec(value).expect("protocol messages serialize") }
     }
 
     /// A frame with raw bytes.
     pub fn data(kind: Kind, channel: u32, payload: Vec<u8>) -> Frame {
-        Frame {
-            kind,
-            channel,
-            payload,
-        }
+        Frame { kind, channel, payload }
     }
 
     /// Decodes the JSON payload.
     pub fn parse<T: for<'de> Deserialize<'de>>(&self) -> io::Result<T> {
-        serde_json::from_slice(&self.payload).map_err(|e| {
-            io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("bad {:?} payload: {e}", self.kind),
-            )
-        })
+        serde_json::from_slice(&self.payload)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("bad {:?} payload: {e}", self.kind)))
     }
 
     /// Encodes the frame into `out`.
@@ -182,10 +170,7 @@ impl Frame {
         }
         let len = u32::from_le_bytes(len) as usize;
         if !(5..=MAX_FRAME + 5).contains(&len) {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("frame length {len} out of range"),
-            ));
+            return Err(io::Error::new(io::ErrorKind::InvalidData, format!("frame length {len} out of range")));
         }
         let mut buf = vec![0u8; len];
         r.read_exact(&mut buf)?;
@@ -195,24 +180,13 @@ impl Frame {
     /// Decodes a frame body (everything after the length prefix).
     pub fn decode_body(mut buf: Vec<u8>) -> io::Result<Frame> {
         if buf.len() < 5 {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                "frame shorter than its header",
-            ));
+            return Err(io::Error::new(io::ErrorKind::InvalidData, "frame shorter than its header"));
         }
-        let kind = Kind::from_u8(buf[0]).ok_or_else(|| {
-            io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("unknown frame kind {}", buf[0]),
-            )
-        })?;
+        let kind = Kind::from_u8(buf[0])
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, format!("unknown frame kind {}", buf[0])))?;
         let channel = u32::from_le_bytes([buf[1], buf[2], buf[3], buf[4]]);
         buf.drain(..5);
-        Ok(Frame {
-            kind,
-            channel,
-            payload: buf,
-        })
+        Ok(Frame { kind, channel, payload: buf })
     }
 }
 
@@ -328,11 +302,7 @@ impl Failure {
             _ if e.raw_os_error() == Some(20) => "not_a_directory",
             _ => "io",
         };
-        Failure {
-            kind: kind.into(),
-            message: format!("{what}: {e}"),
-            errno: e.raw_os_error(),
-        }
+        Failure { kind: kind.into(), message: format!("{what}: {e}"), errno: e.raw_os_error() }
     }
 }
 
@@ -349,6 +319,9 @@ pub struct BootConfig {
     pub netns: Option<String>,
     /// `cgroup.procs` files to add the sandbox to before anything else runs.
     pub cgroup_procs: Vec<String>,
+    /// `cgroup.procs` files every process the agent starts moves itself into (where the limits apply).
+    #[serde(default)]
+    pub workload_cgroup_procs: Vec<String>,
     /// Extra bind mounts: (host source, path inside the sandbox, read-only).
     pub binds: Vec<(String, String, bool)>,
     /// Apply the seccomp deny-list and drop capabilities (disable only to debug).
@@ -382,23 +355,11 @@ mod tests {
             Frame::json(
                 Kind::Spawn,
                 7,
-                &Spawn {
-                    command: "echo".into(),
-                    args: vec!["hi".into()],
-                    ..Default::default()
-                },
+                &Spawn { command: "echo".into(), args: vec!["hi".into()], ..Default::default() },
             ),
             Frame::data(Kind::Stdout, 7, b"hi\n".to_vec()),
             Frame::data(Kind::StdinEof, 7, Vec::new()),
-            Frame::json(
-                Kind::Exited,
-                7,
-                &Exit {
-                    code: Some(0),
-                    signal: None,
-                    timed_out: false,
-                },
-            ),
+            Frame::json(Kind::Exited, 7, &Exit { code: Some(0), signal: None, timed_out: false }),
         ];
         let mut wire = Vec::new();
         for f in &frames {
@@ -416,11 +377,7 @@ mod tests {
 
     #[test]
     fn bad_frames_are_errors_not_panics() {
-        for wire in [
-            &[1u8, 0, 0, 0, 1][..],
-            &[6, 0, 0, 0, 200, 0, 0, 0, 0, 0],
-            &[255, 255, 255, 255],
-        ] {
+        for wire in [&[1u8, 0, 0, 0, 1][..], &[6, 0, 0, 0, 200, 0, 0, 0, 0, 0], &[255, 255, 255, 255]] {
             assert!(Frame::read_from(&mut &wire[..]).is_err(), "{wire:?}");
         }
         // Truncated frame: an error, not a clean end.

@@ -18,20 +18,36 @@ fn io_err(what: impl std::fmt::Display, e: impl std::fmt::Display) -> std::io::E
 /// Sets the sandbox up and serves; returns the exit code of the sandbox's PID 1.
 pub fn init(config_path: &str) -> std::io::Result<u8> {
     let cfg: BootConfig = crate::read_config(config_path)?;
-    // Cgroups first, so that everything below (and every descendant) is accounted and limited.
-    let me = std::process::id().to_string();
-    for procs in &cfg.cgroup_procs {
-        std::fs::write(procs, &me).map_err(|e| io_err(format!("joining cgroup {procs}"), e))?;
+    // Cgroups first, so that everything below (and every descendant) is accounted and limited. Files are
+    // opened now, while the host paths are reachable: every started process writes itself into the workload
+    // cgroup, and the agent returns to the sandbox cgroup after creating its cgroup namespace there.
+    let open_all = |files: &[String]| -> std::io::Result<Vec<std::os::fd::OwnedFd>> {
+        files
+            .iter()
+            .map(|p| {
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(p)
+                    .map(std::os::fd::OwnedFd::from)
+                    .map_err(|e| io_err(format!("opening cgroup {p}"), e))
+            })
+            .collect()
+    };
+    let outer = open_all(&cfg.cgroup_procs)?;
+    let workload = open_all(&cfg.workload_cgroup_procs)?;
+    join(&outer)?;
+    // The cgroup namespace is rooted where the caller is: in the workload cgroup, so that programs see their
+    // own limits at /sys/fs/cgroup.
+    if !workload.is_empty() {
+        join(&workload)?;
     }
+    crate::process::set_workload_cgroups(workload);
     match &cfg.netns {
         Some(path) => {
-            let ns = File::open(path)
-                .map_err(|e| io_err(format!("opening network namespace {path}"), e))?;
-            setns(ns, CloneFlags::CLONE_NEWNET)
-                .map_err(|e| io_err("joining the network namespace", e))?;
+            let ns = File::open(path).map_err(|e| io_err(format!("opening network namespace {path}"), e))?;
+            setns(ns, CloneFlags::CLONE_NEWNET).map_err(|e| io_err("joining the network namespace", e))?;
         }
-        None => unshare(CloneFlags::CLONE_NEWNET)
-            .map_err(|e| io_err("creating a network namespace", e))?,
+        None => unshare(CloneFlags::CLONE_NEWNET).map_err(|e| io_err("creating a network namespace", e))?,
     }
     let flags = CloneFlags::CLONE_NEWNS
         | CloneFlags::CLONE_NEWUTS
@@ -43,6 +59,7 @@ pub fn init(config_path: &str) -> std::io::Result<u8> {
     // SAFETY: single-threaded so far (no thread has been spawned in this process), so fork is sound.
     match unsafe { fork() }.map_err(|e| io_err("fork", e))? {
         ForkResult::Parent { child } => {
+            let _ = join(&outer);
             // Stage 0 stays outside the PID namespace only to report PID 1's exit to the runtime.
             loop {
                 match waitpid(child, None) {
@@ -54,6 +71,11 @@ pub fn init(config_path: &str) -> std::io::Result<u8> {
             }
         }
         ForkResult::Child => {
+            if let Err(e) = join(&outer) {
+                eprintln!("compute-agent: returning to the sandbox cgroup: {e}");
+                std::process::exit(125);
+            }
+            drop(outer);
             if let Err(e) = enter_root(&cfg) {
                 eprintln!("compute-agent: setting up the sandbox: {e}");
                 std::process::exit(125);
@@ -64,14 +86,22 @@ pub fn init(config_path: &str) -> std::io::Result<u8> {
                     std::process::exit(125);
                 }
             }
-            let code = server::serve(Sandbox {
-                env: cfg.env,
-                workdir: cfg.workdir,
-                entrypoint: cfg.entrypoint,
-            })?;
+            let code = server::serve(Sandbox { env: cfg.env, workdir: cfg.workdir, entrypoint: cfg.entrypoint })?;
             std::process::exit(code.into());
         }
     }
+}
+
+/// Moves the calling process into the cgroups whose `cgroup.procs` files are open as `fds` ("0": the caller).
+fn join(fds: &[std::os::fd::OwnedFd]) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    for fd in fds {
+        // SAFETY: writing one byte from a static buffer to a descriptor we own.
+        if unsafe { libc::write(fd.as_raw_fd(), b"0".as_ptr().cast(), 1) } != 1 {
+            return Err(io_err("joining a cgroup", std::io::Error::last_os_error()));
+        }
+    }
+    Ok(())
 }
 
 fn m(
@@ -81,87 +111,75 @@ fn m(
     flags: MsFlags,
     data: Option<&str>,
 ) -> std::io::Result<()> {
-    mount(src, target, fstype, flags, data)
-        .map_err(|e| io_err(format!("mounting {}", target.display()), e))
+    mount(src, target, fstype, flags, data).map_err(|e| io_err(format!("mounting {}", target.display()), e))
 }
 
 fn mkdirs(p: &Path) -> std::io::Result<()> {
     std::fs::create_dir_all(p).map_err(|e| io_err(format!("creating {}", p.display()), e))
 }
 
+/// Gives the sandbox a read-only view of its own cgroups (the cgroup namespace makes them the root), so that
+/// programs can see their limits. Mirrors the host's layout: the v2 hierarchy, or each v1 hierarchy.
+fn mount_cgroups(target: &Path) {
+    let ro = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC | MsFlags::MS_RDONLY;
+    let host_v2 = std::fs::read_to_string("/sys/fs/cgroup/cgroup.controllers").is_ok_and(|c| c.contains("memory"));
+    if host_v2 {
+        let _ = mount(Some("cgroup2"), target, Some("cgroup2"), ro, None::<&str>);
+        return;
+    }
+    if mount(
+        Some("tmpfs"),
+        target,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        Some("mode=755"),
+    )
+    .is_err()
+    {
+        return;
+    }
+    let Ok(entries) = std::fs::read_dir("/sys/fs/cgroup") else { return };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let is_link = e.file_type().map(|t| t.is_symlink()).unwrap_or(true);
+        if matches!(name.as_str(), "unified" | "systemd") {
+            continue;
+        }
+        let dir = target.join(&name);
+        if is_link {
+            if let Ok(dest) = std::fs::read_link(e.path()) {
+                let _ = std::os::unix::fs::symlink(dest, &dir);
+            }
+            continue;
+        }
+        if std::fs::create_dir_all(&dir).is_ok() {
+            let _ = mount(Some("cgroup"), &dir, Some("cgroup"), ro, Some(name.as_str()));
+        }
+    }
+    let _ = mount(None::<&str>, target, None::<&str>, MsFlags::MS_REMOUNT | MsFlags::MS_BIND | ro, None::<&str>);
+}
+
 /// Mounts the sandbox's pseudo filesystems and binds, then pivots into the root filesystem.
 fn enter_root(cfg: &BootConfig) -> std::io::Result<()> {
     let root = PathBuf::from(&cfg.rootfs);
     // Nothing we mount from here on propagates back to the host.
-    m(
-        None,
-        Path::new("/"),
-        None,
-        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
-        None,
-    )?;
-    m(
-        Some(&cfg.rootfs),
-        &root,
-        None,
-        MsFlags::MS_BIND | MsFlags::MS_REC,
-        None,
-    )?;
+    m(None, Path::new("/"), None, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None)?;
+    m(Some(&cfg.rootfs), &root, None, MsFlags::MS_BIND | MsFlags::MS_REC, None)?;
 
     let nosuid_nodev_noexec = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
     mkdirs(&root.join("proc"))?;
-    m(
-        Some("proc"),
-        &root.join("proc"),
-        Some("proc"),
-        nosuid_nodev_noexec,
-        None,
-    )?;
+    m(Some("proc"), &root.join("proc"), Some("proc"), nosuid_nodev_noexec, None)?;
     mkdirs(&root.join("sys"))?;
-    m(
-        Some("sysfs"),
-        &root.join("sys"),
-        Some("sysfs"),
-        nosuid_nodev_noexec | MsFlags::MS_RDONLY,
-        None,
-    )?;
-    if Path::new("/sys/fs/cgroup/unified").exists()
-        || Path::new("/sys/fs/cgroup/cgroup.controllers").exists()
-    {
-        // A cgroup2 view of the sandbox's own cgroup (the cgroup namespace makes it the root).
-        let cg = root.join("sys/fs/cgroup");
-        if mount(
-            Some("tmpfs"),
-            &cg,
-            Some("tmpfs"),
-            nosuid_nodev_noexec,
-            Some("mode=755"),
-        )
-        .is_ok()
-        {
-            let _ = std::fs::create_dir_all(cg.join("unified"));
-        }
-    }
+    m(Some("sysfs"), &root.join("sys"), Some("sysfs"), nosuid_nodev_noexec | MsFlags::MS_RDONLY, None)?;
+    mount_cgroups(&root.join("sys/fs/cgroup"));
 
     let dev = root.join("dev");
     mkdirs(&dev)?;
-    m(
-        Some("tmpfs"),
-        &dev,
-        Some("tmpfs"),
-        MsFlags::MS_NOSUID | MsFlags::MS_STRICTATIME,
-        Some("mode=755,size=65536k"),
-    )?;
+    m(Some("tmpfs"), &dev, Some("tmpfs"), MsFlags::MS_NOSUID | MsFlags::MS_STRICTATIME, Some("mode=755,size=65536k"))?;
     for name in ["null", "zero", "full", "random", "urandom", "tty"] {
         let target = dev.join(name);
         File::create(&target).map_err(|e| io_err(format!("creating {}", target.display()), e))?;
-        m(
-            Some(&format!("/dev/{name}")),
-            &target,
-            None,
-            MsFlags::MS_BIND,
-            None,
-        )?;
+        m(Some(&format!("/dev/{name}")), &target, None, MsFlags::MS_BIND, None)?;
     }
     mkdirs(&dev.join("pts"))?;
     m(
@@ -173,21 +191,9 @@ fn enter_root(cfg: &BootConfig) -> std::io::Result<()> {
     )?;
     std::os::unix::fs::symlink("pts/ptmx", dev.join("ptmx"))?;
     mkdirs(&dev.join("shm"))?;
-    m(
-        Some("shm"),
-        &dev.join("shm"),
-        Some("tmpfs"),
-        nosuid_nodev_noexec,
-        Some("mode=1777,size=65536k"),
-    )?;
+    m(Some("shm"), &dev.join("shm"), Some("tmpfs"), nosuid_nodev_noexec, Some("mode=1777,size=65536k"))?;
     mkdirs(&dev.join("mqueue"))?;
-    let _ = mount(
-        Some("mqueue"),
-        &dev.join("mqueue"),
-        Some("mqueue"),
-        nosuid_nodev_noexec,
-        None::<&str>,
-    );
+    let _ = mount(Some("mqueue"), &dev.join("mqueue"), Some("mqueue"), nosuid_nodev_noexec, None::<&str>);
     for (link, target) in [
         ("fd", "/proc/self/fd"),
         ("stdin", "/proc/self/fd/0"),
@@ -206,25 +212,12 @@ fn enter_root(cfg: &BootConfig) -> std::io::Result<()> {
                 mkdirs(p)?;
             }
             if !target.exists() {
-                File::create(&target)
-                    .map_err(|e| io_err(format!("creating {}", target.display()), e))?;
+                File::create(&target).map_err(|e| io_err(format!("creating {}", target.display()), e))?;
             }
         }
-        m(
-            Some(src),
-            &target,
-            None,
-            MsFlags::MS_BIND | MsFlags::MS_REC,
-            None,
-        )?;
+        m(Some(src), &target, None, MsFlags::MS_BIND | MsFlags::MS_REC, None)?;
         if *read_only {
-            m(
-                None,
-                &target,
-                None,
-                MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
-                None,
-            )?;
+            m(None, &target, None, MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY, None)?;
         }
     }
 
@@ -233,48 +226,21 @@ fn enter_root(cfg: &BootConfig) -> std::io::Result<()> {
     // pivot_root(".", ".") stacks the old root under the new one; unmounting "." then drops the old root
     // without needing a directory for it inside the image (runc does the same).
     let old_root = File::open("/").map_err(|e| io_err("opening /", e))?;
-    let new_root =
-        File::open(&root).map_err(|e| io_err(format!("opening {}", root.display()), e))?;
+    let new_root = File::open(&root).map_err(|e| io_err(format!("opening {}", root.display()), e))?;
     nix::unistd::fchdir(&new_root).map_err(|e| io_err("entering the root filesystem", e))?;
     nix::unistd::pivot_root(".", ".").map_err(|e| io_err("pivot_root", e))?;
     nix::unistd::fchdir(&old_root).map_err(|e| io_err("fchdir to the old root", e))?;
-    m(
-        None,
-        Path::new("."),
-        None,
-        MsFlags::MS_SLAVE | MsFlags::MS_REC,
-        None,
-    )?;
+    m(None, Path::new("."), None, MsFlags::MS_SLAVE | MsFlags::MS_REC, None)?;
     umount2(".", MntFlags::MNT_DETACH).map_err(|e| io_err("detaching the host's root", e))?;
     std::env::set_current_dir("/")?;
     drop((old_root, new_root));
 
     // Hide what a sandbox has no business reading or writing in /proc.
-    for masked in [
-        "/proc/kcore",
-        "/proc/keys",
-        "/proc/timer_list",
-        "/proc/sched_debug",
-        "/proc/sysrq-trigger",
-    ] {
-        let _ = mount(
-            Some("/dev/null"),
-            masked,
-            None::<&str>,
-            MsFlags::MS_BIND,
-            None::<&str>,
-        );
+    for masked in ["/proc/kcore", "/proc/keys", "/proc/timer_list", "/proc/sched_debug", "/proc/sysrq-trigger"] {
+        let _ = mount(Some("/dev/null"), masked, None::<&str>, MsFlags::MS_BIND, None::<&str>);
     }
     for ro in ["/proc/sys", "/proc/irq", "/proc/bus", "/proc/fs"] {
-        if mount(
-            Some(ro),
-            ro,
-            None::<&str>,
-            MsFlags::MS_BIND | MsFlags::MS_REC,
-            None::<&str>,
-        )
-        .is_ok()
-        {
+        if mount(Some(ro), ro, None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>).is_ok() {
             let _ = mount(
                 None::<&str>,
                 ro,

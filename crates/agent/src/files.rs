@@ -11,11 +11,7 @@ use compute_agent_protocol::{Failure, FileDone, FileWrite, Frame, Kind, CHUNK};
 use crate::server::Out;
 
 enum Upload {
-    Open {
-        file: File,
-        bytes: u64,
-        path: String,
-    },
+    Open { file: File, bytes: u64, path: String },
     Failed,
 }
 
@@ -32,14 +28,7 @@ impl Uploads {
     pub fn begin(&mut self, ch: u32, req: &FileWrite, out: &Out) {
         match open_for_write(req) {
             Ok(file) => {
-                self.open.insert(
-                    ch,
-                    Upload::Open {
-                        file,
-                        bytes: 0,
-                        path: req.path.clone(),
-                    },
-                );
+                self.open.insert(ch, Upload::Open { file, bytes: 0, path: req.path.clone() });
             }
             Err(f) => {
                 out.send(Frame::json(Kind::FileFailed, ch, &f));
@@ -66,11 +55,9 @@ impl Uploads {
         match self.open.remove(&ch) {
             Some(Upload::Open { file, bytes, path }) => match file.sync_data() {
                 Ok(()) => out.send(Frame::json(Kind::FileOk, ch, &FileDone { bytes })),
-                Err(e) => out.send(Frame::json(
-                    Kind::FileFailed,
-                    ch,
-                    &Failure::from_io(&format!("writing {path}"), &e),
-                )),
+                Err(e) => {
+                    out.send(Frame::json(Kind::FileFailed, ch, &Failure::from_io(&format!("writing {path}"), &e)))
+                }
             },
             Some(Upload::Failed) => {
                 if let Some(f) = self.failed.remove(&ch) {
@@ -80,11 +67,7 @@ impl Uploads {
             None => out.send(Frame::json(
                 Kind::FileFailed,
                 ch,
-                &Failure {
-                    kind: "invalid".into(),
-                    message: "no upload open on this channel".into(),
-                    errno: None,
-                },
+                &Failure { kind: "invalid".into(), message: "no upload open on this channel".into(), errno: None },
             )),
         }
     }
@@ -100,8 +83,7 @@ fn open_for_write(req: &FileWrite) -> Result<File, Failure> {
         });
     }
     if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent)
-            .map_err(|e| Failure::from_io(&format!("creating {}", parent.display()), &e))?;
+        std::fs::create_dir_all(parent).map_err(|e| Failure::from_io(&format!("creating {}", parent.display()), &e))?;
     }
     if path.is_dir() {
         return Err(Failure {

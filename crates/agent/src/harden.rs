@@ -4,8 +4,7 @@
 use std::collections::BTreeMap;
 
 use seccompiler::{
-    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
-    SeccompRule, TargetArch,
+    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter, SeccompRule, TargetArch,
 };
 
 /// Capabilities kept (the container engines' default set, without NET_RAW).
@@ -119,20 +118,9 @@ fn drop_capabilities() -> std::io::Result<()> {
         permitted: u32,
         inheritable: u32,
     }
-    let header = Header {
-        version: 0x2008_0522,
-        pid: 0,
-    }; // _LINUX_CAPABILITY_VERSION_3
-    let lo = Data {
-        effective: mask as u32,
-        permitted: mask as u32,
-        inheritable: 0,
-    };
-    let hi = Data {
-        effective: (mask >> 32) as u32,
-        permitted: (mask >> 32) as u32,
-        inheritable: 0,
-    };
+    let header = Header { version: 0x2008_0522, pid: 0 }; // _LINUX_CAPABILITY_VERSION_3
+    let lo = Data { effective: mask as u32, permitted: mask as u32, inheritable: 0 };
+    let hi = Data { effective: (mask >> 32) as u32, permitted: (mask >> 32) as u32, inheritable: 0 };
     let data = [lo, hi];
     // SAFETY: capset reads one header and two data structs with the layout the kernel defines for version 3.
     if unsafe { libc::syscall(libc::SYS_capset, &header as *const Header, data.as_ptr()) } != 0 {
@@ -147,13 +135,9 @@ fn install_filters() -> std::io::Result<()> {
     // to clone, whose flags we can check. A separate filter, because its errno differs.
     let mut clone3 = BTreeMap::new();
     clone3.insert(libc::SYS_clone3, vec![]);
-    let clone3 = SeccompFilter::new(
-        clone3,
-        SeccompAction::Allow,
-        SeccompAction::Errno(libc::ENOSYS as u32),
-        TargetArch::x86_64,
-    )
-    .map_err(|e| err(&e))?;
+    let clone3 =
+        SeccompFilter::new(clone3, SeccompAction::Allow, SeccompAction::Errno(libc::ENOSYS as u32), TargetArch::x86_64)
+            .map_err(|e| err(&e))?;
 
     let mut deny: BTreeMap<i64, Vec<SeccompRule>> = DENY.iter().map(|&s| (s, vec![])).collect();
     let clone_rules = NS_FLAGS
@@ -170,18 +154,12 @@ fn install_filters() -> std::io::Result<()> {
         })
         .collect::<std::io::Result<Vec<_>>>()?;
     deny.insert(libc::SYS_clone, clone_rules);
-    let deny = SeccompFilter::new(
-        deny,
-        SeccompAction::Allow,
-        SeccompAction::Errno(libc::EPERM as u32),
-        TargetArch::x86_64,
-    )
-    .map_err(|e| err(&e))?;
+    let deny =
+        SeccompFilter::new(deny, SeccompAction::Allow, SeccompAction::Errno(libc::EPERM as u32), TargetArch::x86_64)
+            .map_err(|e| err(&e))?;
 
     for filter in [clone3, deny] {
-        let prog: BpfProgram = filter
-            .try_into()
-            .map_err(|e: seccompiler::BackendError| err(&e))?;
+        let prog: BpfProgram = filter.try_into().map_err(|e: seccompiler::BackendError| err(&e))?;
         seccompiler::apply_filter(&prog).map_err(|e| err(&e))?;
     }
     Ok(())

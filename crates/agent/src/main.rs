@@ -23,15 +23,9 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
     let result = match (args.get(1).map(String::as_str), args.get(2)) {
         (Some("init"), Some(config)) => boot::init(config),
-        (Some("serve"), Some(config)) => {
-            read_config(config).and_then(|c: compute_agent_protocol::ServeConfig| {
-                server::serve(server::Sandbox {
-                    env: c.env,
-                    workdir: c.workdir,
-                    entrypoint: c.entrypoint,
-                })
-            })
-        }
+        (Some("serve"), Some(config)) => read_config(config).and_then(|c: compute_agent_protocol::ServeConfig| {
+            server::serve(server::Sandbox { env: c.env, workdir: c.workdir, entrypoint: c.entrypoint })
+        }),
         _ => {
             eprintln!("usage: compute-agent init CONFIG.json | compute-agent serve CONFIG.json");
             return ExitCode::from(2);
@@ -49,10 +43,6 @@ fn main() -> ExitCode {
 /// Reads a JSON config file.
 pub fn read_config<T: for<'de> serde::Deserialize<'de>>(path: &str) -> std::io::Result<T> {
     let bytes = std::fs::read(path)?;
-    serde_json::from_slice(&bytes).map_err(|e| {
-        std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            format!("config {path}: {e}"),
-        )
-    })
+    serde_json::from_slice(&bytes)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, format!("config {path}: {e}")))
 }

@@ -11,6 +11,13 @@ use std::path::{Path, PathBuf};
 use nix::pty::{openpty, Winsize};
 use nix::unistd::{pipe2, ForkResult};
 
+static WORKLOAD_CGROUPS: std::sync::OnceLock<Vec<OwnedFd>> = std::sync::OnceLock::new();
+
+/// Sets the `cgroup.procs` files every started process joins (before it execs).
+pub fn set_workload_cgroups(fds: Vec<OwnedFd>) {
+    let _ = WORKLOAD_CGROUPS.set(fds);
+}
+
 /// The host's ends of a started process's standard streams.
 pub enum Stdio {
     /// Three pipes.
@@ -47,14 +54,8 @@ pub fn resolve(command: &str, path_var: &str, workdir: &Path) -> Result<PathBuf,
         return Err(SpawnError("empty command".into()));
     }
     if command.contains('/') {
-        let p = if Path::new(command).is_absolute() {
-            PathBuf::from(command)
-        } else {
-            workdir.join(command)
-        };
-        return check_exec(&p)
-            .map(|()| p)
-            .map_err(|e| SpawnError(format!("{command}: {e}")));
+        let p = if Path::new(command).is_absolute() { PathBuf::from(command) } else { workdir.join(command) };
+        return check_exec(&p).map(|()| p).map_err(|e| SpawnError(format!("{command}: {e}")));
     }
     for dir in path_var.split(':').filter(|d| !d.is_empty()) {
         let candidate = Path::new(dir).join(command);
@@ -62,9 +63,7 @@ pub fn resolve(command: &str, path_var: &str, workdir: &Path) -> Result<PathBuf,
             return Ok(candidate);
         }
     }
-    Err(SpawnError(format!(
-        "command not found: {command} (searched PATH={path_var})"
-    )))
+    Err(SpawnError(format!("command not found: {command} (searched PATH={path_var})")))
 }
 
 fn check_exec(p: &Path) -> Result<(), String> {
@@ -97,14 +96,10 @@ pub fn spawn(
     pty: Option<(u16, u16)>,
 ) -> Result<Started, SpawnError> {
     if !workdir.is_dir() {
-        return Err(SpawnError(format!(
-            "working directory {} does not exist",
-            workdir.display()
-        )));
+        return Err(SpawnError(format!("working directory {} does not exist", workdir.display())));
     }
     // Everything the child needs is allocated before fork: after it, only async-signal-safe calls.
-    let path_c = CString::new(program.as_os_str().as_bytes())
-        .map_err(|_| SpawnError("program path has NUL".into()))?;
+    let path_c = CString::new(program.as_os_str().as_bytes()).map_err(|_| SpawnError("program path has NUL".into()))?;
     let mut argv_c = vec![cstring(argv0, "command")?];
     for a in args {
         argv_c.push(cstring(a, "an argument")?);
@@ -117,8 +112,9 @@ pub fn spawn(
         .collect::<Result<Vec<_>, _>>()?;
     let mut env_p: Vec<*const libc::c_char> = env_c.iter().map(|c| c.as_ptr()).collect();
     env_p.push(std::ptr::null());
-    let dir_c = CString::new(workdir.as_os_str().as_bytes())
-        .map_err(|_| SpawnError("workdir has NUL".into()))?;
+    let dir_c = CString::new(workdir.as_os_str().as_bytes()).map_err(|_| SpawnError("workdir has NUL".into()))?;
+    let cgroup_fds: Vec<i32> =
+        WORKLOAD_CGROUPS.get().map(|v| v.iter().map(|f| f.as_raw_fd()).collect()).unwrap_or_default();
 
     let err = |what: &str, e: nix::errno::Errno| SpawnError(format!("{what}: {e}"));
     // Child's fds: (stdin, stdout, stderr) and the parent's ends.
@@ -129,36 +125,18 @@ pub fn spawn(
             let (err_r, err_w) = pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| err("pipe", e))?;
             (
                 [in_r, out_w, err_w],
-                Stdio::Pipes {
-                    stdin: File::from(in_w),
-                    stdout: File::from(out_r),
-                    stderr: File::from(err_r),
-                },
+                Stdio::Pipes { stdin: File::from(in_w), stdout: File::from(out_r), stderr: File::from(err_r) },
             )
         }
         Some((cols, rows)) => {
-            let ws = Winsize {
-                ws_row: rows.max(1),
-                ws_col: cols.max(1),
-                ws_xpixel: 0,
-                ws_ypixel: 0,
-            };
+            let ws = Winsize { ws_row: rows.max(1), ws_col: cols.max(1), ws_xpixel: 0, ws_ypixel: 0 };
             let p = openpty(Some(&ws), None).map_err(|e| err("openpty", e))?;
             set_cloexec(&p.master);
             set_cloexec(&p.slave);
             let slave = p.slave;
-            let s2 = slave
-                .try_clone()
-                .map_err(|e| SpawnError(format!("dup: {e}")))?;
-            let s3 = slave
-                .try_clone()
-                .map_err(|e| SpawnError(format!("dup: {e}")))?;
-            (
-                [slave, s2, s3],
-                Stdio::Pty {
-                    master: File::from(p.master),
-                },
-            )
+            let s2 = slave.try_clone().map_err(|e| SpawnError(format!("dup: {e}")))?;
+            let s3 = slave.try_clone().map_err(|e| SpawnError(format!("dup: {e}")))?;
+            ([slave, s2, s3], Stdio::Pty { master: File::from(p.master) })
         }
     };
     let is_pty = pty.is_some();
@@ -169,6 +147,10 @@ pub fn spawn(
     // execve, write, _exit) on memory allocated before the fork, then execs or exits.
     match unsafe { nix::unistd::fork() }.map_err(|e| err("fork", e))? {
         ForkResult::Child => unsafe {
+            // Into the workload cgroup ("0" means the writing process), where the sandbox's limits apply.
+            for fd in &cgroup_fds {
+                libc::write(*fd, b"0".as_ptr().cast(), 1);
+            }
             libc::setsid();
             if is_pty {
                 libc::ioctl(child_fds[0].as_raw_fd(), libc::TIOCSCTTY, 0);
@@ -180,13 +162,7 @@ pub fn spawn(
             let mut set: libc::sigset_t = std::mem::zeroed();
             libc::sigemptyset(&mut set);
             libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
-            for sig in [
-                libc::SIGPIPE,
-                libc::SIGINT,
-                libc::SIGTERM,
-                libc::SIGHUP,
-                libc::SIGQUIT,
-            ] {
+            for sig in [libc::SIGPIPE, libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT] {
                 libc::signal(sig, libc::SIG_DFL);
             }
             if libc::chdir(dir_c.as_ptr()) != 0 {
@@ -203,9 +179,7 @@ pub fn spawn(
             let mut status = File::from(status_r);
             let n = read_full(&mut status, &mut buf);
             if n == 5 {
-                let errno = nix::errno::Errno::from_raw(i32::from_le_bytes([
-                    buf[1], buf[2], buf[3], buf[4],
-                ]));
+                let errno = nix::errno::Errno::from_raw(i32::from_le_bytes([buf[1], buf[2], buf[3], buf[4]]));
                 // The child exits; the reaper collects it (its registration is never made, so it is dropped).
                 let what = if buf[0] == 1 {
                     format!("cannot enter {}", workdir.display())
@@ -214,10 +188,7 @@ pub fn spawn(
                 };
                 return Err(SpawnError(format!("{what}: {}", errno.desc())));
             }
-            Ok(Started {
-                pid: child.as_raw(),
-                stdio: parent,
-            })
+            Ok(Started { pid: child.as_raw(), stdio: parent })
         }
     }
 }
@@ -246,20 +217,12 @@ fn read_full(f: &mut File, buf: &mut [u8]) -> usize {
 }
 
 fn set_cloexec(fd: &OwnedFd) {
-    let _ = nix::fcntl::fcntl(
-        fd,
-        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
-    );
+    let _ = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC));
 }
 
 /// Resizes a PTY.
 pub fn resize(master: &File, cols: u16, rows: u16) {
-    let ws = libc::winsize {
-        ws_row: rows.max(1),
-        ws_col: cols.max(1),
-        ws_xpixel: 0,
-        ws_ypixel: 0,
-    };
+    let ws = libc::winsize { ws_row: rows.max(1), ws_col: cols.max(1), ws_xpixel: 0, ws_ypixel: 0 };
     // SAFETY: TIOCSWINSZ reads a winsize struct that lives for the call; a non-PTY fd just fails.
     unsafe {
         libc::ioctl(master.as_raw_fd(), libc::TIOCSWINSZ, &ws);

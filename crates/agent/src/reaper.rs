@@ -32,15 +32,9 @@ struct Reaper {
 fn reaper() -> &'static Arc<Reaper> {
     static R: OnceLock<Arc<Reaper>> = OnceLock::new();
     R.get_or_init(|| {
-        let r = Arc::new(Reaper {
-            state: Mutex::new(State::default()),
-            wake: Condvar::new(),
-        });
+        let r = Arc::new(Reaper { state: Mutex::new(State::default()), wake: Condvar::new() });
         let thread_r = r.clone();
-        std::thread::Builder::new()
-            .name("reaper".into())
-            .spawn(move || run(&thread_r))
-            .expect("spawning the reaper");
+        std::thread::Builder::new().name("reaper".into()).spawn(move || run(&thread_r)).expect("spawning the reaper");
         r
     })
 }
@@ -81,17 +75,13 @@ fn run(r: &Reaper) {
         }
         match waitpid(Pid::from_raw(-1), None) {
             Ok(WaitStatus::Exited(pid, code)) => deliver(r, pid.as_raw(), Ended::Code(code)),
-            Ok(WaitStatus::Signaled(pid, sig, _)) => {
-                deliver(r, pid.as_raw(), Ended::Signal(sig as i32))
-            }
+            Ok(WaitStatus::Signaled(pid, sig, _)) => deliver(r, pid.as_raw(), Ended::Signal(sig as i32)),
             Ok(_) => {}
             Err(nix::errno::Errno::ECHILD) => {
                 let mut st = r.state.lock().unwrap_or_else(|p| p.into_inner());
                 if st.children == 0 {
                     // PID 1 with no children: wait for the next spawn.
-                    let _ = r
-                        .wake
-                        .wait_timeout(st, std::time::Duration::from_millis(200));
+                    let _ = r.wake.wait_timeout(st, std::time::Duration::from_millis(200));
                 } else {
                     st.children = 0;
                 }

@@ -11,8 +11,8 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use compute_agent_protocol::{
-    Exit, Failure, FileRead, FileWrite, Frame, Hello, Kind, Resize, Shutdown, Signal, Spawn,
-    Spawned, CHUNK, ENTRYPOINT_CHANNEL,
+    Exit, Failure, FileRead, FileWrite, Frame, Hello, Kind, Resize, Shutdown, Signal, Spawn, Spawned, CHUNK,
+    ENTRYPOINT_CHANNEL,
 };
 
 use crate::files::Uploads;
@@ -84,13 +84,7 @@ pub fn serve(sandbox: Sandbox) -> std::io::Result<u8> {
     let sessions: Sessions = Arc::default();
     let mut uploads = Uploads::default();
 
-    out.send(Frame::json(
-        Kind::Ready,
-        0,
-        &Hello {
-            version: env!("CARGO_PKG_VERSION").into(),
-        },
-    ));
+    out.send(Frame::json(Kind::Ready, 0, &Hello { version: env!("CARGO_PKG_VERSION").into() }));
     if let Some(entry) = sandbox.entrypoint.clone() {
         start(&sandbox, &sessions, &out, ENTRYPOINT_CHANNEL, entry);
     }
@@ -105,31 +99,17 @@ pub fn serve(sandbox: Sandbox) -> std::io::Result<u8> {
             }
         };
         let ch = frame.channel;
-        let session = || {
-            sessions
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .get(&ch)
-                .cloned()
-        };
+        let session = || sessions.lock().unwrap_or_else(|p| p.into_inner()).get(&ch).cloned();
         match frame.kind {
             Kind::Spawn => match frame.parse::<Spawn>() {
                 Ok(spec) => {
                     if session().is_some() {
-                        out.send(Frame::json(
-                            Kind::SpawnFailed,
-                            ch,
-                            &failure("invalid", "channel already in use"),
-                        ));
+                        out.send(Frame::json(Kind::SpawnFailed, ch, &failure("invalid", "channel already in use")));
                     } else {
                         start(&sandbox, &sessions, &out, ch, spec);
                     }
                 }
-                Err(e) => out.send(Frame::json(
-                    Kind::SpawnFailed,
-                    ch,
-                    &failure("invalid", &e.to_string()),
-                )),
+                Err(e) => out.send(Frame::json(Kind::SpawnFailed, ch, &failure("invalid", &e.to_string()))),
             },
             Kind::Stdin => {
                 if let Some(s) = session() {
@@ -170,45 +150,34 @@ pub fn serve(sandbox: Sandbox) -> std::io::Result<u8> {
             }
             Kind::FileWrite => match frame.parse::<FileWrite>() {
                 Ok(req) => uploads.begin(ch, &req, &out),
-                Err(e) => out.send(Frame::json(
-                    Kind::FileFailed,
-                    ch,
-                    &failure("invalid", &e.to_string()),
-                )),
+                Err(e) => out.send(Frame::json(Kind::FileFailed, ch, &failure("invalid", &e.to_string()))),
             },
             Kind::FileData => uploads.data(ch, &frame.payload),
             Kind::FileEnd => uploads.end(ch, &out),
             Kind::FileRead => match frame.parse::<FileRead>() {
                 Ok(req) => {
                     let out = out.clone();
-                    std::thread::spawn(move || crate::files::send_file(ch, &req.path, &out));
+                    let fail = out.clone();
+                    if thread(move || crate::files::send_file(ch, &req.path, &out)).is_none() {
+                        fail.send(Frame::json(Kind::FileFailed, ch, &failure("io", OUT_OF_THREADS)));
+                    }
                 }
-                Err(e) => out.send(Frame::json(
-                    Kind::FileFailed,
-                    ch,
-                    &failure("invalid", &e.to_string()),
-                )),
+                Err(e) => out.send(Frame::json(Kind::FileFailed, ch, &failure("invalid", &e.to_string()))),
             },
             Kind::Shutdown => {
                 let grace = frame.parse::<Shutdown>().map(|s| s.grace_ms).unwrap_or(0);
                 terminate_all(Duration::from_millis(grace));
                 return Ok(0);
             }
-            other => out.send(Frame::json(
-                Kind::Error,
-                ch,
-                &failure("invalid", &format!("unexpected frame {other:?}")),
-            )),
+            other => {
+                out.send(Frame::json(Kind::Error, ch, &failure("invalid", &format!("unexpected frame {other:?}"))))
+            }
         }
     }
 }
 
 fn failure(kind: &str, message: &str) -> Failure {
-    Failure {
-        kind: kind.into(),
-        message: message.into(),
-        errno: None,
-    }
+    Failure { kind: kind.into(), message: message.into(), errno: None }
 }
 
 fn merged_env(base: &[(String, String)], extra: &[(String, String)]) -> Vec<(String, String)> {
@@ -221,10 +190,7 @@ fn merged_env(base: &[(String, String)], extra: &[(String, String)]) -> Vec<(Str
         }
     }
     if !env.iter().any(|(k, _)| k == "PATH") {
-        env.push((
-            "PATH".into(),
-            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
-        ));
+        env.push(("PATH".into(), "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into()));
     }
     env
 }
@@ -234,40 +200,16 @@ fn start(sandbox: &Arc<Sandbox>, sessions: &Sessions, out: &Out, ch: u32, spec: 
     if spec.pty.is_some() && !env.iter().any(|(k, _)| k == "TERM") {
         env.push(("TERM".into(), "xterm-256color".into()));
     }
-    let workdir = PathBuf::from(
-        spec.workdir
-            .clone()
-            .filter(|w| !w.is_empty())
-            .unwrap_or_else(|| sandbox.workdir.clone()),
-    );
-    let workdir = if workdir.as_os_str().is_empty() {
-        PathBuf::from("/")
-    } else {
-        workdir
-    };
-    let path_var = env
-        .iter()
-        .find(|(k, _)| k == "PATH")
-        .map(|(_, v)| v.clone())
-        .unwrap_or_default();
-    let started = process::resolve(&spec.command, &path_var, &workdir).and_then(|program| {
-        process::spawn(
-            &program,
-            &spec.command,
-            &spec.args,
-            &env,
-            &workdir,
-            spec.pty,
-        )
-    });
+    let workdir =
+        PathBuf::from(spec.workdir.clone().filter(|w| !w.is_empty()).unwrap_or_else(|| sandbox.workdir.clone()));
+    let workdir = if workdir.as_os_str().is_empty() { PathBuf::from("/") } else { workdir };
+    let path_var = env.iter().find(|(k, _)| k == "PATH").map(|(_, v)| v.clone()).unwrap_or_default();
+    let started = process::resolve(&spec.command, &path_var, &workdir)
+        .and_then(|program| process::spawn(&program, &spec.command, &spec.args, &env, &workdir, spec.pty));
     let started = match started {
         Ok(s) => s,
         Err(e) => {
-            out.send(Frame::json(
-                Kind::SpawnFailed,
-                ch,
-                &failure("not_found", &e.0),
-            ));
+            out.send(Frame::json(Kind::SpawnFailed, ch, &failure("not_found", &e.0)));
             return;
         }
     };
@@ -275,24 +217,30 @@ fn start(sandbox: &Arc<Sandbox>, sessions: &Sessions, out: &Out, ch: u32, spec: 
     let gate = Arc::new(Gate::default());
     let (stdin_tx, stdin_rx) = sync_channel::<Option<Vec<u8>>>(256);
     let mut readers = Vec::new();
+    let give_up = |why: &str| {
+        signal_group(started.pid, libc::SIGKILL);
+        out.send(Frame::json(Kind::SpawnFailed, ch, &failure("io", why)));
+    };
     let (stdin_file, pty) = match started.stdio {
-        Stdio::Pipes {
-            stdin,
-            stdout,
-            stderr,
-        } => {
+        Stdio::Pipes { stdin, stdout, stderr } => {
             readers.push(pump(stdout, Kind::Stdout, ch, out.clone(), gate.clone()));
             readers.push(pump(stderr, Kind::Stderr, ch, out.clone(), gate.clone()));
             (stdin, None)
         }
-        Stdio::Pty { master } => {
-            let reader = process::dup_file(&master).expect("dup of a valid PTY master");
-            let writer = process::dup_file(&master).expect("dup of a valid PTY master");
-            readers.push(pump(reader, Kind::PtyOutput, ch, out.clone(), gate.clone()));
-            (writer, Some(master))
-        }
+        Stdio::Pty { master } => match (process::dup_file(&master), process::dup_file(&master)) {
+            (Ok(reader), Ok(writer)) => {
+                readers.push(pump(reader, Kind::PtyOutput, ch, out.clone(), gate.clone()));
+                (writer, Some(master))
+            }
+            _ => return give_up("the sandbox is out of file descriptors"),
+        },
     };
-    std::thread::spawn(move || feed_stdin(stdin_file, stdin_rx));
+    let Some(readers) = readers.into_iter().collect::<Option<Vec<_>>>() else {
+        return give_up(OUT_OF_THREADS);
+    };
+    if thread(move || feed_stdin(stdin_file, stdin_rx)).is_none() {
+        return give_up(OUT_OF_THREADS);
+    }
     let session = Arc::new(Session {
         pid: started.pid,
         stdin: Mutex::new(Some(stdin_tx)),
@@ -300,26 +248,16 @@ fn start(sandbox: &Arc<Sandbox>, sessions: &Sessions, out: &Out, ch: u32, spec: 
         gate,
         timed_out: AtomicBool::new(false),
     });
-    sessions
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .insert(ch, session.clone());
-    out.send(Frame::json(
-        Kind::Spawned,
-        ch,
-        &Spawned { pid: started.pid },
-    ));
+    sessions.lock().unwrap_or_else(|p| p.into_inner()).insert(ch, session.clone());
+    out.send(Frame::json(Kind::Spawned, ch, &Spawned { pid: started.pid }));
 
     if let Some(ms) = spec.timeout_ms {
         let s = session.clone();
         let sessions = sessions.clone();
-        std::thread::spawn(move || {
+        thread(move || {
             std::thread::sleep(Duration::from_millis(ms));
-            let still_running = sessions
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .get(&ch)
-                .is_some_and(|x| Arc::ptr_eq(x, &s));
+            let still_running =
+                sessions.lock().unwrap_or_else(|p| p.into_inner()).get(&ch).is_some_and(|x| Arc::ptr_eq(x, &s));
             if still_running {
                 s.timed_out.store(true, Ordering::SeqCst);
                 signal_group(s.pid, libc::SIGKILL);
@@ -329,7 +267,7 @@ fn start(sandbox: &Arc<Sandbox>, sessions: &Sessions, out: &Out, ch: u32, spec: 
 
     let sessions = sessions.clone();
     let out = out.clone();
-    std::thread::spawn(move || {
+    let waiter = thread(move || {
         let ended = exit_rx.recv().unwrap_or(Ended::Signal(libc::SIGKILL));
         // Output first, then the exit: wait for the readers to drain, but not forever (a background child
         // that inherited the pipes may keep them open).
@@ -344,31 +282,25 @@ fn start(sandbox: &Arc<Sandbox>, sessions: &Sessions, out: &Out, ch: u32, spec: 
             Ended::Signal(s) => (None, Some(s)),
         };
         let timed_out = session.timed_out.load(Ordering::SeqCst);
-        sessions
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&ch);
-        out.send(Frame::json(
-            Kind::Exited,
-            ch,
-            &Exit {
-                code,
-                signal,
-                timed_out,
-            },
-        ));
+        sessions.lock().unwrap_or_else(|p| p.into_inner()).remove(&ch);
+        out.send(Frame::json(Kind::Exited, ch, &Exit { code, signal, timed_out }));
     });
+    if waiter.is_none() {
+        // Nobody would report the exit: end the process now rather than leave a session that never finishes.
+        signal_group(started.pid, libc::SIGKILL);
+    }
+}
+
+const OUT_OF_THREADS: &str = "the sandbox has no process slots left for the agent (pids limit reached)";
+
+/// Starts a thread; `None` when the system refuses (e.g. the sandbox's pids limit is reached).
+fn thread<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Option<std::thread::JoinHandle<T>> {
+    std::thread::Builder::new().stack_size(256 * 1024).spawn(f).ok()
 }
 
 /// Copies a process stream to the host in frames, holding back while the channel is paused.
-fn pump(
-    mut from: File,
-    kind: Kind,
-    ch: u32,
-    out: Out,
-    gate: Arc<Gate>,
-) -> std::thread::JoinHandle<()> {
-    std::thread::spawn(move || {
+fn pump(mut from: File, kind: Kind, ch: u32, out: Out, gate: Arc<Gate>) -> Option<std::thread::JoinHandle<()>> {
+    thread(move || {
         let mut buf = vec![0u8; CHUNK];
         loop {
             gate.wait_open();
@@ -438,12 +370,7 @@ fn count_processes() -> usize {
     std::fs::read_dir("/proc")
         .map(|d| {
             d.filter_map(Result::ok)
-                .filter(|e| {
-                    e.file_name()
-                        .to_string_lossy()
-                        .bytes()
-                        .all(|b| b.is_ascii_digit())
-                })
+                .filter(|e| e.file_name().to_string_lossy().bytes().all(|b| b.is_ascii_digit()))
                 .count()
         })
         .unwrap_or(0)

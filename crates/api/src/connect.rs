@@ -74,9 +74,7 @@ pub async fn read_request(
         .collect()
         .await
         .map_err(|e| {
-            if e.downcast_ref::<http_body_util::LengthLimitError>()
-                .is_some()
-            {
+            if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() {
                 Status::resource_exhausted(format!(
                     "request message larger than the limit of {max_message_bytes} bytes"
                 ))
@@ -85,11 +83,7 @@ pub async fn read_request(
             }
         })?
         .to_bytes();
-    let raw = match parts
-        .headers
-        .get(header::CONTENT_ENCODING)
-        .map(|v| v.to_str().unwrap_or(""))
-    {
+    let raw = match parts.headers.get(header::CONTENT_ENCODING).map(|v| v.to_str().unwrap_or("")) {
         None | Some("identity") | Some("") => raw,
         Some("gzip") => gunzip(&raw, max_message_bytes)?,
         Some(other) => {
@@ -101,8 +95,7 @@ pub async fn read_request(
     let message = match codec {
         Codec::Proto => raw,
         Codec::Json => {
-            let mut de =
-                serde_json::Deserializer::from_slice(if raw.is_empty() { b"{}" } else { &raw });
+            let mut de = serde_json::Deserializer::from_slice(if raw.is_empty() { b"{}" } else { &raw });
             let msg = DynamicMessage::deserialize(method.input.clone(), &mut de)
                 .and_then(|m| de.end().map(|()| m))
                 .map_err(|e| {
@@ -143,50 +136,27 @@ pub async fn call(
             headers.append(name.clone(), value.clone());
         }
     }
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/grpc"),
-    );
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
     headers.insert("te", HeaderValue::from_static("trailers"));
-    if let Some(ms) = parts
-        .headers
-        .get("connect-timeout-ms")
-        .and_then(|v| v.to_str().ok())
-    {
+    if let Some(ms) = parts.headers.get("connect-timeout-ms").and_then(|v| v.to_str().ok()) {
         if let Ok(ms) = ms.parse::<u64>() {
-            headers.insert(
-                "grpc-timeout",
-                HeaderValue::from_str(&format!("{}m", ms.min(99_999_999))).expect("digits"),
-            );
+            headers.insert("grpc-timeout", HeaderValue::from_str(&format!("{}m", ms.min(99_999_999))).expect("digits"));
         }
     }
     *grpc_req.extensions_mut() = parts.extensions;
 
-    let resp = routes
-        .oneshot(grpc_req)
-        .await
-        .unwrap_or_else(|e| match e {});
+    let resp = routes.oneshot(grpc_req).await.unwrap_or_else(|e| match e {});
     let (head, body) = resp.into_parts();
-    let collected = body
-        .collect()
-        .await
-        .map_err(|s| Status::internal(format!("handler failed: {s}")))?;
+    let collected = body.collect().await.map_err(|s| Status::internal(format!("handler failed: {s}")))?;
     let trailers = collected.trailers().cloned();
-    let code = grpc_status(&head.headers)
-        .or_else(|| trailers.as_ref().and_then(grpc_status))
-        .unwrap_or(Code::Unknown);
+    let code = grpc_status(&head.headers).or_else(|| trailers.as_ref().and_then(grpc_status)).unwrap_or(Code::Unknown);
     if code != Code::Ok {
-        let source = trailers
-            .as_ref()
-            .filter(|t| t.contains_key("grpc-status"))
-            .unwrap_or(&head.headers);
+        let source = trailers.as_ref().filter(|t| t.contains_key("grpc-status")).unwrap_or(&head.headers);
         return Err(Status::from_header_map(source).unwrap_or_else(|| Status::new(code, "")));
     }
     let mut data = collected.to_bytes();
     if data.len() < 5 || data[0] != 0 {
-        return Err(Status::internal(
-            "handler returned a malformed or compressed gRPC frame",
-        ));
+        return Err(Status::internal("handler returned a malformed or compressed gRPC frame"));
     }
     data.advance(5);
     let body = match codec {
@@ -196,8 +166,7 @@ pub async fn call(
                 .map_err(|e| Status::internal(format!("re-decoding the response: {e}")))?;
             let mut out = Vec::new();
             let mut ser = serde_json::Serializer::new(&mut out);
-            msg.serialize(&mut ser)
-                .map_err(|e| Status::internal(format!("encoding JSON: {e}")))?;
+            msg.serialize(&mut ser).map_err(|e| Status::internal(format!("encoding JSON: {e}")))?;
             Bytes::from(out)
         }
     };
@@ -235,9 +204,7 @@ fn gunzip(data: &[u8], limit: usize) -> Result<Bytes, Status> {
         .read_to_end(&mut out)
         .map_err(|e| Status::invalid_argument(format!("request body is not valid gzip: {e}")))?;
     if out.len() > limit {
-        return Err(Status::resource_exhausted(format!(
-            "decompressed request larger than the limit of {limit} bytes"
-        )));
+        return Err(Status::resource_exhausted(format!("decompressed request larger than the limit of {limit} bytes")));
     }
     Ok(out.into())
 }

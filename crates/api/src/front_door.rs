@@ -60,12 +60,7 @@ impl Service<Request<Incoming>> for FrontDoor {
 
 async fn route(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
     let path = req.uri().path().to_string();
-    let content_type = req
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_string();
+    let content_type = req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
     let is_grpc = content_type.starts_with("application/grpc");
 
     if req.method() == Method::GET && !is_grpc {
@@ -84,9 +79,7 @@ async fn route(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
     }
 
     let Some(method) = shared.methods.get(&path).cloned() else {
-        let status = Status::unimplemented(format!(
-            "unknown method {path}: this Compute server does not serve it"
-        ));
+        let status = Status::unimplemented(format!("unknown method {path}: this Compute server does not serve it"));
         return if is_grpc {
             grpc_error(status)
         } else if path.starts_with("/chalk.") || req.method() == Method::POST {
@@ -114,11 +107,7 @@ async fn route(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
     }
 }
 
-async fn grpc(
-    shared: Arc<Shared>,
-    method: MethodInfo,
-    mut req: Request<Incoming>,
-) -> Response<Body> {
+async fn grpc(shared: Arc<Shared>, method: MethodInfo, mut req: Request<Incoming>) -> Response<Body> {
     let mut timer = shared.metrics.start(&method.path, "grpc");
     if req.version() != Version::HTTP_2 {
         timer.set_code(tonic::Code::Internal);
@@ -136,12 +125,7 @@ async fn grpc(
         timer.set_code(status.code());
         return grpc_error(status);
     }
-    let mut resp = shared
-        .routes
-        .clone()
-        .oneshot(req)
-        .await
-        .unwrap_or_else(|e| match e {});
+    let mut resp = shared.routes.clone().oneshot(req).await.unwrap_or_else(|e| match e {});
     normalize_status(resp.headers_mut());
     if let Some(code) = grpc_status(resp.headers()) {
         timer.set_code(code);
@@ -159,8 +143,7 @@ async fn connect_unary(
     let result = async {
         connect::check_unary(&method)?;
         admit(&shared, &method, &mut req)?;
-        let (parts, message) =
-            connect::read_request(&method, codec, req, shared.max_message_bytes).await?;
+        let (parts, message) = connect::read_request(&method, codec, req, shared.max_message_bytes).await?;
         connect::call(shared.routes.clone(), &method, codec, parts, message).await
     }
     .await;
@@ -197,22 +180,12 @@ fn authenticate<B>(shared: &Shared, req: &Request<B>) -> Result<Principal, Statu
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            v.strip_prefix("Bearer ")
-                .or_else(|| v.strip_prefix("bearer "))
-        })
+        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
         .map(str::trim)
         .filter(|t| !t.is_empty())
         .ok_or_else(|| crate::status::from_auth(AuthError::MissingToken))?;
-    let env = req
-        .headers()
-        .get("x-chalk-env-id")
-        .and_then(|v| v.to_str().ok());
-    shared
-        .control
-        .auth()
-        .authenticate(bearer, env)
-        .map_err(from_control)
+    let env = req.headers().get("x-chalk-env-id").and_then(|v| v.to_str().ok());
+    shared.control.auth().authenticate(bearer, env).map_err(from_control)
 }
 
 fn who_am_i(shared: &Shared, req: &Request<Incoming>) -> Response<Body> {

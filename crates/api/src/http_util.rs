@@ -9,25 +9,16 @@ use tonic::Status;
 use crate::status::{connect_code, connect_http_status};
 
 /// A response with a complete body.
-pub fn full(
-    status: StatusCode,
-    content_type: &'static str,
-    body: impl Into<Bytes>,
-) -> Response<Body> {
+pub fn full(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Response<Body> {
     let mut resp = Response::new(Body::new(Full::new(body.into())));
     *resp.status_mut() = status;
-    resp.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     resp
 }
 
 /// A JSON response.
 pub fn json(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
-    full(
-        status,
-        "application/json",
-        serde_json::to_vec(value).expect("JSON values serialize"),
-    )
+    full(status, "application/json", serde_json::to_vec(value).expect("JSON values serialize"))
 }
 
 /// A gRPC trailers-only response carrying `status`.

@@ -104,9 +104,7 @@ mod tests {
         for path in IMPLEMENTED.iter().chain(PUBLIC) {
             assert!(methods.get(path).is_some(), "{path} is not in proto/");
         }
-        assert!(methods
-            .get("/chalk.sandbox.v2.SandboxProcessService/OpenSession")
-            .is_some_and(|m| !m.is_unary()));
+        assert!(methods.get("/chalk.sandbox.v2.SandboxProcessService/OpenSession").is_some_and(|m| !m.is_unary()));
         assert!(methods.iter().count() >= 50);
     }
 }

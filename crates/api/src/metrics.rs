@@ -57,36 +57,20 @@ impl Metrics {
             "Time from request to the end of the response (streams: the whole stream), by method",
             latency.clone(),
         );
-        registry.register(
-            "in_flight_requests",
-            "RPCs currently being handled",
-            in_flight.clone(),
-        );
-        Arc::new(Self {
-            registry,
-            requests,
-            latency,
-            in_flight,
-        })
+        registry.register("in_flight_requests", "RPCs currently being handled", in_flight.clone());
+        Arc::new(Self { registry, requests, latency, in_flight })
     }
 
     /// Starts timing one request; the returned guard records it when finished or dropped.
     pub fn start(self: &Arc<Self>, method: &str, protocol: &'static str) -> RequestTimer {
         self.in_flight.inc();
-        RequestTimer {
-            metrics: self.clone(),
-            method: method.to_string(),
-            protocol,
-            start: Instant::now(),
-            code: None,
-        }
+        RequestTimer { metrics: self.clone(), method: method.to_string(), protocol, start: Instant::now(), code: None }
     }
 
     /// The text exposition format.
     pub fn render(&self) -> String {
         let mut out = String::new();
-        prometheus_client::encoding::text::encode(&mut out, &self.registry)
-            .expect("writing to a String cannot fail");
+        prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String cannot fail");
         out
     }
 }
@@ -118,17 +102,9 @@ impl Drop for RequestTimer {
         let m = &self.metrics;
         m.in_flight.dec();
         let code = code_label(self.code.unwrap_or(Code::Cancelled));
-        m.requests
-            .get_or_create(&MethodCode {
-                method: self.method.clone(),
-                protocol: self.protocol,
-                code,
-            })
-            .inc();
+        m.requests.get_or_create(&MethodCode { method: self.method.clone(), protocol: self.protocol, code }).inc();
         m.latency
-            .get_or_create(&MethodLabel {
-                method: self.method.clone(),
-            })
+            .get_or_create(&MethodLabel { method: self.method.clone() })
             .observe(self.start.elapsed().as_secs_f64());
     }
 }
@@ -142,10 +118,7 @@ pub struct MeteredBody {
 impl MeteredBody {
     /// Wraps `inner`; if the status is already known (a trailers-only response), `timer` carries it.
     pub fn new(inner: tonic::body::Body, timer: RequestTimer) -> Self {
-        Self {
-            inner,
-            timer: Some(timer),
-        }
+        Self { inner, timer: Some(timer) }
     }
 }
 
@@ -153,10 +126,7 @@ impl HttpBody for MeteredBody {
     type Data = Bytes;
     type Error = tonic::Status;
 
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
@@ -207,10 +177,7 @@ pub fn normalize_status(headers: &mut http::HeaderMap) {
         && headers
             .get("grpc-message")
             .and_then(|v| v.to_str().ok())
-            .is_some_and(|m| {
-                m.contains("message%20length%20too%20large")
-                    || m.contains("message length too large")
-            });
+            .is_some_and(|m| m.contains("message%20length%20too%20large") || m.contains("message length too large"));
     if too_large {
         headers.insert("grpc-status", http::HeaderValue::from_static("8"));
     }
@@ -218,11 +185,6 @@ pub fn normalize_status(headers: &mut http::HeaderMap) {
 
 /// The `grpc-status` in a header map, if present and well-formed.
 pub fn grpc_status(headers: &http::HeaderMap) -> Option<Code> {
-    let v = headers
-        .get("grpc-status")?
-        .to_str()
-        .ok()?
-        .parse::<i32>()
-        .ok()?;
+    let v = headers.get("grpc-status")?.to_str().ok()?.parse::<i32>().ok()?;
     Some(Code::from_i32(v))
 }

@@ -85,13 +85,9 @@ impl Server {
         workloads: Arc<compute_control::Workloads>,
     ) -> Result<Self, ServeError> {
         let tls = config.tls.as_ref().map(load_tls).transpose()?;
-        let listener =
-            TcpListener::bind(config.listen)
-                .await
-                .map_err(|source| ServeError::Bind {
-                    addr: config.listen,
-                    source,
-                })?;
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| ServeError::Bind { addr: config.listen, source })?;
         let shared = Arc::new(Shared {
             routes: crate::services::routes(control.clone(), workloads, config.max_message_bytes),
             control,
@@ -99,19 +95,12 @@ impl Server {
             metrics: Metrics::new(),
             max_message_bytes: config.max_message_bytes,
         });
-        Ok(Self {
-            listener,
-            shared,
-            tls,
-            grace: config.shutdown_grace,
-        })
+        Ok(Self { listener, shared, tls, grace: config.shutdown_grace })
     }
 
     /// The address actually bound (useful with port 0).
     pub fn local_addr(&self) -> SocketAddr {
-        self.listener
-            .local_addr()
-            .expect("a bound listener has an address")
+        self.listener.local_addr().expect("a bound listener has an address")
     }
 
     /// Whether TLS is served.
@@ -123,11 +112,7 @@ impl Server {
     /// connections to finish their requests.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         let mut builder = auto::Builder::new(TokioExecutor::new());
-        builder
-            .http1()
-            .timer(TokioTimer::new())
-            .header_read_timeout(Duration::from_secs(30))
-            .keep_alive(true);
+        builder.http1().timer(TokioTimer::new()).header_read_timeout(Duration::from_secs(30)).keep_alive(true);
         builder
             .http2()
             .timer(TokioTimer::new())
@@ -158,15 +143,9 @@ impl Server {
             let watcher = graceful.watcher();
             tokio::spawn(async move {
                 let result = match sniff_tls(&stream, tls.is_some()).await {
-                    Some(true) => match tls
-                        .expect("sniffed TLS only when configured")
-                        .accept(stream)
-                        .await
-                    {
+                    Some(true) => match tls.expect("sniffed TLS only when configured").accept(stream).await {
                         Ok(tls_stream) => {
-                            let conn = builder
-                                .serve_connection(TokioIo::new(tls_stream), service)
-                                .into_owned();
+                            let conn = builder.serve_connection(TokioIo::new(tls_stream), service).into_owned();
                             watcher.watch(conn).await
                         }
                         Err(e) => {
@@ -175,9 +154,7 @@ impl Server {
                         }
                     },
                     Some(false) => {
-                        let conn = builder
-                            .serve_connection(TokioIo::new(stream), service)
-                            .into_owned();
+                        let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
                         watcher.watch(conn).await
                     }
                     None => return,
@@ -212,35 +189,19 @@ fn load_tls(cfg: &TlsConfig) -> Result<TlsAcceptor, ServeError> {
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     let certs = CertificateDer::pem_file_iter(&cfg.cert_path)
         .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| {
-            ServeError::Tls(format!(
-                "reading certificates from {}: {e}",
-                cfg.cert_path.display()
-            ))
-        })?;
+        .map_err(|e| ServeError::Tls(format!("reading certificates from {}: {e}", cfg.cert_path.display())))?;
     if certs.is_empty() {
-        return Err(ServeError::Tls(format!(
-            "no certificate in {}",
-            cfg.cert_path.display()
-        )));
+        return Err(ServeError::Tls(format!("no certificate in {}", cfg.cert_path.display())));
     }
-    let key = PrivateKeyDer::from_pem_file(&cfg.key_path).map_err(|e| {
-        ServeError::Tls(format!(
-            "reading the private key from {}: {e}",
-            cfg.key_path.display()
-        ))
-    })?;
+    let key = PrivateKeyDer::from_pem_file(&cfg.key_path)
+        .map_err(|e| ServeError::Tls(format!("reading the private key from {}: {e}", cfg.key_path.display())))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| ServeError::Tls(e.to_string()))?
         .with_no_client_auth()
         .with_single_cert(certs, key)
-        .map_err(|e| {
-            ServeError::Tls(format!(
-                "certificate and key do not form a usable pair: {e}"
-            ))
-        })?;
+        .map_err(|e| ServeError::Tls(format!("certificate and key do not form a usable pair: {e}")))?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(TlsAcceptor::from(Arc::new(config)))
 }

@@ -12,11 +12,7 @@ pub fn from_control(err: ControlError) -> Status {
         ControlError::Auth(a) => from_auth(a),
         ControlError::FailedPrecondition(m) => Status::failed_precondition(m),
         ControlError::Unavailable(m) => Status::unavailable(m),
-        ControlError::File {
-            kind,
-            message,
-            errno,
-        } => filesystem_status(&kind, message, errno),
+        ControlError::File { kind, message, errno } => filesystem_status(&kind, message, errno),
         e @ (ControlError::Store(_) | ControlError::Internal(_) | ControlError::DataDir { .. }) => {
             tracing::error!(error = %e, "internal error");
             Status::internal(e.to_string())
@@ -32,27 +28,17 @@ pub fn filesystem_status(kind: &str, message: String, errno: Option<i32>) -> Sta
     let (code, fs) = match kind {
         "not_found" => (Code::NotFound, FilesystemError::NotFound),
         "permission_denied" => (Code::PermissionDenied, FilesystemError::PermissionDenied),
-        "is_a_directory" | "not_a_directory" => (
-            Code::FailedPrecondition,
-            FilesystemError::FailedPrecondition,
-        ),
+        "is_a_directory" | "not_a_directory" => (Code::FailedPrecondition, FilesystemError::FailedPrecondition),
         "invalid" => (Code::InvalidArgument, FilesystemError::InvalidArgument),
         "no_space" => (Code::ResourceExhausted, FilesystemError::ResourceExhausted),
         _ => (Code::Internal, FilesystemError::Internal),
     };
-    let detail = FilesystemErrorDetail {
-        error: fs as i32,
-        posix_errno: errno,
-    };
+    let detail = FilesystemErrorDetail { error: fs as i32, posix_errno: errno };
     let any = prost_types::Any {
         type_url: "type.googleapis.com/chalk.sandbox.v2.FilesystemErrorDetail".into(),
         value: detail.encode_to_vec(),
     };
-    let rpc = crate::connect::RpcStatus {
-        code: code as i32,
-        message: message.clone(),
-        details: vec![any],
-    };
+    let rpc = crate::connect::RpcStatus { code: code as i32, message: message.clone(), details: vec![any] };
     Status::with_details(code, message, rpc.encode_to_vec().into())
 }
 
@@ -64,13 +50,9 @@ pub fn from_auth(err: AuthError) -> Status {
         | AuthError::MissingToken
         | AuthError::InvalidToken(_)
         | AuthError::Revoked(_) => Status::unauthenticated(msg),
-        AuthError::UnsupportedGrant(_) | AuthError::InvalidScope(_) => {
-            Status::invalid_argument(msg)
-        }
+        AuthError::UnsupportedGrant(_) | AuthError::InvalidScope(_) => Status::invalid_argument(msg),
         AuthError::UnknownEnvironment(_) => Status::not_found(msg),
-        AuthError::EnvironmentDenied { .. } | AuthError::EnvironmentMismatch { .. } => {
-            Status::permission_denied(msg)
-        }
+        AuthError::EnvironmentDenied { .. } | AuthError::EnvironmentMismatch { .. } => Status::permission_denied(msg),
     }
 }
 

@@ -28,9 +28,7 @@ struct DataDir {
 
 impl DataDir {
     fn path(&self) -> PathBuf {
-        self.data_dir
-            .clone()
-            .unwrap_or_else(settings::default_data_dir)
+        self.data_dir.clone().unwrap_or_else(settings::default_data_dir)
     }
 }
 
@@ -66,6 +64,9 @@ struct ServeFlags {
     /// Memory limit of a sandbox whose spec sets none [default: 1Gi].
     #[arg(long, env = "COMPUTE_DEFAULT_MEMORY")]
     default_memory: Option<String>,
+    /// Most processes (and threads) one sandbox may run at once [default: 4096].
+    #[arg(long, env = "COMPUTE_PIDS_LIMIT")]
+    pids_limit: Option<u64>,
 }
 
 impl ServeFlags {
@@ -81,6 +82,7 @@ impl ServeFlags {
             image_dir: self.image_dir.clone(),
             agent_bin: self.agent_bin.clone(),
             default_memory: self.default_memory.clone(),
+            pids_limit: self.pids_limit,
         }
     }
 }
@@ -190,29 +192,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let layer = flags.layer().over(Layer::from_file(&data_dir)?);
             let settings = Settings::resolve(layer)?;
             init_logging(settings.json_logs);
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()?;
+            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             rt.block_on(crate::serve::run(&data_dir, settings))
         }
         Command::Env { dir } => env(&dir.path()),
         Command::Status { dir } => status(&dir.path()),
         Command::Client(c) => client(c),
         Command::Environment(c) => environment(c),
-        Command::Key(KeyCommand::Rotate {
-            retire_previous,
-            dir,
-        }) => {
+        Command::Key(KeyCommand::Rotate { retire_previous, dir }) => {
             let control = open_control(&dir.path())?;
             let kid = control.auth().rotate_signing_key(retire_previous)?;
-            println!(
-                "new signing key {kid}{}",
-                if retire_previous {
-                    "; older keys retired"
-                } else {
-                    ""
-                }
-            );
+            println!("new signing key {kid}{}", if retire_previous { "; older keys retired" } else { "" });
             Ok(())
         }
     }
@@ -221,9 +211,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 fn init_logging(json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("COMPUTE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     if json {
         builder.json().init();
     } else {
@@ -246,25 +234,16 @@ fn open_control(data_dir: &std::path::Path) -> anyhow::Result<Control> {
 fn env(data_dir: &std::path::Path) -> anyhow::Result<()> {
     let creds: AdminCredentials =
         runtime_file::read_json(&runtime_file::credentials_path(data_dir))?.with_context(|| {
-            format!(
-                "no admin credentials in {}: run `compute serve` first (or pass --data-dir)",
-                data_dir.display()
-            )
+            format!("no admin credentials in {}: run `compute serve` first (or pass --data-dir)", data_dir.display())
         })?;
     let url = match runtime_file::running_server(data_dir)? {
         Some(info) => info.url,
         None => {
             let settings = Settings::resolve(
-                Layer {
-                    listen: std::env::var("COMPUTE_LISTEN").ok(),
-                    ..Default::default()
-                }
-                .over(Layer::from_file(data_dir)?),
+                Layer { listen: std::env::var("COMPUTE_LISTEN").ok(), ..Default::default() }
+                    .over(Layer::from_file(data_dir)?),
             )?;
-            eprintln!(
-                "# note: no server is running on {}; showing its configured address",
-                data_dir.display()
-            );
+            eprintln!("# note: no server is running on {}; showing its configured address", data_dir.display());
             runtime_file::client_url(settings.listen)
         }
     };
@@ -276,42 +255,20 @@ fn env(data_dir: &std::path::Path) -> anyhow::Result<()> {
 
 fn status(data_dir: &std::path::Path) -> anyhow::Result<()> {
     let Some(info) = runtime_file::running_server(data_dir)? else {
-        println!(
-            "server: not running (data directory {})",
-            data_dir.display()
-        );
+        println!("server: not running (data directory {})", data_dir.display());
         std::process::exit(3);
     };
     let healthy = probe_health(&info.listen);
     let uptime_s = (compute_store::now_millis() - info.started_at).max(0) / 1000;
-    println!(
-        "server:      {} (pid {}, up {}s)",
-        if healthy { "up" } else { "NOT RESPONDING" },
-        info.pid,
-        uptime_s
-    );
+    println!("server:      {} (pid {}, up {}s)", if healthy { "up" } else { "NOT RESPONDING" }, info.pid, uptime_s);
     println!("version:     {}", info.version);
-    println!(
-        "address:     {}{}",
-        info.url,
-        if info.tls { " (TLS also served)" } else { "" }
-    );
+    println!("address:     {}{}", info.url, if info.tls { " (TLS also served)" } else { "" });
     println!("data dir:    {}", data_dir.display());
     let control = open_control(data_dir)?;
     let envs = control.environments()?;
     let clients = control.auth().clients()?;
-    println!(
-        "environments: {}",
-        envs.iter()
-            .map(|e| e.name.as_str())
-            .collect::<Vec<_>>()
-            .join(", ")
-    );
-    println!(
-        "clients:     {} ({} revoked)",
-        clients.len(),
-        clients.iter().filter(|c| c.revoked_at.is_some()).count()
-    );
+    println!("environments: {}", envs.iter().map(|e| e.name.as_str()).collect::<Vec<_>>().join(", "));
+    println!("clients:     {} ({} revoked)", clients.len(), clients.iter().filter(|c| c.revoked_at.is_some()).count());
     println!("running:     no workloads (sandboxes arrive with the runtime)");
     if !healthy {
         std::process::exit(1);
@@ -325,19 +282,13 @@ fn probe_health(listen: &str) -> bool {
     let Ok(addr) = listen.parse::<std::net::SocketAddr>() else {
         return false;
     };
-    let addr = if addr.ip().is_unspecified() {
-        std::net::SocketAddr::from(([127, 0, 0, 1], addr.port()))
-    } else {
-        addr
-    };
-    let Ok(mut s) = std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(2))
-    else {
+    let addr =
+        if addr.ip().is_unspecified() { std::net::SocketAddr::from(([127, 0, 0, 1], addr.port())) } else { addr };
+    let Ok(mut s) = std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(2)) else {
         return false;
     };
     let _ = s.set_read_timeout(Some(std::time::Duration::from_secs(2)));
-    if s.write_all(b"GET /healthz HTTP/1.1\r\nHost: compute\r\nConnection: close\r\n\r\n")
-        .is_err()
-    {
+    if s.write_all(b"GET /healthz HTTP/1.1\r\nHost: compute\r\nConnection: close\r\n\r\n").is_err() {
         return false;
     }
     let mut buf = String::new();
@@ -347,16 +298,9 @@ fn probe_health(listen: &str) -> bool {
 
 fn client(cmd: ClientCommand) -> anyhow::Result<()> {
     match cmd {
-        ClientCommand::Create {
-            name,
-            environment,
-            all_environments,
-            dir,
-        } => {
+        ClientCommand::Create { name, environment, all_environments, dir } => {
             let control = open_control(&dir.path())?;
-            let creds = control
-                .auth()
-                .create_client(&name, &environment, all_environments)?;
+            let creds = control.auth().create_client(&name, &environment, all_environments)?;
             println!("client_id:     {}", creds.client_id);
             println!("client_secret: {}", creds.client_secret);
             println!("environment:   {}", creds.environment_id);
@@ -365,10 +309,7 @@ fn client(cmd: ClientCommand) -> anyhow::Result<()> {
         ClientCommand::Ls { dir } => {
             let control = open_control(&dir.path())?;
             let envs = control.environments()?;
-            println!(
-                "{:<24} {:<20} {:<16} {:<8} STATUS",
-                "CLIENT ID", "NAME", "ENVIRONMENT", "SCOPE"
-            );
+            println!("{:<24} {:<20} {:<16} {:<8} STATUS", "CLIENT ID", "NAME", "ENVIRONMENT", "SCOPE");
             for c in control.auth().clients()? {
                 let env = envs
                     .iter()
@@ -380,11 +321,7 @@ fn client(cmd: ClientCommand) -> anyhow::Result<()> {
                     c.name,
                     env,
                     if c.all_environments { "all" } else { "primary" },
-                    if c.revoked_at.is_some() {
-                        "revoked"
-                    } else {
-                        "active"
-                    }
+                    if c.revoked_at.is_some() { "revoked" } else { "active" }
                 );
             }
         }

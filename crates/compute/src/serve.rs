@@ -13,8 +13,7 @@ use crate::runtime_file::{self, AdminCredentials, ServerInfo};
 use crate::settings::Settings;
 
 pub async fn run(data_dir: &Path, settings: Settings) -> anyhow::Result<()> {
-    std::fs::create_dir_all(data_dir)
-        .with_context(|| format!("creating data directory {}", data_dir.display()))?;
+    std::fs::create_dir_all(data_dir).with_context(|| format!("creating data directory {}", data_dir.display()))?;
     restrict_permissions(data_dir);
     // One server per data directory: the store allows it, but two front doors on one state would each think
     // they own the workloads.
@@ -26,18 +25,10 @@ pub async fn run(data_dir: &Path, settings: Settings) -> anyhow::Result<()> {
         .open(&lock_path)
         .with_context(|| format!("opening {}", lock_path.display()))?;
     if lock.try_lock().is_err() {
-        anyhow::bail!(
-            "another compute server is already running on data directory {}",
-            data_dir.display()
-        );
+        anyhow::bail!("another compute server is already running on data directory {}", data_dir.display());
     }
 
-    let (control, first) = Control::open(
-        data_dir,
-        ControlConfig {
-            token_ttl: settings.token_ttl,
-        },
-    )?;
+    let (control, first) = Control::open(data_dir, ControlConfig { token_ttl: settings.token_ttl })?;
     let control = Arc::new(control);
     let creds_path = runtime_file::credentials_path(data_dir);
     if let Some(admin) = &first.admin {
@@ -54,10 +45,7 @@ pub async fn run(data_dir: &Path, settings: Settings) -> anyhow::Result<()> {
     let workloads = start_workloads(data_dir, &settings, &control).await;
     let config = ApiConfig {
         listen: settings.listen,
-        tls: settings.tls.clone().map(|(cert_path, key_path)| TlsConfig {
-            cert_path,
-            key_path,
-        }),
+        tls: settings.tls.clone().map(|(cert_path, key_path)| TlsConfig { cert_path, key_path }),
         max_message_bytes: settings.max_message_bytes,
         ..ApiConfig::default()
     };
@@ -81,10 +69,7 @@ pub async fn run(data_dir: &Path, settings: Settings) -> anyhow::Result<()> {
         println!("export CHALK_API_SERVER={url}");
         println!("export CHALK_CLIENT_ID={}", admin.client_id);
         println!("export CHALK_CLIENT_SECRET={}", admin.client_secret);
-        println!(
-            "# (`eval \"$(compute env)\"` prints these again; the secret is also in {})",
-            creds_path.display()
-        );
+        println!("# (`eval \"$(compute env)\"` prints these again; the secret is also in {})", creds_path.display());
     }
 
     server.run(shutdown_signal()).await;
@@ -96,23 +81,14 @@ pub async fn run(data_dir: &Path, settings: Settings) -> anyhow::Result<()> {
 
 /// Sets up the runtime (if this machine can run sandboxes) and the workload manager, and cleans up after a
 /// previous run that did not shut down cleanly.
-async fn start_workloads(
-    data_dir: &Path,
-    settings: &Settings,
-    control: &Control,
-) -> Arc<Workloads> {
+async fn start_workloads(data_dir: &Path, settings: &Settings, control: &Control) -> Arc<Workloads> {
     let agent_bin = settings.agent_bin.clone().unwrap_or_else(|| {
-        std::env::current_exe()
-            .map(|p| p.with_file_name("compute-agent"))
-            .unwrap_or_else(|_| "compute-agent".into())
+        std::env::current_exe().map(|p| p.with_file_name("compute-agent")).unwrap_or_else(|_| "compute-agent".into())
     });
     let runsc_bin = which("runsc").unwrap_or_else(|| "runsc".into());
     let (isolation, reason) = match settings.isolation {
         Some(i) => (i, "chosen by configuration".to_string()),
-        None => (
-            Isolation::Native,
-            "the default (set --isolation gvisor to run sandboxes under runsc)".to_string(),
-        ),
+        None => (Isolation::Native, "the default (set --isolation gvisor to run sandboxes under runsc)".to_string()),
     };
     let runtime = if !agent_bin.exists() {
         Err(format!(
@@ -120,10 +96,7 @@ async fn start_workloads(
             agent_bin.display()
         ))
     } else if !nix_is_root() {
-        Err(
-            "sandboxes need root (namespaces, cgroups, mounts); run compute serve as root"
-                .to_string(),
-        )
+        Err("sandboxes need root (namespaces, cgroups, mounts); run compute serve as root".to_string())
     } else {
         Runtime::new(RuntimeConfig {
             state_dir: data_dir.join("sandboxes"),
@@ -141,13 +114,9 @@ async fn start_workloads(
         }
         Err(why) => tracing::warn!("sandboxes are unavailable on this server: {why}"),
     }
-    let image_dir = settings
-        .image_dir
-        .clone()
-        .unwrap_or_else(|| data_dir.join("images"));
-    let mirror = compute_image::Mirror::from_host().unwrap_or(compute_image::Mirror {
-        uri: "http://deb.debian.org/debian".into(),
-    });
+    let image_dir = settings.image_dir.clone().unwrap_or_else(|| data_dir.join("images"));
+    let mirror = compute_image::Mirror::from_host()
+        .unwrap_or(compute_image::Mirror { uri: "http://deb.debian.org/debian".into() });
     let images = Arc::new(ImageStore::new(&image_dir, mirror).expect("creating the image store"));
     let workloads = Workloads::new(
         control.store().clone(),
@@ -156,27 +125,20 @@ async fn start_workloads(
         WorkloadConfig {
             log_dir: data_dir.join("logs"),
             default_memory: settings.default_memory,
-            pids_limit: 4096,
+            pids_limit: settings.pids_limit,
             disk_bytes: 8 << 30,
         },
     );
     match workloads.reconcile().await {
         Ok(0) => {}
-        Ok(n) => tracing::warn!(
-            count = n,
-            "marked workloads left live by a previous run as failed"
-        ),
+        Ok(n) => tracing::warn!(count = n, "marked workloads left live by a previous run as failed"),
         Err(e) => tracing::error!(error = %e, "reconciling workloads failed"),
     }
     workloads
 }
 
 fn which(name: &str) -> Option<std::path::PathBuf> {
-    std::env::var_os("PATH")?
-        .to_str()?
-        .split(':')
-        .map(|d| Path::new(d).join(name))
-        .find(|p| p.is_file())
+    std::env::var_os("PATH")?.to_str()?.split(':').map(|d| Path::new(d).join(name)).find(|p| p.is_file())
 }
 
 fn nix_is_root() -> bool {

@@ -35,6 +35,8 @@ pub struct Layer {
     pub agent_bin: Option<PathBuf>,
     /// Default memory limit of a sandbox whose spec has none, e.g. `1Gi`.
     pub default_memory: Option<String>,
+    /// Most processes (and threads) a sandbox's workload may have at once.
+    pub pids_limit: Option<u64>,
 }
 
 impl Layer {
@@ -51,6 +53,7 @@ impl Layer {
             image_dir: self.image_dir.or(below.image_dir),
             agent_bin: self.agent_bin.or(below.agent_bin),
             default_memory: self.default_memory.or(below.default_memory),
+            pids_limit: self.pids_limit.or(below.pids_limit),
         }
     }
 
@@ -58,8 +61,7 @@ impl Layer {
     pub fn from_file(data_dir: &Path) -> anyhow::Result<Layer> {
         let path = data_dir.join(CONFIG_FILE);
         match std::fs::read_to_string(&path) {
-            Ok(text) => toml::from_str(&text)
-                .with_context(|| format!("invalid settings in {}", path.display())),
+            Ok(text) => toml::from_str(&text).with_context(|| format!("invalid settings in {}", path.display())),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Layer::default()),
             Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
         }
@@ -87,6 +89,8 @@ pub struct Settings {
     pub agent_bin: Option<PathBuf>,
     /// Default sandbox memory limit, bytes.
     pub default_memory: u64,
+    /// Most processes per sandbox.
+    pub pids_limit: u64,
 }
 
 /// The listen address when nothing else says.
@@ -96,9 +100,9 @@ impl Settings {
     /// Resolves a merged layer against the embedded defaults, checking every value.
     pub fn resolve(layer: Layer) -> anyhow::Result<Settings> {
         let listen_text = layer.listen.unwrap_or_else(|| DEFAULT_LISTEN.into());
-        let listen = listen_text
-            .parse()
-            .with_context(|| format!("listen address {listen_text:?} is not HOST:PORT with an IP host, e.g. 127.0.0.1:8420"))?;
+        let listen = listen_text.parse().with_context(|| {
+            format!("listen address {listen_text:?} is not HOST:PORT with an IP host, e.g. 127.0.0.1:8420")
+        })?;
         let tls = match (layer.tls_cert, layer.tls_key) {
             (Some(c), Some(k)) => Some((c, k)),
             (None, None) => None,
@@ -114,10 +118,7 @@ impl Settings {
         let isolation = layer
             .isolation
             .as_deref()
-            .map(|s| {
-                s.parse::<compute_runtime::Isolation>()
-                    .map_err(|e| anyhow::anyhow!(e))
-            })
+            .map(|s| s.parse::<compute_runtime::Isolation>().map_err(|e| anyhow::anyhow!(e)))
             .transpose()?;
         let default_memory = compute_control::quantity::parse_memory(
             "default_memory",
@@ -133,6 +134,7 @@ impl Settings {
             image_dir: layer.image_dir,
             agent_bin: layer.agent_bin,
             default_memory,
+            pids_limit: layer.pids_limit.unwrap_or(4096).max(16),
         })
     }
 }
@@ -142,9 +144,7 @@ pub fn parse_size(text: &str) -> anyhow::Result<usize> {
     let t = text.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let n: usize = num
-        .parse()
-        .with_context(|| format!("size {text:?} must start with a number"))?;
+    let n: usize = num.parse().with_context(|| format!("size {text:?} must start with a number"))?;
     let mult = match unit.trim() {
         "" | "B" => 1,
         "KiB" => 1 << 10,
@@ -155,9 +155,7 @@ pub fn parse_size(text: &str) -> anyhow::Result<usize> {
         "GB" => 1000 * 1000 * 1000,
         other => bail!("size unit {other:?} is not one of B, KiB, MiB, GiB, KB, MB, GB"),
     };
-    let bytes = n
-        .checked_mul(mult)
-        .with_context(|| format!("size {text:?} is too large"))?;
+    let bytes = n.checked_mul(mult).with_context(|| format!("size {text:?} is too large"))?;
     if bytes == 0 {
         bail!("size {text:?} must be positive");
     }
@@ -169,9 +167,7 @@ pub fn parse_duration(text: &str) -> anyhow::Result<Duration> {
     let t = text.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let n: u64 = num
-        .parse()
-        .with_context(|| format!("duration {text:?} must start with a number"))?;
+    let n: u64 = num.parse().with_context(|| format!("duration {text:?} must start with a number"))?;
     let secs = match unit {
         "s" => n,
         "m" => n * 60,
@@ -190,9 +186,7 @@ pub fn default_data_dir() -> PathBuf {
     if let Some(xdg) = std::env::var_os("XDG_DATA_HOME").filter(|v| !v.is_empty()) {
         return PathBuf::from(xdg).join("compute");
     }
-    let home = std::env::var_os("HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/tmp"));
+    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/tmp"));
     home.join(".local/share/compute")
 }
 
@@ -213,18 +207,11 @@ mod tests {
             max_message_size: Some("1MiB".into()),
             ..Default::default()
         };
-        let flags = Layer {
-            listen: Some("127.0.0.1:3333".into()),
-            ..Default::default()
-        };
+        let flags = Layer { listen: Some("127.0.0.1:3333".into()), ..Default::default() };
 
         let s = Settings::resolve(flags.clone().over(env.clone().over(file.clone()))).unwrap();
         assert_eq!(s.listen.port(), 3333, "flag wins");
-        assert_eq!(
-            s.max_message_bytes,
-            1 << 20,
-            "env wins over file and default"
-        );
+        assert_eq!(s.max_message_bytes, 1 << 20, "env wins over file and default");
         assert!(s.json_logs, "file wins over default");
         assert_eq!(s.token_ttl, Duration::from_secs(2 * 86400));
 
@@ -239,23 +226,11 @@ mod tests {
 
     #[test]
     fn bad_values_name_the_setting() {
-        let err = Settings::resolve(Layer {
-            listen: Some("localhost".into()),
-            ..Default::default()
-        })
-        .unwrap_err();
+        let err = Settings::resolve(Layer { listen: Some("localhost".into()), ..Default::default() }).unwrap_err();
         assert!(format!("{err:#}").contains("listen address"), "{err:#}");
-        let err = Settings::resolve(Layer {
-            tls_cert: Some("c".into()),
-            ..Default::default()
-        })
-        .unwrap_err();
+        let err = Settings::resolve(Layer { tls_cert: Some("c".into()), ..Default::default() }).unwrap_err();
         assert!(err.to_string().contains("tls_key"));
-        let err = Settings::resolve(Layer {
-            log_format: Some("xml".into()),
-            ..Default::default()
-        })
-        .unwrap_err();
+        let err = Settings::resolve(Layer { log_format: Some("xml".into()), ..Default::default() }).unwrap_err();
         assert!(err.to_string().contains("text, json"));
         assert!(parse_size("12XB").is_err());
         assert!(parse_duration("12").is_err());
@@ -269,10 +244,7 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         assert_eq!(Layer::from_file(&dir).unwrap(), Layer::default());
         std::fs::write(dir.join(CONFIG_FILE), "listen = \"0.0.0.0:9000\"\n").unwrap();
-        assert_eq!(
-            Layer::from_file(&dir).unwrap().listen.as_deref(),
-            Some("0.0.0.0:9000")
-        );
+        assert_eq!(Layer::from_file(&dir).unwrap().listen.as_deref(), Some("0.0.0.0:9000"));
         std::fs::write(dir.join(CONFIG_FILE), "lisen = 1\n").unwrap();
         let err = Layer::from_file(&dir).unwrap_err();
         assert!(format!("{err:#}").contains("lisen"), "{err:#}");

@@ -18,10 +18,7 @@ use tonic::metadata::MetadataValue;
 use tonic::Code;
 
 fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
+    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
 }
 
 /// One raw HTTP/1.1 exchange; returns the whole response.
@@ -39,13 +36,7 @@ fn http1(server: &TestServer, request: &[u8]) -> String {
     String::from_utf8_lossy(&http1_bytes(server, request)).into_owned()
 }
 
-fn connect_post(
-    server: &TestServer,
-    path: &str,
-    content_type: &str,
-    body: &[u8],
-    extra_headers: &str,
-) -> String {
+fn connect_post(server: &TestServer, path: &str, content_type: &str, body: &[u8], extra_headers: &str) -> String {
     let mut req = format!(
         "POST {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: {content_type}\r\n\
          Connect-Protocol-Version: 1\r\nContent-Length: {}\r\n{extra_headers}\r\n",
@@ -61,22 +52,12 @@ fn body_of(resp: &str) -> &str {
 }
 
 fn assert_healthy(server: &TestServer) {
-    let resp = http1(
-        server,
-        b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
-    );
-    assert!(
-        resp.starts_with("HTTP/1.1 200"),
-        "server stopped serving: {resp}"
-    );
+    let resp = http1(server, b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    assert!(resp.starts_with("HTTP/1.1 200"), "server stopped serving: {resp}");
 }
 
 async fn channel(server: &TestServer) -> tonic::transport::Channel {
-    tonic::transport::Endpoint::from_shared(server.url.clone())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap()
+    tonic::transport::Endpoint::from_shared(server.url.clone()).unwrap().connect().await.unwrap()
 }
 
 async fn token(server: &TestServer) -> String {
@@ -98,8 +79,7 @@ fn grpc_h2c_auth_and_gzip() {
     let server = TestServer::start("grpc", &[]);
     rt().block_on(async {
         let ch = channel(&server).await;
-        let mut auth = AuthServiceClient::new(ch.clone())
-            .send_compressed(tonic::codec::CompressionEncoding::Gzip);
+        let mut auth = AuthServiceClient::new(ch.clone()).send_compressed(tonic::codec::CompressionEncoding::Gzip);
         let resp = auth
             .get_token(GetTokenRequest {
                 client_id: server.client_id.clone(),
@@ -112,14 +92,8 @@ fn grpc_h2c_auth_and_gzip() {
             .into_inner();
         assert_eq!(resp.token_type, "Bearer");
         let env_id = resp.primary_environment.clone().unwrap();
-        assert_eq!(
-            resp.environment_id_to_name.get(&env_id).map(String::as_str),
-            Some("default")
-        );
-        assert!(
-            resp.expires_in > 30 * 86400,
-            "tokens are long-lived by default"
-        );
+        assert_eq!(resp.environment_id_to_name.get(&env_id).map(String::as_str), Some("default"));
+        assert!(resp.expires_in > 30 * 86400, "tokens are long-lived by default");
 
         // Second call with scope, as the SDK does.
         let scoped = auth
@@ -142,32 +116,17 @@ fn grpc_h2c_auth_and_gzip() {
         let mut req = tonic::Request::new(GetEnvRequest {});
         let bearer: MetadataValue<_> = format!("Bearer {}", scoped.access_token).parse().unwrap();
         req.metadata_mut().insert("authorization", bearer.clone());
-        req.metadata_mut()
-            .insert("x-chalk-env-id", env_id.parse().unwrap());
-        let env = team
-            .get_env(req)
-            .await
-            .unwrap()
-            .into_inner()
-            .environment
-            .unwrap();
-        assert_eq!(
-            (env.id.as_str(), env.name.as_str()),
-            (env_id.as_str(), "default")
-        );
+        req.metadata_mut().insert("x-chalk-env-id", env_id.parse().unwrap());
+        let env = team.get_env(req).await.unwrap().into_inner().environment.unwrap();
+        assert_eq!((env.id.as_str(), env.name.as_str()), (env_id.as_str(), "default"));
 
         let mut req = tonic::Request::new(GetEnvRequest {});
-        req.metadata_mut()
-            .insert("authorization", "Bearer not.a.token".parse().unwrap());
-        assert_eq!(
-            team.get_env(req).await.unwrap_err().code(),
-            Code::Unauthenticated
-        );
+        req.metadata_mut().insert("authorization", "Bearer not.a.token".parse().unwrap());
+        assert_eq!(team.get_env(req).await.unwrap_err().code(), Code::Unauthenticated);
 
         let mut req = tonic::Request::new(GetEnvRequest {});
         req.metadata_mut().insert("authorization", bearer);
-        req.metadata_mut()
-            .insert("x-chalk-env-id", "env-someone-else".parse().unwrap());
+        req.metadata_mut().insert("x-chalk-env-id", "env-someone-else".parse().unwrap());
         let err = team.get_env(req).await.unwrap_err();
         assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
 
@@ -180,11 +139,7 @@ fn grpc_h2c_auth_and_gzip() {
             .await
             .unwrap_err();
         assert_eq!(err.code(), Code::Unauthenticated);
-        assert!(
-            err.message().contains("invalid client credentials"),
-            "{}",
-            err.message()
-        );
+        assert!(err.message().contains("invalid client credentials"), "{}", err.message());
     });
 }
 
@@ -195,15 +150,12 @@ fn unimplemented_methods_answer_promptly_naming_themselves() {
         let token = token(&server).await;
         let mut grpc = tonic::client::Grpc::new(channel(&server).await);
         grpc.ready().await.unwrap();
-        let mut req =
-            tonic::Request::new(compute_proto::chalk::sandbox::v2::GetSandboxRequest::default());
-        req.metadata_mut()
-            .insert("authorization", format!("Bearer {token}").parse().unwrap());
-        let path =
-            http::uri::PathAndQuery::from_static("/chalk.sandbox.v2.SandboxService/GetSandbox");
+        let mut req = tonic::Request::new(compute_proto::chalk::sandbox::v2::GetSandboxRequest::default());
+        req.metadata_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
+        let path = http::uri::PathAndQuery::from_static("/chalk.sandbox.v2.SandboxService/GetSandbox");
         let started = std::time::Instant::now();
         let err = grpc
-            .unary::<_, compute_proto::chalk::sandbox::v2::GetSandboxResponse, _>(
+            .unary::<_, compute_proto::chalk::volume::v2::GetVolumeResponse, _>(
                 req,
                 path,
                 tonic_prost::ProstCodec::default(),
@@ -211,12 +163,7 @@ fn unimplemented_methods_answer_promptly_naming_themselves() {
             .await
             .unwrap_err();
         assert_eq!(err.code(), Code::Unimplemented);
-        assert!(
-            err.message()
-                .contains("chalk.sandbox.v2.SandboxService/GetSandbox"),
-            "{}",
-            err.message()
-        );
+        assert!(err.message().contains("chalk.sandbox.v2.SandboxService/GetSandbox"), "{}", err.message());
         assert!(started.elapsed() < Duration::from_secs(5));
 
         // A path we do not serve at all.
@@ -231,11 +178,7 @@ fn unimplemented_methods_answer_promptly_naming_themselves() {
             .await
             .unwrap_err();
         assert_eq!(err.code(), Code::Unimplemented);
-        assert!(
-            err.message().contains("/chalk.nope.v1.Nope/Nope"),
-            "{}",
-            err.message()
-        );
+        assert!(err.message().contains("/chalk.nope.v1.Nope/Nope"), "{}", err.message());
     });
 }
 
@@ -259,20 +202,13 @@ fn connect_unary_over_http1_proto_and_json() {
     let raw = http1_bytes(&server, &request);
     let resp = String::from_utf8_lossy(&raw).into_owned();
     assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
-    assert!(resp
-        .to_ascii_lowercase()
-        .contains("content-type: application/proto"));
+    assert!(resp.to_ascii_lowercase().contains("content-type: application/proto"));
     let split = raw.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
-    let token = GetTokenResponse::decode(&raw[split..])
-        .unwrap()
-        .access_token;
+    let token = GetTokenResponse::decode(&raw[split..]).unwrap().access_token;
     assert_eq!(token.split('.').count(), 3);
 
     // JSON codec, gzip-compressed body.
-    let json = format!(
-        r#"{{"clientId":"{}","clientSecret":"{}"}}"#,
-        server.client_id, server.client_secret
-    );
+    let json = format!(r#"{{"clientId":"{}","clientSecret":"{}"}}"#, server.client_id, server.client_secret);
     let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
     gz.write_all(json.as_bytes()).unwrap();
     let resp = connect_post(
@@ -284,10 +220,7 @@ fn connect_unary_over_http1_proto_and_json() {
     );
     assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
     let v: serde_json::Value = serde_json::from_str(body_of(&resp)).unwrap();
-    assert!(
-        v["accessToken"].as_str().unwrap().split('.').count() == 3,
-        "{v}"
-    );
+    assert!(v["accessToken"].as_str().unwrap().split('.').count() == 3, "{v}");
 
     // Errors use the Connect JSON error body and HTTP status.
     let resp = connect_post(
@@ -301,83 +234,39 @@ fn connect_unary_over_http1_proto_and_json() {
     let v: serde_json::Value = serde_json::from_str(body_of(&resp)).unwrap();
     assert_eq!(v["code"], "unauthenticated");
 
-    let resp = connect_post(
-        &server,
-        "/chalk.server.v1.TeamService/GetEnv",
-        "application/proto",
-        b"",
-        "",
-    );
+    let resp = connect_post(&server, "/chalk.server.v1.TeamService/GetEnv", "application/proto", b"", "");
     assert!(resp.starts_with("HTTP/1.1 401"), "{resp}");
 
     let auth = format!("Authorization: Bearer {token}\r\n");
-    let resp = connect_post(
-        &server,
-        "/chalk.server.v1.TeamService/GetEnv",
-        "application/json",
-        b"{}",
-        &auth,
-    );
+    let resp = connect_post(&server, "/chalk.server.v1.TeamService/GetEnv", "application/json", b"{}", &auth);
     assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
     assert!(body_of(&resp).contains("\"default\""), "{resp}");
 
-    let resp = connect_post(
-        &server,
-        "/chalk.volume.v2.VolumeService/GetFile",
-        "application/proto",
-        b"",
-        &auth,
-    );
+    let resp = connect_post(&server, "/chalk.volume.v2.VolumeService/GetFile", "application/proto", b"", &auth);
     assert!(resp.starts_with("HTTP/1.1 501"), "{resp}");
     let v: serde_json::Value = serde_json::from_str(body_of(&resp)).unwrap();
     assert_eq!(v["code"], "unimplemented");
-    assert!(v["message"]
-        .as_str()
-        .unwrap()
-        .contains("VolumeService/GetFile"));
+    assert!(v["message"].as_str().unwrap().contains("VolumeService/GetFile"));
 
-    let resp = connect_post(
-        &server,
-        "/chalk.server.v1.TeamService/GetEnv",
-        "application/json",
-        b"{not json",
-        &auth,
-    );
+    let resp = connect_post(&server, "/chalk.server.v1.TeamService/GetEnv", "application/json", b"{not json", &auth);
     assert!(resp.starts_with("HTTP/1.1 400"), "{resp}");
     assert!(body_of(&resp).contains("invalid_argument"), "{resp}");
 
-    let resp = connect_post(
-        &server,
-        "/chalk.server.v1.TeamService/GetEnv",
-        "text/plain",
-        b"hi",
-        &auth,
-    );
+    let resp = connect_post(&server, "/chalk.server.v1.TeamService/GetEnv", "text/plain", b"hi", &auth);
     assert!(resp.starts_with("HTTP/1.1 415"), "{resp}");
 
-    let resp = connect_post(
-        &server,
-        "/chalk.sandbox.v2.SandboxProcessService/OpenSession",
-        "application/proto",
-        b"",
-        &auth,
-    );
+    let resp =
+        connect_post(&server, "/chalk.sandbox.v2.SandboxProcessService/OpenSession", "application/proto", b"", &auth);
     assert!(body_of(&resp).contains("streaming method"), "{resp}");
 
     // who-am-i, as the native volume client calls it.
-    let resp = http1(
-        &server,
-        format!("GET /v1/who-am-i HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{auth}\r\n")
-            .as_bytes(),
-    );
+    let resp =
+        http1(&server, format!("GET /v1/who-am-i HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{auth}\r\n").as_bytes());
     assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
     let v: serde_json::Value = serde_json::from_str(body_of(&resp)).unwrap();
     assert_eq!(v["user"], server.client_id.as_str());
     assert!(v["environment_id"].as_str().unwrap().starts_with("env-"));
-    let resp = http1(
-        &server,
-        b"GET /v1/who-am-i HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
-    );
+    let resp = http1(&server, b"GET /v1/who-am-i HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
     assert!(resp.starts_with("HTTP/1.1 401"), "{resp}");
 }
 
@@ -392,49 +281,29 @@ fn bad_input_gets_protocol_errors_and_the_server_keeps_serving() {
     let mut out = Vec::new();
     let _ = s.read_to_end(&mut out);
     let text = String::from_utf8_lossy(&out);
-    assert!(
-        text.is_empty() || text.starts_with("HTTP/1.1 400"),
-        "{text}"
-    );
+    assert!(text.is_empty() || text.starts_with("HTTP/1.1 400"), "{text}");
     assert_healthy(&server);
 
     // A broken HTTP/2 preface.
     // (The server waits for the rest of the claimed frame; the client gives up after a second.)
     let mut s = TcpStream::connect(server.addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
-    s.write_all(
-        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\xff\x04\x00\x00\x00\x00\x00garbage-frames",
-    )
-    .unwrap();
+    s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\xff\x04\x00\x00\x00\x00\x00garbage-frames").unwrap();
     let _ = s.read_to_end(&mut Vec::new());
     assert_healthy(&server);
 
     // gRPC content over HTTP/1.1.
-    let resp = connect_post(
-        &server,
-        "/chalk.server.v1.AuthService/GetToken",
-        "application/grpc",
-        b"\0\0\0\0\0",
-        "",
-    );
+    let resp = connect_post(&server, "/chalk.server.v1.AuthService/GetToken", "application/grpc", b"\0\0\0\0\0", "");
     assert!(resp.starts_with("HTTP/1.1 505"), "{resp}");
     assert!(resp.contains("HTTP/2"), "{resp}");
     // An HTTP/1.1 GET of a gRPC path.
-    let resp = http1(&server, b"GET /chalk.server.v1.AuthService/GetToken HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
-    assert!(
-        resp.starts_with("HTTP/1.1 4") || resp.starts_with("HTTP/1.1 5"),
-        "{resp}"
-    );
+    let resp =
+        http1(&server, b"GET /chalk.server.v1.AuthService/GetToken HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    assert!(resp.starts_with("HTTP/1.1 4") || resp.starts_with("HTTP/1.1 5"), "{resp}");
 
     // Oversized Connect request.
     let big = vec![b'a'; 2 << 20];
-    let resp = connect_post(
-        &server,
-        "/chalk.server.v1.AuthService/GetToken",
-        "application/proto",
-        &big,
-        "",
-    );
+    let resp = connect_post(&server, "/chalk.server.v1.AuthService/GetToken", "application/proto", &big, "");
     assert!(resp.starts_with("HTTP/1.1 429"), "{resp}");
     assert!(body_of(&resp).contains("resource_exhausted"), "{resp}");
     assert_healthy(&server);
@@ -442,23 +311,13 @@ fn bad_input_gets_protocol_errors_and_the_server_keeps_serving() {
     rt().block_on(async {
         // Oversized gRPC message.
         let mut auth = AuthServiceClient::new(channel(&server).await);
-        let err = auth
-            .get_token(GetTokenRequest {
-                client_id: "x".repeat(2 << 20),
-                ..Default::default()
-            })
-            .await
-            .unwrap_err();
+        let err =
+            auth.get_token(GetTokenRequest { client_id: "x".repeat(2 << 20), ..Default::default() }).await.unwrap_err();
         assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
 
         // A frame that claims gzip but is not.
-        let (code, message) = raw_grpc(
-            &server,
-            "/chalk.server.v1.AuthService/GetToken",
-            true,
-            b"this is not gzip",
-        )
-        .await;
+        let (code, message) =
+            raw_grpc(&server, "/chalk.server.v1.AuthService/GetToken", true, b"this is not gzip").await;
         assert_ne!(code, 0, "a malformed gzip frame must fail");
         assert!(!message.is_empty());
         // A frame that claims gzip without the grpc-encoding header: a protocol error too.
@@ -480,12 +339,7 @@ fn bad_input_gets_protocol_errors_and_the_server_keeps_serving() {
 }
 
 /// One gRPC call with a hand-made body over a fresh h2c connection; returns (grpc-status, grpc-message).
-async fn raw_grpc(
-    server: &TestServer,
-    path: &str,
-    compressed: bool,
-    payload: &[u8],
-) -> (i32, String) {
+async fn raw_grpc(server: &TestServer, path: &str, compressed: bool, payload: &[u8]) -> (i32, String) {
     let mut framed = BytesMut::new();
     framed.put_u8(u8::from(compressed));
     framed.put_u32(payload.len() as u32);
@@ -493,12 +347,7 @@ async fn raw_grpc(
     raw_grpc_bytes(server, path, Some("gzip"), framed.freeze()).await
 }
 
-async fn raw_grpc_bytes(
-    server: &TestServer,
-    path: &str,
-    encoding: Option<&str>,
-    body: Bytes,
-) -> (i32, String) {
+async fn raw_grpc_bytes(server: &TestServer, path: &str, encoding: Option<&str>, body: Bytes) -> (i32, String) {
     let stream = tokio::net::TcpStream::connect(server.addr).await.unwrap();
     let (mut send, conn) = hyper::client::conn::http2::handshake(
         hyper_util::rt::TokioExecutor::new(),
@@ -515,24 +364,13 @@ async fn raw_grpc_bytes(
     if let Some(enc) = encoding {
         req = req.header("grpc-encoding", enc);
     }
-    let resp = send
-        .send_request(req.body(Full::new(body)).unwrap())
-        .await
-        .unwrap();
+    let resp = send.send_request(req.body(Full::new(body)).unwrap()).await.unwrap();
     let (parts, body) = resp.into_parts();
     let collected = body.collect().await.unwrap();
     let trailers = collected.trailers().cloned().unwrap_or_default();
-    let get = |name: &str| {
-        parts
-            .headers
-            .get(name)
-            .or_else(|| trailers.get(name))
-            .map(|v| v.to_str().unwrap().to_string())
-    };
-    (
-        get("grpc-status").unwrap_or_default().parse().unwrap_or(-1),
-        get("grpc-message").unwrap_or_default(),
-    )
+    let get =
+        |name: &str| parts.headers.get(name).or_else(|| trailers.get(name)).map(|v| v.to_str().unwrap().to_string());
+    (get("grpc-status").unwrap_or_default().parse().unwrap_or(-1), get("grpc-message").unwrap_or_default())
 }
 
 #[test]
@@ -541,43 +379,16 @@ fn tls_on_the_same_port() {
     std::fs::create_dir_all(&dir).unwrap();
     let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
     let ok = std::process::Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-days",
-            "1",
-        ])
-        .args([
-            "-subj",
-            "/CN=localhost",
-            "-addext",
-            "subjectAltName=IP:127.0.0.1,DNS:localhost",
-            "-keyout",
-        ])
+        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "1"])
+        .args(["-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost", "-keyout"])
         .arg(&key)
         .arg("-out")
         .arg(&cert)
         .output()
         .expect("openssl is needed to make a test certificate");
-    assert!(
-        ok.status.success(),
-        "{}",
-        String::from_utf8_lossy(&ok.stderr)
-    );
-    let server = TestServer::start_in(
-        dir.clone(),
-        &[
-            "--tls-cert",
-            cert.to_str().unwrap(),
-            "--tls-key",
-            key.to_str().unwrap(),
-        ],
-    );
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    let server =
+        TestServer::start_in(dir.clone(), &["--tls-cert", cert.to_str().unwrap(), "--tls-key", key.to_str().unwrap()]);
     let https = format!("https://127.0.0.1:{}", server.addr.port());
     // HTTP/2 negotiated by ALPN.
     let out = std::process::Command::new("curl")
@@ -594,17 +405,9 @@ fn tls_on_the_same_port() {
         .arg(format!("{https}/healthz"))
         .output()
         .unwrap();
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout),
-        "2 200",
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "2 200", "{}", String::from_utf8_lossy(&out.stderr));
     // Connect over TLS with HTTP/1.1.
-    let body = format!(
-        r#"{{"clientId":"{}","clientSecret":"{}"}}"#,
-        server.client_id, server.client_secret
-    );
+    let body = format!(r#"{{"clientId":"{}","clientSecret":"{}"}}"#, server.client_id, server.client_secret);
     let out = std::process::Command::new("curl")
         .args([
             "-sS",
@@ -631,27 +434,18 @@ fn metrics_count_requests_and_errors() {
     rt().block_on(async {
         token(&server).await;
         let mut auth = AuthServiceClient::new(channel(&server).await);
-        let _ = auth
-            .get_token(GetTokenRequest {
-                client_id: "nobody".into(),
-                ..Default::default()
-            })
-            .await;
+        let _ = auth.get_token(GetTokenRequest { client_id: "nobody".into(), ..Default::default() }).await;
     });
-    let resp = http1(
-        &server,
-        b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
-    );
+    let resp = http1(&server, b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
     let body = body_of(&resp);
     assert!(
-        body.contains(r#"compute_api_requests_total{method="/chalk.server.v1.AuthService/GetToken",protocol="grpc",code="OK"} 1"#),
+        body.contains(
+            r#"compute_api_requests_total{method="/chalk.server.v1.AuthService/GetToken",protocol="grpc",code="OK"} 1"#
+        ),
         "{body}"
     );
     assert!(body.contains(r#"code="UNAUTHENTICATED"} 1"#), "{body}");
-    assert!(
-        body.contains("compute_api_request_duration_seconds_bucket"),
-        "{body}"
-    );
+    assert!(body.contains("compute_api_request_duration_seconds_bucket"), "{body}");
     assert!(body.contains("compute_api_in_flight_requests 0"), "{body}");
 }
 
@@ -661,10 +455,7 @@ fn sigterm_shuts_down_cleanly() {
     assert_healthy(&server);
     let status = server.stop();
     assert!(status.success(), "exit status {status:?}");
-    assert!(
-        !server.data_dir.join("server.json").exists(),
-        "server.json is removed on a clean shutdown"
-    );
+    assert!(!server.data_dir.join("server.json").exists(), "server.json is removed on a clean shutdown");
     // A restart on the same data directory keeps the same admin credentials and works.
     let again = TestServer::start_in(server.data_dir.clone(), &[]);
     assert_eq!(again.client_id, server.client_id);

@@ -77,8 +77,7 @@ impl Auth {
         self.store.write(|r| {
             r.signing_keys().insert(&key)?;
             if retire_previous {
-                r.signing_keys()
-                    .retire_all_but(&key.kid, compute_store::now_millis())?;
+                r.signing_keys().retire_all_but(&key.kid, compute_store::now_millis())?;
             }
             Ok(())
         })?;
@@ -94,9 +93,7 @@ impl Auth {
         all_environments: bool,
     ) -> Result<NewClientCredentials, ControlError> {
         if name.trim().is_empty() || name.len() > 200 {
-            return Err(ControlError::InvalidArgument(
-                "client name must be 1-200 characters".into(),
-            ));
+            return Err(ControlError::InvalidArgument("client name must be 1-200 characters".into()));
         }
         let secret = ids::client_secret();
         let secret_hash = secret_hash::hash(&secret)?;
@@ -111,11 +108,7 @@ impl Auth {
             revoked_at: None,
         };
         self.store.write(|r| r.clients().insert(&client))?;
-        Ok(NewClientCredentials {
-            client_id: client.id,
-            client_secret: secret,
-            environment_id: env.id,
-        })
+        Ok(NewClientCredentials { client_id: client.id, client_secret: secret, environment_id: env.id })
     }
 
     /// Every client.
@@ -125,15 +118,10 @@ impl Auth {
 
     /// Revokes a client: its secret stops working and so do the tokens it already holds.
     pub fn revoke_client(&self, client_id: &str) -> Result<(), ControlError> {
-        if self
-            .store
-            .write(|r| r.clients().revoke(client_id, compute_store::now_millis()))?
-        {
+        if self.store.write(|r| r.clients().revoke(client_id, compute_store::now_millis()))? {
             Ok(())
         } else {
-            Err(ControlError::NotFound(format!(
-                "client {client_id:?} does not exist"
-            )))
+            Err(ControlError::NotFound(format!("client {client_id:?} does not exist")))
         }
     }
 
@@ -165,16 +153,10 @@ impl Auth {
         let environment_id = match scope.map(str::trim).filter(|s| !s.is_empty()) {
             None => client.environment_id.clone(),
             Some(scope) => {
-                let wanted = scope
-                    .strip_prefix("env:")
-                    .ok_or_else(|| AuthError::InvalidScope(scope.into()))?;
+                let wanted = scope.strip_prefix("env:").ok_or_else(|| AuthError::InvalidScope(scope.into()))?;
                 let env = self.resolve_environment(wanted)?;
                 if !environments.iter().any(|e| e.id == env.id) {
-                    return Err(AuthError::EnvironmentDenied {
-                        client: client.id,
-                        environment: wanted.into(),
-                    }
-                    .into());
+                    return Err(AuthError::EnvironmentDenied { client: client.id, environment: wanted.into() }.into());
                 }
                 env.id
             }
@@ -202,25 +184,14 @@ impl Auth {
 
     /// Verifies a bearer token and the environment the request asks for (`x-chalk-env-id`, by id or name;
     /// empty means the token's own). The token's client must still exist and not be revoked.
-    pub fn authenticate(
-        &self,
-        bearer: &str,
-        requested_env: Option<&str>,
-    ) -> Result<Principal, ControlError> {
+    pub fn authenticate(&self, bearer: &str, requested_env: Option<&str>) -> Result<Principal, ControlError> {
         let kid = token::key_id(bearer).map_err(AuthError::from)?;
-        let key = self.store.read(|r| {
-            Ok(r.signing_keys()
-                .active()?
-                .into_iter()
-                .find(|k| k.kid == kid))
-        })?;
+        let key = self.store.read(|r| Ok(r.signing_keys().active()?.into_iter().find(|k| k.kid == kid)))?;
         let key = key.ok_or(AuthError::InvalidToken(token::TokenError::UnknownKey))?;
         let claims = token::verify(bearer, &key, now_secs()).map_err(AuthError::from)?;
         // A client that no longer exists is as good as revoked.
-        let client = self
-            .store
-            .read(|r| r.clients().get(&claims.sub))?
-            .ok_or_else(|| AuthError::Revoked(claims.sub.clone()))?;
+        let client =
+            self.store.read(|r| r.clients().get(&claims.sub))?.ok_or_else(|| AuthError::Revoked(claims.sub.clone()))?;
         if client.revoked_at.is_some() {
             return Err(AuthError::Revoked(client.id).into());
         }
@@ -239,11 +210,7 @@ impl Auth {
                 }
             }
         }
-        Ok(Principal {
-            client_id: claims.sub,
-            environment_id: claims.environment_id,
-            expires_at: claims.exp,
-        })
+        Ok(Principal { client_id: claims.sub, environment_id: claims.environment_id, expires_at: claims.exp })
     }
 
     /// The environment with this id or, failing that, this name.
@@ -258,10 +225,7 @@ impl Auth {
 
     fn accessible_environments(&self, client: &Client) -> Result<Vec<Environment>, ControlError> {
         let all = self.store.read(|r| r.environments().list())?;
-        Ok(all
-            .into_iter()
-            .filter(|e| client.all_environments || e.id == client.environment_id)
-            .collect())
+        Ok(all.into_iter().filter(|e| client.all_environments || e.id == client.environment_id).collect())
     }
 
     fn signing_key(&self) -> Result<SigningKey, ControlError> {

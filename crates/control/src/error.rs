@@ -54,9 +54,7 @@ pub enum ControlError {
 impl From<StoreError> for ControlError {
     fn from(e: StoreError) -> Self {
         match e {
-            StoreError::AlreadyExists { what } => {
-                ControlError::AlreadyExists(format!("{what} already exists"))
-            }
+            StoreError::AlreadyExists { what } => ControlError::AlreadyExists(format!("{what} already exists")),
             other => ControlError::Store(other),
         }
     }

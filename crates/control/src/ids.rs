@@ -9,9 +9,7 @@ const ALPHABET: &[u8] = b"0123456789abcdefghijklmnopqrstuvwxyz";
 /// `len` random characters from `[0-9a-z]`.
 pub fn random_token(len: usize) -> String {
     let mut rng = rand::thread_rng();
-    (0..len)
-        .map(|_| ALPHABET[rng.gen_range(0..ALPHABET.len())] as char)
-        .collect()
+    (0..len).map(|_| ALPHABET[rng.gen_range(0..ALPHABET.len())] as char).collect()
 }
 
 /// A new environment id.
@@ -32,11 +30,8 @@ pub fn client_secret() -> String {
 /// Checks a resource name: 1–63 characters of `[a-z0-9-]`, starting and ending with a letter or digit (a DNS
 /// label, because names become host names and pod names).
 pub fn validate_name(field: &str, name: &str) -> Result<(), ControlError> {
-    let ok_chars = name
-        .bytes()
-        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
-    let ok_ends = name.bytes().next().is_some_and(|b| b != b'-')
-        && name.bytes().last().is_some_and(|b| b != b'-');
+    let ok_chars = name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    let ok_ends = name.bytes().next().is_some_and(|b| b != b'-') && name.bytes().last().is_some_and(|b| b != b'-');
     if name.is_empty() || name.len() > 63 || !ok_chars || !ok_ends {
         return Err(ControlError::InvalidArgument(format!(
             "{field} {name:?} is not valid: use 1-63 characters of lowercase letters, digits and '-', starting and \

@@ -35,9 +35,7 @@ pub struct ControlConfig {
 
 impl Default for ControlConfig {
     fn default() -> Self {
-        Self {
-            token_ttl: Duration::from_secs(365 * 24 * 3600),
-        }
+        Self { token_ttl: Duration::from_secs(365 * 24 * 3600) }
     }
 }
 
@@ -58,14 +56,8 @@ pub struct FirstStart {
 impl Control {
     /// Opens the store in `data_dir` and makes sure the default environment and a signing key exist. On the
     /// first start it also creates the admin client and returns its credentials.
-    pub fn open(
-        data_dir: &Path,
-        config: ControlConfig,
-    ) -> Result<(Self, FirstStart), ControlError> {
-        std::fs::create_dir_all(data_dir).map_err(|source| ControlError::DataDir {
-            path: data_dir.into(),
-            source,
-        })?;
+    pub fn open(data_dir: &Path, config: ControlConfig) -> Result<(Self, FirstStart), ControlError> {
+        std::fs::create_dir_all(data_dir).map_err(|source| ControlError::DataDir { path: data_dir.into(), source })?;
         let store = Arc::new(Store::open(data_dir.join("state.db"))?);
         let auth = Auth::new(store.clone(), config.token_ttl);
         let created_default = store.write(|r| {
@@ -85,14 +77,7 @@ impl Control {
             let creds = auth.create_client("admin", DEFAULT_ENVIRONMENT, true)?;
             first.admin = Some(creds);
         }
-        Ok((
-            Self {
-                store,
-                auth,
-                data_dir: data_dir.to_path_buf(),
-            },
-            first,
-        ))
+        Ok((Self { store, auth, data_dir: data_dir.to_path_buf() }, first))
     }
 
     /// Identity: clients, tokens, environments.
@@ -113,11 +98,7 @@ impl Control {
     /// Creates an environment named `name`.
     pub fn create_environment(&self, name: &str) -> Result<Environment, ControlError> {
         ids::validate_name("environment name", name)?;
-        let env = Environment {
-            id: ids::environment_id(),
-            name: name.into(),
-            created_at: compute_store::now_millis(),
-        };
+        let env = Environment { id: ids::environment_id(), name: name.into(), created_at: compute_store::now_millis() };
         self.store.write(|r| r.environments().insert(&env))?;
         Ok(env)
     }

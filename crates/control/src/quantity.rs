@@ -35,9 +35,7 @@ pub fn parse_memory(field: &str, text: &str) -> Result<u64, ControlError> {
              (units Ki, Mi, Gi, Ti, k, M, G, T), at least 16Mi"
         ))
     };
-    let split = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(t.len());
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
     let n: f64 = num.parse().map_err(|_| bad())?;
     let mult: f64 = match unit {
@@ -71,10 +69,7 @@ mod tests {
         assert_eq!(parse_cpu("cpu", " 1.25 ").unwrap(), 1250);
         for bad in ["", "abc", "-1", "0", "5m", "2 cores", "1e9", "NaN", "m"] {
             let e = parse_cpu("resources.cpu", bad).unwrap_err().to_string();
-            assert!(
-                e.contains("resources.cpu") && e.contains("millicores"),
-                "{bad}: {e}"
-            );
+            assert!(e.contains("resources.cpu") && e.contains("millicores"), "{bad}: {e}");
         }
     }
 
@@ -86,13 +81,8 @@ mod tests {
         assert_eq!(parse_memory("m", "1.5Gi").unwrap(), 3 << 29);
         assert_eq!(parse_memory("m", "67108864").unwrap(), 64 << 20);
         for bad in ["", "4GB", "4gi", "lots", "1Mi", "-1Gi", "Gi"] {
-            let e = parse_memory("resources.memory", bad)
-                .unwrap_err()
-                .to_string();
-            assert!(
-                e.contains("resources.memory") && e.contains("512Mi"),
-                "{bad}: {e}"
-            );
+            let e = parse_memory("resources.memory", bad).unwrap_err().to_string();
+            assert!(e.contains("resources.memory") && e.contains("512Mi"), "{bad}: {e}");
         }
     }
 }

@@ -17,9 +17,7 @@ pub fn hash(secret: &str) -> Result<String, ControlError> {
 /// Whether `secret` matches `phc` (constant time in the secret). A malformed stored hash never matches.
 pub fn verify(secret: &str, phc: &str) -> bool {
     match PasswordHash::new(phc) {
-        Ok(parsed) => Argon2::default()
-            .verify_password(secret.as_bytes(), &parsed)
-            .is_ok(),
+        Ok(parsed) => Argon2::default().verify_password(secret.as_bytes(), &parsed).is_ok(),
         Err(_) => false,
     }
 }

@@ -63,11 +63,7 @@ pub enum TokenError {
 
 /// Signs `claims` with `key`.
 pub fn sign(claims: &Claims, key: &SigningKey) -> String {
-    let header = Header {
-        alg: "HS256".into(),
-        typ: "JWT".into(),
-        kid: key.kid.clone(),
-    };
+    let header = Header { alg: "HS256".into(), typ: "JWT".into(), kid: key.kid.clone() };
     let mut out = String::with_capacity(256);
     out.push_str(&URL_SAFE_NO_PAD.encode(serde_json::to_vec(&header).expect("header serializes")));
     out.push('.');
@@ -88,9 +84,7 @@ pub fn key_id(token: &str) -> Result<String, TokenError> {
 /// Verifies `token` against `key` (the key its `kid` names) at time `now` (seconds since the epoch).
 pub fn verify(token: &str, key: &SigningKey, now: i64) -> Result<Claims, TokenError> {
     let mut parts = token.split('.');
-    let (Some(h), Some(p), Some(s), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
+    let (Some(h), Some(p), Some(s), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
         return Err(TokenError::Malformed);
     };
     let header: Header = decode_json(h)?;
@@ -100,13 +94,9 @@ pub fn verify(token: &str, key: &SigningKey, now: i64) -> Result<Claims, TokenEr
     if header.kid != key.kid {
         return Err(TokenError::UnknownKey);
     }
-    let sig = URL_SAFE_NO_PAD
-        .decode(s)
-        .map_err(|_| TokenError::Malformed)?;
+    let sig = URL_SAFE_NO_PAD.decode(s).map_err(|_| TokenError::Malformed)?;
     let signed_len = h.len() + 1 + p.len();
-    mac(&key.secret, &token.as_bytes()[..signed_len])
-        .verify_slice(&sig)
-        .map_err(|_| TokenError::BadSignature)?;
+    mac(&key.secret, &token.as_bytes()[..signed_len]).verify_slice(&sig).map_err(|_| TokenError::BadSignature)?;
     let claims: Claims = decode_json(p)?;
     if claims.iss != ISSUER {
         return Err(TokenError::Issuer(claims.iss));
@@ -124,9 +114,7 @@ fn mac(secret: &[u8], data: &[u8]) -> Hmac<Sha256> {
 }
 
 fn decode_json<T: for<'de> Deserialize<'de>>(part: &str) -> Result<T, TokenError> {
-    let bytes = URL_SAFE_NO_PAD
-        .decode(part)
-        .map_err(|_| TokenError::Malformed)?;
+    let bytes = URL_SAFE_NO_PAD.decode(part).map_err(|_| TokenError::Malformed)?;
     serde_json::from_slice(&bytes).map_err(|_| TokenError::Malformed)
 }
 
@@ -135,12 +123,7 @@ mod tests {
     use super::*;
 
     fn key(kid: &str, secret: &[u8]) -> SigningKey {
-        SigningKey {
-            kid: kid.into(),
-            secret: secret.to_vec(),
-            created_at: 0,
-            retired_at: None,
-        }
+        SigningKey { kid: kid.into(), secret: secret.to_vec(), created_at: 0, retired_at: None }
     }
 
     fn claims(exp: i64) -> Claims {
@@ -167,8 +150,7 @@ mod tests {
     fn payload_is_what_the_sdk_parses() {
         let t = sign(&claims(1000), &key("k1", b"s"));
         let payload = t.split('.').nth(1).unwrap();
-        let v: serde_json::Value =
-            serde_json::from_slice(&URL_SAFE_NO_PAD.decode(payload).unwrap()).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&URL_SAFE_NO_PAD.decode(payload).unwrap()).unwrap();
         assert_eq!(v["environment_id"], "env-1");
         assert_eq!(v["exp"], 1000);
     }
@@ -185,14 +167,8 @@ mod tests {
     fn tampering_and_wrong_keys_are_rejected() {
         let k = key("k1", b"secret-one");
         let t = sign(&claims(1000), &k);
-        assert_eq!(
-            verify(&t, &key("k1", b"secret-two"), 0),
-            Err(TokenError::BadSignature)
-        );
-        assert_eq!(
-            verify(&t, &key("k2", b"secret-one"), 0),
-            Err(TokenError::UnknownKey)
-        );
+        assert_eq!(verify(&t, &key("k1", b"secret-two"), 0), Err(TokenError::BadSignature));
+        assert_eq!(verify(&t, &key("k2", b"secret-one"), 0), Err(TokenError::UnknownKey));
         // Swap in a payload for another environment, keeping the signature.
         let mut forged = claims(1000);
         forged.environment_id = "env-2".into();
@@ -214,9 +190,6 @@ mod tests {
             URL_SAFE_NO_PAD.encode(br#"{"alg":"none","typ":"JWT","kid":"k1"}"#),
             URL_SAFE_NO_PAD.encode(serde_json::to_vec(&claims(1000)).unwrap())
         );
-        assert_eq!(
-            verify(&none_alg, &k, 0),
-            Err(TokenError::Algorithm("none".into()))
-        );
+        assert_eq!(verify(&none_alg, &k, 0), Err(TokenError::Algorithm("none".into())));
     }
 }

@@ -10,9 +10,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use compute_image::ImageStore;
-use compute_runtime::{
-    EntrypointEnd, ExecSpec, Resources, Runtime, RuntimeError, SandboxSpec, Session,
-};
+use compute_runtime::{EntrypointEnd, ExecSpec, Resources, Runtime, RuntimeError, SandboxSpec, Session};
 use compute_store::{SandboxRecord, SandboxStatus, Store};
 use tokio::sync::mpsc;
 
@@ -94,18 +92,13 @@ impl Workloads {
         config: WorkloadConfig,
     ) -> Arc<Self> {
         let _ = std::fs::create_dir_all(&config.log_dir);
-        Arc::new(Self {
-            store,
-            runtime,
-            images,
-            config,
-        })
+        Arc::new(Self { store, runtime, images, config })
     }
 
     fn runtime(&self) -> Result<&Arc<Runtime>, ControlError> {
-        self.runtime.as_ref().map_err(|why| {
-            ControlError::Unavailable(format!("this server cannot run sandboxes: {why}"))
-        })
+        self.runtime
+            .as_ref()
+            .map_err(|why| ControlError::Unavailable(format!("this server cannot run sandboxes: {why}")))
     }
 
     /// After a restart: whatever was live could not be kept (its agent's pipes died with the old server), so its
@@ -127,28 +120,17 @@ impl Workloads {
         if let Ok(rt) = &self.runtime {
             let removed = rt.reconcile(&[]).await;
             if !removed.is_empty() {
-                tracing::info!(
-                    count = removed.len(),
-                    "removed sandboxes left over from a previous run"
-                );
+                tracing::info!(count = removed.len(), "removed sandboxes left over from a previous run");
             }
         }
         Ok(live.len())
     }
 
     /// Records a new workload and starts it in the background; returns the Pending record.
-    pub fn create(
-        self: &Arc<Self>,
-        who: &Principal,
-        req: WorkloadRequest,
-    ) -> Result<SandboxRecord, ControlError> {
+    pub fn create(self: &Arc<Self>, who: &Principal, req: WorkloadRequest) -> Result<SandboxRecord, ControlError> {
         let runtime = self.runtime()?.clone();
-        let cpu = req
-            .cpu
-            .as_deref()
-            .filter(|s| !s.trim().is_empty())
-            .map(|c| parse_cpu("resources.cpu", c))
-            .transpose()?;
+        let cpu =
+            req.cpu.as_deref().filter(|s| !s.trim().is_empty()).map(|c| parse_cpu("resources.cpu", c)).transpose()?;
         let memory = req
             .memory
             .as_deref()
@@ -166,11 +148,8 @@ impl Workloads {
             WorkloadKind::Sandbox => "sandbox",
             WorkloadKind::Container => "container",
         };
-        let name = if req.name.trim().is_empty() {
-            format!("{prefix}-{}", ids::random_token(8))
-        } else {
-            req.name.clone()
-        };
+        let name =
+            if req.name.trim().is_empty() { format!("{prefix}-{}", ids::random_token(8)) } else { req.name.clone() };
         ids::validate_name("spec.name", &name)?;
         for (k, _) in &req.env {
             if k.is_empty() || k.contains('=') || k.contains('\0') {
@@ -181,9 +160,7 @@ impl Workloads {
         }
         if let Some(l) = req.lifetime {
             if l.is_zero() {
-                return Err(ControlError::InvalidArgument(
-                    "spec.lifetime must be positive".into(),
-                ));
+                return Err(ControlError::InvalidArgument("spec.lifetime must be positive".into()));
             }
         }
         let rec = SandboxRecord {
@@ -202,14 +179,12 @@ impl Workloads {
             started_at: None,
             finished_at: None,
         };
-        self.store
-            .write(|r| r.sandboxes().insert(&rec))
-            .map_err(|e| match ControlError::from(e) {
-                ControlError::AlreadyExists(_) => ControlError::AlreadyExists(format!(
-                    "a live workload named {name:?} already exists in this environment"
-                )),
-                other => other,
-            })?;
+        self.store.write(|r| r.sandboxes().insert(&rec)).map_err(|e| match ControlError::from(e) {
+            ControlError::AlreadyExists(_) => ControlError::AlreadyExists(format!(
+                "a live workload named {name:?} already exists in this environment"
+            )),
+            other => other,
+        })?;
         let this = self.clone();
         let resources = Resources {
             cpu_millis: cpu,
@@ -233,13 +208,7 @@ impl Workloads {
         let image = match self.images.resolve(&rec.image).await {
             Ok(i) => i,
             Err(e) => {
-                return self.finish(
-                    &rec.id,
-                    SandboxStatus::Failed,
-                    &format!("image {}: {e}", rec.image),
-                    None,
-                    None,
-                )
+                return self.finish(&rec.id, SandboxStatus::Failed, &format!("image {}: {e}", rec.image), None, None)
             }
         };
         let mut env = image.config.env.clone();
@@ -250,13 +219,7 @@ impl Workloads {
             }
         }
         let command: Vec<String> = if req.entrypoint.is_empty() {
-            image
-                .config
-                .entrypoint
-                .iter()
-                .chain(image.config.cmd.iter())
-                .cloned()
-                .collect()
+            image.config.entrypoint.iter().chain(image.config.cmd.iter()).cloned().collect()
         } else {
             req.entrypoint.clone()
         };
@@ -279,19 +242,12 @@ impl Workloads {
         let sandbox = match runtime.start(spec).await {
             Ok(s) => s,
             Err(e) => {
-                return self.finish(
-                    &rec.id,
-                    SandboxStatus::Failed,
-                    &format!("starting the sandbox: {e}"),
-                    None,
-                    None,
-                )
+                return self.finish(&rec.id, SandboxStatus::Failed, &format!("starting the sandbox: {e}"), None, None)
             }
         };
-        let running = self.store.write(|r| {
-            r.sandboxes()
-                .transition(&rec.id, SandboxStatus::Running, Some(""), None, None, now())
-        });
+        let running = self
+            .store
+            .write(|r| r.sandboxes().transition(&rec.id, SandboxStatus::Running, Some(""), None, None, now()));
         if !matches!(running, Ok(true)) {
             // Terminated while it was starting.
             let _ = runtime.stop(&rec.id, Duration::ZERO).await;
@@ -303,15 +259,11 @@ impl Workloads {
             let this = self.clone();
             let id = rec.id.clone();
             let env = rec.environment_id.clone();
-            let deadline = Duration::from_millis(
-                (rec.created_at + lifetime.as_millis() as i64 - now()).max(0) as u64,
-            );
+            let deadline = Duration::from_millis((rec.created_at + lifetime.as_millis() as i64 - now()).max(0) as u64);
             tokio::spawn(async move {
                 tokio::time::sleep(deadline).await;
                 let msg = format!("its lifetime of {}s ended", lifetime.as_secs());
-                let _ = this
-                    .terminate_with(&env, &id, Duration::from_secs(5), &msg)
-                    .await;
+                let _ = this.terminate_with(&env, &id, Duration::from_secs(5), &msg).await;
             });
         }
 
@@ -329,41 +281,27 @@ impl Workloads {
             };
             let oom = sandbox.oom_kills() > 0;
             let (status, message, code) = match end {
-                EntrypointEnd::Exited { code: Some(0), .. } => (
-                    SandboxStatus::Succeeded,
-                    "entrypoint exited with code 0".to_string(),
-                    Some(0),
-                ),
-                EntrypointEnd::Exited {
-                    signal: Some(9), ..
-                } if oom => (
+                EntrypointEnd::Exited { code: Some(0), .. } => {
+                    (SandboxStatus::Succeeded, "entrypoint exited with code 0".to_string(), Some(0))
+                }
+                EntrypointEnd::Exited { signal: Some(9), .. } if oom => (
                     SandboxStatus::Failed,
                     "entrypoint was OOM-killed: the sandbox exceeded its memory limit".to_string(),
                     Some(137),
                 ),
-                EntrypointEnd::Exited { code: Some(c), .. } => (
-                    SandboxStatus::Failed,
-                    format!("entrypoint exited with code {c}"),
-                    Some(c),
-                ),
+                EntrypointEnd::Exited { code: Some(c), .. } => {
+                    (SandboxStatus::Failed, format!("entrypoint exited with code {c}"), Some(c))
+                }
                 EntrypointEnd::Exited { signal, .. } => {
                     let s = signal.unwrap_or(0);
-                    (
-                        SandboxStatus::Failed,
-                        format!("entrypoint was killed by signal {s}"),
-                        Some(128 + s),
-                    )
+                    (SandboxStatus::Failed, format!("entrypoint was killed by signal {s}"), Some(128 + s))
                 }
-                EntrypointEnd::Failed(msg) => (
-                    SandboxStatus::Failed,
-                    format!("entrypoint could not start: {msg}"),
-                    Some(127),
-                ),
-                EntrypointEnd::AgentGone => (
-                    SandboxStatus::Failed,
-                    "the sandbox's init process exited unexpectedly".to_string(),
-                    None,
-                ),
+                EntrypointEnd::Failed(msg) => {
+                    (SandboxStatus::Failed, format!("entrypoint could not start: {msg}"), Some(127))
+                }
+                EntrypointEnd::AgentGone => {
+                    (SandboxStatus::Failed, "the sandbox's init process exited unexpectedly".to_string(), None)
+                }
             };
             let details = tail(&this.log_path(&id), 20);
             this.finish(&id, status, &message, details.as_deref(), code);
@@ -377,18 +315,8 @@ impl Workloads {
         });
     }
 
-    fn finish(
-        &self,
-        id: &str,
-        status: SandboxStatus,
-        message: &str,
-        details: Option<&str>,
-        code: Option<i32>,
-    ) {
-        match self.store.write(|r| {
-            r.sandboxes()
-                .transition(id, status, Some(message), details, code, now())
-        }) {
+    fn finish(&self, id: &str, status: SandboxStatus, message: &str, details: Option<&str>, code: Option<i32>) {
+        match self.store.write(|r| r.sandboxes().transition(id, status, Some(message), details, code, now())) {
             Ok(true) => {
                 tracing::info!(sandbox = %id, status = status.as_str(), message, "sandbox finished")
             }
@@ -408,18 +336,14 @@ impl Workloads {
     pub fn get(&self, who: &Principal, id: &str) -> Result<SandboxRecord, ControlError> {
         self.store
             .read(|r| r.sandboxes().get(&who.environment_id, id))?
-            .ok_or_else(|| {
-                ControlError::NotFound(format!("sandbox {id:?} not found in this environment"))
-            })
+            .ok_or_else(|| ControlError::NotFound(format!("sandbox {id:?} not found in this environment")))
     }
 
     /// A workload by name (the live one, else the latest).
     pub fn get_by_name(&self, who: &Principal, name: &str) -> Result<SandboxRecord, ControlError> {
         self.store
             .read(|r| r.sandboxes().get_by_name(&who.environment_id, name))?
-            .ok_or_else(|| {
-                ControlError::NotFound(format!("no workload named {name:?} in this environment"))
-            })
+            .ok_or_else(|| ControlError::NotFound(format!("no workload named {name:?} in this environment")))
     }
 
     /// An environment's workloads, newest first.
@@ -432,31 +356,14 @@ impl Workloads {
         offset: u32,
     ) -> Result<Vec<SandboxRecord>, ControlError> {
         Ok(self.store.read(|r| {
-            r.sandboxes().list(
-                &who.environment_id,
-                kind.map(WorkloadKind::as_str),
-                live_only,
-                limit,
-                offset,
-            )
+            r.sandboxes().list(&who.environment_id, kind.map(WorkloadKind::as_str), live_only, limit, offset)
         })?)
     }
 
     /// Stops a workload (SIGTERM, SIGKILL after `grace`) and records it Terminated. Finished workloads are left
     /// as they are.
-    pub async fn terminate(
-        &self,
-        who: &Principal,
-        id: &str,
-        grace: Duration,
-    ) -> Result<SandboxRecord, ControlError> {
-        self.terminate_with(
-            &who.environment_id,
-            id,
-            grace,
-            &format!("terminated by {}", who.client_id),
-        )
-        .await
+    pub async fn terminate(&self, who: &Principal, id: &str, grace: Duration) -> Result<SandboxRecord, ControlError> {
+        self.terminate_with(&who.environment_id, id, grace, &format!("terminated by {}", who.client_id)).await
     }
 
     async fn terminate_with(
@@ -469,24 +376,12 @@ impl Workloads {
         let rec = self
             .store
             .read(|r| r.sandboxes().get(env, id))?
-            .ok_or_else(|| {
-                ControlError::NotFound(format!("sandbox {id:?} not found in this environment"))
-            })?;
+            .ok_or_else(|| ControlError::NotFound(format!("sandbox {id:?} not found in this environment")))?;
         if rec.status.is_live() {
-            self.store.write(|r| {
-                r.sandboxes().transition(
-                    id,
-                    SandboxStatus::Terminated,
-                    Some(why),
-                    None,
-                    None,
-                    now(),
-                )
-            })?;
+            self.store
+                .write(|r| r.sandboxes().transition(id, SandboxStatus::Terminated, Some(why), None, None, now()))?;
             if let Ok(rt) = &self.runtime {
-                rt.stop(id, grace)
-                    .await
-                    .map_err(|e| ControlError::Internal(format!("stopping sandbox {id}: {e}")))?;
+                rt.stop(id, grace).await.map_err(|e| ControlError::Internal(format!("stopping sandbox {id}: {e}")))?;
             }
         }
         self.store
@@ -496,74 +391,42 @@ impl Workloads {
 
     /// Stops every live workload (server shutdown).
     pub async fn stop_all(&self, why: &str) {
-        let live = self
-            .store
-            .read(|r| r.sandboxes().live())
-            .unwrap_or_default();
+        let live = self.store.read(|r| r.sandboxes().live()).unwrap_or_default();
         for rec in live {
-            let _ = self
-                .terminate_with(&rec.environment_id, &rec.id, Duration::from_secs(2), why)
-                .await;
+            let _ = self.terminate_with(&rec.environment_id, &rec.id, Duration::from_secs(2), why).await;
         }
     }
 
-    fn running(
-        &self,
-        who: &Principal,
-        id: &str,
-    ) -> Result<Arc<compute_runtime::Sandbox>, ControlError> {
+    fn running(&self, who: &Principal, id: &str) -> Result<Arc<compute_runtime::Sandbox>, ControlError> {
         let rec = self.get(who, id)?;
         let not_running = |state: &str| {
-            ControlError::FailedPrecondition(format!(
-                "sandbox {id} is {state}: it accepts commands only while running"
-            ))
+            ControlError::FailedPrecondition(format!("sandbox {id} is {state}: it accepts commands only while running"))
         };
         match rec.status {
             SandboxStatus::Running => {}
             SandboxStatus::Pending => return Err(not_running("still starting")),
-            s => {
-                return Err(not_running(&format!(
-                    "{} ({})",
-                    s.as_str(),
-                    rec.status_message.unwrap_or_default()
-                )))
-            }
+            s => return Err(not_running(&format!("{} ({})", s.as_str(), rec.status_message.unwrap_or_default()))),
         }
-        self.runtime()?
-            .get(id)
-            .ok_or_else(|| not_running("stopping"))
+        self.runtime()?.get(id).ok_or_else(|| not_running("stopping"))
     }
 
     /// Starts a process session in a running workload.
-    pub async fn exec(
-        &self,
-        who: &Principal,
-        id: &str,
-        spec: ExecSpec,
-    ) -> Result<Arc<Session>, ControlError> {
+    pub async fn exec(&self, who: &Principal, id: &str, spec: ExecSpec) -> Result<Arc<Session>, ControlError> {
         if spec.command.is_empty() {
             return Err(ControlError::InvalidArgument("command is required".into()));
         }
         let sandbox = self.running(who, id)?;
         let session_id = format!("ses-{}", ids::random_token(16));
-        sandbox
-            .agent()
-            .exec(spec, session_id)
-            .await
-            .map_err(runtime_error)
+        sandbox.agent().exec(spec, session_id).await.map_err(runtime_error)
     }
 
     /// A session of a workload.
-    pub fn session(
-        &self,
-        who: &Principal,
-        id: &str,
-        session_id: &str,
-    ) -> Result<Arc<Session>, ControlError> {
+    pub fn session(&self, who: &Principal, id: &str, session_id: &str) -> Result<Arc<Session>, ControlError> {
         let sandbox = self.running(who, id)?;
-        sandbox.agent().session(session_id).ok_or_else(|| {
-            ControlError::NotFound(format!("session {session_id:?} not found in sandbox {id}"))
-        })
+        sandbox
+            .agent()
+            .session(session_id)
+            .ok_or_else(|| ControlError::NotFound(format!("session {session_id:?} not found in sandbox {id}")))
     }
 
     /// Every session of a workload.
@@ -581,11 +444,7 @@ impl Workloads {
         chunks: mpsc::Receiver<Bytes>,
     ) -> Result<u64, ControlError> {
         let sandbox = self.running(who, id)?;
-        sandbox
-            .agent()
-            .upload(path, mode, chunks)
-            .await
-            .map_err(runtime_error)
+        sandbox.agent().upload(path, mode, chunks).await.map_err(runtime_error)
     }
 
     /// Reads a file from a running workload.
@@ -603,18 +462,8 @@ impl Workloads {
 /// Maps a runtime failure to what the client is told.
 pub fn runtime_error(e: RuntimeError) -> ControlError {
     match e {
-        RuntimeError::File {
-            kind,
-            message,
-            errno,
-        } => ControlError::File {
-            kind,
-            message,
-            errno,
-        },
-        RuntimeError::NotRunning(id) => {
-            ControlError::FailedPrecondition(format!("sandbox {id} is not running"))
-        }
+        RuntimeError::File { kind, message, errno } => ControlError::File { kind, message, errno },
+        RuntimeError::NotRunning(id) => ControlError::FailedPrecondition(format!("sandbox {id} is not running")),
         other => ControlError::Internal(other.to_string()),
     }
 }
@@ -625,29 +474,16 @@ fn ca_env() -> Vec<(String, String)> {
     if !std::path::Path::new(BUNDLE).exists() {
         return vec![];
     }
-    [
-        "SSL_CERT_FILE",
-        "REQUESTS_CA_BUNDLE",
-        "PIP_CERT",
-        "CURL_CA_BUNDLE",
-        "NODE_EXTRA_CA_CERTS",
-    ]
-    .iter()
-    .map(|k| (k.to_string(), BUNDLE.to_string()))
-    .collect()
+    ["SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "PIP_CERT", "CURL_CA_BUNDLE", "NODE_EXTRA_CA_CERTS"]
+        .iter()
+        .map(|k| (k.to_string(), BUNDLE.to_string()))
+        .collect()
 }
 
 fn tail(path: &std::path::Path, lines: usize) -> Option<String> {
     let text = std::fs::read(path).ok()?;
     let start = text.len().saturating_sub(64 * 1024);
     let text = String::from_utf8_lossy(&text[start..]);
-    let last: Vec<&str> = text
-        .lines()
-        .rev()
-        .take(lines)
-        .collect::<Vec<_>>()
-        .into_iter()
-        .rev()
-        .collect();
+    let last: Vec<&str> = text.lines().rev().take(lines).collect::<Vec<_>>().into_iter().rev().collect();
     (!last.is_empty()).then(|| last.join("\n"))
 }

@@ -20,17 +20,11 @@ impl Mirror {
             .map(|d| d.flatten().map(|e| e.path()).collect())
             .unwrap_or_default();
         files.sort();
-        for f in files
-            .iter()
-            .filter(|f| f.extension().is_some_and(|e| e == "sources"))
-        {
+        for f in files.iter().filter(|f| f.extension().is_some_and(|e| e == "sources")) {
             let text = std::fs::read_to_string(f).unwrap_or_default();
             for stanza in text.split("\n\n") {
-                let field = |name: &str| {
-                    stanza
-                        .lines()
-                        .find_map(|l| l.strip_prefix(name).map(|v| v.trim().to_string()))
-                };
+                let field =
+                    |name: &str| stanza.lines().find_map(|l| l.strip_prefix(name).map(|v| v.trim().to_string()));
                 let (Some(uris), Some(suites)) = (field("URIs:"), field("Suites:")) else {
                     continue;
                 };
@@ -38,17 +32,14 @@ impl Mirror {
                     continue;
                 }
                 if let Some(uri) = uris.split_whitespace().next() {
-                    return Some(Mirror {
-                        uri: uri.to_string(),
-                    });
+                    return Some(Mirror { uri: uri.to_string() });
                 }
             }
         }
-        for f in [PathBuf::from("/etc/apt/sources.list")].iter().chain(
-            files
-                .iter()
-                .filter(|f| f.extension().is_some_and(|e| e == "list")),
-        ) {
+        for f in [PathBuf::from("/etc/apt/sources.list")]
+            .iter()
+            .chain(files.iter().filter(|f| f.extension().is_some_and(|e| e == "list")))
+        {
             let text = std::fs::read_to_string(f).unwrap_or_default();
             for line in text.lines() {
                 let mut words = line.split_whitespace().filter(|w| !w.starts_with('['));
@@ -59,9 +50,7 @@ impl Mirror {
                     continue;
                 };
                 if !suite.contains("-security") {
-                    return Some(Mirror {
-                        uri: uri.to_string(),
-                    });
+                    return Some(Mirror { uri: uri.to_string() });
                 }
             }
         }
@@ -74,8 +63,7 @@ impl Mirror {
 pub async fn build(base: &BaseRef, mirror: &Mirror, target: &Path) -> Result<(), ImageError> {
     let tmp = target.with_extension(format!("building-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp)
-        .map_err(|e| ImageError::Io(format!("creating {}: {e}", tmp.display())))?;
+    std::fs::create_dir_all(&tmp).map_err(|e| ImageError::Io(format!("creating {}: {e}", tmp.display())))?;
     let rootfs = tmp.join("rootfs");
     let mut includes = vec!["ca-certificates".to_string()];
     let mut hooks: Vec<String> = Vec::new();
@@ -122,24 +110,14 @@ pub async fn build(base: &BaseRef, mirror: &Mirror, target: &Path) -> Result<(),
     if !out.status.success() {
         let _ = std::fs::remove_dir_all(&tmp);
         let text = String::from_utf8_lossy(&out.stderr);
-        let tail: Vec<&str> = text
-            .lines()
-            .rev()
-            .take(15)
-            .collect::<Vec<_>>()
-            .into_iter()
-            .rev()
-            .collect();
+        let tail: Vec<&str> = text.lines().rev().take(15).collect::<Vec<_>>().into_iter().rev().collect();
         return Err(ImageError::Build {
             reference: base.reference.clone(),
             message: format!("mmdebstrap failed:\n{}", tail.join("\n")),
         });
     }
     let mut env = vec![
-        (
-            "PATH".to_string(),
-            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_string(),
-        ),
+        ("PATH".to_string(), "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_string()),
         ("LANG".to_string(), "C.UTF-8".to_string()),
     ];
     let mut provenance = format!("debian archive {} suite {}", mirror.uri, base.suite);
@@ -156,26 +134,17 @@ pub async fn build(base: &BaseRef, mirror: &Mirror, target: &Path) -> Result<(),
         env,
         workdir: "/".into(),
         entrypoint: vec![],
-        cmd: if base.python.is_some() {
-            vec!["python3".into()]
-        } else {
-            vec!["bash".into()]
-        },
+        cmd: if base.python.is_some() { vec!["python3".into()] } else { vec!["bash".into()] },
     };
     let write = |name: &str, bytes: &[u8]| {
-        std::fs::write(tmp.join(name), bytes)
-            .map_err(|e| ImageError::Io(format!("writing {name}: {e}")))
+        std::fs::write(tmp.join(name), bytes).map_err(|e| ImageError::Io(format!("writing {name}: {e}")))
     };
-    write(
-        "config.json",
-        &serde_json::to_vec_pretty(&config).expect("config serializes"),
-    )?;
+    write("config.json", &serde_json::to_vec_pretty(&config).expect("config serializes"))?;
     write("provenance", provenance.as_bytes())?;
     if target.exists() {
         let _ = std::fs::remove_dir_all(target);
     }
-    std::fs::rename(&tmp, target)
-        .map_err(|e| ImageError::Io(format!("moving the build into place: {e}")))?;
+    std::fs::rename(&tmp, target).map_err(|e| ImageError::Io(format!("moving the build into place: {e}")))?;
     tracing::info!(image = %base.reference, seconds = started.elapsed().as_secs_f64(), %provenance, "base image built");
     Ok(())
 }

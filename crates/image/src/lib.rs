@@ -73,11 +73,7 @@ impl ImageStore {
     pub fn new(dir: &Path, mirror: Mirror) -> Result<Self, ImageError> {
         std::fs::create_dir_all(dir.join("base"))
             .map_err(|e| ImageError::Io(format!("creating {}: {e}", dir.display())))?;
-        Ok(Self {
-            dir: dir.to_path_buf(),
-            mirror,
-            building: Mutex::default(),
-        })
+        Ok(Self { dir: dir.to_path_buf(), mirror, building: Mutex::default() })
     }
 
     /// Resolves `reference` to layers, building its base on first use. Concurrent calls for the same
@@ -86,13 +82,7 @@ impl ImageStore {
         let base = BaseRef::parse(reference)?;
         let key = base.cache_key();
         let target = self.dir.join("base").join(&key);
-        let lock = self
-            .building
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(key.clone())
-            .or_default()
-            .clone();
+        let lock = self.building.lock().unwrap_or_else(|p| p.into_inner()).entry(key.clone()).or_default().clone();
         let _guard = lock.lock().await;
         if !target.join("rootfs").is_dir() {
             debian::build(&base, &self.mirror, &target).await?;
@@ -100,15 +90,8 @@ impl ImageStore {
         let config: ImageConfig = std::fs::read(target.join("config.json"))
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok())
-            .ok_or_else(|| {
-                ImageError::Io(format!("{} has no readable config.json", target.display()))
-            })?;
+            .ok_or_else(|| ImageError::Io(format!("{} has no readable config.json", target.display())))?;
         let provenance = std::fs::read_to_string(target.join("provenance")).unwrap_or_default();
-        Ok(ResolvedImage {
-            reference: reference.to_string(),
-            layers: vec![target.join("rootfs")],
-            config,
-            provenance,
-        })
+        Ok(ResolvedImage { reference: reference.to_string(), layers: vec![target.join("rootfs")], config, provenance })
     }
 }

@@ -30,9 +30,7 @@ impl BaseRef {
     /// `docker.io/library/` or `library/`.
     pub fn parse(reference: &str) -> Result<BaseRef, ImageError> {
         let r = reference.trim();
-        let short = r
-            .trim_start_matches("docker.io/")
-            .trim_start_matches("library/");
+        let short = r.trim_start_matches("docker.io/").trim_start_matches("library/");
         let (name, tag) = short.split_once(':').unwrap_or((short, "latest"));
         let tag = tag.split('@').next().unwrap_or(tag);
         let unsupported = |why: &str| {
@@ -47,13 +45,9 @@ impl BaseRef {
                 let version = parts.next().unwrap_or("");
                 let minor: String = version.split('.').take(2).collect::<Vec<_>>().join(".");
                 if minor.split('.').count() != 2
-                    || !minor
-                        .split('.')
-                        .all(|p| p.chars().all(|c| c.is_ascii_digit()) && !p.is_empty())
+                    || !minor.split('.').all(|p| p.chars().all(|c| c.is_ascii_digit()) && !p.is_empty())
                 {
-                    return Err(unsupported(
-                        "the tag must start with a Python version such as 3.13",
-                    ));
+                    return Err(unsupported("the tag must start with a Python version such as 3.13"));
                 }
                 let rest: Vec<&str> = parts.filter(|p| *p != "slim").collect();
                 let requested = match rest.as_slice() {
@@ -70,33 +64,17 @@ impl BaseRef {
                 };
                 let suite = suite.to_string();
                 let requested_suite = requested.filter(|r| *r != suite);
-                Ok(BaseRef {
-                    reference: reference.into(),
-                    suite,
-                    python: Some(minor),
-                    requested_suite,
-                })
+                Ok(BaseRef { reference: reference.into(), suite, python: Some(minor), requested_suite })
             }
             "debian" => {
                 let suite = tag.trim_end_matches("-slim");
-                let suite = if suite == "latest" || suite == "stable" {
-                    "bookworm"
-                } else {
-                    suite
-                };
+                let suite = if suite == "latest" || suite == "stable" { "bookworm" } else { suite };
                 if !SUITES.iter().any(|(s, _)| *s == suite) {
                     return Err(unsupported(&format!("unknown Debian suite {suite:?}")));
                 }
-                Ok(BaseRef {
-                    reference: reference.into(),
-                    suite: suite.into(),
-                    python: None,
-                    requested_suite: None,
-                })
+                Ok(BaseRef { reference: reference.into(), suite: suite.into(), python: None, requested_suite: None })
             }
-            _ => Err(unsupported(
-                "no provider for this image (registry pulls are not available yet)",
-            )),
+            _ => Err(unsupported("no provider for this image (registry pulls are not available yet)")),
         }
     }
 
@@ -116,51 +94,28 @@ mod tests {
     #[test]
     fn python_references() {
         let b = BaseRef::parse("python:3.13-slim-trixie").unwrap();
-        assert_eq!(
-            (b.suite.as_str(), b.python.as_deref(), b.requested_suite),
-            ("trixie", Some("3.13"), None)
-        );
+        assert_eq!((b.suite.as_str(), b.python.as_deref(), b.requested_suite), ("trixie", Some("3.13"), None));
         let b = BaseRef::parse("python:3.14-slim-trixie").unwrap();
-        assert_eq!(
-            (b.suite.as_str(), b.requested_suite.as_deref()),
-            ("sid", Some("trixie"))
-        );
+        assert_eq!((b.suite.as_str(), b.requested_suite.as_deref()), ("sid", Some("trixie")));
         let b = BaseRef::parse("docker.io/library/python:3.11-slim").unwrap();
         assert_eq!(b.suite, "bookworm");
-        assert_eq!(
-            BaseRef::parse("python:3.13.2-slim-trixie")
-                .unwrap()
-                .python
-                .as_deref(),
-            Some("3.13")
-        );
+        assert_eq!(BaseRef::parse("python:3.13.2-slim-trixie").unwrap().python.as_deref(), Some("3.13"));
         assert_eq!(b.cache_key(), "python-3.11-bookworm");
     }
 
     #[test]
     fn unavailable_python_is_a_clear_error() {
-        let err = BaseRef::parse("python:3.12-slim-trixie")
-            .unwrap_err()
-            .to_string();
+        let err = BaseRef::parse("python:3.12-slim-trixie").unwrap_err().to_string();
         assert!(err.contains("no Debian suite ships Python 3.12"), "{err}");
         assert!(err.contains("alias"), "{err}");
-        for bad in [
-            "python:latest",
-            "python:3-slim",
-            "python:3.13-slim-jammy",
-            "ubuntu:24.04",
-            "python",
-        ] {
+        for bad in ["python:latest", "python:3-slim", "python:3.13-slim-jammy", "ubuntu:24.04", "python"] {
             assert!(BaseRef::parse(bad).is_err(), "{bad}");
         }
     }
 
     #[test]
     fn debian_references() {
-        assert_eq!(
-            BaseRef::parse("debian:bookworm-slim").unwrap().suite,
-            "bookworm"
-        );
+        assert_eq!(BaseRef::parse("debian:bookworm-slim").unwrap().suite, "bookworm");
         assert_eq!(BaseRef::parse("debian:trixie").unwrap().python, None);
     }
 }

@@ -6,15 +6,13 @@
 #![allow(clippy::all, missing_docs, rustdoc::all)]
 
 /// The encoded `FileDescriptorSet` of every file under `proto/`, for reflection (Connect JSON, conformance).
-pub const FILE_DESCRIPTOR_SET: &[u8] =
-    include_bytes!(concat!(env!("OUT_DIR"), "/descriptors.binpb"));
+pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/descriptors.binpb"));
 
 /// A descriptor pool over [`FILE_DESCRIPTOR_SET`], decoded once.
 pub fn descriptor_pool() -> &'static prost_reflect::DescriptorPool {
     static POOL: std::sync::OnceLock<prost_reflect::DescriptorPool> = std::sync::OnceLock::new();
     POOL.get_or_init(|| {
-        prost_reflect::DescriptorPool::decode(FILE_DESCRIPTOR_SET)
-            .expect("descriptor set produced by build.rs decodes")
+        prost_reflect::DescriptorPool::decode(FILE_DESCRIPTOR_SET).expect("descriptor set produced by build.rs decodes")
     })
 }
 

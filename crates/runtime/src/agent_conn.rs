@@ -9,8 +9,7 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use compute_agent_protocol::{
-    Exit, Failure, FileDone, FileRead, FileWrite, Frame, Hello, Kind, Spawn, Spawned,
-    ENTRYPOINT_CHANNEL, MAX_FRAME,
+    Exit, Failure, FileDone, FileRead, FileWrite, Frame, Hello, Kind, Spawn, Spawned, ENTRYPOINT_CHANNEL, MAX_FRAME,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -84,12 +83,7 @@ impl AgentConn {
         });
         tokio::spawn(write_loop(writer, rx));
         let (ready_tx, ready_rx) = oneshot::channel();
-        tokio::spawn(read_loop(
-            reader,
-            shared.clone(),
-            ready_tx,
-            sandbox_id.to_string(),
-        ));
+        tokio::spawn(read_loop(reader, shared.clone(), ready_tx, sandbox_id.to_string()));
         match tokio::time::timeout(std::time::Duration::from_secs(30), ready_rx).await {
             Ok(Ok(Ok(hello))) => {
                 tracing::debug!(sandbox = sandbox_id, agent = hello.version, "agent ready")
@@ -114,28 +108,13 @@ impl AgentConn {
 
     /// Starts a process session. A command that cannot start yields a session whose only event is
     /// [`SessionEvent::Failed`] naming why.
-    pub async fn exec(
-        &self,
-        spec: ExecSpec,
-        session_id: String,
-    ) -> Result<Arc<Session>, RuntimeError> {
+    pub async fn exec(&self, spec: ExecSpec, session_id: String) -> Result<Arc<Session>, RuntimeError> {
         let ch = self.channel();
         let session = Session::new(session_id.clone(), ch, spec.clone(), self.tx.clone());
         let (done_tx, done_rx) = oneshot::channel();
-        self.shared
-            .pending
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(ch, Pending::Spawn(done_tx));
-        self.shared
-            .sessions
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(ch, session.clone());
-        self.by_id
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(session_id, session.clone());
+        self.shared.pending.lock().unwrap_or_else(|p| p.into_inner()).insert(ch, Pending::Spawn(done_tx));
+        self.shared.sessions.lock().unwrap_or_else(|p| p.into_inner()).insert(ch, session.clone());
+        self.by_id.lock().unwrap_or_else(|p| p.into_inner()).insert(session_id, session.clone());
         let frame = Frame::json(
             Kind::Spawn,
             ch,
@@ -152,41 +131,25 @@ impl AgentConn {
         match done_rx.await {
             Ok(Ok(pid)) => session.set_pid(pid),
             Ok(Err(msg)) => session.push(SessionEvent::Failed(msg)),
-            Err(_) => session.push(SessionEvent::Failed(format!(
-                "sandbox {} stopped",
-                self.sandbox_id
-            ))),
+            Err(_) => session.push(SessionEvent::Failed(format!("sandbox {} stopped", self.sandbox_id))),
         }
         Ok(session)
     }
 
     /// A session by id.
     pub fn session(&self, id: &str) -> Option<Arc<Session>> {
-        self.by_id
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(id)
-            .cloned()
+        self.by_id.lock().unwrap_or_else(|p| p.into_inner()).get(id).cloned()
     }
 
     /// Every session, oldest first.
     pub fn sessions(&self) -> Vec<Arc<Session>> {
-        let mut v: Vec<_> = self
-            .by_id
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .cloned()
-            .collect();
+        let mut v: Vec<_> = self.by_id.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect();
         v.sort_by_key(|s| s.created_at_ms());
         v
     }
 
     async fn send(&self, frame: Frame) -> Result<(), RuntimeError> {
-        self.tx
-            .send(frame)
-            .await
-            .map_err(|_| RuntimeError::NotRunning(self.sandbox_id.clone()))
+        self.tx.send(frame).await.map_err(|_| RuntimeError::NotRunning(self.sandbox_id.clone()))
     }
 
     /// Writes a file from `chunks`; returns the bytes written.
@@ -198,76 +161,39 @@ impl AgentConn {
     ) -> Result<u64, RuntimeError> {
         let ch = self.channel();
         let (ftx, mut frx) = mpsc::unbounded_channel();
-        self.shared
-            .pending
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(ch, Pending::File(ftx));
+        self.shared.pending.lock().unwrap_or_else(|p| p.into_inner()).insert(ch, Pending::File(ftx));
         let result = async {
-            self.send(Frame::json(
-                Kind::FileWrite,
-                ch,
-                &FileWrite {
-                    path: path.into(),
-                    mode,
-                },
-            ))
-            .await?;
+            self.send(Frame::json(Kind::FileWrite, ch, &FileWrite { path: path.into(), mode })).await?;
             while let Some(chunk) = chunks.recv().await {
                 // Stop early if the agent already refused the file.
                 if let Ok(f) = frx.try_recv() {
                     return file_result(f);
                 }
                 for piece in chunk.chunks(MAX_FRAME / 4) {
-                    self.send(Frame::data(Kind::FileData, ch, piece.to_vec()))
-                        .await?;
+                    self.send(Frame::data(Kind::FileData, ch, piece.to_vec())).await?;
                 }
             }
-            self.send(Frame::data(Kind::FileEnd, ch, Vec::new()))
-                .await?;
+            self.send(Frame::data(Kind::FileEnd, ch, Vec::new())).await?;
             match frx.recv().await {
                 Some(f) => file_result(f),
                 None => Err(RuntimeError::NotRunning(self.sandbox_id.clone())),
             }
         }
         .await;
-        self.shared
-            .pending
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&ch);
+        self.shared.pending.lock().unwrap_or_else(|p| p.into_inner()).remove(&ch);
         result
     }
 
     /// Reads a file; the receiver yields its bytes in order, or one error.
-    pub async fn download(
-        &self,
-        path: &str,
-    ) -> Result<mpsc::Receiver<DownloadChunk>, RuntimeError> {
+    pub async fn download(&self, path: &str) -> Result<mpsc::Receiver<DownloadChunk>, RuntimeError> {
         let ch = self.channel();
         let (ftx, mut frx) = mpsc::unbounded_channel::<Frame>();
-        self.shared
-            .pending
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(ch, Pending::File(ftx));
-        self.send(Frame::json(
-            Kind::FileRead,
-            ch,
-            &FileRead { path: path.into() },
-        ))
-        .await?;
+        self.shared.pending.lock().unwrap_or_else(|p| p.into_inner()).insert(ch, Pending::File(ftx));
+        self.send(Frame::json(Kind::FileRead, ch, &FileRead { path: path.into() })).await?;
         // Wait for the first frame so that "not found" and friends are an error of the call itself.
-        let first = frx
-            .recv()
-            .await
-            .ok_or_else(|| RuntimeError::NotRunning(self.sandbox_id.clone()))?;
+        let first = frx.recv().await.ok_or_else(|| RuntimeError::NotRunning(self.sandbox_id.clone()))?;
         if first.kind == Kind::FileFailed {
-            self.shared
-                .pending
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&ch);
+            self.shared.pending.lock().unwrap_or_else(|p| p.into_inner()).remove(&ch);
             return Err(file_result(first).unwrap_err());
         }
         let (out_tx, out_rx) = mpsc::channel(16);
@@ -281,9 +207,7 @@ impl AgentConn {
                     None => match frx.recv().await {
                         Some(f) => f,
                         None => {
-                            let _ = out_tx
-                                .send(Err(RuntimeError::NotRunning(sandbox.clone())))
-                                .await;
+                            let _ = out_tx.send(Err(RuntimeError::NotRunning(sandbox.clone()))).await;
                             break;
                         }
                     },
@@ -301,24 +225,14 @@ impl AgentConn {
                     }
                 }
             }
-            shared
-                .pending
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&ch);
+            shared.pending.lock().unwrap_or_else(|p| p.into_inner()).remove(&ch);
         });
         Ok(out_rx)
     }
 
     /// Asks the agent to stop everything (SIGTERM, SIGKILL after `grace_ms`) and exit.
     pub async fn shutdown(&self, grace_ms: u64) {
-        let _ = self
-            .send(Frame::json(
-                Kind::Shutdown,
-                0,
-                &compute_agent_protocol::Shutdown { grace_ms },
-            ))
-            .await;
+        let _ = self.send(Frame::json(Kind::Shutdown, 0, &compute_agent_protocol::Shutdown { grace_ms })).await;
     }
 
     /// Watches the entrypoint's end.
@@ -336,11 +250,7 @@ fn file_result(f: Frame) -> Result<u64, RuntimeError> {
                 message: "file transfer failed".into(),
                 errno: None,
             });
-            Err(RuntimeError::File {
-                kind: failure.kind,
-                message: failure.message,
-                errno: failure.errno,
-            })
+            Err(RuntimeError::File { kind: failure.kind, message: failure.message, errno: failure.errno })
         }
     }
 }
@@ -372,10 +282,7 @@ async fn read_frame(r: &mut (impl AsyncRead + Unpin)) -> std::io::Result<Option<
     }
     let len = u32::from_le_bytes(len) as usize;
     if !(5..=MAX_FRAME + 5).contains(&len) {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            format!("frame length {len}"),
-        ));
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, format!("frame length {len}")));
     }
     let mut body = vec![0u8; len];
     r.read_exact(&mut body).await?;
@@ -399,14 +306,7 @@ async fn read_loop(
             }
         };
         let ch = frame.channel;
-        let session = || {
-            shared
-                .sessions
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .get(&ch)
-                .cloned()
-        };
+        let session = || shared.sessions.lock().unwrap_or_else(|p| p.into_inner()).get(&ch).cloned();
         match frame.kind {
             Kind::Ready => {
                 if let Some(tx) = ready.take() {
@@ -415,39 +315,23 @@ async fn read_loop(
             }
             Kind::Spawned | Kind::SpawnFailed => {
                 let result = if frame.kind == Kind::Spawned {
-                    frame
-                        .parse::<Spawned>()
-                        .map(|s| s.pid)
-                        .map_err(|e| e.to_string())
+                    frame.parse::<Spawned>().map(|s| s.pid).map_err(|e| e.to_string())
                 } else {
-                    Err(frame
-                        .parse::<Failure>()
-                        .map(|f| f.message)
-                        .unwrap_or_else(|e| e.to_string()))
+                    Err(frame.parse::<Failure>().map(|f| f.message).unwrap_or_else(|e| e.to_string()))
                 };
                 if ch == ENTRYPOINT_CHANNEL {
                     if let Err(msg) = result {
-                        shared
-                            .entrypoint
-                            .send_replace(Some(EntrypointEnd::Failed(msg)));
+                        shared.entrypoint.send_replace(Some(EntrypointEnd::Failed(msg)));
                     }
-                } else if let Some(Pending::Spawn(tx)) = shared
-                    .pending
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .remove(&ch)
+                } else if let Some(Pending::Spawn(tx)) =
+                    shared.pending.lock().unwrap_or_else(|p| p.into_inner()).remove(&ch)
                 {
                     let _ = tx.send(result);
                 }
             }
             Kind::Stdout | Kind::Stderr | Kind::PtyOutput => {
                 if ch == ENTRYPOINT_CHANNEL {
-                    if let Some(f) = shared
-                        .log
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .as_mut()
-                    {
+                    if let Some(f) = shared.log.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
                         let _ = f.write_all(&frame.payload);
                     }
                 } else if let Some(s) = session() {
@@ -460,50 +344,26 @@ async fn read_loop(
                 }
             }
             Kind::Exited => {
-                let exit = frame.parse::<Exit>().unwrap_or(Exit {
-                    code: None,
-                    signal: Some(9),
-                    timed_out: false,
-                });
+                let exit = frame.parse::<Exit>().unwrap_or(Exit { code: None, signal: Some(9), timed_out: false });
                 if ch == ENTRYPOINT_CHANNEL {
-                    shared.entrypoint.send_replace(Some(EntrypointEnd::Exited {
-                        code: exit.code,
-                        signal: exit.signal,
-                    }));
-                } else if let Some(s) = shared
-                    .sessions
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .remove(&ch)
-                {
+                    shared
+                        .entrypoint
+                        .send_replace(Some(EntrypointEnd::Exited { code: exit.code, signal: exit.signal }));
+                } else if let Some(s) = shared.sessions.lock().unwrap_or_else(|p| p.into_inner()).remove(&ch) {
                     s.push(if exit.timed_out {
-                        SessionEvent::TimedOut {
-                            code: exit.code,
-                            signal: exit.signal,
-                        }
+                        SessionEvent::TimedOut { code: exit.code, signal: exit.signal }
                     } else {
-                        SessionEvent::Exited {
-                            code: exit.code,
-                            signal: exit.signal,
-                        }
+                        SessionEvent::Exited { code: exit.code, signal: exit.signal }
                     });
                 }
             }
             Kind::FileData | Kind::FileOk | Kind::FileFailed | Kind::FileEnd => {
-                if let Some(Pending::File(tx)) = shared
-                    .pending
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .get(&ch)
-                {
+                if let Some(Pending::File(tx)) = shared.pending.lock().unwrap_or_else(|p| p.into_inner()).get(&ch) {
                     let _ = tx.send(frame);
                 }
             }
             Kind::Error => {
-                let msg = frame
-                    .parse::<Failure>()
-                    .map(|f| f.message)
-                    .unwrap_or_default();
+                let msg = frame.parse::<Failure>().map(|f| f.message).unwrap_or_default();
                 tracing::warn!(%sandbox, channel = ch, "agent reported: {msg}");
             }
             other => tracing::warn!(%sandbox, ?other, "unexpected frame from the agent"),
@@ -513,27 +373,13 @@ async fn read_loop(
     if let Some(tx) = ready.take() {
         let _ = tx.send(Err("exited before it was ready".into()));
     }
-    let sessions: Vec<_> = shared
-        .sessions
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .drain()
-        .map(|(_, s)| s)
-        .collect();
+    let sessions: Vec<_> = shared.sessions.lock().unwrap_or_else(|p| p.into_inner()).drain().map(|(_, s)| s).collect();
     for s in sessions {
-        s.push(SessionEvent::Failed(format!(
-            "sandbox {sandbox} stopped while the process was running"
-        )));
+        s.push(SessionEvent::Failed(format!("sandbox {sandbox} stopped while the process was running")));
     }
-    shared
-        .pending
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .clear();
+    shared.pending.lock().unwrap_or_else(|p| p.into_inner()).clear();
     if shared.entrypoint.borrow().is_none() {
-        shared
-            .entrypoint
-            .send_replace(Some(EntrypointEnd::AgentGone));
+        shared.entrypoint.send_replace(Some(EntrypointEnd::AgentGone));
     }
     shared.log.lock().unwrap_or_else(|p| p.into_inner()).take();
 }

@@ -20,15 +20,11 @@ pub enum CgroupVersion {
 
 /// Detects the interface: v2 when the unified hierarchy at the root has the memory controller, else v1.
 pub fn detect() -> Result<CgroupVersion, RuntimeError> {
-    let controllers =
-        std::fs::read_to_string(format!("{ROOT}/cgroup.controllers")).unwrap_or_default();
+    let controllers = std::fs::read_to_string(format!("{ROOT}/cgroup.controllers")).unwrap_or_default();
     if controllers.split_whitespace().any(|c| c == "memory") {
         return Ok(CgroupVersion::V2);
     }
-    if V1_CONTROLLERS
-        .iter()
-        .all(|c| Path::new(ROOT).join(c).is_dir())
-    {
+    if V1_CONTROLLERS.iter().all(|c| Path::new(ROOT).join(c).is_dir()) {
         return Ok(CgroupVersion::V1);
     }
     Err(RuntimeError::Unsupported(format!(
@@ -38,8 +34,7 @@ pub fn detect() -> Result<CgroupVersion, RuntimeError> {
 }
 
 fn write(path: &Path, value: &str) -> Result<(), RuntimeError> {
-    std::fs::write(path, value)
-        .map_err(|e| RuntimeError::io(format!("writing {value:?} to {}", path.display()), e))
+    std::fs::write(path, value).map_err(|e| RuntimeError::io(format!("writing {value:?} to {}", path.display()), e))
 }
 
 /// Creates the parent cgroup(s) every sandbox goes under.
@@ -54,8 +49,7 @@ pub fn prepare_parent(version: CgroupVersion, parent: &str) -> Result<(), Runtim
         }
         CgroupVersion::V2 => {
             let dir = Path::new(ROOT).join(parent);
-            std::fs::create_dir_all(&dir)
-                .map_err(|e| RuntimeError::io(format!("creating {}", dir.display()), e))?;
+            std::fs::create_dir_all(&dir).map_err(|e| RuntimeError::io(format!("creating {}", dir.display()), e))?;
             for d in [Path::new(ROOT), &dir] {
                 let _ = std::fs::write(d.join("cgroup.subtree_control"), "+memory +cpu +pids");
             }
@@ -75,7 +69,13 @@ pub struct Limits {
     pub pids: u64,
 }
 
-/// One sandbox's cgroup(s).
+/// Headroom the sandbox's own cgroup gives its agent over the workload's limits, so that the workload's
+/// processes can never starve PID 1 of memory or process slots.
+const AGENT_MEMORY: u64 = 32 << 20;
+const AGENT_PIDS: u64 = 64;
+
+/// One sandbox's cgroup(s): the sandbox's own (the agent lives there) and, inside it, `workload`, where every
+/// process the agent starts goes and where the requested limits apply.
 #[derive(Debug, Clone)]
 pub struct Cgroup {
     version: CgroupVersion,
@@ -86,10 +86,7 @@ impl Cgroup {
     /// The cgroup of sandbox `id` (whether it exists or not).
     pub fn of(version: CgroupVersion, parent: &str, id: &str) -> Self {
         let dirs = match version {
-            CgroupVersion::V1 => V1_CONTROLLERS
-                .iter()
-                .map(|c| Path::new(ROOT).join(c).join(parent).join(id))
-                .collect(),
+            CgroupVersion::V1 => V1_CONTROLLERS.iter().map(|c| Path::new(ROOT).join(c).join(parent).join(id)).collect(),
             CgroupVersion::V2 => vec![Path::new(ROOT).join(parent).join(id)],
         };
         Self { version, dirs }
@@ -99,37 +96,42 @@ impl Cgroup {
         match self.version {
             CgroupVersion::V2 => &self.dirs[0],
             CgroupVersion::V1 => {
-                let i = V1_CONTROLLERS
-                    .iter()
-                    .position(|c| *c == controller)
-                    .expect("known controller");
+                let i = V1_CONTROLLERS.iter().position(|c| *c == controller).expect("known controller");
                 &self.dirs[i]
             }
         }
     }
 
-    /// Creates the cgroup(s) and applies `limits`.
+    /// The workload cgroup inside this one.
+    pub fn workload(&self) -> Cgroup {
+        Cgroup { version: self.version, dirs: self.dirs.iter().map(|d| d.join("workload")).collect() }
+    }
+
+    /// Creates the sandbox cgroup (with headroom for the agent) and its workload cgroup (with `limits`).
     pub fn create(&self, limits: &Limits) -> Result<(), RuntimeError> {
+        let outer = Limits {
+            cpu_millis: limits.cpu_millis,
+            memory_bytes: limits.memory_bytes.map(|m| m + AGENT_MEMORY),
+            pids: limits.pids + AGENT_PIDS,
+        };
+        self.create_one(&outer)?;
+        self.workload().create_one(limits)
+    }
+
+    fn create_one(&self, limits: &Limits) -> Result<(), RuntimeError> {
         for d in &self.dirs {
-            std::fs::create_dir_all(d)
-                .map_err(|e| RuntimeError::io(format!("creating cgroup {}", d.display()), e))?;
+            std::fs::create_dir_all(d).map_err(|e| RuntimeError::io(format!("creating cgroup {}", d.display()), e))?;
         }
         match self.version {
             CgroupVersion::V1 => {
                 if let Some(m) = limits.memory_bytes {
-                    write(
-                        &self.dir("memory").join("memory.limit_in_bytes"),
-                        &m.to_string(),
-                    )?;
+                    write(&self.dir("memory").join("memory.limit_in_bytes"), &m.to_string())?;
                     // No swapping around the limit: a sandbox over its memory is OOM-killed, visibly.
                     let _ = std::fs::write(self.dir("memory").join("memory.swappiness"), "0");
                 }
                 if let Some(c) = limits.cpu_millis {
                     write(&self.dir("cpu").join("cpu.cfs_period_us"), "100000")?;
-                    write(
-                        &self.dir("cpu").join("cpu.cfs_quota_us"),
-                        &(c * 100).max(1000).to_string(),
-                    )?;
+                    write(&self.dir("cpu").join("cpu.cfs_quota_us"), &(c * 100).max(1000).to_string())?;
                 }
                 write(&self.dir("pids").join("pids.max"), &limits.pids.to_string())?;
             }
@@ -140,10 +142,7 @@ impl Cgroup {
                     let _ = std::fs::write(d.join("memory.swap.max"), "0");
                 }
                 if let Some(c) = limits.cpu_millis {
-                    write(
-                        &d.join("cpu.max"),
-                        &format!("{} 100000", (c * 100).max(1000)),
-                    )?;
+                    write(&d.join("cpu.max"), &format!("{} 100000", (c * 100).max(1000)))?;
                 }
                 write(&d.join("pids.max"), &limits.pids.to_string())?;
             }
@@ -153,10 +152,7 @@ impl Cgroup {
 
     /// The `cgroup.procs` files a process writes its pid to, to join.
     pub fn procs_files(&self) -> Vec<String> {
-        self.dirs
-            .iter()
-            .map(|d| d.join("cgroup.procs").to_string_lossy().into_owned())
-            .collect()
+        self.dirs.iter().map(|d| d.join("cgroup.procs").to_string_lossy().into_owned()).collect()
     }
 
     /// How many times the kernel OOM-killed a process in this cgroup.
@@ -167,12 +163,7 @@ impl Cgroup {
         };
         std::fs::read_to_string(file)
             .ok()
-            .and_then(|s| {
-                s.lines().find_map(|l| {
-                    l.strip_prefix(key)
-                        .and_then(|v| v.trim().parse::<u64>().ok())
-                })
-            })
+            .and_then(|s| s.lines().find_map(|l| l.strip_prefix(key).and_then(|v| v.trim().parse::<u64>().ok())))
             .unwrap_or(0)
     }
 
@@ -197,8 +188,16 @@ impl Cgroup {
         out
     }
 
-    /// SIGKILLs every process in the cgroup until none is left, then removes the cgroup(s).
+    /// SIGKILLs every process in the cgroup and its workload cgroup until none is left, then removes both.
     pub fn destroy(&self) -> Result<(), RuntimeError> {
+        let workload = self.workload();
+        if workload.exists() {
+            workload.destroy_one()?;
+        }
+        self.destroy_one()
+    }
+
+    fn destroy_one(&self) -> Result<(), RuntimeError> {
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
             let pids = self.pids();
@@ -227,12 +226,7 @@ impl Cgroup {
                         tries += 1;
                         std::thread::sleep(Duration::from_millis(5));
                     }
-                    Err(e) => {
-                        return Err(RuntimeError::io(
-                            format!("removing cgroup {}", d.display()),
-                            e,
-                        ))
-                    }
+                    Err(e) => return Err(RuntimeError::io(format!("removing cgroup {}", d.display()), e)),
                 }
             }
         }

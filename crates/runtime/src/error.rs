@@ -43,9 +43,6 @@ pub enum RuntimeError {
 
 impl RuntimeError {
     pub(crate) fn io(what: impl Into<String>, source: std::io::Error) -> Self {
-        RuntimeError::Io {
-            what: what.into(),
-            source,
-        }
+        RuntimeError::Io { what: what.into(), source }
     }
 }

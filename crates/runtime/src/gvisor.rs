@@ -14,20 +14,11 @@ use crate::{RuntimeConfig, RuntimeError};
 
 /// Checks that runsc is there and new enough for systrap, and that the agent is a static binary.
 pub fn check(cfg: &RuntimeConfig) -> Result<(), RuntimeError> {
-    let out = std::process::Command::new(&cfg.runsc_bin)
-        .arg("--version")
-        .output()
-        .map_err(|e| {
-            RuntimeError::Unsupported(format!(
-                "gvisor isolation needs runsc ({}): {e}",
-                cfg.runsc_bin.display()
-            ))
-        })?;
+    let out = std::process::Command::new(&cfg.runsc_bin).arg("--version").output().map_err(|e| {
+        RuntimeError::Unsupported(format!("gvisor isolation needs runsc ({}): {e}", cfg.runsc_bin.display()))
+    })?;
     let text = String::from_utf8_lossy(&out.stdout);
-    let help = std::process::Command::new(&cfg.runsc_bin)
-        .args(["help", "flags"])
-        .output()
-        .ok();
+    let help = std::process::Command::new(&cfg.runsc_bin).args(["help", "flags"]).output().ok();
     let has_systrap = help
         .map(|h| {
             String::from_utf8_lossy(&h.stdout).contains("systrap")
@@ -62,17 +53,10 @@ pub fn spawn(
     limits: Limits,
     stderr: std::fs::File,
 ) -> Result<tokio::process::Child, RuntimeError> {
-    let serve = ServeConfig {
-        env: spec.env.clone(),
-        workdir: spec.workdir.clone(),
-        entrypoint,
-    };
+    let serve = ServeConfig { env: spec.env.clone(), workdir: spec.workdir.clone(), entrypoint };
     let serve_path = dir.join("serve.json");
-    std::fs::write(
-        &serve_path,
-        serde_json::to_vec(&serve).expect("serve config serializes"),
-    )
-    .map_err(|e| RuntimeError::io("writing serve.json", e))?;
+    std::fs::write(&serve_path, serde_json::to_vec(&serve).expect("serve config serializes"))
+        .map_err(|e| RuntimeError::io("writing serve.json", e))?;
     let mut mounts = vec![
         serde_json::json!({"destination": "/proc", "type": "proc", "source": "proc"}),
         serde_json::json!({"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]}),
@@ -87,9 +71,7 @@ pub fn spawn(
         if *ro {
             opts.push("ro");
         }
-        mounts.push(
-            serde_json::json!({"destination": dst, "type": "bind", "source": src, "options": opts}),
-        );
+        mounts.push(serde_json::json!({"destination": dst, "type": "bind", "source": src, "options": opts}));
     }
     let mut resources = serde_json::json!({ "pids": { "limit": limits.pids } });
     if let Some(m) = limits.memory_bytes {
@@ -121,19 +103,10 @@ pub fn spawn(
             "resources": resources
         }
     });
-    std::fs::write(
-        dir.join("config.json"),
-        serde_json::to_vec_pretty(&config).expect("OCI config serializes"),
-    )
-    .map_err(|e| RuntimeError::io("writing config.json", e))?;
+    std::fs::write(dir.join("config.json"), serde_json::to_vec_pretty(&config).expect("OCI config serializes"))
+        .map_err(|e| RuntimeError::io("writing config.json", e))?;
     tokio::process::Command::new(&cfg.runsc_bin)
-        .args([
-            "--root",
-            &runsc_root(cfg),
-            "--platform=systrap",
-            "--network=sandbox",
-            "--host-uds=none",
-        ])
+        .args(["--root", &runsc_root(cfg), "--platform=systrap", "--network=sandbox", "--host-uds=none"])
         .arg("run")
         .arg("--bundle")
         .arg(dir)

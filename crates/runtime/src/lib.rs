@@ -25,9 +25,7 @@ pub use cgroup::CgroupVersion;
 pub use error::RuntimeError;
 pub use network::NetworkConfig;
 pub use sandbox::{Resources, Sandbox, SandboxSpec};
-pub use session::{
-    ExecSpec, ProcessState, ReadItem, Session, SessionEvent, SessionReader, StreamKind,
-};
+pub use session::{ExecSpec, ProcessState, ReadItem, Session, SessionEvent, SessionReader, StreamKind};
 
 /// Which isolation a sandbox gets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -96,12 +94,7 @@ impl Runtime {
             gvisor::check(&config)?;
         }
         let net = network::Allocator::new(&config.network);
-        Ok(Arc::new(Self {
-            config,
-            cgroups,
-            sandboxes: Mutex::new(HashMap::new()),
-            net,
-        }))
+        Ok(Arc::new(Self { config, cgroups, sandboxes: Mutex::new(HashMap::new()), net }))
     }
 
     /// The isolation backend in use.
@@ -116,39 +109,23 @@ impl Runtime {
 
     /// Starts a sandbox and waits for its agent to report ready.
     pub async fn start(self: &Arc<Self>, spec: SandboxSpec) -> Result<Arc<Sandbox>, RuntimeError> {
-        if self
-            .sandboxes
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains_key(&spec.id)
-        {
+        if self.sandboxes.lock().unwrap_or_else(|p| p.into_inner()).contains_key(&spec.id) {
             return Err(RuntimeError::AlreadyExists(spec.id));
         }
         let sandbox = sandbox::start(self.clone(), spec).await?;
-        self.sandboxes
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(sandbox.id().to_string(), sandbox.clone());
+        self.sandboxes.lock().unwrap_or_else(|p| p.into_inner()).insert(sandbox.id().to_string(), sandbox.clone());
         Ok(sandbox)
     }
 
     /// A running sandbox.
     pub fn get(&self, id: &str) -> Option<Arc<Sandbox>> {
-        self.sandboxes
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(id)
-            .cloned()
+        self.sandboxes.lock().unwrap_or_else(|p| p.into_inner()).get(id).cloned()
     }
 
     /// Stops a sandbox (SIGTERM to everything, SIGKILL after `grace`) and removes every trace of it: processes,
     /// cgroups, mounts, network namespace and veth, working directory. Idempotent.
     pub async fn stop(&self, id: &str, grace: Duration) -> Result<(), RuntimeError> {
-        let sandbox = self
-            .sandboxes
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(id);
+        let sandbox = self.sandboxes.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
         match sandbox {
             Some(s) => s.stop(grace).await,
             None => self.teardown_leftover(id).await,
@@ -181,12 +158,7 @@ impl Runtime {
 
     /// Every running sandbox's id.
     pub fn ids(&self) -> Vec<String> {
-        self.sandboxes
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .keys()
-            .cloned()
-            .collect()
+        self.sandboxes.lock().unwrap_or_else(|p| p.into_inner()).keys().cloned().collect()
     }
 
     pub(crate) fn config(&self) -> &RuntimeConfig {
@@ -198,10 +170,7 @@ impl Runtime {
     }
 
     pub(crate) fn forget(&self, id: &str) {
-        self.sandboxes
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(id);
+        self.sandboxes.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
     }
 }
 

@@ -27,11 +27,7 @@ pub struct NetworkConfig {
 
 impl Default for NetworkConfig {
     fn default() -> Self {
-        Self {
-            enabled: true,
-            subnet: Ipv4Addr::new(10, 89, 0, 0),
-            allow_host: false,
-        }
+        Self { enabled: true, subnet: Ipv4Addr::new(10, 89, 0, 0), allow_host: false }
     }
 }
 
@@ -39,24 +35,15 @@ async fn run(cmd: &str, args: &[&str], stdin: Option<&str>) -> Result<(), Runtim
     use tokio::io::AsyncWriteExt;
     let mut child = tokio::process::Command::new(cmd)
         .args(args)
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
+        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .map_err(|e| RuntimeError::io(format!("running {cmd} (is it installed?)"), e))?;
     if let (Some(input), Some(mut w)) = (stdin, child.stdin.take()) {
-        w.write_all(input.as_bytes())
-            .await
-            .map_err(|e| RuntimeError::io(format!("feeding {cmd}"), e))?;
+        w.write_all(input.as_bytes()).await.map_err(|e| RuntimeError::io(format!("feeding {cmd}"), e))?;
     }
-    let out = child
-        .wait_with_output()
-        .await
-        .map_err(|e| RuntimeError::io(format!("waiting for {cmd}"), e))?;
+    let out = child.wait_with_output().await.map_err(|e| RuntimeError::io(format!("waiting for {cmd}"), e))?;
     if !out.status.success() {
         return Err(RuntimeError::Command {
             command: format!("{cmd} {}", args.join(" ")),
@@ -70,22 +57,15 @@ fn run_sync(cmd: &str, args: &[&str], stdin: Option<&str>) -> Result<(), Runtime
     use std::io::Write;
     let mut child = std::process::Command::new(cmd)
         .args(args)
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
+        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .map_err(|e| RuntimeError::io(format!("running {cmd} (is it installed?)"), e))?;
     if let (Some(input), Some(mut w)) = (stdin, child.stdin.take()) {
-        w.write_all(input.as_bytes())
-            .map_err(|e| RuntimeError::io(format!("feeding {cmd}"), e))?;
+        w.write_all(input.as_bytes()).map_err(|e| RuntimeError::io(format!("feeding {cmd}"), e))?;
     }
-    let out = child
-        .wait_with_output()
-        .map_err(|e| RuntimeError::io(format!("waiting for {cmd}"), e))?;
+    let out = child.wait_with_output().map_err(|e| RuntimeError::io(format!("waiting for {cmd}"), e))?;
     if !out.status.success() {
         return Err(RuntimeError::Command {
             command: format!("{cmd} {}", args.join(" ")),
@@ -97,8 +77,7 @@ fn run_sync(cmd: &str, args: &[&str], stdin: Option<&str>) -> Result<(), Runtime
 
 /// Enables forwarding and installs the host-side rules (idempotent: the table is replaced as a whole).
 pub fn prepare_host(cfg: &NetworkConfig) -> Result<(), RuntimeError> {
-    std::fs::create_dir_all(NETNS_DIR)
-        .map_err(|e| RuntimeError::io(format!("creating {NETNS_DIR}"), e))?;
+    std::fs::create_dir_all(NETNS_DIR).map_err(|e| RuntimeError::io(format!("creating {NETNS_DIR}"), e))?;
     if !cfg.enabled {
         return Ok(());
     }
@@ -106,11 +85,7 @@ pub fn prepare_host(cfg: &NetworkConfig) -> Result<(), RuntimeError> {
         .map_err(|e| RuntimeError::io("enabling IPv4 forwarding", e))?;
     let s = cfg.subnet.octets();
     let subnet = format!("{}.{}.0.0/16", s[0], s[1]);
-    let host_rule = if cfg.allow_host {
-        ""
-    } else {
-        "iifname \"cs-*\" drop"
-    };
+    let host_rule = if cfg.allow_host { "" } else { "iifname \"cs-*\" drop" };
     let rules = format!(
         r#"table inet {NFT_TABLE}
 delete table inet {NFT_TABLE}
@@ -148,10 +123,7 @@ impl Allocator {
     /// An allocator over `cfg.subnet`.
     pub fn new(cfg: &NetworkConfig) -> Self {
         let o = cfg.subnet.octets();
-        Self {
-            base: [o[0], o[1]],
-            used: Mutex::new(Default::default()),
-        }
+        Self { base: [o[0], o[1]], used: Mutex::new(Default::default()) }
     }
 
     fn take(&self) -> Result<u16, RuntimeError> {
@@ -165,26 +137,13 @@ impl Allocator {
     }
 
     fn release(&self, block: u16) {
-        self.used
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&block);
+        self.used.lock().unwrap_or_else(|p| p.into_inner()).remove(&block);
     }
 
     fn addrs(&self, block: u16) -> (Ipv4Addr, Ipv4Addr) {
         let n = u32::from(block) * 4;
-        let host = Ipv4Addr::new(
-            self.base[0],
-            self.base[1],
-            (n >> 8) as u8,
-            (n & 0xff) as u8 + 1,
-        );
-        let guest = Ipv4Addr::new(
-            self.base[0],
-            self.base[1],
-            (n >> 8) as u8,
-            (n & 0xff) as u8 + 2,
-        );
+        let host = Ipv4Addr::new(self.base[0], self.base[1], (n >> 8) as u8, (n & 0xff) as u8 + 1);
+        let guest = Ipv4Addr::new(self.base[0], self.base[1], (n >> 8) as u8, (n & 0xff) as u8 + 2);
         (host, guest)
     }
 }
@@ -223,19 +182,10 @@ impl SandboxNet {
     }
 
     /// Creates the namespace (loopback up) and, when enabled, the veth pair, addresses and routes.
-    pub async fn create(
-        id: &str,
-        cfg: &NetworkConfig,
-        alloc: &Allocator,
-    ) -> Result<SandboxNet, RuntimeError> {
+    pub async fn create(id: &str, cfg: &NetworkConfig, alloc: &Allocator) -> Result<SandboxNet, RuntimeError> {
         let (netns, host_if) = Self::names(id);
         run("ip", &["netns", "add", &netns], None).await?;
-        let mut net = SandboxNet {
-            netns,
-            host_if,
-            block: None,
-            address: None,
-        };
+        let mut net = SandboxNet { netns, host_if, block: None, address: None };
         let result = async {
             if !cfg.enabled {
                 return run("ip", &["-n", &net.netns, "link", "set", "lo", "up"], None).await;
@@ -250,7 +200,9 @@ impl SandboxNet {
                 ns = net.netns
             );
             run("ip", &["-batch", "-"], Some(&host_side)).await?;
-            let inside = format!("link set lo up\naddr add {guest}/30 dev eth0\nlink set eth0 up\nroute add default via {host}\n");
+            let inside = format!(
+                "link set lo up\naddr add {guest}/30 dev eth0\nlink set eth0 up\nroute add default via {host}\n"
+            );
             run("ip", &["-n", &net.netns, "-batch", "-"], Some(&inside)).await
         }
         .await;

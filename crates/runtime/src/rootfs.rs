@@ -20,22 +20,16 @@ pub struct Rootfs {
 impl Rootfs {
     /// The layout under a sandbox's directory.
     pub fn under(dir: &Path) -> Self {
-        Self {
-            rw: dir.join("rw"),
-            merged: dir.join("rootfs"),
-        }
+        Self { rw: dir.join("rw"), merged: dir.join("rootfs") }
     }
 
     /// Mounts `layers` (top first) with a writable layer capped at `disk_bytes`.
     pub fn mount(&self, layers: &[PathBuf], disk_bytes: u64) -> Result<(), RuntimeError> {
         if layers.is_empty() {
-            return Err(RuntimeError::Unsupported(
-                "an image needs at least one layer".into(),
-            ));
+            return Err(RuntimeError::Unsupported("an image needs at least one layer".into()));
         }
         for d in [&self.rw, &self.merged] {
-            std::fs::create_dir_all(d)
-                .map_err(|e| RuntimeError::io(format!("creating {}", d.display()), e))?;
+            std::fs::create_dir_all(d).map_err(|e| RuntimeError::io(format!("creating {}", d.display()), e))?;
         }
         mount(
             Some("tmpfs"),
@@ -47,32 +41,12 @@ impl Rootfs {
         .map_err(|e| RuntimeError::io("mounting the writable layer's tmpfs", e.into()))?;
         let (upper, work) = (self.rw.join("upper"), self.rw.join("work"));
         for d in [&upper, &work] {
-            std::fs::create_dir_all(d)
-                .map_err(|e| RuntimeError::io(format!("creating {}", d.display()), e))?;
+            std::fs::create_dir_all(d).map_err(|e| RuntimeError::io(format!("creating {}", d.display()), e))?;
         }
-        let lower = layers
-            .iter()
-            .map(|l| l.to_string_lossy().into_owned())
-            .collect::<Vec<_>>()
-            .join(":");
-        let opts = format!(
-            "lowerdir={lower},upperdir={},workdir={}",
-            upper.display(),
-            work.display()
-        );
-        mount(
-            Some("overlay"),
-            &self.merged,
-            Some("overlay"),
-            MsFlags::empty(),
-            Some(opts.as_str()),
-        )
-        .map_err(|e| {
-            RuntimeError::io(
-                format!("mounting the overlay root filesystem ({opts})"),
-                e.into(),
-            )
-        })?;
+        let lower = layers.iter().map(|l| l.to_string_lossy().into_owned()).collect::<Vec<_>>().join(":");
+        let opts = format!("lowerdir={lower},upperdir={},workdir={}", upper.display(), work.display());
+        mount(Some("overlay"), &self.merged, Some("overlay"), MsFlags::empty(), Some(opts.as_str()))
+            .map_err(|e| RuntimeError::io(format!("mounting the overlay root filesystem ({opts})"), e.into()))?;
         Ok(())
     }
 }
@@ -93,9 +67,7 @@ pub fn unmount_all(path: &Path) -> Result<(), RuntimeError> {
             match umount2(t.as_str(), MntFlags::MNT_DETACH) {
                 // EINVAL: no longer a mount point (gone with its parent, or unmounted meanwhile).
                 Ok(()) | Err(nix::errno::Errno::EINVAL) | Err(nix::errno::Errno::ENOENT) => {}
-                Err(e2) => {
-                    return Err(RuntimeError::io(format!("unmounting {t} ({e})"), e2.into()))
-                }
+                Err(e2) => return Err(RuntimeError::io(format!("unmounting {t} ({e})"), e2.into())),
             }
         }
     }
@@ -108,10 +80,7 @@ fn unescape(s: &str) -> String {
     let b = s.as_bytes();
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'\\'
-            && i + 3 < b.len()
-            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
-        {
+        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
             let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
             out.push(v as char);
             i += 4;

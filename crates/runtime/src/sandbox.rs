@@ -33,12 +33,7 @@ pub struct Resources {
 
 impl Default for Resources {
     fn default() -> Self {
-        Self {
-            cpu_millis: None,
-            memory_bytes: None,
-            pids: 4096,
-            disk_bytes: 8 << 30,
-        }
+        Self { cpu_millis: None, memory_bytes: None, pids: 4096, disk_bytes: 8 << 30 }
     }
 }
 
@@ -99,7 +94,7 @@ impl Sandbox {
 
     /// How many of its processes the kernel OOM-killed so far.
     pub fn oom_kills(&self) -> u64 {
-        self.cgroup.oom_kills()
+        self.cgroup.workload().oom_kills() + self.cgroup.oom_kills()
     }
 
     /// Memory in use now, bytes.
@@ -112,10 +107,7 @@ impl Sandbox {
         self.conn.shutdown(grace.as_millis() as u64).await;
         let mut child = self.child.lock().await;
         if let Some(c) = child.as_mut() {
-            if tokio::time::timeout(grace + Duration::from_secs(2), c.wait())
-                .await
-                .is_err()
-            {
+            if tokio::time::timeout(grace + Duration::from_secs(2), c.wait()).await.is_err() {
                 let _ = c.start_kill();
                 let _ = c.wait().await;
             }
@@ -143,23 +135,11 @@ pub async fn start(runtime: Arc<Runtime>, spec: SandboxSpec) -> Result<Arc<Sandb
 async fn build(runtime: Arc<Runtime>, spec: &SandboxSpec) -> Result<Arc<Sandbox>, RuntimeError> {
     let cfg = runtime.config();
     let dir = cfg.state_dir.join(&spec.id);
-    std::fs::create_dir_all(&dir)
-        .map_err(|e| RuntimeError::io(format!("creating {}", dir.display()), e))?;
+    std::fs::create_dir_all(&dir).map_err(|e| RuntimeError::io(format!("creating {}", dir.display()), e))?;
     // Record what we are about to create first, so that a crash at any point below can be cleaned up.
     let (netns, host_if) = SandboxNet::names(&spec.id);
-    let placeholder = SandboxNet {
-        netns,
-        host_if,
-        block: None,
-        address: None,
-    };
-    write_meta(
-        &dir,
-        &Meta {
-            isolation: cfg.isolation,
-            net: Some(placeholder),
-        },
-    )?;
+    let placeholder = SandboxNet { netns, host_if, block: None, address: None };
+    write_meta(&dir, &Meta { isolation: cfg.isolation, net: Some(placeholder) })?;
 
     let cgroup = Cgroup::of(runtime.cgroup_version(), &cfg.cgroup_parent, &spec.id);
     let limits = Limits {
@@ -171,22 +151,19 @@ async fn build(runtime: Arc<Runtime>, spec: &SandboxSpec) -> Result<Arc<Sandbox>
         cgroup.create(&limits)?;
     }
     let net = SandboxNet::create(&spec.id, &cfg.network, runtime.net()).await?;
-    write_meta(
-        &dir,
-        &Meta {
-            isolation: cfg.isolation,
-            net: Some(net.clone()),
-        },
-    )?;
+    write_meta(&dir, &Meta { isolation: cfg.isolation, net: Some(net.clone()) })?;
 
     let rootfs = Rootfs::under(&dir);
-    rootfs.mount(&spec.layers, spec.resources.disk_bytes)?;
+    // The writable layer is a tmpfs whose pages count against the sandbox's memory; capping it at half the
+    // memory limit makes a full disk an ENOSPC for the writer rather than an OOM kill of whatever the kernel picks.
+    let disk = match spec.resources.memory_bytes {
+        Some(m) => spec.resources.disk_bytes.min(m / 2),
+        None => spec.resources.disk_bytes,
+    };
+    rootfs.mount(&spec.layers, disk)?;
     write_etc(&rootfs.merged, &spec.hostname)?;
-    let mut binds: Vec<(String, String, bool)> = spec
-        .binds
-        .iter()
-        .map(|(h, s, ro)| (h.to_string_lossy().into_owned(), s.clone(), *ro))
-        .collect();
+    let mut binds: Vec<(String, String, bool)> =
+        spec.binds.iter().map(|(h, s, ro)| (h.to_string_lossy().into_owned(), s.clone(), *ro)).collect();
     if Path::new(HOST_CA_BUNDLE).exists() {
         binds.push((HOST_CA_BUNDLE.into(), HOST_CA_BUNDLE.into(), true));
     }
@@ -199,8 +176,7 @@ async fn build(runtime: Arc<Runtime>, spec: &SandboxSpec) -> Result<Arc<Sandbox>
         pty: e.pty,
     });
 
-    let stderr = std::fs::File::create(dir.join("agent.log"))
-        .map_err(|e| RuntimeError::io("creating agent.log", e))?;
+    let stderr = std::fs::File::create(dir.join("agent.log")).map_err(|e| RuntimeError::io("creating agent.log", e))?;
     let mut child = match cfg.isolation {
         Isolation::Native => {
             let boot = BootConfig {
@@ -208,6 +184,7 @@ async fn build(runtime: Arc<Runtime>, spec: &SandboxSpec) -> Result<Arc<Sandbox>
                 hostname: spec.hostname.clone(),
                 netns: Some(net.netns_path().to_string_lossy().into_owned()),
                 cgroup_procs: cgroup.procs_files(),
+                workload_cgroup_procs: cgroup.workload().procs_files(),
                 binds,
                 harden: true,
                 env: spec.env.clone(),
@@ -215,11 +192,8 @@ async fn build(runtime: Arc<Runtime>, spec: &SandboxSpec) -> Result<Arc<Sandbox>
                 entrypoint,
             };
             let boot_path = dir.join("boot.json");
-            std::fs::write(
-                &boot_path,
-                serde_json::to_vec(&boot).expect("boot config serializes"),
-            )
-            .map_err(|e| RuntimeError::io("writing boot.json", e))?;
+            std::fs::write(&boot_path, serde_json::to_vec(&boot).expect("boot config serializes"))
+                .map_err(|e| RuntimeError::io("writing boot.json", e))?;
             tokio::process::Command::new(&cfg.agent_bin)
                 .arg("init")
                 .arg(&boot_path)
@@ -230,9 +204,7 @@ async fn build(runtime: Arc<Runtime>, spec: &SandboxSpec) -> Result<Arc<Sandbox>
                 .spawn()
                 .map_err(|e| RuntimeError::io(format!("starting {}", cfg.agent_bin.display()), e))?
         }
-        Isolation::Gvisor => gvisor::spawn(
-            cfg, spec, &dir, &rootfs, &net, &binds, entrypoint, limits, stderr,
-        )?,
+        Isolation::Gvisor => gvisor::spawn(cfg, spec, &dir, &rootfs, &net, &binds, entrypoint, limits, stderr)?,
     };
     let stdin = child.stdin.take().expect("piped stdin");
     let stdout = child.stdout.take().expect("piped stdout");
@@ -242,20 +214,8 @@ async fn build(runtime: Arc<Runtime>, spec: &SandboxSpec) -> Result<Arc<Sandbox>
             let _ = child.start_kill();
             let _ = child.wait().await;
             let log = std::fs::read_to_string(dir.join("agent.log")).unwrap_or_default();
-            let last = log
-                .lines()
-                .rev()
-                .take(5)
-                .collect::<Vec<_>>()
-                .into_iter()
-                .rev()
-                .collect::<Vec<_>>()
-                .join("; ");
-            return Err(RuntimeError::Agent(if last.is_empty() {
-                e.to_string()
-            } else {
-                format!("{e}: {last}")
-            }));
+            let last = log.lines().rev().take(5).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("; ");
+            return Err(RuntimeError::Agent(if last.is_empty() { e.to_string() } else { format!("{e}: {last}") }));
         }
     };
     Ok(Arc::new(Sandbox {
@@ -272,8 +232,7 @@ fn write_meta(dir: &Path, meta: &Meta) -> Result<(), RuntimeError> {
     let tmp = dir.join("meta.json.tmp");
     std::fs::write(&tmp, serde_json::to_vec(meta).expect("meta serializes"))
         .map_err(|e| RuntimeError::io("writing meta.json", e))?;
-    std::fs::rename(&tmp, dir.join("meta.json"))
-        .map_err(|e| RuntimeError::io("writing meta.json", e))
+    std::fs::rename(&tmp, dir.join("meta.json")).map_err(|e| RuntimeError::io("writing meta.json", e))
 }
 
 fn write_etc(root: &Path, hostname: &str) -> Result<(), RuntimeError> {
@@ -301,21 +260,14 @@ fn write_etc(root: &Path, hostname: &str) -> Result<(), RuntimeError> {
 pub async fn teardown(runtime: &Runtime, id: &str) -> Result<(), RuntimeError> {
     let cfg = runtime.config();
     let dir = cfg.state_dir.join(id);
-    let meta: Option<Meta> = std::fs::read(dir.join("meta.json"))
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok());
+    let meta: Option<Meta> = std::fs::read(dir.join("meta.json")).ok().and_then(|b| serde_json::from_slice(&b).ok());
     let mut errors = Vec::new();
-    if meta.as_ref().map(|m| m.isolation) == Some(Isolation::Gvisor)
-        || cfg.isolation == Isolation::Gvisor
-    {
+    if meta.as_ref().map(|m| m.isolation) == Some(Isolation::Gvisor) || cfg.isolation == Isolation::Gvisor {
         gvisor::delete(cfg, id).await;
     }
     let cgroup = Cgroup::of(runtime.cgroup_version(), &cfg.cgroup_parent, id);
     if cgroup.exists() {
-        if let Err(e) = tokio::task::spawn_blocking(move || cgroup.destroy())
-            .await
-            .unwrap_or(Ok(()))
-        {
+        if let Err(e) = tokio::task::spawn_blocking(move || cgroup.destroy()).await.unwrap_or(Ok(())) {
             errors.push(e.to_string());
         }
     }
@@ -324,12 +276,7 @@ pub async fn teardown(runtime: &Runtime, id: &str) -> Result<(), RuntimeError> {
     }
     let net = meta.and_then(|m| m.net).unwrap_or_else(|| {
         let (netns, host_if) = SandboxNet::names(id);
-        SandboxNet {
-            netns,
-            host_if,
-            block: None,
-            address: None,
-        }
+        SandboxNet { netns, host_if, block: None, address: None }
     });
     if let Err(e) = net.destroy(runtime.net()).await {
         errors.push(e.to_string());
@@ -342,9 +289,6 @@ pub async fn teardown(runtime: &Runtime, id: &str) -> Result<(), RuntimeError> {
     if errors.is_empty() {
         Ok(())
     } else {
-        Err(RuntimeError::Unsupported(format!(
-            "tearing down sandbox {id}: {}",
-            errors.join("; ")
-        )))
+        Err(RuntimeError::Unsupported(format!("tearing down sandbox {id}: {}", errors.join("; "))))
     }
 }

@@ -134,12 +134,7 @@ pub struct Session {
 }
 
 impl Session {
-    pub(crate) fn new(
-        id: String,
-        channel: u32,
-        spec: ExecSpec,
-        to_agent: mpsc::Sender<Frame>,
-    ) -> Arc<Self> {
+    pub(crate) fn new(id: String, channel: u32, spec: ExecSpec, to_agent: mpsc::Sender<Frame>) -> Arc<Self> {
         Arc::new(Self {
             id,
             channel,
@@ -203,16 +198,10 @@ impl Session {
             }
             match &event {
                 SessionEvent::Exited { code, signal } => {
-                    st.status = ProcessState::Exited {
-                        code: *code,
-                        signal: *signal,
-                    }
+                    st.status = ProcessState::Exited { code: *code, signal: *signal }
                 }
                 SessionEvent::TimedOut { code, signal } => {
-                    st.status = ProcessState::TimedOut {
-                        code: *code,
-                        signal: *signal,
-                    }
+                    st.status = ProcessState::TimedOut { code: *code, signal: *signal }
                 }
                 SessionEvent::Failed(_) => st.status = ProcessState::Failed,
                 SessionEvent::Output(..) => {}
@@ -254,37 +243,23 @@ impl Session {
 
     /// Sends stdin bytes to the process.
     pub async fn write_stdin(&self, data: Vec<u8>) -> bool {
-        self.to_agent
-            .send(Frame::data(Kind::Stdin, self.channel, data))
-            .await
-            .is_ok()
+        self.to_agent.send(Frame::data(Kind::Stdin, self.channel, data)).await.is_ok()
     }
 
     /// Closes the process's stdin.
     pub async fn close_stdin(&self) -> bool {
-        self.to_agent
-            .send(Frame::data(Kind::StdinEof, self.channel, Vec::new()))
-            .await
-            .is_ok()
+        self.to_agent.send(Frame::data(Kind::StdinEof, self.channel, Vec::new())).await.is_ok()
     }
 
     /// Signals the process group.
     pub async fn signal(&self, signal: i32) -> bool {
-        let f = Frame::json(
-            Kind::Signal,
-            self.channel,
-            &compute_agent_protocol::Signal { signal },
-        );
+        let f = Frame::json(Kind::Signal, self.channel, &compute_agent_protocol::Signal { signal });
         self.to_agent.send(f).await.is_ok()
     }
 
     /// Resizes the PTY.
     pub async fn resize(&self, cols: u16, rows: u16) -> bool {
-        let f = Frame::json(
-            Kind::Resize,
-            self.channel,
-            &compute_agent_protocol::Resize { cols, rows },
-        );
+        let f = Frame::json(Kind::Resize, self.channel, &compute_agent_protocol::Resize { cols, rows });
         self.to_agent.send(f).await.is_ok()
     }
 
@@ -294,11 +269,7 @@ impl Session {
         st.readers += 1;
         st.delivered = after_seq;
         drop(st);
-        SessionReader {
-            session: self.clone(),
-            cursor: after_seq,
-            done: false,
-        }
+        SessionReader { session: self.clone(), cursor: after_seq, done: false }
     }
 
     /// Whether the process has ended.
@@ -308,12 +279,7 @@ impl Session {
 }
 
 fn undelivered(st: &State) -> usize {
-    st.events
-        .iter()
-        .rev()
-        .take_while(|(s, _)| *s > st.delivered)
-        .map(|(_, e)| e.size())
-        .sum()
+    st.events.iter().rev().take_while(|(s, _)| *s > st.delivered).map(|(_, e)| e.size()).sum()
 }
 
 /// Reads one session's events in order. Dropping it detaches.
@@ -352,9 +318,7 @@ impl SessionReader {
                 if self.cursor + 1 < oldest {
                     self.cursor = oldest - 1;
                     Some(ReadItem::Truncated { oldest })
-                } else if let Some((seq, ev)) =
-                    st.events.iter().find(|(s, _)| *s > self.cursor).cloned()
-                {
+                } else if let Some((seq, ev)) = st.events.iter().find(|(s, _)| *s > self.cursor).cloned() {
                     self.cursor = seq;
                     st.delivered = st.delivered.max(seq);
                     if ev.is_final() {
@@ -404,8 +368,5 @@ impl Drop for SessionReader {
 }
 
 fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }

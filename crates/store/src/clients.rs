@@ -29,8 +29,7 @@ pub struct Clients<'c> {
     conn: &'c Connection,
 }
 
-const COLUMNS: &str =
-    "id, name, secret_hash, environment_id, all_environments, created_at, revoked_at";
+const COLUMNS: &str = "id, name, secret_hash, environment_id, all_environments, created_at, revoked_at";
 
 impl<'c> Clients<'c> {
     pub(crate) fn new(conn: &'c Connection) -> Self {
@@ -42,15 +41,7 @@ impl<'c> Clients<'c> {
         self.conn
             .execute(
                 &format!("INSERT INTO clients ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)"),
-                (
-                    &c.id,
-                    &c.name,
-                    &c.secret_hash,
-                    &c.environment_id,
-                    c.all_environments,
-                    c.created_at,
-                    c.revoked_at,
-                ),
+                (&c.id, &c.name, &c.secret_hash, &c.environment_id, c.all_environments, c.created_at, c.revoked_at),
             )
             .map_err(|e| StoreError::on_insert(e, || format!("client {:?}", c.id)))?;
         Ok(())
@@ -67,22 +58,16 @@ impl<'c> Clients<'c> {
 
     /// Every client, oldest first.
     pub fn list(&self) -> Result<Vec<Client>> {
-        let mut stmt = self.conn.prepare_cached(&format!(
-            "SELECT {COLUMNS} FROM clients ORDER BY created_at, id"
-        ))?;
-        let rows = stmt
-            .query_map([], row)?
-            .collect::<rusqlite::Result<Vec<_>>>()?;
+        let mut stmt = self.conn.prepare_cached(&format!("SELECT {COLUMNS} FROM clients ORDER BY created_at, id"))?;
+        let rows = stmt.query_map([], row)?.collect::<rusqlite::Result<Vec<_>>>()?;
         Ok(rows)
     }
 
     /// Marks the client revoked at `at`. Returns false when no such client exists; revoking twice keeps the
     /// first time.
     pub fn revoke(&self, id: &str, at: i64) -> Result<bool> {
-        let n = self.conn.execute(
-            "UPDATE clients SET revoked_at = COALESCE(revoked_at, ?2) WHERE id = ?1",
-            (id, at),
-        )?;
+        let n =
+            self.conn.execute("UPDATE clients SET revoked_at = COALESCE(revoked_at, ?2) WHERE id = ?1", (id, at))?;
         Ok(n > 0)
     }
 }

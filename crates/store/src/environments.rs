@@ -36,44 +36,26 @@ impl<'c> Environments<'c> {
 
     /// The environment with this id.
     pub fn get(&self, id: &str) -> Result<Option<Environment>> {
-        Ok(self
-            .conn
-            .query_row(
-                "SELECT id, name, created_at FROM environments WHERE id = ?1",
-                [id],
-                row,
-            )
-            .optional()?)
+        Ok(self.conn.query_row("SELECT id, name, created_at FROM environments WHERE id = ?1", [id], row).optional()?)
     }
 
     /// The environment with this name.
     pub fn get_by_name(&self, name: &str) -> Result<Option<Environment>> {
         Ok(self
             .conn
-            .query_row(
-                "SELECT id, name, created_at FROM environments WHERE name = ?1",
-                [name],
-                row,
-            )
+            .query_row("SELECT id, name, created_at FROM environments WHERE name = ?1", [name], row)
             .optional()?)
     }
 
     /// Every environment, oldest first.
     pub fn list(&self) -> Result<Vec<Environment>> {
-        let mut stmt = self.conn.prepare_cached(
-            "SELECT id, name, created_at FROM environments ORDER BY created_at, id",
-        )?;
-        let rows = stmt
-            .query_map([], row)?
-            .collect::<rusqlite::Result<Vec<_>>>()?;
+        let mut stmt =
+            self.conn.prepare_cached("SELECT id, name, created_at FROM environments ORDER BY created_at, id")?;
+        let rows = stmt.query_map([], row)?.collect::<rusqlite::Result<Vec<_>>>()?;
         Ok(rows)
     }
 }
 
 fn row(r: &Row<'_>) -> rusqlite::Result<Environment> {
-    Ok(Environment {
-        id: r.get(0)?,
-        name: r.get(1)?,
-        created_at: r.get(2)?,
-    })
+    Ok(Environment { id: r.get(0)?, name: r.get(1)?, created_at: r.get(2)? })
 }

@@ -34,9 +34,7 @@ impl StoreError {
     /// Maps a constraint violation on insert to [`StoreError::AlreadyExists`], leaving other errors as they are.
     pub(crate) fn on_insert(err: rusqlite::Error, what: impl FnOnce() -> String) -> Self {
         match &err {
-            rusqlite::Error::SqliteFailure(e, _)
-                if e.code == rusqlite::ErrorCode::ConstraintViolation =>
-            {
+            rusqlite::Error::SqliteFailure(e, _) if e.code == rusqlite::ErrorCode::ConstraintViolation => {
                 StoreError::AlreadyExists { what: what() }
             }
             _ => StoreError::Sqlite(err),

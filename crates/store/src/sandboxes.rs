@@ -78,7 +78,8 @@ pub struct SandboxRecord {
     pub finished_at: Option<i64>,
 }
 
-const COLUMNS: &str = "id, environment_id, kind, name, image, spec, status, status_message, status_details, exit_code, \
+const COLUMNS: &str =
+    "id, environment_id, kind, name, image, spec, status, status_message, status_details, exit_code, \
                        created_by, created_at, started_at, finished_at";
 
 /// Repository of [`SandboxRecord`]s.
@@ -121,9 +122,7 @@ impl<'c> Sandboxes<'c> {
     pub fn get(&self, environment_id: &str, id: &str) -> Result<Option<SandboxRecord>> {
         Ok(self
             .conn
-            .prepare_cached(&format!(
-                "SELECT {COLUMNS} FROM sandboxes WHERE id = ?1 AND environment_id = ?2"
-            ))?
+            .prepare_cached(&format!("SELECT {COLUMNS} FROM sandboxes WHERE id = ?1 AND environment_id = ?2"))?
             .query_row((id, environment_id), row)
             .optional()?)
     }
@@ -153,18 +152,15 @@ impl<'c> Sandboxes<'c> {
             "SELECT {COLUMNS} FROM sandboxes WHERE environment_id = ?1 AND (?2 IS NULL OR kind = ?2) \
              AND (?3 = 0 OR status IN ('pending', 'running')) ORDER BY created_at DESC, id DESC LIMIT ?4 OFFSET ?5"
         ))?;
-        let rows = stmt.query_map(
-            rusqlite::params![environment_id, kind, live_only, limit, offset],
-            row,
-        )?;
+        let rows = stmt.query_map(rusqlite::params![environment_id, kind, live_only, limit, offset], row)?;
         Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
     }
 
     /// Every live workload of every environment (for reconciliation at start).
     pub fn live(&self) -> Result<Vec<SandboxRecord>> {
-        let mut stmt = self.conn.prepare_cached(&format!(
-            "SELECT {COLUMNS} FROM sandboxes WHERE status IN ('pending', 'running')"
-        ))?;
+        let mut stmt = self
+            .conn
+            .prepare_cached(&format!("SELECT {COLUMNS} FROM sandboxes WHERE status IN ('pending', 'running')"))?;
         let rows = stmt.query_map([], row)?;
         Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
     }

@@ -53,26 +53,18 @@ impl<'c> SigningKeys<'c> {
             "SELECT kid, secret, created_at, retired_at FROM signing_keys WHERE retired_at IS NULL \
              ORDER BY created_at DESC, rowid DESC",
         )?;
-        let rows = stmt
-            .query_map([], row)?
-            .collect::<rusqlite::Result<Vec<_>>>()?;
+        let rows = stmt.query_map([], row)?.collect::<rusqlite::Result<Vec<_>>>()?;
         Ok(rows)
     }
 
     /// Retires every unretired key except `keep`. Returns how many were retired.
     pub fn retire_all_but(&self, keep: &str, at: i64) -> Result<usize> {
-        Ok(self.conn.execute(
-            "UPDATE signing_keys SET retired_at = ?2 WHERE retired_at IS NULL AND kid != ?1",
-            (keep, at),
-        )?)
+        Ok(self
+            .conn
+            .execute("UPDATE signing_keys SET retired_at = ?2 WHERE retired_at IS NULL AND kid != ?1", (keep, at))?)
     }
 }
 
 fn row(r: &Row<'_>) -> rusqlite::Result<SigningKey> {
-    Ok(SigningKey {
-        kid: r.get(0)?,
-        secret: r.get(1)?,
-        created_at: r.get(2)?,
-        retired_at: r.get(3)?,
-    })
+    Ok(SigningKey { kid: r.get(0)?, secret: r.get(1)?, created_at: r.get(2)?, retired_at: r.get(3)? })
 }

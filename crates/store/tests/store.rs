@@ -10,11 +10,7 @@ fn temp_db(name: &str) -> std::path::PathBuf {
 }
 
 fn env(id: &str, name: &str) -> Environment {
-    Environment {
-        id: id.into(),
-        name: name.into(),
-        created_at: 1,
-    }
+    Environment { id: id.into(), name: name.into(), created_at: 1 }
 }
 
 #[test]
@@ -22,25 +18,16 @@ fn fresh_database_is_migrated_and_reopens() {
     let path = temp_db("fresh");
     {
         let store = Store::open(&path).unwrap();
-        store
-            .write(|r| r.environments().insert(&env("e1", "default")))
-            .unwrap();
+        store.write(|r| r.environments().insert(&env("e1", "default"))).unwrap();
     }
     let store = Store::open(&path).unwrap();
-    let version: i64 = rusqlite::Connection::open(&path)
-        .unwrap()
-        .pragma_query_value(None, "user_version", |r| r.get(0))
-        .unwrap();
+    let version: i64 =
+        rusqlite::Connection::open(&path).unwrap().pragma_query_value(None, "user_version", |r| r.get(0)).unwrap();
     assert_eq!(version, SCHEMA_VERSION);
-    assert_eq!(
-        store.read(|r| r.environments().list()).unwrap(),
-        vec![env("e1", "default")]
-    );
+    assert_eq!(store.read(|r| r.environments().list()).unwrap(), vec![env("e1", "default")]);
     assert!(store.integrity_check().unwrap().is_empty());
-    let mode: String = rusqlite::Connection::open(&path)
-        .unwrap()
-        .pragma_query_value(None, "journal_mode", |r| r.get(0))
-        .unwrap();
+    let mode: String =
+        rusqlite::Connection::open(&path).unwrap().pragma_query_value(None, "journal_mode", |r| r.get(0)).unwrap();
     assert_eq!(mode, "wal");
 }
 
@@ -48,13 +35,8 @@ fn fresh_database_is_migrated_and_reopens() {
 fn newer_schema_is_refused_with_a_clear_error() {
     let path = temp_db("newer");
     drop(Store::open(&path).unwrap());
-    rusqlite::Connection::open(&path)
-        .unwrap()
-        .pragma_update(None, "user_version", SCHEMA_VERSION + 5)
-        .unwrap();
-    let err = Store::open(&path)
-        .err()
-        .expect("a newer schema must be refused");
+    rusqlite::Connection::open(&path).unwrap().pragma_update(None, "user_version", SCHEMA_VERSION + 5).unwrap();
+    let err = Store::open(&path).err().expect("a newer schema must be refused");
     assert!(matches!(err, StoreError::TooNew { .. }), "{err}");
     assert!(err.to_string().contains("upgrade Compute"));
 }
@@ -62,9 +44,7 @@ fn newer_schema_is_refused_with_a_clear_error() {
 #[test]
 fn a_failed_write_leaves_nothing_behind() {
     let store = Store::open(temp_db("atomic")).unwrap();
-    store
-        .write(|r| r.environments().insert(&env("e1", "default")))
-        .unwrap();
+    store.write(|r| r.environments().insert(&env("e1", "default"))).unwrap();
     let err = store
         .write(|r| {
             r.environments().insert(&env("e2", "staging"))?;
@@ -72,19 +52,13 @@ fn a_failed_write_leaves_nothing_behind() {
         })
         .unwrap_err();
     assert!(matches!(err, StoreError::AlreadyExists { .. }), "{err}");
-    assert_eq!(
-        store.read(|r| r.environments().list()).unwrap().len(),
-        1,
-        "e2 must not survive the rollback"
-    );
+    assert_eq!(store.read(|r| r.environments().list()).unwrap().len(), 1, "e2 must not survive the rollback");
 }
 
 #[test]
 fn clients_revoke_and_signing_keys_rotate() {
     let store = Store::open(temp_db("clients")).unwrap();
-    store
-        .write(|r| r.environments().insert(&env("e1", "default")))
-        .unwrap();
+    store.write(|r| r.environments().insert(&env("e1", "default"))).unwrap();
     let client = Client {
         id: "c1".into(),
         name: "admin".into(),
@@ -95,52 +69,20 @@ fn clients_revoke_and_signing_keys_rotate() {
         revoked_at: None,
     };
     store.write(|r| r.clients().insert(&client)).unwrap();
-    let bad_env = Client {
-        id: "c2".into(),
-        environment_id: "nope".into(),
-        ..client.clone()
-    };
-    assert!(
-        store.write(|r| r.clients().insert(&bad_env)).is_err(),
-        "foreign keys are enforced"
-    );
+    let bad_env = Client { id: "c2".into(), environment_id: "nope".into(), ..client.clone() };
+    assert!(store.write(|r| r.clients().insert(&bad_env)).is_err(), "foreign keys are enforced");
     assert!(store.write(|r| r.clients().revoke("c1", 10)).unwrap());
     assert!(store.write(|r| r.clients().revoke("c1", 20)).unwrap());
-    assert_eq!(
-        store
-            .read(|r| r.clients().get("c1"))
-            .unwrap()
-            .unwrap()
-            .revoked_at,
-        Some(10),
-        "first revocation kept"
-    );
+    assert_eq!(store.read(|r| r.clients().get("c1")).unwrap().unwrap().revoked_at, Some(10), "first revocation kept");
     assert!(!store.write(|r| r.clients().revoke("missing", 10)).unwrap());
 
-    let key = |kid: &str, at: i64| SigningKey {
-        kid: kid.into(),
-        secret: vec![1, 2, 3],
-        created_at: at,
-        retired_at: None,
-    };
-    store
-        .write(|r| r.signing_keys().insert(&key("k1", 1)))
-        .unwrap();
-    store
-        .write(|r| r.signing_keys().insert(&key("k2", 2)))
-        .unwrap();
+    let key =
+        |kid: &str, at: i64| SigningKey { kid: kid.into(), secret: vec![1, 2, 3], created_at: at, retired_at: None };
+    store.write(|r| r.signing_keys().insert(&key("k1", 1))).unwrap();
+    store.write(|r| r.signing_keys().insert(&key("k2", 2))).unwrap();
     let active = store.read(|r| r.signing_keys().active()).unwrap();
-    assert_eq!(
-        active.iter().map(|k| k.kid.as_str()).collect::<Vec<_>>(),
-        ["k2", "k1"],
-        "newest signs"
-    );
-    assert_eq!(
-        store
-            .write(|r| r.signing_keys().retire_all_but("k2", 3))
-            .unwrap(),
-        1
-    );
+    assert_eq!(active.iter().map(|k| k.kid.as_str()).collect::<Vec<_>>(), ["k2", "k1"], "newest signs");
+    assert_eq!(store.write(|r| r.signing_keys().retire_all_but("k2", 3)).unwrap(), 1);
     assert_eq!(store.read(|r| r.signing_keys().active()).unwrap().len(), 1);
 }
 
@@ -152,20 +94,12 @@ fn concurrent_writers_on_two_connections_both_land() {
     let b = Store::open(&path).unwrap();
     let ta = std::thread::spawn(move || {
         for i in 0..200 {
-            a.write(|r| {
-                r.environments()
-                    .insert(&env(&format!("a{i}"), &format!("a{i}")))
-            })
-            .unwrap();
+            a.write(|r| r.environments().insert(&env(&format!("a{i}"), &format!("a{i}")))).unwrap();
         }
         a
     });
     for i in 0..200 {
-        b.write(|r| {
-            r.environments()
-                .insert(&env(&format!("b{i}"), &format!("b{i}")))
-        })
-        .unwrap();
+        b.write(|r| r.environments().insert(&env(&format!("b{i}"), &format!("b{i}")))).unwrap();
     }
     let a = ta.join().unwrap();
     assert_eq!(a.read(|r| r.environments().list()).unwrap().len(), 400);
@@ -182,10 +116,8 @@ fn writer_child() {
     for i in start.. {
         store
             .write(|r| {
-                r.environments()
-                    .insert(&env(&format!("x{i}"), &format!("x{i}")))?;
-                r.environments()
-                    .insert(&env(&format!("y{i}"), &format!("y{i}")))
+                r.environments().insert(&env(&format!("x{i}"), &format!("x{i}")))?;
+                r.environments().insert(&env(&format!("y{i}"), &format!("y{i}")))
             })
             .unwrap();
     }
@@ -214,13 +146,6 @@ fn killed_writer_leaves_a_consistent_store() {
         let ys = envs.iter().filter(|e| e.id.starts_with('y')).count();
         assert_eq!(xs, ys, "round {round}: a transaction was half-applied");
     }
-    let n = Store::open(&path)
-        .unwrap()
-        .read(|r| r.environments().list())
-        .unwrap()
-        .len();
-    assert!(
-        n > 0,
-        "the child never committed anything, so the test proved nothing"
-    );
+    let n = Store::open(&path).unwrap().read(|r| r.environments().list()).unwrap().len();
+    assert!(n > 0, "the child never committed anything, so the test proved nothing");
 }

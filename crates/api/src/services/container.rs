@@ -60,35 +60,22 @@ impl ContainerApi {
 
 #[tonic::async_trait]
 impl ContainerService for ContainerApi {
-    async fn run_container(
-        &self,
-        req: Request<RunContainerRequest>,
-    ) -> Result<Response<RunContainerResponse>, Status> {
+    async fn run_container(&self, req: Request<RunContainerRequest>) -> Result<Response<RunContainerResponse>, Status> {
         let who = principal(&req)?.clone();
         let spec = req
             .into_inner()
             .container
             .and_then(|c| c.spec)
             .ok_or_else(|| Status::invalid_argument("container.spec is required"))?;
-        let rec = self
-            .workloads
-            .create(&who, request(WorkloadKind::Container, spec)?)
-            .map_err(from_control)?;
-        Ok(Response::new(RunContainerResponse {
-            container: Some(response(&rec)),
-        }))
+        let rec = self.workloads.create(&who, request(WorkloadKind::Container, spec)?).map_err(from_control)?;
+        Ok(Response::new(RunContainerResponse { container: Some(response(&rec)) }))
     }
 
-    async fn get_container(
-        &self,
-        req: Request<GetContainerRequest>,
-    ) -> Result<Response<GetContainerResponse>, Status> {
+    async fn get_container(&self, req: Request<GetContainerRequest>) -> Result<Response<GetContainerResponse>, Status> {
         let who = principal(&req)?.clone();
         let r = req.into_inner();
         let rec = self.find(&who, r.id.as_deref(), r.name.as_deref())?;
-        Ok(Response::new(GetContainerResponse {
-            container: Some(response(&rec)),
-        }))
+        Ok(Response::new(GetContainerResponse { container: Some(response(&rec)) }))
     }
 
     async fn stop_container(
@@ -99,14 +86,8 @@ impl ContainerService for ContainerApi {
         let r = req.into_inner();
         let rec = self.find(&who, r.id.as_deref(), r.name.as_deref())?;
         let grace = Duration::from_secs(r.grace_period_seconds.unwrap_or(10).clamp(0, 300) as u64);
-        let rec = self
-            .workloads
-            .terminate(&who, &rec.id, grace)
-            .await
-            .map_err(from_control)?;
-        Ok(Response::new(StopContainerResponse {
-            container: Some(response(&rec)),
-        }))
+        let rec = self.workloads.terminate(&who, &rec.id, grace).await.map_err(from_control)?;
+        Ok(Response::new(StopContainerResponse { container: Some(response(&rec)) }))
     }
 
     async fn list_containers(
@@ -117,38 +98,25 @@ impl ContainerService for ContainerApi {
         let r = req.into_inner();
         let limit = r.limit.unwrap_or(100).clamp(1, 1000) as u32;
         let offset: u32 = match r.cursor.as_deref().filter(|c| !c.is_empty()) {
-            Some(c) => c.parse().map_err(|_| {
-                Status::invalid_argument(format!("cursor {c:?} is not one this server issued"))
-            })?,
+            Some(c) => c
+                .parse()
+                .map_err(|_| Status::invalid_argument(format!("cursor {c:?} is not one this server issued")))?,
             None => 0,
         };
         let live_only = !r.include_stopped.unwrap_or(false);
         let rows = self
             .workloads
-            .list(
-                &who,
-                Some(WorkloadKind::Container),
-                live_only,
-                limit + 1,
-                offset,
-            )
+            .list(&who, Some(WorkloadKind::Container), live_only, limit + 1, offset)
             .map_err(from_control)?;
         let more = rows.len() > limit as usize;
         let containers = rows
             .iter()
             .take(limit as usize)
             .filter(|rec| {
-                r.statuses.is_empty()
-                    || r.statuses
-                        .iter()
-                        .any(|s| s.eq_ignore_ascii_case(container_status(rec.status)))
+                r.statuses.is_empty() || r.statuses.iter().any(|s| s.eq_ignore_ascii_case(container_status(rec.status)))
             })
             .filter(|rec| r.images.is_empty() || r.images.contains(&rec.image))
-            .filter(|rec| {
-                r.search
-                    .as_deref()
-                    .is_none_or(|s| rec.name.contains(s) || rec.id.contains(s))
-            })
+            .filter(|rec| r.search.as_deref().is_none_or(|s| rec.name.contains(s) || rec.id.contains(s)))
             .map(response)
             .collect();
         Ok(Response::new(ListContainersResponse {

@@ -39,21 +39,15 @@ impl SandboxFilesystemService for FilesystemApi {
         let who = principal(&req)?.clone();
         let mut incoming = req.into_inner();
         let meta = match incoming.next().await {
-            Some(Ok(UploadFileRequest {
-                payload: Some(Payload::Metadata(m)),
-            })) => m,
+            Some(Ok(UploadFileRequest { payload: Some(Payload::Metadata(m)) })) => m,
             Some(Ok(_)) => {
-                return Err(Status::invalid_argument(
-                    "the first message must be metadata (sandbox_id, destination)",
-                ))
+                return Err(Status::invalid_argument("the first message must be metadata (sandbox_id, destination)"))
             }
             Some(Err(s)) => return Err(s),
             None => return Err(Status::invalid_argument("empty upload stream")),
         };
         if meta.sandbox_id.is_empty() || meta.destination.is_empty() {
-            return Err(Status::invalid_argument(
-                "metadata.sandbox_id and metadata.destination are required",
-            ));
+            return Err(Status::invalid_argument("metadata.sandbox_id and metadata.destination are required"));
         }
         if !meta.destination.starts_with('/') {
             return Err(Status::invalid_argument(format!(
@@ -62,26 +56,20 @@ impl SandboxFilesystemService for FilesystemApi {
             )));
         }
         if meta.mode.is_some_and(|m| m > 0o7777) {
-            return Err(Status::invalid_argument(
-                "metadata.mode must be at most 0o7777",
-            ));
+            return Err(Status::invalid_argument("metadata.mode must be at most 0o7777"));
         }
         let (tx, rx) = mpsc::channel::<Bytes>(8);
         let (err_tx, mut err_rx) = tokio::sync::oneshot::channel::<Status>();
         tokio::spawn(async move {
             while let Some(msg) = incoming.next().await {
                 match msg {
-                    Ok(UploadFileRequest {
-                        payload: Some(Payload::Data(d)),
-                    }) => {
+                    Ok(UploadFileRequest { payload: Some(Payload::Data(d)) }) => {
                         if tx.send(Bytes::from(d)).await.is_err() {
                             return;
                         }
                     }
                     Ok(_) => {
-                        let _ = err_tx.send(Status::invalid_argument(
-                            "only data messages may follow the metadata",
-                        ));
+                        let _ = err_tx.send(Status::invalid_argument("only data messages may follow the metadata"));
                         return;
                     }
                     Err(s) => {
@@ -99,40 +87,27 @@ impl SandboxFilesystemService for FilesystemApi {
         if let Ok(status) = err_rx.try_recv() {
             return Err(status);
         }
-        Ok(Response::new(UploadFileResponse {
-            bytes_written: written,
-        }))
+        Ok(Response::new(UploadFileResponse { bytes_written: written }))
     }
 
-    async fn download_file(
-        &self,
-        req: Request<DownloadFileRequest>,
-    ) -> Result<Response<DownloadStream>, Status> {
+    async fn download_file(&self, req: Request<DownloadFileRequest>) -> Result<Response<DownloadStream>, Status> {
         let who = principal(&req)?.clone();
         let r = req.into_inner();
         if r.sandbox_id.is_empty() || r.path.is_empty() {
             return Err(Status::invalid_argument("sandbox_id and path are required"));
         }
-        let mut chunks = self
-            .workloads
-            .download(&who, &r.sandbox_id, &r.path)
-            .await
-            .map_err(from_control)?;
-        let stream = async_stream(
-            move |tx: mpsc::Sender<Result<DownloadFileResponse, Status>>| async move {
-                while let Some(chunk) = chunks.recv().await {
-                    let item = chunk
-                        .map(|data| DownloadFileResponse {
-                            data: data.to_vec(),
-                        })
-                        .map_err(|e| from_control(compute_control::workloads::runtime_error(e)));
-                    let stop = item.is_err();
-                    if tx.send(item).await.is_err() || stop {
-                        break;
-                    }
+        let mut chunks = self.workloads.download(&who, &r.sandbox_id, &r.path).await.map_err(from_control)?;
+        let stream = async_stream(move |tx: mpsc::Sender<Result<DownloadFileResponse, Status>>| async move {
+            while let Some(chunk) = chunks.recv().await {
+                let item = chunk
+                    .map(|data| DownloadFileResponse { data: data.to_vec() })
+                    .map_err(|e| from_control(compute_control::workloads::runtime_error(e)));
+                let stop = item.is_err();
+                if tx.send(item).await.is_err() || stop {
+                    break;
                 }
-            },
-        );
+            }
+        });
         Ok(Response::new(stream))
     }
 }

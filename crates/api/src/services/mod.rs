@@ -34,10 +34,7 @@ impl chalk::sandbox::v1::custom_image_service_server::CustomImageService for Not
 #[tonic::async_trait]
 impl chalk::sandbox::v1::sandbox_runtime_service_server::SandboxRuntimeService for NotYet {}
 #[tonic::async_trait]
-impl chalk::scalinggroup::v1::scaling_group_manager_service_server::ScalingGroupManagerService
-    for NotYet
-{
-}
+impl chalk::scalinggroup::v1::scaling_group_manager_service_server::ScalingGroupManagerService for NotYet {}
 #[tonic::async_trait]
 impl chalk::volume::v2::volume_service_server::VolumeService for NotYet {}
 #[tonic::async_trait]
@@ -47,11 +44,7 @@ impl chalk::externalfunctioncatalog::v1::external_function_catalog_service_serve
 }
 
 /// Every service in `proto/`, with gzip-compressed requests accepted and the message size limit applied.
-pub fn routes(
-    control: Arc<Control>,
-    workloads: Arc<Workloads>,
-    max_message_bytes: usize,
-) -> Routes {
+pub fn routes(control: Arc<Control>, workloads: Arc<Workloads>, max_message_bytes: usize) -> Routes {
     macro_rules! svc {
         ($server:ty, $imp:expr) => {
             <$server>::new($imp)
@@ -63,7 +56,10 @@ pub fn routes(
     use chalk::*;
     Routes::new(svc!(server::v1::auth_service_server::AuthServiceServer<AuthApi>, AuthApi::new(control.clone())))
         .add_service(svc!(server::v1::team_service_server::TeamServiceServer<TeamApi>, TeamApi::new(control.clone())))
-        .add_service(svc!(server::v1::environment_secrets_service_server::EnvironmentSecretsServiceServer<NotYet>, NotYet))
+        .add_service(svc!(
+            server::v1::environment_secrets_service_server::EnvironmentSecretsServiceServer<NotYet>,
+            NotYet
+        ))
         .add_service(svc!(sandbox::v1::custom_image_service_server::CustomImageServiceServer<NotYet>, NotYet))
         .add_service(svc!(sandbox::v1::sandbox_runtime_service_server::SandboxRuntimeServiceServer<NotYet>, NotYet))
         .add_service(svc!(
@@ -88,7 +84,9 @@ pub fn routes(
         ))
         .add_service(svc!(volume::v2::volume_service_server::VolumeServiceServer<NotYet>, NotYet))
         .add_service(svc!(
-            externalfunctioncatalog::v1::external_function_catalog_service_server::ExternalFunctionCatalogServiceServer<NotYet>,
+            externalfunctioncatalog::v1::external_function_catalog_service_server::ExternalFunctionCatalogServiceServer<
+                NotYet,
+            >,
             NotYet
         ))
         .prepare()

@@ -28,19 +28,16 @@ pub struct ProcessApi {
 impl ProcessApi {
     /// A handler over `workloads`; unary exec output is capped at `max_output` bytes.
     pub fn new(workloads: Arc<Workloads>, max_output: usize) -> Self {
-        Self {
-            workloads,
-            max_output,
-        }
+        Self { workloads, max_output }
     }
 }
 
 fn duration_ms(d: &Option<prost_types::Duration>, field: &str) -> Result<Option<u64>, Status> {
     match d {
         None => Ok(None),
-        Some(d) if d.seconds < 0 || d.nanos < 0 || (d.seconds == 0 && d.nanos == 0) => Err(
-            Status::invalid_argument(format!("{field} must be positive")),
-        ),
+        Some(d) if d.seconds < 0 || d.nanos < 0 || (d.seconds == 0 && d.nanos == 0) => {
+            Err(Status::invalid_argument(format!("{field} must be positive")))
+        }
         Some(d) => Ok(Some(d.seconds as u64 * 1000 + d.nanos as u64 / 1_000_000)),
     }
 }
@@ -52,12 +49,7 @@ fn env_vec(map: std::collections::HashMap<String, String>) -> Vec<(String, Strin
 }
 
 fn pty_size(p: &Option<PtyInfo>) -> Option<(u16, u16)> {
-    p.as_ref().map(|p| {
-        (
-            p.cols.clamp(1, 10_000) as u16,
-            p.rows.clamp(1, 10_000) as u16,
-        )
-    })
+    p.as_ref().map(|p| (p.cols.clamp(1, 10_000) as u16, p.rows.clamp(1, 10_000) as u16))
 }
 
 fn status_of(s: ProcessState) -> ProcessStatus {
@@ -99,10 +91,7 @@ fn session_info(sandbox_id: &str, s: &Session) -> SessionInfo {
                 seconds: (ms / 1000) as i64,
                 nanos: ((ms % 1000) * 1_000_000) as i32,
             }),
-            pty_info: spec.pty.map(|(cols, rows)| PtyInfo {
-                cols: cols.into(),
-                rows: rows.into(),
-            }),
+            pty_info: spec.pty.map(|(cols, rows)| PtyInfo { cols: cols.into(), rows: rows.into() }),
         }),
         process_status: Some(status_of(s.status())),
     }
@@ -118,33 +107,21 @@ fn event_of(ev: SessionEvent) -> Event {
             } as i32,
             data: data.to_vec(),
         }),
-        SessionEvent::Exited { code, signal } => Event::ProcessExited(ProcessExited {
-            exit_code: code,
-            signal,
-        }),
-        SessionEvent::TimedOut { code, signal } => Event::ProcessTimedOut(ProcessTimedOut {
-            exit_code: code,
-            signal,
-        }),
+        SessionEvent::Exited { code, signal } => Event::ProcessExited(ProcessExited { exit_code: code, signal }),
+        SessionEvent::TimedOut { code, signal } => Event::ProcessTimedOut(ProcessTimedOut { exit_code: code, signal }),
         SessionEvent::Failed(message) => Event::ProcessFailed(ProcessFailed { message }),
     }
 }
 
 fn resp(event: Event, seq: u64) -> OpenSessionResponse {
-    OpenSessionResponse {
-        event: Some(event),
-        seq,
-    }
+    OpenSessionResponse { event: Some(event), seq }
 }
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<OpenSessionResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl SandboxProcessService for ProcessApi {
-    async fn exec_command(
-        &self,
-        req: Request<ExecCommandRequest>,
-    ) -> Result<Response<ExecCommandResponse>, Status> {
+    async fn exec_command(&self, req: Request<ExecCommandRequest>) -> Result<Response<ExecCommandResponse>, Status> {
         let who = principal(&req)?.clone();
         let r = req.into_inner();
         if r.sandbox_id.is_empty() {
@@ -158,11 +135,7 @@ impl SandboxProcessService for ProcessApi {
             timeout_ms: duration_ms(&r.timeout, "timeout")?,
             pty: None,
         };
-        let session = self
-            .workloads
-            .exec(&who, &r.sandbox_id, spec)
-            .await
-            .map_err(from_control)?;
+        let session = self.workloads.exec(&who, &r.sandbox_id, spec).await.map_err(from_control)?;
         let mut reader = session.attach(0);
         if let Some(stdin) = r.stdin.filter(|s| !s.is_empty()) {
             session.write_stdin(stdin).await;
@@ -190,9 +163,7 @@ impl SandboxProcessService for ProcessApi {
                     exit_code = code.unwrap_or(128 + signal.unwrap_or(0));
                 }
                 ReadItem::Event(_, SessionEvent::TimedOut { .. }) => {
-                    stderr.extend_from_slice(
-                        b"\n[compute] the command was killed: its timeout passed\n",
-                    );
+                    stderr.extend_from_slice(b"\n[compute] the command was killed: its timeout passed\n");
                     exit_code = 124;
                 }
                 ReadItem::Event(_, SessionEvent::Failed(message)) => {
@@ -205,34 +176,21 @@ impl SandboxProcessService for ProcessApi {
                 }
             }
         }
-        Ok(Response::new(ExecCommandResponse {
-            stdout,
-            stderr,
-            exit_code,
-        }))
+        Ok(Response::new(ExecCommandResponse { stdout, stderr, exit_code }))
     }
 
-    async fn open_session(
-        &self,
-        req: Request<Streaming<OpenSessionRequest>>,
-    ) -> Result<Response<EventStream>, Status> {
+    async fn open_session(&self, req: Request<Streaming<OpenSessionRequest>>) -> Result<Response<EventStream>, Status> {
         let who = principal(&req)?.clone();
         let mut incoming = req.into_inner();
         let first = match incoming.next().await {
             Some(Ok(m)) => m,
             Some(Err(s)) => return Err(s),
-            None => {
-                return Err(Status::invalid_argument(
-                    "the stream ended before new_process or attach_session",
-                ))
-            }
+            None => return Err(Status::invalid_argument("the stream ended before new_process or attach_session")),
         };
         let (sandbox_id, session, after_seq) = match first.command {
             Some(Command::NewProcess(np)) => {
                 if np.sandbox_id.is_empty() {
-                    return Err(Status::invalid_argument(
-                        "new_process.sandbox_id is required",
-                    ));
+                    return Err(Status::invalid_argument("new_process.sandbox_id is required"));
                 }
                 let spec = ExecSpec {
                     command: np.command,
@@ -242,74 +200,39 @@ impl SandboxProcessService for ProcessApi {
                     timeout_ms: duration_ms(&np.timeout, "new_process.timeout")?,
                     pty: pty_size(&np.pty_info),
                 };
-                let s = self
-                    .workloads
-                    .exec(&who, &np.sandbox_id, spec)
-                    .await
-                    .map_err(from_control)?;
+                let s = self.workloads.exec(&who, &np.sandbox_id, spec).await.map_err(from_control)?;
                 (np.sandbox_id, s, 0)
             }
             Some(Command::AttachSession(a)) => {
-                let s = self
-                    .workloads
-                    .session(&who, &a.sandbox_id, &a.session_id)
-                    .map_err(from_control)?;
+                let s = self.workloads.session(&who, &a.sandbox_id, &a.session_id).map_err(from_control)?;
                 if let Some((cols, rows)) = pty_size(&a.pty_info) {
                     s.resize(cols, rows).await;
                 }
                 (a.sandbox_id, s, a.after_seq.unwrap_or(0))
             }
-            _ => {
-                return Err(Status::invalid_argument(
-                    "the first message must be new_process or attach_session",
-                ))
-            }
+            _ => return Err(Status::invalid_argument("the first message must be new_process or attach_session")),
         };
         let (tx, rx) = mpsc::channel::<Result<OpenSessionResponse, Status>>(32);
         let _ = tx
-            .send(Ok(resp(
-                Event::SessionAttached(SessionAttached {
-                    session_id: session.id().to_string(),
-                }),
-                0,
-            )))
+            .send(Ok(resp(Event::SessionAttached(SessionAttached { session_id: session.id().to_string() }), 0)))
             .await;
-        tokio::spawn(serve_session(
-            who, sandbox_id, session, after_seq, incoming, tx,
-        ));
+        tokio::spawn(serve_session(who, sandbox_id, session, after_seq, incoming, tx));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
-    async fn get_session(
-        &self,
-        req: Request<GetSessionRequest>,
-    ) -> Result<Response<GetSessionResponse>, Status> {
+    async fn get_session(&self, req: Request<GetSessionRequest>) -> Result<Response<GetSessionResponse>, Status> {
         let who = principal(&req)?.clone();
         let r = req.into_inner();
-        let s = self
-            .workloads
-            .session(&who, &r.sandbox_id, &r.session_id)
-            .map_err(from_control)?;
-        Ok(Response::new(GetSessionResponse {
-            session: Some(session_info(&r.sandbox_id, &s)),
-        }))
+        let s = self.workloads.session(&who, &r.sandbox_id, &r.session_id).map_err(from_control)?;
+        Ok(Response::new(GetSessionResponse { session: Some(session_info(&r.sandbox_id, &s)) }))
     }
 
-    async fn list_sessions(
-        &self,
-        req: Request<ListSessionsRequest>,
-    ) -> Result<Response<ListSessionsResponse>, Status> {
+    async fn list_sessions(&self, req: Request<ListSessionsRequest>) -> Result<Response<ListSessionsResponse>, Status> {
         let who = principal(&req)?.clone();
         let r = req.into_inner();
-        let sessions = self
-            .workloads
-            .sessions(&who, &r.sandbox_id)
-            .map_err(from_control)?;
+        let sessions = self.workloads.sessions(&who, &r.sandbox_id).map_err(from_control)?;
         Ok(Response::new(ListSessionsResponse {
-            sessions: sessions
-                .iter()
-                .map(|s| session_info(&r.sandbox_id, s))
-                .collect(),
+            sessions: sessions.iter().map(|s| session_info(&r.sandbox_id, s)).collect(),
         }))
     }
 }

@@ -65,32 +65,18 @@ impl SandboxService for SandboxApi {
                     "source.snapshot_id: snapshots are not implemented by this server yet",
                 ))
             }
-            None => {
-                return Err(Status::invalid_argument(
-                    "source is required: send source.spec",
-                ))
-            }
+            None => return Err(Status::invalid_argument("source is required: send source.spec")),
         };
-        let rec = self
-            .workloads
-            .create(&who, request(WorkloadKind::Sandbox, spec)?)
-            .map_err(from_control)?;
-        Ok(Response::new(CreateSandboxResponse {
-            sandbox: Some(info(&rec)),
-        }))
+        let rec = self.workloads.create(&who, request(WorkloadKind::Sandbox, spec)?).map_err(from_control)?;
+        Ok(Response::new(CreateSandboxResponse { sandbox: Some(info(&rec)) }))
     }
 
-    async fn get_sandbox(
-        &self,
-        req: Request<GetSandboxRequest>,
-    ) -> Result<Response<GetSandboxResponse>, Status> {
+    async fn get_sandbox(&self, req: Request<GetSandboxRequest>) -> Result<Response<GetSandboxResponse>, Status> {
         let who = principal(&req)?.clone();
         let id = req.into_inner().id;
         need_id(&id)?;
         let rec = self.workloads.get(&who, &id).map_err(from_control)?;
-        Ok(Response::new(GetSandboxResponse {
-            sandbox: Some(info(&rec)),
-        }))
+        Ok(Response::new(GetSandboxResponse { sandbox: Some(info(&rec)) }))
     }
 
     async fn list_sandboxes(
@@ -101,26 +87,20 @@ impl SandboxService for SandboxApi {
         let r = req.into_inner();
         let limit = r.limit.unwrap_or(100).clamp(1, 1000) as u32;
         let offset: u32 = match r.cursor.as_deref().filter(|c| !c.is_empty()) {
-            Some(c) => c.parse().map_err(|_| {
-                Status::invalid_argument(format!("cursor {c:?} is not one this server issued"))
-            })?,
+            Some(c) => c
+                .parse()
+                .map_err(|_| Status::invalid_argument(format!("cursor {c:?} is not one this server issued")))?,
             None => 0,
         };
         let filters = r.filters.unwrap_or_default();
         // Fetch one extra to know whether there is a next page; filters apply after, so page by raw offset.
-        let rows = self
-            .workloads
-            .list(&who, None, false, limit + 1, offset)
-            .map_err(from_control)?;
+        let rows = self.workloads.list(&who, None, false, limit + 1, offset).map_err(from_control)?;
         let more = rows.len() > limit as usize;
         let sandboxes = rows
             .iter()
             .take(limit as usize)
             .filter(|rec| {
-                filters.statuses.is_empty()
-                    || filters
-                        .statuses
-                        .contains(&(sandbox_status(rec.status) as i32))
+                filters.statuses.is_empty() || filters.statuses.contains(&(sandbox_status(rec.status) as i32))
             })
             .filter(|rec| {
                 #[allow(deprecated)]
@@ -128,15 +108,10 @@ impl SandboxService for SandboxApi {
                 names.is_empty() || names.contains(&rec.name)
             })
             .filter(|rec| filters.images.is_empty() || filters.images.contains(&rec.image))
-            .filter(|rec| {
-                r.search.is_empty() || rec.name.contains(&r.search) || rec.id.contains(&r.search)
-            })
+            .filter(|rec| r.search.is_empty() || rec.name.contains(&r.search) || rec.id.contains(&r.search))
             .map(info)
             .collect();
-        Ok(Response::new(ListSandboxesResponse {
-            sandboxes,
-            next_cursor: more.then(|| (offset + limit).to_string()),
-        }))
+        Ok(Response::new(ListSandboxesResponse { sandboxes, next_cursor: more.then(|| (offset + limit).to_string()) }))
     }
 
     async fn terminate_sandbox(
@@ -150,10 +125,7 @@ impl SandboxService for SandboxApi {
             .grace_period
             .map(|d| Duration::new(d.seconds.max(0) as u64, d.nanos.max(0) as u32))
             .unwrap_or(Duration::from_secs(10));
-        self.workloads
-            .terminate(&who, &r.id, grace.min(Duration::from_secs(300)))
-            .await
-            .map_err(from_control)?;
+        self.workloads.terminate(&who, &r.id, grace.min(Duration::from_secs(300))).await.map_err(from_control)?;
         Ok(Response::new(TerminateSandboxResponse {}))
     }
 }

@@ -3,9 +3,7 @@
 use std::sync::Arc;
 
 use compute_control::Control;
-use compute_proto::chalk::server::v1::{
-    team_service_server::TeamService, Environment, GetEnvRequest, GetEnvResponse,
-};
+use compute_proto::chalk::server::v1::{team_service_server::TeamService, Environment, GetEnvRequest, GetEnvResponse};
 use tonic::{Request, Response, Status};
 
 use crate::services::principal;
@@ -25,16 +23,9 @@ impl TeamApi {
 
 #[tonic::async_trait]
 impl TeamService for TeamApi {
-    async fn get_env(
-        &self,
-        request: Request<GetEnvRequest>,
-    ) -> Result<Response<GetEnvResponse>, Status> {
+    async fn get_env(&self, request: Request<GetEnvRequest>) -> Result<Response<GetEnvResponse>, Status> {
         let who = principal(&request)?;
-        let env = self
-            .control
-            .auth()
-            .resolve_environment(&who.environment_id)
-            .map_err(from_control)?;
+        let env = self.control.auth().resolve_environment(&who.environment_id).map_err(from_control)?;
         Ok(Response::new(GetEnvResponse {
             environment: Some(Environment {
                 id: env.id,

@@ -10,33 +10,19 @@ use tonic::Status;
 /// workload without them.
 pub fn request(kind: WorkloadKind, spec: ChalkContainerSpec) -> Result<WorkloadRequest, Status> {
     if !spec.volumes.is_empty() {
-        return Err(Status::unimplemented(
-            "spec.volumes: volume mounts are not implemented by this server yet",
-        ));
+        return Err(Status::unimplemented("spec.volumes: volume mounts are not implemented by this server yet"));
     }
     if !spec.secret_refs.is_empty() {
-        return Err(Status::unimplemented(
-            "spec.secret_refs: secrets are not implemented by this server yet",
-        ));
+        return Err(Status::unimplemented("spec.secret_refs: secrets are not implemented by this server yet"));
     }
-    if spec
-        .restore_from_snapshot_id
-        .as_deref()
-        .is_some_and(|s| !s.is_empty())
-    {
+    if spec.restore_from_snapshot_id.as_deref().is_some_and(|s| !s.is_empty()) {
         return Err(Status::unimplemented(
             "spec.restore_from_snapshot_id: snapshots are not implemented by this server yet",
         ));
     }
     let resources = spec.resources.clone().unwrap_or_default();
-    if resources
-        .gpu
-        .as_deref()
-        .is_some_and(|g| !g.trim().is_empty())
-    {
-        return Err(Status::failed_precondition(
-            "resources.gpu: this node has no GPUs to pass through",
-        ));
+    if resources.gpu.as_deref().is_some_and(|g| !g.trim().is_empty()) {
+        return Err(Status::failed_precondition("resources.gpu: this node has no GPUs to pass through"));
     }
     let lifetime = match &spec.lifetime {
         Some(d) if d.seconds < 0 || d.nanos < 0 => {
@@ -70,10 +56,7 @@ pub fn spec_of(rec: &SandboxRecord) -> ChalkContainerSpec {
 
 /// Milliseconds since the epoch as a protobuf timestamp.
 pub fn timestamp(ms: i64) -> prost_types::Timestamp {
-    prost_types::Timestamp {
-        seconds: ms.div_euclid(1000),
-        nanos: (ms.rem_euclid(1000) * 1_000_000) as i32,
-    }
+    prost_types::Timestamp { seconds: ms.div_euclid(1000), nanos: (ms.rem_euclid(1000) * 1_000_000) as i32 }
 }
 
 /// The v2 sandbox status.

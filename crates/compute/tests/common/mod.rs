@@ -49,16 +49,11 @@ impl TestServer {
                     break v;
                 }
             }
-            assert!(
-                Instant::now() < deadline,
-                "compute serve did not write server.json"
-            );
+            assert!(Instant::now() < deadline, "compute serve did not write server.json");
             std::thread::sleep(Duration::from_millis(20));
         };
-        let creds: serde_json::Value = serde_json::from_slice(
-            &std::fs::read(data_dir.join("admin-credentials.json")).unwrap(),
-        )
-        .unwrap();
+        let creds: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(data_dir.join("admin-credentials.json")).unwrap()).unwrap();
         TestServer {
             child: Some(child),
             addr: info["listen"].as_str().unwrap().parse().unwrap(),
@@ -72,9 +67,7 @@ impl TestServer {
     /// Sends SIGTERM and waits for the exit status.
     pub fn stop(&mut self) -> std::process::ExitStatus {
         let mut child = self.child.take().expect("server running");
-        let _ = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status();
+        let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
             if let Some(status) = child.try_wait().unwrap() {
@@ -90,12 +83,7 @@ impl TestServer {
 
     /// Runs a `compute` subcommand against this server's data directory.
     pub fn cli(&self, args: &[&str]) -> std::process::Output {
-        Command::new(compute_bin())
-            .args(args)
-            .arg("--data-dir")
-            .arg(&self.data_dir)
-            .output()
-            .unwrap()
+        Command::new(compute_bin()).args(args).arg("--data-dir").arg(&self.data_dir).output().unwrap()
     }
 }
 

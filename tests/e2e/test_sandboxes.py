@@ -1,0 +1,416 @@
+"""Sandboxes and containers against the official SDK: programs (a) and (g) verbatim, exec sessions, stdin,
+signals, PTYs, timeouts, files, limits, isolation and bad input."""
+import hashlib
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from conftest import PROGRAMS, require_root, run_program, run_sdk
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _root():
+    require_root()
+
+
+def sdk(server, body, timeout=300):
+    """Runs `body` (with `sb` bound to a fresh sandbox, terminated afterwards) and returns stdout."""
+    code = "import signal, time, hashlib, os, sys\nfrom chalkcompute import Sandbox, Container, Image\n" + textwrap.dedent(body)
+    proc = run_sdk(code, server.sdk_env(), timeout=timeout)
+    assert proc.returncode == 0, f"SDK program failed\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    return proc.stdout
+
+
+def test_program_a_container_verbatim(shared_server):
+    proc = run_program(PROGRAMS / "a_container.py", shared_server.sdk_env())
+    assert proc.returncode == 0, proc.stderr
+    assert "STDOUT: hi\n EXIT: 0" in proc.stdout, proc.stdout
+
+
+def test_program_g_sandbox_verbatim(shared_server):
+    proc = run_program(PROGRAMS / "g_sandbox.py", shared_server.sdk_env())
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "EXEC: hello world" in out, out
+    assert "CAT: ExecResult(stdout=b'line1\\nline2\\n', stderr=b'', exit_code=0" in out, out
+    assert "SIGNAL: ExecResult(stdout=b'', stderr=b'', exit_code=None, signal=15" in out, out
+    assert "FS: b'filedata'" in out, out
+
+
+def test_exit_codes_missing_commands_and_timeouts(shared_server):
+    out = sdk(shared_server, """
+        sb = Sandbox(image=Image.debian_slim(), name="codes").run()
+        r = sb.exec("sh", "-c", "echo out; echo err >&2; exit 7")
+        print("R1", repr(r.stdout), repr(r.stderr), r.exit_code)
+        r = sb.exec("definitely-not-a-command", "x")
+        print("R2", r.error)
+        r = sb.exec("sleep", "30", timeout_secs=1)
+        print("R3", r.error, r.exit_code, r.signal)
+        r = sb.exec("pwd", workdir="/tmp")
+        print("R4", r.stdout_text.strip())
+        r = sb.exec("sh", "-c", "echo $FOO", env={"FOO": "bar"})
+        print("R5", r.stdout_text.strip())
+        c = Container.from_id(sb.id)
+        r = c.exec("sh", "-c", "exit 3")
+        print("R6", r.exit_code)
+        r = c.exec("nope-cmd")
+        print("R7", r.exit_code, r.stderr_text.strip())
+        sb.terminate()
+    """)
+    assert "R1 b'out\\n' b'err\\n' 7" in out, out
+    assert "R2 process_failed: command not found: definitely-not-a-command" in out, out
+    assert re.search(r"R3 timed_out: Process timed out None 9", out), out
+    assert "R4 /tmp" in out and "R5 bar" in out, out
+    assert "R6 3" in out, out
+    assert "R7 127 command not found: nope-cmd" in out, out
+
+
+def test_signals(shared_server):
+    out = sdk(shared_server, """
+        sb = Sandbox(image=Image.debian_slim(), name="signals").run()
+        for sig in (signal.SIGTERM, signal.SIGKILL, signal.SIGINT, signal.SIGHUP):
+            p = sb.exec_start("sleep", "60")
+            time.sleep(0.3)
+            p.send_signal(sig)
+            r = p.wait()
+            print("SIG", int(sig), r.signal, r.exit_code)
+        # A handler in the process sees the signal and decides its own exit.
+        p = sb.exec_start("sh", "-c", "trap 'echo got-usr1; exit 42' USR1; while :; do sleep 0.05; done")
+        time.sleep(0.5)
+        p.send_signal(signal.SIGUSR1)
+        r = p.wait()
+        print("USR1", r.exit_code, r.stdout_text.strip())
+        sb.terminate()
+    """)
+    for sig in (15, 9, 2, 1):
+        assert f"SIG {sig} {sig} None" in out, out
+    assert "USR1 42 got-usr1" in out, out
+
+
+def test_streaming_50mb_of_stdin_through_cat(shared_server):
+    out = sdk(shared_server, """
+        sb = Sandbox(image=Image.debian_slim(), name="stdin50").run()
+        p = sb.exec_start("sh", "-c", "cat | sha256sum")
+        h = hashlib.sha256()
+        block = os.urandom(1 << 20)
+        for i in range(50):
+            chunk = bytes([i]) + block[1:]
+            h.update(chunk)
+            p.write_stdin(chunk)
+        p.close_stdin()
+        r = p.wait()
+        print("WANT", h.hexdigest())
+        print("GOT", r.stdout_text.split()[0], r.exit_code)
+        sb.terminate()
+    """, timeout=600)
+    want = re.search(r"WANT (\w+)", out).group(1)
+    assert f"GOT {want} 0" in out, out
+
+
+def server_rss(server):
+    with open(f"/proc/{server.proc.pid}/status") as f:
+        return int(re.search(r"VmRSS:\s+(\d+)", f.read()).group(1)) * 1024
+
+
+def test_100mb_of_output_through_one_session_with_bounded_memory(shared_server):
+    before = server_rss(shared_server)
+    out = sdk(shared_server, """
+        sb = Sandbox(image=Image.debian_slim(), name="out100").run()
+        n = 0
+        h = hashlib.sha256()
+        cmd = "yes abcdefghijklmnopqrstuvwxyz0123456789 | head -c 104857600 | tee /tmp/blob; sha256sum /tmp/blob >&2"
+        for ev in sb.exec_stream("sh", "-c", cmd):
+            if ev.stdout is not None:
+                n += len(ev.stdout); h.update(ev.stdout.encode())
+            elif ev.stderr is not None:
+                print("ERR", ev.stderr.split()[0])
+        print("BYTES", n, h.hexdigest())
+        sb.terminate()
+    """, timeout=600)
+    m = re.search(r"BYTES (\d+) (\w+)", out)
+    assert m and int(m.group(1)) == 100 << 20, out
+    assert f"ERR {m.group(2)}" in out, out
+    grown = server_rss(shared_server) - before
+    # The server holds at most a replay buffer per session, not the stream.
+    assert grown < 64 << 20, f"server memory grew by {grown} bytes while streaming 100 MiB"
+
+
+def test_50_concurrent_execs_in_one_sandbox(shared_server):
+    out = sdk(shared_server, """
+        from concurrent.futures import ThreadPoolExecutor
+        sb = Sandbox(image=Image.debian_slim(), name="conc50").run()
+        def one(i):
+            r = sb.exec("sh", "-c", f"sleep 0.2; echo {i}")
+            return r.stdout_text.strip() == str(i) and r.exit_code == 0
+        with ThreadPoolExecutor(50) as pool:
+            ok = list(pool.map(one, range(50)))
+        print("OK", sum(ok))
+        sb.terminate()
+    """)
+    assert "OK 50" in out, out
+
+
+def test_20_sandboxes_at_once(shared_server):
+    out = sdk(shared_server, """
+        from concurrent.futures import ThreadPoolExecutor
+        def one(i):
+            sb = Sandbox(image=Image.debian_slim(), name=f"many-{i}").run()
+            r = sb.exec("hostname")
+            sb.terminate()
+            return r.stdout_text.strip()
+        with ThreadPoolExecutor(20) as pool:
+            names = list(pool.map(one, range(20)))
+        print("NAMES", sorted(names) == sorted(f"many-{i}" for i in range(20)))
+    """, timeout=600)
+    assert "NAMES True" in out, out
+
+
+def test_100mb_upload_and_download(shared_server):
+    out = sdk(shared_server, """
+        sb = Sandbox(image=Image.debian_slim(), name="files100").run()
+        data = os.urandom(100 << 20)
+        sb.fs.write_bytes("/data/deep/dir/blob.bin", data)
+        r = sb.exec("sha256sum", "/data/deep/dir/blob.bin")
+        print("INSIDE", r.stdout_text.split()[0] == hashlib.sha256(data).hexdigest())
+        back = sb.fs.read_bytes("/data/deep/dir/blob.bin")
+        print("BACK", len(back), back == data)
+        sb.fs.write_bytes("/tmp/script.sh", b"#!/bin/sh\\necho ran\\n", mode=0o755)
+        print("MODE", sb.exec("/tmp/script.sh").stdout_text.strip(), sb.exec("stat", "-c", "%a", "/tmp/script.sh").stdout_text.strip())
+        from chalkcompute._sandbox_fs import SandboxFileSystemError
+        for path in ("/nope/missing.txt", "/tmp"):
+            try:
+                sb.fs.read_bytes(path)
+            except SandboxFileSystemError as e:
+                print("FSERR", path, e.error, e.errno, e)
+        sb.terminate()
+    """, timeout=600)
+    assert "INSIDE True" in out and f"BACK {100 << 20} True" in out, out
+    assert "MODE ran 755" in out, out
+    assert re.search(r"FSERR /nope/missing.txt NOT_FOUND 2 .*No such file", out), out
+    assert re.search(r"FSERR /tmp FAILED_PRECONDITION 21 .*is a directory", out), out
+
+
+def test_limits_are_enforced_and_visible_inside(shared_server):
+    out = sdk(shared_server, """
+        sb = Sandbox(image=Image.debian_slim(), name="limits", cpu="500m", memory="256Mi").run()
+        print("MEM", sb.exec("cat", "/sys/fs/cgroup/memory/memory.limit_in_bytes").stdout_text.strip())
+        print("CPU", sb.exec("cat", "/sys/fs/cgroup/cpu/cpu.cfs_quota_us").stdout_text.strip())
+        # A busy loop gets about half a core.
+        r = sb.exec("python3", "-c", "import time, os\\nt = time.time()\\nwhile time.time() - t < 2: pass\\nprint(os.times().user + os.times().system)")
+        print("BUSY", r.stdout_text.strip())
+        # A memory hog is OOM-killed; the sandbox survives.
+        r = sb.exec("python3", "-c", "x = bytearray(512 * 1024 * 1024); print('survived')")
+        print("HOG", r.signal, r.stdout_text.strip())
+        print("AFTER", sb.exec("echo", "alive").stdout_text.strip())
+        sb.terminate()
+    """)
+    assert f"MEM {256 << 20}" in out, out
+    assert "CPU 50000" in out, out
+    busy = float(re.search(r"BUSY ([\d.]+)", out).group(1))
+    assert busy < 1.6, f"a 0.5-CPU sandbox used {busy}s of CPU in 2s: {out}"
+    assert "HOG 9 " in out or "HOG 9\n" in out, out
+    assert "AFTER alive" in out, out
+
+
+def test_disk_filling_is_contained(shared_server):
+    out = sdk(shared_server, """
+        sb = Sandbox(image=Image.debian_slim(), name="diskfill", memory="1Gi").run()
+        r = sb.exec("sh", "-c", "dd if=/dev/zero of=/big bs=1M count=4096 2>&1")
+        print("DISK", r.exit_code, r.stdout_text.replace(chr(10), " "))
+        sb.exec("rm", "-f", "/big")
+        print("ALIVE", sb.exec("echo", "ok").stdout_text.strip())
+        sb.terminate()
+    """)
+    assert "No space left on device" in out, out
+    assert "ALIVE ok" in out, out
+
+
+def test_fork_bomb_is_contained(tmp_path):
+    from conftest import Server
+
+    server = Server(tmp_path / "bomb", ["--pids-limit", "128"])
+    try:
+        out = sdk(server, """
+            sb = Sandbox(image=Image.debian_slim(), name="forkbomb", memory="2Gi").run()
+            bomb = "import os, time\\nn = 0\\ntry:\\n    while n < 10000:\\n        if os.fork() == 0:\\n            time.sleep(60); os._exit(0)\\n        n += 1\\nexcept OSError as e:\\n    print(n, e.errno, flush=True)\\n    os._exit(0)"
+            r = sb.exec("python3", "-c", bomb, timeout_secs=120)
+            print("BOMB", r.stdout_text.strip())
+            print("DURING", sb.exec("echo", "still-serving").stdout_text.strip())
+            other = Sandbox(image=Image.debian_slim(), name="bystander").run()
+            print("OTHER", other.exec("echo", "fine").stdout_text.strip())
+            other.terminate()
+            sb.terminate()
+        """)
+    finally:
+        server.stop()
+    m = re.search(r"BOMB (\d+) (\d+)", out)
+    assert m and int(m.group(1)) < 128 and m.group(2) == "11", f"the fork bomb was not stopped by EAGAIN: {out}"
+    assert "DURING still-serving" in out and "OTHER fine" in out, out
+
+
+def test_isolation_from_host_and_other_sandboxes(shared_server, tmp_path):
+    secret = tmp_path / "host-secret.txt"
+    secret.write_text("host only")
+    out = sdk(shared_server, f"""
+        a = Sandbox(image=Image.debian_slim(), name="iso-a").run()
+        b = Sandbox(image=Image.debian_slim(), name="iso-b").run()
+        b.fs.write_bytes("/tmp/b-only.txt", b"b")
+        print("PIDS", a.exec("sh", "-c", "ls /proc | grep '^[0-9]' | wc -l").stdout_text.strip())
+        print("HOSTFILE", a.exec("cat", "{secret}").exit_code)
+        print("DATADIR", a.exec("ls", "{shared_server.data_dir}").exit_code)
+        print("BFILE", a.exec("cat", "/tmp/b-only.txt").exit_code)
+        print("HOSTNAME", a.exec("hostname").stdout_text.strip())
+        print("MOUNT", a.exec("sh", "-c", "mount -t tmpfs x /mnt 2>&1; echo $?").stdout_text.strip().splitlines()[-1])
+        ip_b = b.exec("python3", "-c", "import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.connect(('10.255.255.255', 1)); print(s.getsockname()[0])").stdout_text.strip()
+        b.exec("sh", "-c", "python3 -m http.server 8000 --bind 0.0.0.0 >/dev/null 2>&1 &")
+        probe = "import time, urllib.request\\nfor _ in range(100):\\n    try:\\n        print(urllib.request.urlopen('http://127.0.0.1:8000/', timeout=5).status); break\\n    except OSError:\\n        time.sleep(0.1)"
+        print("SELF", b.exec("python3", "-c", probe).stdout_text.strip())
+        r = a.exec("python3", "-c", f"import socket; socket.create_connection(('{{ip_b}}', 8000), timeout=3); print('connected')")
+        print("CROSS", r.exit_code, r.stdout_text.strip())
+        a.terminate(); b.terminate()
+    """)
+    pids = int(re.search(r"PIDS (\d+)", out).group(1))
+    assert pids < 10, f"host processes are visible: {out}"
+    assert "HOSTFILE 1" in out and "DATADIR 2" in out and "BFILE 1" in out, out
+    assert "HOSTNAME iso-a" in out, out
+    assert "MOUNT 32" in out or "MOUNT 1" in out, out
+    assert "SELF 200" in out, out
+    assert re.search(r"CROSS 1 \n|CROSS 1$", out, re.M), out
+
+
+def test_sandbox_cannot_reach_the_servers_host(shared_server):
+    import socket
+
+    listener = socket.socket()
+    listener.bind(("0.0.0.0", 0))
+    listener.listen(1)
+    port = listener.getsockname()[1]
+    try:
+        out = sdk(shared_server, f"""
+            sb = Sandbox(image=Image.debian_slim(), name="nohost").run()
+            gw = sb.exec("sh", "-c", "awk '$2 == \\"00000000\\" {{print $3}}' /proc/net/route").stdout_text.strip()
+            gw = ".".join(str(int(gw[i:i+2], 16)) for i in (6, 4, 2, 0))
+            r = sb.exec("python3", "-c", f"import socket; socket.create_connection(('{{gw}}', {port}), timeout=3); print('connected')")
+            print("HOST", r.exit_code, "connected" in r.stdout_text)
+            sb.terminate()
+        """)
+        assert "HOST 1 False" in out, out
+    finally:
+        listener.close()
+
+
+def test_container_sessions_pty_detach_and_reattach(shared_server):
+    out = sdk(shared_server, """
+        from chalkcompute._container import ContainerSession as CS
+        def collect(session):
+            text = ""
+            for ev in session.events():
+                if isinstance(ev, CS.OutputEvent):
+                    text += ev.text
+            return text
+        c = Container(image=Image.debian_slim(), name="sessions").run()
+        s = c.new_session("sh", "-c", "for i in 1 2 3 4 5; do echo line$i; sleep 0.2; done")
+        sid = s.id
+        for ev in s.events():
+            if isinstance(ev, CS.OutputEvent):
+                print("FIRST", ev.text.strip())
+                break
+        s.detach()
+        again = c.attach_session(sid)
+        print("REPLAY", collect(again).split())
+        info = c.get_session(sid)
+        print("INFO", info.status.state.name, [i.id for i in c.list_sessions()].count(sid))
+        p = c.new_session("sh", "-c", "stty size; tty", pty=(100, 40))
+        print("PTY", collect(p).split())
+        cid = c.id
+        c.stop()
+        try:
+            Container.from_id(cid).exec("echo", "x")
+        except Exception as e:
+            print("STOPPED", type(e).__name__, e)
+    """)
+    assert "FIRST line1" in out, out
+    assert "REPLAY ['line1', 'line2', 'line3', 'line4', 'line5']" in out, out
+    assert "INFO EXITED 1" in out, out
+    assert re.search(r"PTY \['40', '100', '/dev/pts/\d+'\]", out), out
+    # The SDK words FAILED_PRECONDITION as "not ready for container sessions".
+    assert re.search(r"STOPPED .*(FAILED_PRECONDITION|terminated|not ready for container sessions)", out), out
+
+
+def test_bad_input(shared_server):
+    out = sdk(shared_server, """
+        for kw in (dict(cpu="lots"), dict(memory="4GB"), dict(memory="1Mi"), dict(cpu="0")):
+            try:
+                Sandbox(image=Image.debian_slim(), **kw).run()
+                print("ACCEPTED", kw)
+            except Exception as e:
+                print("REJECTED", kw, e)
+        try:
+            Sandbox.from_id("sbx-doesnotexist")
+        except Exception as e:
+            print("UNKNOWN", type(e).__name__, e)
+        try:
+            Sandbox(image="python:3.12-slim-trixie").run()
+        except Exception as e:
+            print("IMAGE", e)
+        sb = Sandbox(image=Image.debian_slim(), name="badinput").run()
+        sid = sb.id
+        sb.terminate()
+        try:
+            Sandbox.from_id(sid).exec("echo", "hi")
+        except Exception as e:
+            print("TERMINATED", type(e).__name__, getattr(getattr(e, "code", None), "name", ""), e)
+        try:
+            Sandbox(image=Image.debian_slim(), name="Bad_Name!").run()
+        except Exception as e:
+            print("NAME", e)
+    """)
+    assert "ACCEPTED" not in out, out
+    assert re.search(r"REJECTED \{'cpu': 'lots'\}.*resources.cpu", out), out
+    assert re.search(r"REJECTED \{'memory': '4GB'\}.*resources.memory.*512Mi", out), out
+    assert re.search(r"UNKNOWN .*not found", out), out
+    assert re.search(r"IMAGE .*Python 3.12", out), out
+    assert re.search(r"TERMINATED .*(FAILED_PRECONDITION|terminated)", out), out
+    assert re.search(r"NAME .*Bad_Name!", out), out
+    # The server checks names too, for clients that do not.
+    token = shared_server.token()
+    status, body = shared_server.connect(
+        "chalk.sandbox.v2.SandboxService/CreateSandbox",
+        {"spec": {"name": "Bad_Name", "image": "python:3.13-slim-trixie"}},
+        token,
+    )
+    assert status == 400 and body["code"] == "invalid_argument" and "spec.name" in body["message"], body
+    status, body = shared_server.connect("chalk.sandbox.v2.SandboxService/GetSandbox", {"id": "sbx-nope"}, token)
+    assert status == 404 and body["code"] == "not_found", body
+
+
+def test_lifetime_and_entrypoint_exit(shared_server):
+    out = sdk(shared_server, """
+        def status(cid):
+            info = Sandbox.from_id(cid).refresh()
+            return info.status, info.status_message, info.status_details
+        c = Container(image=Image.debian_slim(), name="exits3", entrypoint=["sh", "-c", "echo hello-log; sleep 1; exit 3"]).run()
+        time.sleep(3)
+        print("EXIT3", status(c.id))
+        ok = Container(image=Image.debian_slim(), name="exits0", entrypoint=["sh", "-c", "sleep 1"]).run()
+        time.sleep(3)
+        print("EXIT0", status(ok.id))
+        short = Container(image=Image.debian_slim(), name="short", lifetime="2s").run()
+        time.sleep(4)
+        print("LIFE", status(short.id))
+        missing = Container(image=Image.debian_slim(), name="noentry", entrypoint=["no-such-binary"])
+        try:
+            missing.run()
+        except Exception as e:
+            print("MISSING", status(missing.id))
+    """)
+    assert re.search(r"EXIT3 \('FAILED', 'entrypoint exited with code 3', 'hello-log'\)", out, re.I), out
+    assert re.search(r"EXIT0 \('SUCCEEDED', 'entrypoint exited with code 0'", out, re.I), out
+    assert re.search(r"LIFE \('TERMINATED', 'its lifetime of 2s ended'", out, re.I), out
+    assert re.search(r"MISSING \('FAILED', 'entrypoint could not start: command not found: no-such-binary", out, re.I), out
