@@ -84,9 +84,11 @@ class Server:
         self.log.close()
 
     def cli(self, *args, check=True):
-        out = subprocess.run(
-            [compute_bin(), *args, "--data-dir", str(self.data_dir)], capture_output=True, text=True, timeout=60
-        )
+        args = list(args)
+        # Options go before a `--` that starts a command line.
+        at = args.index("--") if "--" in args else len(args)
+        argv = [compute_bin(), *args[:at], "--data-dir", str(self.data_dir), *args[at:]]
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=60)
         if check and out.returncode != 0:
             raise AssertionError(f"compute {' '.join(args)} failed: {out.stderr}")
         return out

@@ -7,6 +7,7 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use compute_control::{Control, ControlConfig};
 
+use crate::client::ApiClient;
 use crate::runtime_file::{self, AdminCredentials};
 use crate::settings::{self, Layer, Settings};
 
@@ -115,6 +116,79 @@ enum Command {
     /// Manage the keys that sign access tokens.
     #[command(subcommand)]
     Key(KeyCommand),
+    /// Inspect and manage sandboxes (of the default environment).
+    #[command(subcommand)]
+    Sandbox(SandboxCommand),
+    /// Inspect and manage containers (of the default environment).
+    #[command(subcommand)]
+    Container(ContainerCommand),
+    /// Print a workload's entrypoint output.
+    Logs {
+        /// Sandbox or container id or name.
+        name: String,
+        /// Keep printing new output while the workload runs.
+        #[arg(short, long)]
+        follow: bool,
+        #[command(flatten)]
+        dir: DataDir,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum SandboxCommand {
+    /// List live sandboxes (and containers, which are sandboxes too).
+    Ls {
+        /// Include finished ones.
+        #[arg(short, long)]
+        all: bool,
+        #[command(flatten)]
+        dir: DataDir,
+    },
+    /// Run a command in a sandbox and stream its output; exits with its exit code.
+    Exec {
+        /// Sandbox id or name.
+        sandbox: String,
+        /// Forward this terminal's stdin to the command.
+        #[arg(short, long)]
+        interactive: bool,
+        /// The command and its arguments.
+        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+        command: Vec<String>,
+        #[command(flatten)]
+        dir: DataDir,
+    },
+    /// Terminate a sandbox.
+    Rm {
+        /// Sandbox id or name.
+        sandbox: String,
+        /// Seconds between SIGTERM and SIGKILL.
+        #[arg(long, default_value_t = 10)]
+        grace: u64,
+        #[command(flatten)]
+        dir: DataDir,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ContainerCommand {
+    /// List live containers.
+    Ls {
+        /// Include stopped ones.
+        #[arg(short, long)]
+        all: bool,
+        #[command(flatten)]
+        dir: DataDir,
+    },
+    /// Stop a container.
+    Stop {
+        /// Container id or name.
+        container: String,
+        /// Seconds between SIGTERM and SIGKILL.
+        #[arg(long, default_value_t = 10)]
+        grace: u64,
+        #[command(flatten)]
+        dir: DataDir,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -199,12 +273,64 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Status { dir } => status(&dir.path()),
         Command::Client(c) => client(c),
         Command::Environment(c) => environment(c),
+        Command::Sandbox(c) => block_on(async {
+            match c {
+                SandboxCommand::Ls { all, dir } => ApiClient::connect(&dir.path()).await?.list_sandboxes(all).await,
+                SandboxCommand::Rm { sandbox, grace, dir } => {
+                    ApiClient::connect(&dir.path()).await?.stop(&sandbox, grace).await
+                }
+                SandboxCommand::Exec { sandbox, interactive, command, dir } => {
+                    let code = ApiClient::connect(&dir.path()).await?.exec(&sandbox, &command, interactive).await?;
+                    std::process::exit(code);
+                }
+            }
+        }),
+        Command::Container(c) => block_on(async {
+            match c {
+                ContainerCommand::Ls { all, dir } => ApiClient::connect(&dir.path()).await?.list_containers(all).await,
+                ContainerCommand::Stop { container, grace, dir } => {
+                    ApiClient::connect(&dir.path()).await?.stop(&container, grace).await
+                }
+            }
+        }),
+        Command::Logs { name, follow, dir } => block_on(logs(&dir.path(), &name, follow)),
         Command::Key(KeyCommand::Rotate { retire_previous, dir }) => {
             let control = open_control(&dir.path())?;
             let kid = control.auth().rotate_signing_key(retire_previous)?;
             println!("new signing key {kid}{}", if retire_previous { "; older keys retired" } else { "" });
             Ok(())
         }
+    }
+}
+
+fn block_on<F: std::future::Future<Output = anyhow::Result<()>>>(f: F) -> anyhow::Result<()> {
+    tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(f)
+}
+
+/// Prints a workload's entrypoint output (kept in the data directory), following it while it runs.
+async fn logs(data_dir: &std::path::Path, name: &str, follow: bool) -> anyhow::Result<()> {
+    use std::io::{Read, Seek, Write};
+    let client = ApiClient::connect(data_dir).await?;
+    let (id, _) = client.resolve(name).await?;
+    let path = data_dir.join("logs").join(format!("{id}.log"));
+    let mut offset = 0u64;
+    loop {
+        if let Ok(mut f) = std::fs::File::open(&path) {
+            f.seek(std::io::SeekFrom::Start(offset))?;
+            let mut buf = Vec::new();
+            f.read_to_end(&mut buf)?;
+            offset += buf.len() as u64;
+            std::io::stdout().write_all(&buf)?;
+            std::io::stdout().flush()?;
+        }
+        if !follow {
+            return Ok(());
+        }
+        let (_, status) = client.resolve(&id).await?;
+        if !(status == "Running" || status == "Pending") {
+            return Ok(());
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
     }
 }
 
@@ -269,7 +395,11 @@ fn status(data_dir: &std::path::Path) -> anyhow::Result<()> {
     let clients = control.auth().clients()?;
     println!("environments: {}", envs.iter().map(|e| e.name.as_str()).collect::<Vec<_>>().join(", "));
     println!("clients:     {} ({} revoked)", clients.len(), clients.iter().filter(|c| c.revoked_at.is_some()).count());
-    println!("running:     no workloads (sandboxes arrive with the runtime)");
+    let live = control.store().read(|r| r.sandboxes().live()).unwrap_or_default();
+    println!("running:     {} live workload(s)", live.len());
+    for w in live.iter().take(20) {
+        println!("             {} {} ({}, {})", w.id, w.name, w.kind, w.status.as_str());
+    }
     if !healthy {
         std::process::exit(1);
     }

@@ -1,6 +1,7 @@
 //! `compute`: the operator CLI, and `compute serve`, which runs everything on one machine.
 
 mod cli;
+mod client;
 mod runtime_file;
 mod serve;
 mod settings;

@@ -1,0 +1,204 @@
+//! The operator commands that act on workloads talk to the running server over its own API, as the SDK does,
+//! with the admin credentials of the data directory.
+
+use std::path::Path;
+
+use anyhow::Context;
+use compute_proto::chalk::container::v1::container_service_client::ContainerServiceClient;
+use compute_proto::chalk::container::v1::{GetContainerRequest, ListContainersRequest};
+use compute_proto::chalk::sandbox::v2::open_session_request::Command as SessionCommand;
+use compute_proto::chalk::sandbox::v2::open_session_response::Event;
+use compute_proto::chalk::sandbox::v2::sandbox_process_service_client::SandboxProcessServiceClient;
+use compute_proto::chalk::sandbox::v2::sandbox_service_client::SandboxServiceClient;
+use compute_proto::chalk::sandbox::v2::{
+    ListSandboxesRequest, NewProcess, OpenSessionRequest, StdinData, StdinEof, TerminateSandboxRequest,
+};
+use compute_proto::chalk::server::v1::auth_service_client::AuthServiceClient;
+use compute_proto::chalk::server::v1::GetTokenRequest;
+use tonic::transport::Channel;
+
+use crate::runtime_file::{self, AdminCredentials};
+
+/// A signed-in connection to the data directory's running server.
+pub struct ApiClient {
+    channel: Channel,
+    bearer: String,
+}
+
+impl ApiClient {
+    /// Connects to the server of `data_dir` and signs in as its admin client.
+    pub async fn connect(data_dir: &Path) -> anyhow::Result<ApiClient> {
+        let info = runtime_file::running_server(data_dir)?.with_context(|| {
+            format!("no server is running on data directory {} (start it with `compute serve`)", data_dir.display())
+        })?;
+        let creds: AdminCredentials = runtime_file::read_json(&runtime_file::credentials_path(data_dir))?
+            .context("no admin credentials in the data directory")?;
+        let channel = tonic::transport::Endpoint::from_shared(info.url.clone())?
+            .connect()
+            .await
+            .with_context(|| format!("connecting to {}", info.url))?;
+        let token = AuthServiceClient::new(channel.clone())
+            .get_token(GetTokenRequest {
+                client_id: creds.client_id,
+                client_secret: creds.client_secret,
+                grant_type: "client_credentials".into(),
+                ..Default::default()
+            })
+            .await
+            .map_err(status_error)?
+            .into_inner()
+            .access_token;
+        Ok(ApiClient { channel, bearer: format!("Bearer {token}") })
+    }
+
+    fn req<T>(&self, msg: T) -> tonic::Request<T> {
+        let mut r = tonic::Request::new(msg);
+        r.metadata_mut().insert("authorization", self.bearer.parse().expect("tokens are ASCII"));
+        r
+    }
+
+    /// Resolves an id or a name to an id.
+    pub async fn resolve(&self, id_or_name: &str) -> anyhow::Result<(String, String)> {
+        let mut c = ContainerServiceClient::new(self.channel.clone());
+        let by = if id_or_name.starts_with("sbx-") {
+            GetContainerRequest { id: Some(id_or_name.into()), ..Default::default() }
+        } else {
+            GetContainerRequest { name: Some(id_or_name.into()), ..Default::default() }
+        };
+        let info =
+            c.get_container(self.req(by)).await.map_err(status_error)?.into_inner().container.unwrap_or_default();
+        Ok((info.id, info.status))
+    }
+
+    /// `compute sandbox ls`.
+    pub async fn list_sandboxes(&self, all: bool) -> anyhow::Result<()> {
+        let mut c = SandboxServiceClient::new(self.channel.clone());
+        let list = c
+            .list_sandboxes(self.req(ListSandboxesRequest { limit: Some(1000), ..Default::default() }))
+            .await
+            .map_err(status_error)?;
+        println!("{:<22} {:<24} {:<11} {:<26} CREATED", "ID", "NAME", "STATUS", "IMAGE");
+        for s in list.into_inner().sandboxes {
+            let status = compute_proto::chalk::sandbox::v2::SandboxStatus::try_from(s.status)
+                .map(|s| s.as_str_name().trim_start_matches("SANDBOX_STATUS_").to_lowercase())
+                .unwrap_or_default();
+            if !all && !(status == "running" || status == "pending") {
+                continue;
+            }
+            let image = s.spec.as_ref().map(|sp| sp.image.clone()).unwrap_or_default();
+            let created = s.created_at.map(|t| t.seconds).unwrap_or(0);
+            println!("{:<22} {:<24} {:<11} {:<26} {}", s.id, s.name, status, image, ago(created));
+        }
+        Ok(())
+    }
+
+    /// `compute container ls`.
+    pub async fn list_containers(&self, all: bool) -> anyhow::Result<()> {
+        let mut c = ContainerServiceClient::new(self.channel.clone());
+        let req = ListContainersRequest { include_stopped: Some(all), limit: Some(1000), ..Default::default() };
+        let list = c.list_containers(self.req(req)).await.map_err(status_error)?;
+        println!("{:<22} {:<24} {:<11} {:<26} CREATED", "ID", "NAME", "STATUS", "IMAGE");
+        for s in list.into_inner().containers {
+            let image = s.spec.as_ref().map(|sp| sp.image.clone()).unwrap_or_default();
+            let created = s.created_at.map(|t| t.seconds).unwrap_or(0);
+            println!("{:<22} {:<24} {:<11} {:<26} {}", s.id, s.name, s.status, image, ago(created));
+        }
+        Ok(())
+    }
+
+    /// `compute sandbox rm` / `compute container stop`.
+    pub async fn stop(&self, id_or_name: &str, grace_secs: u64) -> anyhow::Result<()> {
+        let (id, _) = self.resolve(id_or_name).await?;
+        let mut c = SandboxServiceClient::new(self.channel.clone());
+        let req = TerminateSandboxRequest { id: id.clone(), grace_period: Some(prost_types_duration(grace_secs)) };
+        c.terminate_sandbox(self.req(req)).await.map_err(status_error)?;
+        println!("stopped {id}");
+        Ok(())
+    }
+
+    /// `compute sandbox exec`: runs a command, streams its output, forwards stdin when asked; returns its exit code.
+    pub async fn exec(&self, id_or_name: &str, command: &[String], stdin: bool) -> anyhow::Result<i32> {
+        let (id, _) = self.resolve(id_or_name).await?;
+        let (first, rest) = command.split_first().context("a command is required")?;
+        let (tx, rx) = tokio::sync::mpsc::channel::<OpenSessionRequest>(16);
+        tx.send(OpenSessionRequest {
+            command: Some(SessionCommand::NewProcess(NewProcess {
+                sandbox_id: id,
+                command: first.clone(),
+                args: rest.to_vec(),
+                ..Default::default()
+            })),
+        })
+        .await?;
+        if stdin {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                use tokio::io::AsyncReadExt;
+                let mut input = tokio::io::stdin();
+                let mut buf = vec![0u8; 64 * 1024];
+                while let Ok(n) = input.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                    let msg = OpenSessionRequest {
+                        command: Some(SessionCommand::StdinData(StdinData { data: buf[..n].to_vec() })),
+                    };
+                    if tx.send(msg).await.is_err() {
+                        return;
+                    }
+                }
+                let _ = tx.send(OpenSessionRequest { command: Some(SessionCommand::StdinEof(StdinEof {})) }).await;
+            });
+        } else {
+            tx.send(OpenSessionRequest { command: Some(SessionCommand::StdinEof(StdinEof {})) }).await?;
+        }
+        let mut c = SandboxProcessServiceClient::new(self.channel.clone());
+        let mut events = c
+            .open_session(self.req(tokio_stream::wrappers::ReceiverStream::new(rx)))
+            .await
+            .map_err(status_error)?
+            .into_inner();
+        use std::io::Write;
+        while let Some(msg) = events.message().await.map_err(status_error)? {
+            match msg.event {
+                Some(Event::OutputData(o)) => {
+                    if o.stream == 2 {
+                        std::io::stderr().write_all(&o.data)?;
+                    } else {
+                        std::io::stdout().write_all(&o.data)?;
+                        std::io::stdout().flush()?;
+                    }
+                }
+                Some(Event::ProcessExited(e)) => return Ok(e.exit_code.unwrap_or(128 + e.signal.unwrap_or(0))),
+                Some(Event::ProcessTimedOut(_)) => return Ok(124),
+                Some(Event::ProcessFailed(f)) => {
+                    eprintln!("compute: {}", f.message);
+                    return Ok(127);
+                }
+                Some(Event::Error(e)) => anyhow::bail!("{}: {}", e.code, e.message),
+                _ => {}
+            }
+        }
+        drop(tx);
+        anyhow::bail!("the stream ended before the process did")
+    }
+}
+
+fn prost_types_duration(secs: u64) -> prost_types::Duration {
+    prost_types::Duration { seconds: secs as i64, nanos: 0 }
+}
+
+fn ago(secs: i64) -> String {
+    let now = compute_store::now_millis() / 1000;
+    let d = (now - secs).max(0);
+    match d {
+        0..=59 => format!("{d}s ago"),
+        60..=3599 => format!("{}m ago", d / 60),
+        3600..=86399 => format!("{}h ago", d / 3600),
+        _ => format!("{}d ago", d / 86400),
+    }
+}
+
+fn status_error(s: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{}: {}", s.code(), s.message())
+}

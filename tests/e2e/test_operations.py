@@ -1,0 +1,120 @@
+"""Operating a server: the CLI over live workloads, and restart safety (kill -9, then start again)."""
+import glob
+import os
+import re
+import signal
+import subprocess
+import time
+
+import pytest
+
+from conftest import Server, compute_bin, require_root, run_sdk
+
+START_THREE = """
+from chalkcompute import Sandbox, Container, Image
+ids = []
+for name in ("crash-a", "crash-b", "crash-c"):
+    sb = Sandbox(image=Image.debian_slim(), name=name).run()
+    ids.append(sb.id)
+p = Sandbox.from_id(ids[0]).exec_start("sleep", "300")
+print("IDS", " ".join(ids))
+"""
+
+
+def leftovers(ids, data_dir):
+    """Everything of these sandboxes that should be gone: mounts, cgroups, namespaces, veths, processes."""
+    found = []
+    with open("/proc/self/mountinfo") as f:
+        found += [l.split()[4] for l in f if str(data_dir) in l.split()[4]]
+    for i in ids:
+        found += glob.glob(f"/sys/fs/cgroup/*/compute-*/{i}")
+        if os.path.exists(f"/run/netns/compute-{i}"):
+            found.append(f"netns compute-{i}")
+        short = re.sub(r"[^a-z0-9]", "", i)[-11:]
+        if subprocess.run(["ip", "link", "show", f"cs-{short}"], capture_output=True).returncode == 0:
+            found.append(f"veth cs-{short}")
+    agents = subprocess.run(["pgrep", "-f", f"compute-agent init {data_dir}"], capture_output=True, text=True).stdout.split()
+    found += [f"agent pid {p}" for p in agents]
+    return found
+
+
+@pytest.fixture(autouse=True)
+def _root():
+    require_root()
+
+
+def test_kill_9_then_restart_leaves_nothing_behind(tmp_path):
+    server = Server(tmp_path / "data")
+    try:
+        proc = run_sdk(START_THREE, server.sdk_env())
+        assert proc.returncode == 0, proc.stderr
+        ids = re.search(r"IDS (.*)", proc.stdout).group(1).split()
+        assert len(leftovers(ids, server.data_dir)) > 0, "the test must start from live sandboxes"
+        server.proc.send_signal(signal.SIGKILL)
+        server.proc.wait()
+        server.log.close()
+        server.start()
+        deadline = time.time() + 30
+        while leftovers(ids, server.data_dir) and time.time() < deadline:
+            time.sleep(0.2)
+        assert leftovers(ids, server.data_dir) == [], "leaked after restart"
+        token = server.token()
+        for i in ids:
+            status, body = server.connect("chalk.sandbox.v2.SandboxService/GetSandbox", {"id": i}, token)
+            assert status == 200, body
+            assert body["sandbox"]["status"] == "SANDBOX_STATUS_FAILED", body
+            assert "server restarted" in body["sandbox"]["statusMessage"], body
+        # And it works as before.
+        proc = run_sdk(
+            "from chalkcompute import Sandbox, Image\n"
+            "sb = Sandbox(image=Image.debian_slim(), name='after-restart').run()\n"
+            "print('OK', sb.exec('echo', 'fine').stdout_text.strip())\n"
+            "sb.terminate()\n",
+            server.sdk_env(),
+        )
+        assert "OK fine" in proc.stdout, proc.stderr
+    finally:
+        server.stop()
+
+
+def test_clean_shutdown_stops_every_sandbox(tmp_path):
+    server = Server(tmp_path / "data")
+    proc = run_sdk(START_THREE, server.sdk_env())
+    assert proc.returncode == 0, proc.stderr
+    ids = re.search(r"IDS (.*)", proc.stdout).group(1).split()
+    server.stop()
+    assert server.proc.returncode == 0
+    assert leftovers(ids, server.data_dir) == []
+
+
+def test_cli_over_live_workloads(tmp_path):
+    server = Server(tmp_path / "data")
+    try:
+        proc = run_sdk(
+            "from chalkcompute import Container, Image\n"
+            "c = Container(image=Image.debian_slim(), name='cli-demo',"
+            " entrypoint=['sh', '-c', 'echo tick-1; echo tick-2; sleep 300']).run()\n"
+            "print('ID', c.id)\n",
+            server.sdk_env(),
+        )
+        cid = re.search(r"ID (\S+)", proc.stdout).group(1)
+        ls = server.cli("sandbox", "ls").stdout
+        assert cid in ls and "cli-demo" in ls and "running" in ls, ls
+        assert "cli-demo" in server.cli("container", "ls").stdout
+        out = server.cli("sandbox", "exec", "cli-demo", "--", "sh", "-c", "echo out; exit 4", check=False)
+        assert out.returncode == 4 and out.stdout == "out\n", out
+        piped = subprocess.run(
+            [compute_bin(), "sandbox", "exec", "-i", "cli-demo", "--data-dir", str(server.data_dir), "--", "wc", "-c"],
+            input="12345", capture_output=True, text=True, timeout=60,
+        )
+        assert piped.stdout.strip() == "5", piped
+        time.sleep(0.5)
+        assert "tick-1\ntick-2\n" in server.cli("logs", "cli-demo").stdout
+        assert "1 live workload" in server.cli("status").stdout
+        server.cli("container", "stop", "cli-demo")
+        assert "cli-demo" not in server.cli("container", "ls").stdout
+        assert "terminated" in server.cli("sandbox", "ls", "--all").stdout
+        missing = server.cli("sandbox", "rm", "no-such-sandbox", check=False)
+        assert missing.returncode != 0 and "no workload named" in missing.stderr, missing
+    finally:
+        server.stop()
