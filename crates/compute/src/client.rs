@@ -82,7 +82,7 @@ impl ApiClient {
             let status = compute_proto::chalk::sandbox::v2::SandboxStatus::try_from(s.status)
                 .map(|s| s.as_str_name().trim_start_matches("SANDBOX_STATUS_").to_lowercase())
                 .unwrap_or_default();
-            if !all && !(status == "running" || status == "pending") {
+            if !(all || status == "running" || status == "pending") {
                 continue;
             }
             let image = s.spec.as_ref().map(|sp| sp.image.clone()).unwrap_or_default();
