@@ -22,6 +22,12 @@ def image_dir():
     return d
 
 
+def isolation_args():
+    """`COMPUTE_E2E_ISOLATION=gvisor|native` runs the suite under that backend (the test script runs both)."""
+    iso = os.environ.get("COMPUTE_E2E_ISOLATION")
+    return ["--isolation", iso] if iso else []
+
+
 def compute_bin():
     path = os.environ.get("COMPUTE_BIN") or str(ROOT / "target" / "debug" / "compute")
     if not os.access(path, os.X_OK):
@@ -51,6 +57,7 @@ class Server:
                 str(self.data_dir),
                 "--image-dir",
                 image_dir(),
+                *isolation_args(),
                 *self.extra_args,
             ],
             stdout=self.log,

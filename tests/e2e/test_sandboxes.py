@@ -204,18 +204,41 @@ def test_limits_are_enforced_and_visible_inside(shared_server):
         # A busy loop gets about half a core.
         r = sb.exec("python3", "-c", "import time, os\\nt = time.time()\\nwhile time.time() - t < 2: pass\\nprint(os.times().user + os.times().system)")
         print("BUSY", r.stdout_text.strip())
-        # A memory hog is OOM-killed; the sandbox survives.
-        r = sb.exec("python3", "-c", "x = bytearray(512 * 1024 * 1024); print('survived')")
-        print("HOG", r.signal, r.stdout_text.strip())
-        print("AFTER", sb.exec("echo", "alive").stdout_text.strip())
         sb.terminate()
     """)
     assert f"MEM {256 << 20}" in out, out
     assert "CPU 50000" in out, out
     busy = float(re.search(r"BUSY ([\d.]+)", out).group(1))
     assert busy < 1.6, f"a 0.5-CPU sandbox used {busy}s of CPU in 2s: {out}"
-    assert "HOG 9 " in out or "HOG 9\n" in out, out
-    assert "AFTER alive" in out, out
+
+
+def isolation():
+    return os.environ.get("COMPUTE_E2E_ISOLATION", "native")
+
+
+def test_memory_hog_is_contained(shared_server):
+    out = sdk(shared_server, """
+        sb = Sandbox(image=Image.debian_slim(), name="hog", memory="256Mi").run()
+        try:
+            r = sb.exec("python3", "-c", "x = bytearray(512 * 1024 * 1024); print('survived')")
+            print("HOG", r.signal, r.stdout_text.strip())
+            print("AFTER", sb.exec("echo", "alive").stdout_text.strip())
+        except Exception as e:
+            time.sleep(1)
+            info = sb.refresh()
+            print("SANDBOX", info.status, info.status_message)
+        other = Sandbox(image=Image.debian_slim(), name="hog-bystander").run()
+        print("OTHER", other.exec("echo", "fine").stdout_text.strip())
+        other.terminate()
+        sb.terminate()
+    """)
+    if isolation() == "gvisor":
+        # gVisor's Sentry holds the whole sandbox's memory: the sandbox ends, saying why.
+        assert re.search(r"HOG 9|SANDBOX FAILED the sandbox was OOM-killed", out, re.I), out
+    else:
+        # Native: the hog alone is killed; the sandbox goes on.
+        assert re.search(r"HOG 9 *\n", out) and "AFTER alive" in out, out
+    assert "OTHER fine" in out, out
 
 
 def test_disk_filling_is_contained(shared_server):
@@ -239,9 +262,12 @@ def test_fork_bomb_is_contained(tmp_path):
         out = sdk(server, """
             sb = Sandbox(image=Image.debian_slim(), name="forkbomb", memory="2Gi").run()
             bomb = "import os, time\\nn = 0\\ntry:\\n    while n < 10000:\\n        if os.fork() == 0:\\n            time.sleep(60); os._exit(0)\\n        n += 1\\nexcept OSError as e:\\n    print(n, e.errno, flush=True)\\n    os._exit(0)"
-            r = sb.exec("python3", "-c", bomb, timeout_secs=120)
-            print("BOMB", r.stdout_text.strip())
-            print("DURING", sb.exec("echo", "still-serving").stdout_text.strip())
+            try:
+                r = sb.exec("python3", "-c", bomb, timeout_secs=120)
+                print("BOMB", r.stdout_text.strip())
+                print("DURING", sb.exec("echo", "still-serving").stdout_text.strip())
+            except Exception as e:
+                print("ENDED", e)
             other = Sandbox(image=Image.debian_slim(), name="bystander").run()
             print("OTHER", other.exec("echo", "fine").stdout_text.strip())
             other.terminate()
@@ -249,9 +275,11 @@ def test_fork_bomb_is_contained(tmp_path):
         """)
     finally:
         server.stop()
-    m = re.search(r"BOMB (\d+) (\d+)", out)
-    assert m and int(m.group(1)) < 128 and m.group(2) == "11", f"the fork bomb was not stopped by EAGAIN: {out}"
-    assert "DURING still-serving" in out and "OTHER fine" in out, out
+    if isolation() == "native":
+        m = re.search(r"BOMB (\d+) (\d+)", out)
+        assert m and int(m.group(1)) < 128 and m.group(2) == "11", f"the fork bomb was not stopped by EAGAIN: {out}"
+        assert "DURING still-serving" in out, out
+    assert "OTHER fine" in out, out
 
 
 def test_isolation_from_host_and_other_sandboxes(shared_server, tmp_path):

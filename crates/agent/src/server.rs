@@ -128,7 +128,9 @@ pub fn serve(sandbox: Sandbox) -> std::io::Result<u8> {
             }
             Kind::Signal => {
                 if let (Some(s), Ok(sig)) = (session(), frame.parse::<Signal>()) {
-                    signal_group(s.pid, sig.signal);
+                    // The process itself, as a terminal's kill(1) would: its handlers decide for its children.
+                    // SAFETY: kill has no memory effects; a stale pid at worst fails with ESRCH.
+                    unsafe { libc::kill(s.pid, sig.signal) };
                 }
             }
             Kind::Resize => {

@@ -299,6 +299,11 @@ impl Workloads {
                 EntrypointEnd::Failed(msg) => {
                     (SandboxStatus::Failed, format!("entrypoint could not start: {msg}"), Some(127))
                 }
+                EntrypointEnd::AgentGone if oom => (
+                    SandboxStatus::Failed,
+                    "the sandbox was OOM-killed: it exceeded its memory limit".to_string(),
+                    Some(137),
+                ),
                 EntrypointEnd::AgentGone => {
                     (SandboxStatus::Failed, "the sandbox's init process exited unexpectedly".to_string(), None)
                 }

@@ -12,7 +12,37 @@ use crate::rootfs::Rootfs;
 use crate::sandbox::SandboxSpec;
 use crate::{RuntimeConfig, RuntimeError};
 
-/// Checks that runsc is there and new enough for systrap, and that the agent is a static binary.
+/// The shared libraries the agent binary needs (and its dynamic loader, first), found with `ldd`. They are
+/// bind-mounted into the sandbox under `/.compute/lib` and the agent is started through that loader, so it
+/// runs whatever libc the image has (or none).
+pub fn agent_libraries(agent: &std::path::Path) -> Result<Vec<std::path::PathBuf>, RuntimeError> {
+    let out = std::process::Command::new("ldd")
+        .arg(agent)
+        .output()
+        .map_err(|e| RuntimeError::io("running ldd on the agent", e))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    if text.contains("statically linked") || text.contains("not a dynamic executable") {
+        return Ok(vec![]);
+    }
+    let mut loader = None;
+    let mut libs = Vec::new();
+    for line in text.lines() {
+        let line = line.trim();
+        if let Some((_, path)) = line.split_once("=> ") {
+            let path = path.split(" (").next().unwrap_or("").trim();
+            if path.starts_with('/') {
+                libs.push(std::path::PathBuf::from(path));
+            }
+        } else if line.starts_with('/') {
+            loader = line.split(" (").next().map(std::path::PathBuf::from);
+        }
+    }
+    let loader = loader
+        .ok_or_else(|| RuntimeError::Unsupported(format!("cannot find the dynamic loader of {}", agent.display())))?;
+    Ok(std::iter::once(loader).chain(libs).collect())
+}
+
+/// Checks that runsc is there and new enough for systrap.
 pub fn check(cfg: &RuntimeConfig) -> Result<(), RuntimeError> {
     let out = std::process::Command::new(&cfg.runsc_bin).arg("--version").output().map_err(|e| {
         RuntimeError::Unsupported(format!("gvisor isolation needs runsc ({}): {e}", cfg.runsc_bin.display()))
@@ -59,13 +89,31 @@ pub fn spawn(
         .map_err(|e| RuntimeError::io("writing serve.json", e))?;
     let mut mounts = vec![
         serde_json::json!({"destination": "/proc", "type": "proc", "source": "proc"}),
-        serde_json::json!({"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]}),
-        serde_json::json!({"destination": "/dev/pts", "type": "devpts", "source": "devpts", "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"]}),
+        // /dev (with pts and ptmx) is runsc's own.
         serde_json::json!({"destination": "/dev/shm", "type": "tmpfs", "source": "shm", "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]}),
         serde_json::json!({"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["nosuid", "noexec", "nodev", "ro"]}),
         serde_json::json!({"destination": "/.compute/agent", "type": "bind", "source": cfg.agent_bin, "options": ["rbind", "ro"]}),
         serde_json::json!({"destination": "/.compute/serve.json", "type": "bind", "source": serve_path, "options": ["rbind", "ro"]}),
     ];
+    let libs = agent_libraries(&cfg.agent_bin)?;
+    for lib in &libs {
+        let name = lib.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        mounts.push(serde_json::json!({"destination": format!("/.compute/lib/{name}"), "type": "bind", "source": lib, "options": ["rbind", "ro"]}));
+    }
+    let args: Vec<String> = match libs.first() {
+        Some(loader) => {
+            let name = loader.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            vec![
+                format!("/.compute/lib/{name}"),
+                "--library-path".into(),
+                "/.compute/lib".into(),
+                "/.compute/agent".into(),
+                "serve".into(),
+                "/.compute/serve.json".into(),
+            ]
+        }
+        None => vec!["/.compute/agent".into(), "serve".into(), "/.compute/serve.json".into()],
+    };
     for (src, dst, ro) in binds {
         let mut opts = vec!["rbind"];
         if *ro {
@@ -73,7 +121,9 @@ pub fn spawn(
         }
         mounts.push(serde_json::json!({"destination": dst, "type": "bind", "source": src, "options": opts}));
     }
-    let mut resources = serde_json::json!({ "pids": { "limit": limits.pids } });
+    // The host cgroup holds the Sentry, not the workload's processes (those are gVisor tasks): leave room for
+    // its own threads. The memory limit still bounds the whole sandbox.
+    let mut resources = serde_json::json!({ "pids": { "limit": limits.pids * 4 + 512 } });
     if let Some(m) = limits.memory_bytes {
         resources["memory"] = serde_json::json!({ "limit": m });
     }
@@ -85,7 +135,7 @@ pub fn spawn(
         "process": {
             "terminal": false,
             "user": {"uid": 0, "gid": 0},
-            "args": ["/.compute/agent", "serve", "/.compute/serve.json"],
+            "args": args,
             "env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
             "cwd": "/",
             "capabilities": caps(),
@@ -105,8 +155,12 @@ pub fn spawn(
     });
     std::fs::write(dir.join("config.json"), serde_json::to_vec_pretty(&config).expect("OCI config serializes"))
         .map_err(|e| RuntimeError::io("writing config.json", e))?;
+    // The network: gVisor's own netstack would be the stronger choice, but runsc of 2024 refuses it on
+    // kernels where `net.core.rmem_default` is per namespace (it takes that as "this is the root namespace").
+    // The sandbox therefore uses the host stack of its own private namespace (veth, NAT and the nftables rules
+    // apply exactly as for the native backend); every other syscall still goes to gVisor's kernel.
     tokio::process::Command::new(&cfg.runsc_bin)
-        .args(["--root", &runsc_root(cfg), "--platform=systrap", "--network=sandbox", "--host-uds=none"])
+        .args(["--root", &runsc_root(cfg), "--platform=systrap", "--network=host", "--host-uds=none"])
         .arg("run")
         .arg("--bundle")
         .arg(dir)
