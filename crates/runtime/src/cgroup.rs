@@ -118,6 +118,11 @@ impl Cgroup {
         self.workload().create_one(limits)
     }
 
+    /// Creates just this cgroup with `limits` (no workload cgroup inside).
+    pub fn create_flat(&self, limits: &Limits) -> Result<(), RuntimeError> {
+        self.create_one(limits)
+    }
+
     fn create_one(&self, limits: &Limits) -> Result<(), RuntimeError> {
         for d in &self.dirs {
             std::fs::create_dir_all(d).map_err(|e| RuntimeError::io(format!("creating cgroup {}", d.display()), e))?;

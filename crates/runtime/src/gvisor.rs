@@ -6,7 +6,7 @@ use std::process::Stdio;
 
 use compute_agent_protocol::{ServeConfig, Spawn};
 
-use crate::cgroup::Limits;
+use crate::cgroup::{Cgroup, Limits};
 use crate::network::SandboxNet;
 use crate::rootfs::Rootfs;
 use crate::sandbox::SandboxSpec;
@@ -81,6 +81,7 @@ pub fn spawn(
     binds: &[(String, String, bool)],
     entrypoint: Option<Spawn>,
     limits: Limits,
+    cgroup: &Cgroup,
     stderr: std::fs::File,
 ) -> Result<tokio::process::Child, RuntimeError> {
     let serve = ServeConfig { env: spec.env.clone(), workdir: spec.workdir.clone(), entrypoint };
@@ -121,9 +122,7 @@ pub fn spawn(
         }
         mounts.push(serde_json::json!({"destination": dst, "type": "bind", "source": src, "options": opts}));
     }
-    // The host cgroup holds the Sentry, not the workload's processes (those are gVisor tasks): leave room for
-    // its own threads. The memory limit still bounds the whole sandbox.
-    let mut resources = serde_json::json!({ "pids": { "limit": limits.pids * 4 + 512 } });
+    let mut resources = serde_json::json!({ "pids": { "limit": limits.pids } });
     if let Some(m) = limits.memory_bytes {
         resources["memory"] = serde_json::json!({ "limit": m });
     }
@@ -149,7 +148,6 @@ pub fn spawn(
                 {"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"},
                 {"type": "network", "path": net.netns_path()}
             ],
-            "cgroupsPath": format!("/{}/{}", cfg.cgroup_parent, spec.id),
             "resources": resources
         }
     });
@@ -159,8 +157,18 @@ pub fn spawn(
     // kernels where `net.core.rmem_default` is per namespace (it takes that as "this is the root namespace").
     // The sandbox therefore uses the host stack of its own private namespace (veth, NAT and the nftables rules
     // apply exactly as for the native backend); every other syscall still goes to gVisor's kernel.
-    tokio::process::Command::new(&cfg.runsc_bin)
-        .args(["--root", &runsc_root(cfg), "--platform=systrap", "--network=host", "--host-uds=none"])
+    let cgroup_procs = cgroup
+        .procs_files()
+        .iter()
+        .map(|p| {
+            std::fs::OpenOptions::new().write(true).open(p).map_err(|e| RuntimeError::io(format!("opening {p}"), e))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut cmd = tokio::process::Command::new(&cfg.runsc_bin);
+    cmd.args(["--root", &runsc_root(cfg), "--platform=systrap", "--network=host", "--host-uds=none"])
+        // Compute owns the sandbox's host cgroup (as for native sandboxes, so limits, OOM accounting and cleanup
+        // work the same way); gVisor shows the limits inside through its own cgroupfs.
+        .args(["--ignore-cgroups", "--cgroupfs"])
         .arg("run")
         .arg("--bundle")
         .arg(dir)
@@ -168,9 +176,23 @@ pub fn spawn(
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(stderr)
-        .kill_on_drop(false)
-        .spawn()
-        .map_err(|e| RuntimeError::io(format!("starting {}", cfg.runsc_bin.display()), e))
+        .kill_on_drop(false);
+    let fds: Vec<i32> = cgroup_procs.iter().map(std::os::fd::AsRawFd::as_raw_fd).collect();
+    // SAFETY: the closure only calls write(2), which is async-signal-safe, on descriptors that stay open in the
+    // parent until spawn returns.
+    unsafe {
+        cmd.pre_exec(move || {
+            for fd in &fds {
+                if libc::write(*fd, b"0".as_ptr().cast(), 1) != 1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().map_err(|e| RuntimeError::io(format!("starting {}", cfg.runsc_bin.display()), e));
+    drop(cgroup_procs);
+    child
 }
 
 fn caps() -> serde_json::Value {

@@ -147,8 +147,11 @@ async fn build(runtime: Arc<Runtime>, spec: &SandboxSpec) -> Result<Arc<Sandbox>
         memory_bytes: spec.resources.memory_bytes,
         pids: spec.resources.pids,
     };
-    if cfg.isolation == Isolation::Native {
-        cgroup.create(&limits)?;
+    match cfg.isolation {
+        Isolation::Native => cgroup.create(&limits)?,
+        // The host cgroup holds gVisor's Sentry, not the workload's processes (those are gVisor tasks, limited
+        // inside by the spec): leave room for the Sentry's own threads. Memory still bounds the whole sandbox.
+        Isolation::Gvisor => cgroup.create_flat(&Limits { pids: limits.pids * 4 + 512, ..limits })?,
     }
     let net = SandboxNet::create(&spec.id, &cfg.network, runtime.net()).await?;
     write_meta(&dir, &Meta { isolation: cfg.isolation, net: Some(net.clone()) })?;
@@ -204,7 +207,9 @@ async fn build(runtime: Arc<Runtime>, spec: &SandboxSpec) -> Result<Arc<Sandbox>
                 .spawn()
                 .map_err(|e| RuntimeError::io(format!("starting {}", cfg.agent_bin.display()), e))?
         }
-        Isolation::Gvisor => gvisor::spawn(cfg, spec, &dir, &rootfs, &net, &binds, entrypoint, limits, stderr)?,
+        Isolation::Gvisor => {
+            gvisor::spawn(cfg, spec, &dir, &rootfs, &net, &binds, entrypoint, limits, &cgroup, stderr)?
+        }
     };
     let stdin = child.stdin.take().expect("piped stdin");
     let stdout = child.stdout.take().expect("piped stdout");
