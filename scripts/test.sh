@@ -19,5 +19,12 @@ python=$(scripts/sdk-venv.sh)
 echo "== unit, integration and conformance tests" >&2
 COMPUTE_SDK_PYTHON=$python cargo test --workspace --locked
 
-echo "== end-to-end tests (chalkcompute SDK against compute serve)" >&2
-COMPUTE_BIN=$PWD/target/debug/compute "$python" -m pytest tests/e2e -v -p no:cacheprovider
+# Base images are built once (from the Debian archive) and shared by every test server.
+export COMPUTE_E2E_IMAGE_DIR=${COMPUTE_E2E_IMAGE_DIR:-$PWD/target/e2e-images}
+export COMPUTE_BIN=$PWD/target/debug/compute
+
+echo "== end-to-end tests under gVisor isolation (sandbox suites)" >&2
+COMPUTE_E2E_ISOLATION=gvisor "$python" -m pytest tests/e2e/test_sandboxes.py tests/e2e/test_operations.py -v -p no:cacheprovider
+
+echo "== end-to-end tests (chalkcompute SDK against compute serve, native isolation)" >&2
+COMPUTE_E2E_ISOLATION=native "$python" -m pytest tests/e2e -v -p no:cacheprovider

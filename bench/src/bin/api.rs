@@ -9,7 +9,6 @@
 //! Usage: cargo run --release -p compute-bench --bin bench-api [-- --seconds 5 --concurrency 64]
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -57,15 +56,10 @@ fn main() -> anyhow::Result<()> {
     // Compute, as a user runs it.
     let data_dir = std::env::temp_dir().join(format!("compute-bench-api-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&data_dir);
-    let mut compute = spawn(
-        Command::new(compute_bin()?)
-            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(&data_dir)
-            .env("COMPUTE_LOG", "warn"),
-    )?;
-    let info = wait_json(&data_dir.join("server.json"))?;
-    let creds = wait_json(&data_dir.join("admin-credentials.json"))?;
-    let compute_addr: SocketAddr = info["listen"].as_str().unwrap_or_default().parse()?;
+    std::fs::create_dir_all(&data_dir)?;
+    let server = compute_bench::Server::start("api", &[])?;
+    let creds = server.creds.clone();
+    let compute_addr: SocketAddr = server.info["listen"].as_str().unwrap_or_default().parse()?;
 
     // The peer, in its own process like Compute.
     let port_file = data_dir.join("bare.port");
@@ -96,9 +90,8 @@ fn main() -> anyhow::Result<()> {
         let compute_tp = measure(compute_ch, Some(&token), concurrency, d).await?;
         anyhow::Ok((compute_lat, bare_lat, compute_tp, bare_tp))
     });
-    let _ = compute.kill();
+    server.stop();
     let _ = bare.kill();
-    let _ = compute.wait();
     let _ = bare.wait();
     let _ = std::fs::remove_dir_all(&data_dir);
     let (compute_lat, bare_lat, compute_tp, bare_tp) = result?;
@@ -205,20 +198,6 @@ fn tokio_stream_from(
     tonic::codegen::tokio_stream::wrappers::TcpListenerStream::new(listener)
 }
 
-fn compute_bin() -> anyhow::Result<PathBuf> {
-    if let Ok(p) = std::env::var("COMPUTE_BIN") {
-        return Ok(p.into());
-    }
-    let here = std::env::current_exe()?;
-    let sibling = here.with_file_name("compute");
-    anyhow::ensure!(sibling.exists(), "build the server first: cargo build --release -p compute (or set COMPUTE_BIN)");
-    Ok(sibling)
-}
-
-fn spawn(cmd: &mut Command) -> anyhow::Result<Child> {
-    Ok(cmd.stdout(Stdio::null()).stderr(Stdio::inherit()).spawn()?)
-}
-
 fn wait_text(path: &std::path::Path) -> anyhow::Result<String> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -232,13 +211,6 @@ fn wait_text(path: &std::path::Path) -> anyhow::Result<String> {
     }
 }
 
-fn wait_json(path: &std::path::Path) -> anyhow::Result<serde_json::Value> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Ok(v) = serde_json::from_str(&wait_text(path)?) {
-            return Ok(v);
-        }
-        anyhow::ensure!(Instant::now() < deadline, "timed out reading {}", path.display());
-        std::thread::sleep(Duration::from_millis(20));
-    }
+fn spawn(cmd: &mut Command) -> anyhow::Result<Child> {
+    Ok(cmd.stdout(Stdio::null()).stderr(Stdio::inherit()).spawn()?)
 }

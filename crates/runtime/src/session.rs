@@ -370,3 +370,83 @@ impl Drop for SessionReader {
 fn now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn session() -> (Arc<Session>, mpsc::Receiver<Frame>) {
+        let (tx, rx) = mpsc::channel(64);
+        (Session::new("s".into(), 7, ExecSpec::default(), tx), rx)
+    }
+
+    fn out(n: usize) -> SessionEvent {
+        SessionEvent::Output(StreamKind::Stdout, Bytes::from(vec![b'x'; n]))
+    }
+
+    #[tokio::test]
+    async fn events_have_increasing_seq_and_end_with_the_exit() {
+        let (s, _rx) = session();
+        let mut r = s.attach(0);
+        s.push(out(3));
+        s.push(SessionEvent::Exited { code: Some(0), signal: None });
+        s.push(out(1)); // after the end: ignored
+        let mut seqs = Vec::new();
+        while let Some(ReadItem::Event(seq, ev)) = r.next().await {
+            seqs.push((seq, ev.is_final()));
+        }
+        assert_eq!(seqs, [(1, false), (2, true)]);
+        assert_eq!(s.status(), ProcessState::Exited { code: Some(0), signal: None });
+    }
+
+    #[tokio::test]
+    async fn reattach_replays_after_seq() {
+        let (s, _rx) = session();
+        for _ in 0..5 {
+            s.push(out(1));
+        }
+        let mut r = s.attach(3);
+        match r.next().await {
+            Some(ReadItem::Event(4, _)) => {}
+            other => panic!("expected seq 4, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_slow_reader_pauses_the_process_and_resumes_it() {
+        let (s, mut rx) = session();
+        let mut r = s.attach(0);
+        let chunk = 64 * 1024;
+        for _ in 0..(PAUSE_AT / chunk + 2) {
+            s.push(out(chunk));
+        }
+        let pause = rx.try_recv().expect("a pause was sent");
+        assert_eq!((pause.kind, pause.channel), (Kind::Pause, 7));
+        // Nothing was dropped: the reader gets every byte, then the process resumes.
+        let mut got = 0;
+        for _ in 0..(PAUSE_AT / chunk + 2) {
+            if let Some(ReadItem::Event(_, SessionEvent::Output(_, d))) = r.next().await {
+                got += d.len();
+            }
+        }
+        assert_eq!(got, (PAUSE_AT / chunk + 2) * chunk);
+        assert_eq!(rx.try_recv().expect("a resume was sent").kind, Kind::Resume);
+    }
+
+    #[tokio::test]
+    async fn detached_history_is_bounded_and_truncation_is_reported() {
+        let (s, _rx) = session();
+        let chunk = 1024 * 1024;
+        for _ in 0..(REPLAY_BYTES / chunk * 2) {
+            s.push(out(chunk));
+        }
+        let kept: usize = s.lock().bytes;
+        assert!(kept <= REPLAY_BYTES, "kept {kept} bytes");
+        let mut r = s.attach(0);
+        match r.next().await {
+            Some(ReadItem::Truncated { oldest }) => assert!(oldest > 1),
+            other => panic!("expected a truncation notice, got {other:?}"),
+        }
+        assert!(matches!(r.next().await, Some(ReadItem::Event(..))));
+    }
+}
