@@ -474,3 +474,17 @@ def test_lifetime_and_entrypoint_exit(shared_server):
     assert re.search(r"EXIT0 \('SUCCEEDED', 'entrypoint exited with code 0'", out, re.I), out
     assert re.search(r"LIFE \('TERMINATED', 'its lifetime of 2s ended'", out, re.I), out
     assert re.search(r"MISSING \('FAILED', 'entrypoint could not start: command not found: no-such-binary", out, re.I), out
+
+
+def test_outbound_network_through_nat(shared_server):
+    # pip's own default index, through the sandbox's veth and NAT, trusting the host's CA bundle (the registry
+    # sits behind a TLS-intercepting proxy here).
+    out = sdk(shared_server, """
+        sb = Sandbox(image=Image.debian_slim(), name="outbound").run()
+        r = sb.exec("python3", "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q", "-d", "/tmp/dl", "six")
+        print("PIP", r.exit_code, r.stderr_text.strip()[-300:])
+        print("FILES", sb.exec("ls", "/tmp/dl").stdout_text.split())
+        sb.terminate()
+    """)
+    assert "PIP 0" in out, out
+    assert re.search(r"FILES \['six-[^']+\.whl'\]", out), out
