@@ -7,9 +7,9 @@
 #![warn(missing_docs)]
 
 mod agent_conn;
+mod backend;
 mod cgroup;
 mod error;
-mod gvisor;
 mod network;
 mod rootfs;
 mod sandbox;
@@ -77,6 +77,7 @@ pub struct RuntimeConfig {
 /// The node runtime.
 pub struct Runtime {
     config: RuntimeConfig,
+    backend: Box<dyn backend::Backend>,
     cgroups: CgroupVersion,
     sandboxes: Mutex<HashMap<String, Arc<Sandbox>>>,
     net: network::Allocator,
@@ -90,16 +91,19 @@ impl Runtime {
         let cgroups = cgroup::detect()?;
         cgroup::prepare_parent(cgroups, &config.cgroup_parent)?;
         network::prepare_host(&config.network)?;
-        if config.isolation == Isolation::Gvisor {
-            gvisor::check(&config)?;
-        }
+        let backend = backend::for_isolation(config.isolation);
+        backend.check(&config)?;
         let net = network::Allocator::new(&config.network);
-        Ok(Arc::new(Self { config, cgroups, sandboxes: Mutex::new(HashMap::new()), net }))
+        Ok(Arc::new(Self { config, backend, cgroups, sandboxes: Mutex::new(HashMap::new()), net }))
     }
 
     /// The isolation backend in use.
     pub fn isolation(&self) -> Isolation {
-        self.config.isolation
+        self.backend.isolation()
+    }
+
+    pub(crate) fn backend(&self) -> &dyn backend::Backend {
+        self.backend.as_ref()
     }
 
     /// The cgroup flavour the node uses.

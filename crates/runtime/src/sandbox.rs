@@ -2,18 +2,18 @@
 //! from them, on every path.
 
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
-use compute_agent_protocol::{BootConfig, Spawn};
+use compute_agent_protocol::Spawn;
 
 use crate::agent_conn::AgentConn;
+use crate::backend::Launch;
 use crate::cgroup::{Cgroup, Limits};
 use crate::network::SandboxNet;
 use crate::rootfs::{unmount_all, Rootfs};
 use crate::session::ExecSpec;
-use crate::{gvisor, Isolation, Runtime, RuntimeError};
+use crate::{Isolation, Runtime, RuntimeError};
 
 /// Host CA bundle made available in every sandbox (registries here sit behind a TLS-intercepting proxy).
 const HOST_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
@@ -147,12 +147,7 @@ async fn build(runtime: Arc<Runtime>, spec: &SandboxSpec) -> Result<Arc<Sandbox>
         memory_bytes: spec.resources.memory_bytes,
         pids: spec.resources.pids,
     };
-    match cfg.isolation {
-        Isolation::Native => cgroup.create(&limits)?,
-        // The host cgroup holds gVisor's Sentry, not the workload's processes (those are gVisor tasks, limited
-        // inside by the spec): leave room for the Sentry's own threads. Memory still bounds the whole sandbox.
-        Isolation::Gvisor => cgroup.create_flat(&Limits { pids: limits.pids * 4 + 512, ..limits })?,
-    }
+    runtime.backend().create_cgroup(&cgroup, &limits)?;
     let net = SandboxNet::create(&spec.id, &cfg.network, runtime.net()).await?;
     write_meta(&dir, &Meta { isolation: cfg.isolation, net: Some(net.clone()) })?;
 
@@ -180,37 +175,18 @@ async fn build(runtime: Arc<Runtime>, spec: &SandboxSpec) -> Result<Arc<Sandbox>
     });
 
     let stderr = std::fs::File::create(dir.join("agent.log")).map_err(|e| RuntimeError::io("creating agent.log", e))?;
-    let mut child = match cfg.isolation {
-        Isolation::Native => {
-            let boot = BootConfig {
-                rootfs: rootfs.merged.to_string_lossy().into_owned(),
-                hostname: spec.hostname.clone(),
-                netns: Some(net.netns_path().to_string_lossy().into_owned()),
-                cgroup_procs: cgroup.procs_files(),
-                workload_cgroup_procs: cgroup.workload().procs_files(),
-                binds,
-                harden: true,
-                env: spec.env.clone(),
-                workdir: spec.workdir.clone(),
-                entrypoint,
-            };
-            let boot_path = dir.join("boot.json");
-            std::fs::write(&boot_path, serde_json::to_vec(&boot).expect("boot config serializes"))
-                .map_err(|e| RuntimeError::io("writing boot.json", e))?;
-            tokio::process::Command::new(&cfg.agent_bin)
-                .arg("init")
-                .arg(&boot_path)
-                .stdin(Stdio::piped())
-                .stdout(Stdio::piped())
-                .stderr(stderr)
-                .kill_on_drop(false)
-                .spawn()
-                .map_err(|e| RuntimeError::io(format!("starting {}", cfg.agent_bin.display()), e))?
-        }
-        Isolation::Gvisor => {
-            gvisor::spawn(cfg, spec, &dir, &rootfs, &net, &binds, entrypoint, limits, &cgroup, stderr)?
-        }
-    };
+    let mut child = runtime.backend().launch(Launch {
+        config: cfg,
+        spec,
+        dir: &dir,
+        rootfs: &rootfs,
+        net: &net,
+        binds: &binds,
+        entrypoint,
+        limits,
+        cgroup: &cgroup,
+        stderr,
+    })?;
     let stdin = child.stdin.take().expect("piped stdin");
     let stdout = child.stdout.take().expect("piped stdout");
     let conn = match AgentConn::start(&spec.id, stdout, stdin, spec.log_path.clone()).await {
@@ -267,8 +243,10 @@ pub async fn teardown(runtime: &Runtime, id: &str) -> Result<(), RuntimeError> {
     let dir = cfg.state_dir.join(id);
     let meta: Option<Meta> = std::fs::read(dir.join("meta.json")).ok().and_then(|b| serde_json::from_slice(&b).ok());
     let mut errors = Vec::new();
-    if meta.as_ref().map(|m| m.isolation) == Some(Isolation::Gvisor) || cfg.isolation == Isolation::Gvisor {
-        gvisor::delete(cfg, id).await;
+    let recorded = meta.as_ref().map(|m| m.isolation).unwrap_or(cfg.isolation);
+    {
+        let (config, id) = (cfg.clone(), id.to_string());
+        let _ = tokio::task::spawn_blocking(move || crate::backend::for_isolation(recorded).forget(&config, &id)).await;
     }
     let cgroup = Cgroup::of(runtime.cgroup_version(), &cfg.cgroup_parent, id);
     if cgroup.exists() {

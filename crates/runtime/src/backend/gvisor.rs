@@ -1,16 +1,40 @@
 //! The gvisor backend: runsc (systrap platform) runs the agent as the container's process, over an OCI bundle
 //! whose root is the same overlay the native backend uses, in the sandbox's network namespace.
 
-use std::path::Path;
 use std::process::Stdio;
 
-use compute_agent_protocol::{ServeConfig, Spawn};
+use compute_agent_protocol::ServeConfig;
 
+use super::{Backend, Launch};
 use crate::cgroup::{Cgroup, Limits};
-use crate::network::SandboxNet;
-use crate::rootfs::Rootfs;
-use crate::sandbox::SandboxSpec;
-use crate::{RuntimeConfig, RuntimeError};
+use crate::{Isolation, RuntimeConfig, RuntimeError};
+
+/// gVisor's runsc.
+pub struct Gvisor;
+
+impl Backend for Gvisor {
+    fn isolation(&self) -> Isolation {
+        Isolation::Gvisor
+    }
+
+    fn check(&self, config: &RuntimeConfig) -> Result<(), RuntimeError> {
+        check(config)
+    }
+
+    fn create_cgroup(&self, cgroup: &Cgroup, limits: &Limits) -> Result<(), RuntimeError> {
+        // The host cgroup holds gVisor's Sentry, not the workload's processes (those are gVisor tasks, limited
+        // inside by the spec): leave room for the Sentry's own threads. Memory still bounds the whole sandbox.
+        cgroup.create_flat(&Limits { pids: limits.pids * 4 + 512, ..*limits })
+    }
+
+    fn launch(&self, l: Launch<'_>) -> Result<tokio::process::Child, RuntimeError> {
+        spawn(l)
+    }
+
+    fn forget(&self, config: &RuntimeConfig, id: &str) {
+        delete(config, id)
+    }
+}
 
 /// The shared libraries the agent binary needs (and its dynamic loader, first), found with `ldd`. They are
 /// bind-mounted into the sandbox under `/.compute/lib` and the agent is started through that loader, so it
@@ -43,7 +67,7 @@ pub fn agent_libraries(agent: &std::path::Path) -> Result<Vec<std::path::PathBuf
 }
 
 /// Checks that runsc is there and new enough for systrap.
-pub fn check(cfg: &RuntimeConfig) -> Result<(), RuntimeError> {
+fn check(cfg: &RuntimeConfig) -> Result<(), RuntimeError> {
     let out = std::process::Command::new(&cfg.runsc_bin).arg("--version").output().map_err(|e| {
         RuntimeError::Unsupported(format!("gvisor isolation needs runsc ({}): {e}", cfg.runsc_bin.display()))
     })?;
@@ -71,19 +95,8 @@ fn runsc_root(cfg: &RuntimeConfig) -> String {
 }
 
 /// Writes the bundle and starts `runsc run` with the agent's protocol on its stdio.
-#[allow(clippy::too_many_arguments)]
-pub fn spawn(
-    cfg: &RuntimeConfig,
-    spec: &SandboxSpec,
-    dir: &Path,
-    rootfs: &Rootfs,
-    net: &SandboxNet,
-    binds: &[(String, String, bool)],
-    entrypoint: Option<Spawn>,
-    limits: Limits,
-    cgroup: &Cgroup,
-    stderr: std::fs::File,
-) -> Result<tokio::process::Child, RuntimeError> {
+fn spawn(l: Launch<'_>) -> Result<tokio::process::Child, RuntimeError> {
+    let Launch { config: cfg, spec, dir, rootfs, net, binds, entrypoint, limits, cgroup, stderr } = l;
     let serve = ServeConfig { env: spec.env.clone(), workdir: spec.workdir.clone(), entrypoint };
     let serve_path = dir.join("serve.json");
     std::fs::write(&serve_path, serde_json::to_vec(&serve).expect("serve config serializes"))
@@ -215,11 +228,10 @@ fn caps() -> serde_json::Value {
 }
 
 /// Forcibly removes runsc's container and sandbox `id`, if any.
-pub async fn delete(cfg: &RuntimeConfig, id: &str) {
-    let _ = tokio::process::Command::new(&cfg.runsc_bin)
+fn delete(cfg: &RuntimeConfig, id: &str) {
+    let _ = std::process::Command::new(&cfg.runsc_bin)
         .args(["--root", &runsc_root(cfg), "delete", "-force", id])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
-        .status()
-        .await;
+        .status();
 }
