@@ -488,3 +488,81 @@ def test_outbound_network_through_nat(shared_server):
     """)
     assert "PIP 0" in out, out
     assert re.search(r"FILES \['six-[^']+\.whl'\]", out), out
+
+
+class DroppingProxy:
+    """A TCP proxy in front of the server that cuts its first connection after `cut_after` bytes from the server,
+    the way a flaky network drops a stream mid-way; later connections pass untouched."""
+
+    def __init__(self, target_port, cut_after):
+        import socket
+        import threading
+
+        self.target_port, self.cut_after, self.cut = target_port, cut_after, False
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(16)
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        import socket
+        import threading
+
+        first = True
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            limit = self.cut_after if first else None
+            first = False
+            threading.Thread(target=self._pipe, args=(client, upstream, None), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(upstream, client, limit), daemon=True).start()
+
+    def _pipe(self, src, dst, limit):
+        import socket
+
+        sent = 0
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                dst.sendall(data)
+                sent += len(data)
+                if limit is not None and sent >= limit:
+                    self.cut = True
+                    break
+        except OSError:
+            pass
+        for s in (src, dst):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
+
+    def close(self):
+        self.listener.close()
+
+
+def test_reattach_after_a_dropped_stream(shared_server):
+    port = int(shared_server.url.rsplit(":", 1)[1])
+    proxy = DroppingProxy(port, cut_after=200_000)
+    try:
+        env = shared_server.sdk_env(CHALK_API_SERVER=f"http://127.0.0.1:{proxy.port}")
+        code = textwrap.dedent("""
+            from chalkcompute import Sandbox, Image
+            sb = Sandbox(image=Image.debian_slim(), name="reattach").run()
+            r = sb.exec("sh", "-c", "for i in $(seq 1 20000); do echo line-$i; done; sleep 0.5; echo done")
+            lines = r.stdout_text.split()
+            print("LINES", len(lines), lines[0], lines[-2], lines[-1], len(set(lines)), r.exit_code)
+            sb.terminate()
+        """)
+        proc = run_sdk(code, env, timeout=300)
+    finally:
+        proxy.close()
+    assert proxy.cut, "the proxy never cut the stream, so nothing was tested"
+    assert "LINES 20001 line-1 line-20000 done 20001 0" in proc.stdout, proc.stdout + proc.stderr
