@@ -10,7 +10,7 @@ use compute_store::SandboxRecord;
 use tonic::{Request, Response, Status};
 
 use super::principal;
-use super::workload::{container_status, request, spec_of, timestamp};
+use super::workload::{container_status, page, request, spec_of, timestamp};
 use crate::status::from_control;
 
 /// The ContainerService handler.
@@ -96,13 +96,7 @@ impl ContainerService for ContainerApi {
     ) -> Result<Response<ListContainersResponse>, Status> {
         let who = principal(&req)?.clone();
         let r = req.into_inner();
-        let limit = r.limit.unwrap_or(100).clamp(1, 1000) as u32;
-        let offset: u32 = match r.cursor.as_deref().filter(|c| !c.is_empty()) {
-            Some(c) => c
-                .parse()
-                .map_err(|_| Status::invalid_argument(format!("cursor {c:?} is not one this server issued")))?,
-            None => 0,
-        };
+        let (limit, offset) = page(r.limit, r.cursor.as_deref())?;
         let live_only = !r.include_stopped.unwrap_or(false);
         let rows = self
             .workloads

@@ -11,7 +11,7 @@ use compute_store::SandboxRecord;
 use tonic::{Request, Response, Status};
 
 use super::principal;
-use super::workload::{request, sandbox_status, spec_of, timestamp};
+use super::workload::{page, request, sandbox_status, spec_of, timestamp};
 use crate::status::from_control;
 
 /// The SandboxService handler.
@@ -85,13 +85,7 @@ impl SandboxService for SandboxApi {
     ) -> Result<Response<ListSandboxesResponse>, Status> {
         let who = principal(&req)?.clone();
         let r = req.into_inner();
-        let limit = r.limit.unwrap_or(100).clamp(1, 1000) as u32;
-        let offset: u32 = match r.cursor.as_deref().filter(|c| !c.is_empty()) {
-            Some(c) => c
-                .parse()
-                .map_err(|_| Status::invalid_argument(format!("cursor {c:?} is not one this server issued")))?,
-            None => 0,
-        };
+        let (limit, offset) = page(r.limit, r.cursor.as_deref())?;
         let filters = r.filters.unwrap_or_default();
         // Fetch one extra to know whether there is a next page; filters apply after, so page by raw offset.
         let rows = self.workloads.list(&who, None, false, limit + 1, offset).map_err(from_control)?;

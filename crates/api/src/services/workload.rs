@@ -81,3 +81,16 @@ pub fn container_status(s: SandboxStatus) -> &'static str {
         SandboxStatus::Terminated => "Terminated",
     }
 }
+
+/// A page of a listing: (limit, offset) from the request's limit (default 100, at most 1000) and cursor (an
+/// offset this server issued as `next_cursor`).
+pub fn page(limit: Option<i32>, cursor: Option<&str>) -> Result<(u32, u32), Status> {
+    let limit = limit.unwrap_or(100).clamp(1, 1000) as u32;
+    let offset = match cursor.filter(|c| !c.is_empty()) {
+        Some(c) => {
+            c.parse().map_err(|_| Status::invalid_argument(format!("cursor {c:?} is not one this server issued")))?
+        }
+        None => 0,
+    };
+    Ok((limit, offset))
+}
