@@ -128,12 +128,34 @@ impl Allocator {
 
     fn take(&self) -> Result<u16, RuntimeError> {
         let mut used = self.used.lock().unwrap_or_else(|p| p.into_inner());
+        // Blocks routed to any sandbox veth on this host, including other Compute servers' (another data
+        // directory on the same machine) and leftovers not yet reconciled.
+        let routed = self.routed_blocks();
         // Block 0 is left unused so that no sandbox gets the network address.
         let free = (1..16384u16)
-            .find(|i| !used.contains(i))
+            .find(|i| !used.contains(i) && !routed.contains(i))
             .ok_or_else(|| RuntimeError::Unsupported("no free sandbox addresses".into()))?;
         used.insert(free);
         Ok(free)
+    }
+
+    fn routed_blocks(&self) -> std::collections::BTreeSet<u16> {
+        let table = std::fs::read_to_string("/proc/net/route").unwrap_or_default();
+        table
+            .lines()
+            .skip(1)
+            .filter_map(|line| {
+                let mut f = line.split_whitespace();
+                let iface = f.next()?;
+                let dest = u32::from_str_radix(f.next()?, 16).ok()?;
+                if !iface.starts_with("cs-") {
+                    return None;
+                }
+                // /proc/net/route holds addresses in host (little-endian) byte order.
+                let o = dest.to_le_bytes();
+                (o[0] == self.base[0] && o[1] == self.base[1]).then(|| ((u16::from(o[2]) << 8) | u16::from(o[3])) / 4)
+            })
+            .collect()
     }
 
     fn release(&self, block: u16) {
