@@ -88,7 +88,13 @@ async fn start_workloads(data_dir: &Path, settings: &Settings, control: &Control
     let runsc_bin = which("runsc").unwrap_or_else(|| "runsc".into());
     let (isolation, reason) = match settings.isolation {
         Some(i) => (i, "chosen by configuration".to_string()),
-        None => (Isolation::Native, "the default (set --isolation gvisor to run sandboxes under runsc)".to_string()),
+        None => match probe_runsc(&runsc_bin, data_dir) {
+            Ok(()) => (
+                Isolation::Gvisor,
+                format!("the default: runsc ({}) runs sandboxes on this machine", runsc_bin.display()),
+            ),
+            Err(why) => (Isolation::Native, format!("runsc is not usable here ({why}); set --isolation to choose")),
+        },
     };
     let runtime = if !agent_bin.exists() {
         Err(format!(
@@ -135,6 +141,25 @@ async fn start_workloads(data_dir: &Path, settings: &Settings, control: &Control
         Err(e) => tracing::error!(error = %e, "reconciling workloads failed"),
     }
     workloads
+}
+
+/// gVisor is the default wherever it works: runs `true` in a throwaway runsc sandbox (systrap platform).
+fn probe_runsc(runsc: &Path, data_dir: &Path) -> Result<(), String> {
+    let root = data_dir.join("sandboxes").join(".runsc-probe");
+    let out = std::process::Command::new(runsc)
+        .arg("--root")
+        .arg(&root)
+        .args(["--platform=systrap", "--network=none", "--ignore-cgroups", "do", "true"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run {}: {e}", runsc.display()))?;
+    let _ = std::fs::remove_dir_all(&root);
+    if out.status.success() {
+        Ok(())
+    } else {
+        let err = String::from_utf8_lossy(&out.stderr);
+        Err(err.lines().last().unwrap_or("runsc failed").to_string())
+    }
 }
 
 fn which(name: &str) -> Option<std::path::PathBuf> {
