@@ -74,40 +74,27 @@ impl Api {
 
     /// Polls like the SDK (25 ms, backing off to 250 ms) until Running.
     async fn wait_running(&self, id: &str) -> anyhow::Result<()> {
+        self.poll_until_running(id, Duration::from_millis(25), Duration::from_millis(250)).await
+    }
+
+    /// Polls every millisecond: the time the server itself takes.
+    async fn wait_running_tight(&self, id: &str) -> anyhow::Result<()> {
+        self.poll_until_running(id, Duration::from_millis(1), Duration::from_millis(1)).await
+    }
+
+    async fn poll_until_running(&self, id: &str, first: Duration, most: Duration) -> anyhow::Result<()> {
         let mut sb = SandboxServiceClient::new(self.ch.clone());
-        let mut delay = Duration::from_millis(25);
+        let mut delay = first;
         loop {
-            let info = sb
-                .get_sandbox(self.req(GetSandboxRequest { id: id.into() }))
-                .await?
-                .into_inner()
-                .sandbox
-                .unwrap_or_default();
+            let req = self.req(GetSandboxRequest { id: id.into() });
+            let info = sb.get_sandbox(req).await?.into_inner().sandbox.unwrap_or_default();
             match SandboxStatus::try_from(info.status) {
                 Ok(SandboxStatus::Running) => return Ok(()),
                 Ok(SandboxStatus::Pending) => {}
                 other => anyhow::bail!("sandbox {id} is {other:?}: {:?}", info.status_message),
             }
             tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(Duration::from_millis(250));
-        }
-    }
-
-    /// Like `wait_running`, but polling every millisecond: the time the server itself takes.
-    async fn wait_running_tight(&self, id: &str) -> anyhow::Result<()> {
-        let mut sb = SandboxServiceClient::new(self.ch.clone());
-        loop {
-            let info = sb
-                .get_sandbox(self.req(GetSandboxRequest { id: id.into() }))
-                .await?
-                .into_inner()
-                .sandbox
-                .unwrap_or_default();
-            match SandboxStatus::try_from(info.status) {
-                Ok(SandboxStatus::Running) => return Ok(()),
-                Ok(SandboxStatus::Pending) => tokio::time::sleep(Duration::from_millis(1)).await,
-                other => anyhow::bail!("sandbox {id} is {other:?}: {:?}", info.status_message),
-            }
+            delay = (delay * 2).min(most);
         }
     }
 

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use compute_agent_protocol::{
-    Exit, Failure, FileDone, FileRead, FileWrite, Frame, Hello, Kind, Spawn, Spawned, ENTRYPOINT_CHANNEL, MAX_FRAME,
+    Exit, Failure, FileDone, FileRead, FileWrite, Frame, Hello, Kind, Spawned, ENTRYPOINT_CHANNEL, MAX_FRAME,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -115,18 +115,7 @@ impl AgentConn {
         self.shared.pending.lock().unwrap_or_else(|p| p.into_inner()).insert(ch, Pending::Spawn(done_tx));
         self.shared.sessions.lock().unwrap_or_else(|p| p.into_inner()).insert(ch, session.clone());
         self.by_id.lock().unwrap_or_else(|p| p.into_inner()).insert(session_id, session.clone());
-        let frame = Frame::json(
-            Kind::Spawn,
-            ch,
-            &Spawn {
-                command: spec.command,
-                args: spec.args,
-                workdir: spec.workdir,
-                env: spec.env,
-                timeout_ms: spec.timeout_ms,
-                pty: spec.pty,
-            },
-        );
+        let frame = Frame::json(Kind::Spawn, ch, &spec);
         self.send(frame).await?;
         match done_rx.await {
             Ok(Ok(pid)) => session.set_pid(pid),

@@ -32,25 +32,14 @@ impl Default for NetworkConfig {
 }
 
 async fn run(cmd: &str, args: &[&str], stdin: Option<&str>) -> Result<(), RuntimeError> {
-    use tokio::io::AsyncWriteExt;
-    let mut child = tokio::process::Command::new(cmd)
-        .args(args)
-        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| RuntimeError::io(format!("running {cmd} (is it installed?)"), e))?;
-    if let (Some(input), Some(mut w)) = (stdin, child.stdin.take()) {
-        w.write_all(input.as_bytes()).await.map_err(|e| RuntimeError::io(format!("feeding {cmd}"), e))?;
-    }
-    let out = child.wait_with_output().await.map_err(|e| RuntimeError::io(format!("waiting for {cmd}"), e))?;
-    if !out.status.success() {
-        return Err(RuntimeError::Command {
-            command: format!("{cmd} {}", args.join(" ")),
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        });
-    }
-    Ok(())
+    let (cmd, args, stdin) =
+        (cmd.to_string(), args.iter().map(|a| a.to_string()).collect::<Vec<_>>(), stdin.map(String::from));
+    tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        run_sync(&cmd, &args, stdin.as_deref())
+    })
+    .await
+    .map_err(|e| RuntimeError::Unsupported(format!("helper task failed: {e}")))?
 }
 
 fn run_sync(cmd: &str, args: &[&str], stdin: Option<&str>) -> Result<(), RuntimeError> {

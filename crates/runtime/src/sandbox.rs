@@ -5,8 +5,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use compute_agent_protocol::Spawn;
-
 use crate::agent_conn::AgentConn;
 use crate::backend::Launch;
 use crate::cgroup::{Cgroup, Limits};
@@ -165,14 +163,7 @@ async fn build(runtime: Arc<Runtime>, spec: &SandboxSpec) -> Result<Arc<Sandbox>
     if Path::new(HOST_CA_BUNDLE).exists() {
         binds.push((HOST_CA_BUNDLE.into(), HOST_CA_BUNDLE.into(), true));
     }
-    let entrypoint = spec.entrypoint.clone().map(|e| Spawn {
-        command: e.command,
-        args: e.args,
-        workdir: e.workdir,
-        env: e.env,
-        timeout_ms: e.timeout_ms,
-        pty: e.pty,
-    });
+    let entrypoint = spec.entrypoint.clone();
 
     let stderr = std::fs::File::create(dir.join("agent.log")).map_err(|e| RuntimeError::io("creating agent.log", e))?;
     let mut child = runtime.backend().launch(Launch {

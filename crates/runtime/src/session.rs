@@ -23,22 +23,8 @@ pub const PAUSE_AT: usize = 4 * 1024 * 1024;
 /// Undelivered bytes at which it resumes.
 pub const RESUME_AT: usize = 1024 * 1024;
 
-/// How the process was asked to run.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct ExecSpec {
-    /// Program.
-    pub command: String,
-    /// Arguments.
-    pub args: Vec<String>,
-    /// Working directory.
-    pub workdir: Option<String>,
-    /// Extra environment.
-    pub env: Vec<(String, String)>,
-    /// Timeout in milliseconds.
-    pub timeout_ms: Option<u64>,
-    /// PTY size (cols, rows).
-    pub pty: Option<(u16, u16)>,
-}
+/// How the process was asked to run: exactly what the agent is sent.
+pub use compute_agent_protocol::Spawn as ExecSpec;
 
 /// Which stream output came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
