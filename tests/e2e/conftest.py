@@ -36,10 +36,13 @@ def compute_bin():
 
 
 class Server:
-    def __init__(self, data_dir, extra_args=()):
+    def __init__(self, data_dir, extra_args=(), config=None):
         self.data_dir = pathlib.Path(data_dir)
         self.extra_args = list(extra_args)
         self.proc = None
+        if config is not None:
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            (self.data_dir / "config.toml").write_text(config)
         self.start()
 
     def start(self):

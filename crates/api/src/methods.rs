@@ -9,6 +9,8 @@ use prost_reflect::MessageDescriptor;
 const IMPLEMENTED: &[&str] = &[
     "/chalk.server.v1.AuthService/GetToken",
     "/chalk.server.v1.TeamService/GetEnv",
+    "/chalk.sandbox.v1.CustomImageService/GetOrBuildCustomImage",
+    "/chalk.sandbox.v1.CustomImageService/GetCustomImage",
     "/chalk.container.v1.ContainerService/RunContainer",
     "/chalk.container.v1.ContainerService/GetContainer",
     "/chalk.container.v1.ContainerService/StopContainer",

@@ -83,13 +83,14 @@ impl Server {
         config: ApiConfig,
         control: Arc<Control>,
         workloads: Arc<compute_control::Workloads>,
+        builds: Arc<compute_control::Builds>,
     ) -> Result<Self, ServeError> {
         let tls = config.tls.as_ref().map(load_tls).transpose()?;
         let listener = TcpListener::bind(config.listen)
             .await
             .map_err(|source| ServeError::Bind { addr: config.listen, source })?;
         let shared = Arc::new(Shared {
-            routes: crate::services::routes(control.clone(), workloads, config.max_message_bytes),
+            routes: crate::services::routes(control.clone(), workloads, builds, config.max_message_bytes),
             control,
             methods: Methods::from_schema(),
             metrics: Metrics::new(),

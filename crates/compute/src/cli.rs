@@ -84,6 +84,7 @@ impl ServeFlags {
             agent_bin: self.agent_bin.clone(),
             default_memory: self.default_memory.clone(),
             pids_limit: self.pids_limit,
+            image_aliases: None,
         }
     }
 }

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use compute_api::{ApiConfig, Server, TlsConfig};
-use compute_control::{Control, ControlConfig, WorkloadConfig, Workloads};
+use compute_control::{Builds, Control, ControlConfig, WorkloadConfig, Workloads};
 use compute_image::ImageStore;
 use compute_runtime::{Isolation, NetworkConfig, Runtime, RuntimeConfig};
 
@@ -42,14 +42,14 @@ pub async fn run(data_dir: &Path, settings: Settings) -> anyhow::Result<()> {
         )?;
     }
 
-    let workloads = start_workloads(data_dir, &settings, &control).await;
+    let (workloads, builds) = start_workloads(data_dir, &settings, &control).await;
     let config = ApiConfig {
         listen: settings.listen,
         tls: settings.tls.clone().map(|(cert_path, key_path)| TlsConfig { cert_path, key_path }),
         max_message_bytes: settings.max_message_bytes,
         ..ApiConfig::default()
     };
-    let server = Server::bind(config, control.clone(), workloads.clone()).await?;
+    let server = Server::bind(config, control.clone(), workloads.clone(), builds).await?;
     let addr = server.local_addr();
     let url = runtime_file::client_url(addr);
     let info = ServerInfo {
@@ -81,7 +81,7 @@ pub async fn run(data_dir: &Path, settings: Settings) -> anyhow::Result<()> {
 
 /// Sets up the runtime (if this machine can run sandboxes) and the workload manager, and cleans up after a
 /// previous run that did not shut down cleanly.
-async fn start_workloads(data_dir: &Path, settings: &Settings, control: &Control) -> Arc<Workloads> {
+async fn start_workloads(data_dir: &Path, settings: &Settings, control: &Control) -> (Arc<Workloads>, Arc<Builds>) {
     let agent_bin = settings.agent_bin.clone().unwrap_or_else(|| {
         std::env::current_exe().map(|p| p.with_file_name("compute-agent")).unwrap_or_else(|_| "compute-agent".into())
     });
@@ -123,7 +123,13 @@ async fn start_workloads(data_dir: &Path, settings: &Settings, control: &Control
     let image_dir = settings.image_dir.clone().unwrap_or_else(|| data_dir.join("images"));
     let mirror = compute_image::Mirror::from_host()
         .unwrap_or(compute_image::Mirror { uri: "http://deb.debian.org/debian".into() });
-    let images = Arc::new(ImageStore::new(&image_dir, mirror).expect("creating the image store"));
+    for (from, to) in &settings.image_aliases {
+        tracing::info!(image = %from, alias = %to, "operator image alias configured");
+    }
+    let images = Arc::new(
+        ImageStore::new(&image_dir, mirror, settings.image_aliases.clone()).expect("creating the image store"),
+    );
+    let builds = Builds::new(images.clone(), runtime.clone(), data_dir.join("logs").join("builds"));
     let workloads = Workloads::new(
         control.store().clone(),
         runtime,
@@ -140,7 +146,7 @@ async fn start_workloads(data_dir: &Path, settings: &Settings, control: &Control
         Ok(n) => tracing::warn!(count = n, "marked workloads left live by a previous run as failed"),
         Err(e) => tracing::error!(error = %e, "reconciling workloads failed"),
     }
-    workloads
+    (workloads, builds)
 }
 
 /// gVisor is the default wherever it works: runs `true` in a throwaway runsc sandbox (systrap platform).

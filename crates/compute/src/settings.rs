@@ -37,6 +37,9 @@ pub struct Layer {
     pub default_memory: Option<String>,
     /// Most processes (and threads) a sandbox's workload may have at once.
     pub pids_limit: Option<u64>,
+    /// Operator aliases: image reference -> the reference to use instead (applied visibly, in logs and in the
+    /// image's provenance). Only from the settings file.
+    pub image_aliases: Option<std::collections::HashMap<String, String>>,
 }
 
 impl Layer {
@@ -54,6 +57,7 @@ impl Layer {
             agent_bin: self.agent_bin.or(below.agent_bin),
             default_memory: self.default_memory.or(below.default_memory),
             pids_limit: self.pids_limit.or(below.pids_limit),
+            image_aliases: self.image_aliases.or(below.image_aliases),
         }
     }
 
@@ -91,6 +95,8 @@ pub struct Settings {
     pub default_memory: u64,
     /// Most processes per sandbox.
     pub pids_limit: u64,
+    /// Operator image aliases.
+    pub image_aliases: std::collections::HashMap<String, String>,
 }
 
 /// The listen address when nothing else says.
@@ -135,6 +141,7 @@ impl Settings {
             agent_bin: layer.agent_bin,
             default_memory,
             pids_limit: layer.pids_limit.unwrap_or(4096).max(16),
+            image_aliases: layer.image_aliases.unwrap_or_default(),
         })
     }
 }

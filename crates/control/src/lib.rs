@@ -6,6 +6,7 @@
 #![warn(missing_docs)]
 
 pub mod auth;
+pub mod builds;
 mod error;
 pub mod ids;
 pub mod quantity;
@@ -20,6 +21,7 @@ use std::time::Duration;
 use compute_store::{Environment, Store};
 
 pub use auth::{Auth, IssuedToken, NewClientCredentials, Principal};
+pub use builds::{BuildAnswer, BuildStatus, Builds};
 pub use error::{AuthError, ControlError};
 pub use workloads::{WorkloadConfig, WorkloadKind, WorkloadRequest, Workloads};
 

@@ -142,8 +142,7 @@ impl Workloads {
                 "spec.image is required (e.g. \"python:3.13-slim-trixie\")".into(),
             ));
         }
-        compute_image::BaseRef::parse(&req.image)
-            .map_err(|e| ControlError::InvalidArgument(format!("spec.image: {e}")))?;
+        self.images.check(&req.image).map_err(|e| ControlError::InvalidArgument(format!("spec.image: {e}")))?;
         let prefix = match req.kind {
             WorkloadKind::Sandbox => "sandbox",
             WorkloadKind::Container => "container",
@@ -238,6 +237,7 @@ impl Workloads {
             resources,
             binds: vec![],
             log_path: self.log_path(&rec.id),
+            keep_upper: None,
         };
         let sandbox = match runtime.start(spec).await {
             Ok(s) => s,
@@ -473,8 +473,8 @@ pub fn runtime_error(e: RuntimeError) -> ControlError {
     }
 }
 
-/// Every process trusts the host's CA bundle (bind-mounted over the image's), whatever library it uses.
-fn ca_env() -> Vec<(String, String)> {
+/// Every process trusts the host's CA bundle (used by image builds too) (bind-mounted over the image's), whatever library it uses.
+pub(crate) fn ca_env() -> Vec<(String, String)> {
     const BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
     if !std::path::Path::new(BUNDLE).exists() {
         return vec![];

@@ -24,22 +24,28 @@ impl Rootfs {
     }
 
     /// Mounts `layers` (top first) with a writable layer capped at `disk_bytes`.
-    pub fn mount(&self, layers: &[PathBuf], disk_bytes: u64) -> Result<(), RuntimeError> {
+    pub fn mount(&self, layers: &[PathBuf], disk_bytes: u64, keep_upper: Option<&Path>) -> Result<(), RuntimeError> {
         if layers.is_empty() {
             return Err(RuntimeError::Unsupported("an image needs at least one layer".into()));
         }
         for d in [&self.rw, &self.merged] {
             std::fs::create_dir_all(d).map_err(|e| RuntimeError::io(format!("creating {}", d.display()), e))?;
         }
-        mount(
-            Some("tmpfs"),
-            &self.rw,
-            Some("tmpfs"),
-            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-            Some(format!("size={disk_bytes},mode=755").as_str()),
-        )
-        .map_err(|e| RuntimeError::io("mounting the writable layer's tmpfs", e.into()))?;
-        let (upper, work) = (self.rw.join("upper"), self.rw.join("work"));
+        let (upper, work) = match keep_upper {
+            // An image build: the writable layer is the new image layer, on disk, kept after the sandbox.
+            Some(dir) => (dir.to_path_buf(), dir.with_extension("work")),
+            None => {
+                mount(
+                    Some("tmpfs"),
+                    &self.rw,
+                    Some("tmpfs"),
+                    MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+                    Some(format!("size={disk_bytes},mode=755").as_str()),
+                )
+                .map_err(|e| RuntimeError::io("mounting the writable layer's tmpfs", e.into()))?;
+                (self.rw.join("upper"), self.rw.join("work"))
+            }
+        };
         for d in [&upper, &work] {
             std::fs::create_dir_all(d).map_err(|e| RuntimeError::io(format!("creating {}", d.display()), e))?;
         }

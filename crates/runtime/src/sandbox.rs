@@ -56,6 +56,9 @@ pub struct SandboxSpec {
     pub binds: Vec<(PathBuf, String, bool)>,
     /// Where the entrypoint's output is appended (kept after the sandbox is gone).
     pub log_path: PathBuf,
+    /// For image builds: keep the writable layer in this directory (on disk) instead of a tmpfs, so that it
+    /// becomes an image layer after the sandbox is gone.
+    pub keep_upper: Option<PathBuf>,
 }
 
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -156,7 +159,7 @@ async fn build(runtime: Arc<Runtime>, spec: &SandboxSpec) -> Result<Arc<Sandbox>
         Some(m) => spec.resources.disk_bytes.min(m / 2),
         None => spec.resources.disk_bytes,
     };
-    rootfs.mount(&spec.layers, disk)?;
+    rootfs.mount(&spec.layers, disk, spec.keep_upper.as_deref())?;
     write_etc(&rootfs.merged, &spec.hostname)?;
     let mut binds: Vec<(String, String, bool)> =
         spec.binds.iter().map(|(h, s, ro)| (h.to_string_lossy().into_owned(), s.clone(), *ro)).collect();

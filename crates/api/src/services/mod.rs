@@ -3,6 +3,7 @@
 mod auth;
 mod container;
 mod filesystem;
+mod images;
 mod process;
 mod sandbox;
 mod team;
@@ -10,7 +11,7 @@ mod workload;
 
 use std::sync::Arc;
 
-use compute_control::{Control, Principal, Workloads};
+use compute_control::{Builds, Control, Principal, Workloads};
 use compute_proto::chalk;
 use tonic::codec::CompressionEncoding;
 use tonic::service::Routes;
@@ -18,6 +19,7 @@ use tonic::service::Routes;
 pub use auth::AuthApi;
 pub use container::ContainerApi;
 pub use filesystem::FilesystemApi;
+pub use images::ImageApi;
 pub use process::ProcessApi;
 pub use sandbox::SandboxApi;
 pub use team::TeamApi;
@@ -29,8 +31,6 @@ pub struct NotYet;
 
 #[tonic::async_trait]
 impl chalk::server::v1::environment_secrets_service_server::EnvironmentSecretsService for NotYet {}
-#[tonic::async_trait]
-impl chalk::sandbox::v1::custom_image_service_server::CustomImageService for NotYet {}
 #[tonic::async_trait]
 impl chalk::sandbox::v1::sandbox_runtime_service_server::SandboxRuntimeService for NotYet {}
 #[tonic::async_trait]
@@ -44,7 +44,12 @@ impl chalk::externalfunctioncatalog::v1::external_function_catalog_service_serve
 }
 
 /// Every service in `proto/`, with gzip-compressed requests accepted and the message size limit applied.
-pub fn routes(control: Arc<Control>, workloads: Arc<Workloads>, max_message_bytes: usize) -> Routes {
+pub fn routes(
+    control: Arc<Control>,
+    workloads: Arc<Workloads>,
+    builds: Arc<Builds>,
+    max_message_bytes: usize,
+) -> Routes {
     macro_rules! svc {
         ($server:ty, $imp:expr) => {
             <$server>::new($imp)
@@ -60,7 +65,10 @@ pub fn routes(control: Arc<Control>, workloads: Arc<Workloads>, max_message_byte
             server::v1::environment_secrets_service_server::EnvironmentSecretsServiceServer<NotYet>,
             NotYet
         ))
-        .add_service(svc!(sandbox::v1::custom_image_service_server::CustomImageServiceServer<NotYet>, NotYet))
+        .add_service(svc!(
+            sandbox::v1::custom_image_service_server::CustomImageServiceServer<ImageApi>,
+            ImageApi::new(builds)
+        ))
         .add_service(svc!(sandbox::v1::sandbox_runtime_service_server::SandboxRuntimeServiceServer<NotYet>, NotYet))
         .add_service(svc!(
             container::v1::container_service_server::ContainerServiceServer<ContainerApi>,

@@ -1,0 +1,269 @@
+//! Image builds: turning a recipe into cached layers, one build sandbox per step that runs something.
+//!
+//! Identical recipes share one build (keyed by the image key) and one cache entry; a recipe whose steps are all
+//! cached resolves without starting any sandbox; a failed build reports the failing step and the last lines of
+//! its output.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use compute_image::{ImageConfig, ImageStore, Manifest, Recipe, Step};
+use compute_runtime::{EntrypointEnd, ExecSpec, Resources, Runtime, SandboxSpec};
+
+use crate::{ids, ControlError};
+
+/// Where a build is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BuildStatus {
+    /// Running.
+    Building,
+    /// Done: the image reference.
+    Succeeded(String),
+    /// Failed: why, naming the step, with its last lines of output.
+    Failed(String),
+}
+
+/// The answer to "get or build".
+#[derive(Debug, Clone)]
+pub struct BuildAnswer {
+    /// `exists`, `building`, `succeeded` or `failed` (what the SDK polls for).
+    pub status: &'static str,
+    /// The image reference, once there is one.
+    pub image: String,
+    /// The build to poll.
+    pub build_id: String,
+    /// Why it failed.
+    pub error: Option<String>,
+    /// The image key.
+    pub content_hash: String,
+}
+
+/// The image builder.
+pub struct Builds {
+    images: Arc<ImageStore>,
+    runtime: Result<Arc<Runtime>, String>,
+    builds: Mutex<HashMap<String, BuildStatus>>,
+    log_dir: PathBuf,
+    step_timeout: Duration,
+}
+
+impl Builds {
+    /// A builder over the image store, running steps with `runtime`.
+    pub fn new(images: Arc<ImageStore>, runtime: Result<Arc<Runtime>, String>, log_dir: PathBuf) -> Arc<Self> {
+        let _ = std::fs::create_dir_all(&log_dir);
+        Arc::new(Self { images, runtime, builds: Mutex::default(), log_dir, step_timeout: Duration::from_secs(1800) })
+    }
+
+    /// Returns the image at once if every layer is cached, else starts (or joins) its build.
+    pub fn get_or_build(self: &Arc<Self>, recipe: Recipe) -> Result<BuildAnswer, ControlError> {
+        let base_key = self
+            .images
+            .base_key(&recipe.base)
+            .map_err(|e| ControlError::InvalidArgument(format!("image_spec.base_image: {e}")))?;
+        let key = recipe.image_key(&base_key);
+        let build_id = format!("build-{}", &key[..24]);
+        if self.images.manifest(&key).is_some() {
+            let image = format!("{}{key}", compute_image::BUILT_PREFIX);
+            return Ok(BuildAnswer { status: "exists", image, build_id, error: None, content_hash: key });
+        }
+        let mut builds = self.builds.lock().unwrap_or_else(|p| p.into_inner());
+        match builds.get(&build_id) {
+            Some(BuildStatus::Building) => {
+                return Ok(BuildAnswer {
+                    status: "building",
+                    image: String::new(),
+                    build_id,
+                    error: None,
+                    content_hash: key,
+                })
+            }
+            Some(BuildStatus::Succeeded(image)) => {
+                let image = image.clone();
+                return Ok(BuildAnswer { status: "succeeded", image, build_id, error: None, content_hash: key });
+            }
+            // A failed build is retried when asked again (the failure may have been transient).
+            Some(BuildStatus::Failed(_)) | None => {}
+        }
+        self.runtime
+            .as_ref()
+            .map_err(|why| ControlError::Unavailable(format!("this server cannot build images: {why}")))?;
+        builds.insert(build_id.clone(), BuildStatus::Building);
+        drop(builds);
+        let this = self.clone();
+        let (id, k) = (build_id.clone(), key.clone());
+        tokio::spawn(async move {
+            let status = match this.build(&id, &k, &base_key, recipe).await {
+                Ok(image) => BuildStatus::Succeeded(image),
+                Err(msg) => {
+                    tracing::warn!(build = %id, error = %msg, "image build failed");
+                    BuildStatus::Failed(msg)
+                }
+            };
+            this.builds.lock().unwrap_or_else(|p| p.into_inner()).insert(id, status);
+        });
+        Ok(BuildAnswer { status: "building", image: String::new(), build_id, error: None, content_hash: key })
+    }
+
+    /// A build's status.
+    pub fn get(&self, build_id: &str) -> Result<BuildStatus, ControlError> {
+        self.builds
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(build_id)
+            .cloned()
+            .ok_or_else(|| ControlError::NotFound(format!("build {build_id:?} not found")))
+    }
+
+    async fn build(&self, build_id: &str, key: &str, base_key: &str, recipe: Recipe) -> Result<String, String> {
+        let started = std::time::Instant::now();
+        let base = self.images.resolve(&recipe.base).await.map_err(|e| format!("base image {}: {e}", recipe.base))?;
+        let mut layers = base.layers.clone();
+        let mut env = base.config.env.clone();
+        let set_env = |env: &mut Vec<(String, String)>, k: &str, v: &str| match env.iter_mut().find(|(ek, _)| ek == k) {
+            Some(slot) => slot.1 = v.to_string(),
+            None => env.push((k.to_string(), v.to_string())),
+        };
+        for (k, v) in &recipe.env {
+            set_env(&mut env, k, v);
+        }
+        let keys = recipe.layer_keys(base_key);
+        for (i, (step, layer_key)) in recipe.steps.iter().zip(&keys).enumerate() {
+            if self.images.has_layer(layer_key) {
+                layers.insert(0, self.images.layer_dir(layer_key).join("diff"));
+                continue;
+            }
+            let scratch = self.images.scratch(layer_key).map_err(|e| e.to_string())?;
+            let what = format!("step {} ({})", i + 1, step.kind());
+            match step {
+                Step::AddFile { destination, content, mode } => {
+                    write_file(&scratch, destination, content, *mode).map_err(|e| format!("{what}: {e}"))?
+                }
+                Step::RunCommands(commands) => {
+                    let script = format!("set -e\n{}", commands.join("\n"));
+                    self.run_step(build_id, i, &layers, &env, &scratch, &script)
+                        .await
+                        .map_err(|e| format!("{what}: {e}"))?
+                }
+                Step::PipInstall(packages) => {
+                    let quoted: Vec<String> = packages.iter().map(|p| shell_quote(p)).collect();
+                    let script = format!(
+                        "python -m pip install --no-cache-dir --disable-pip-version-check --root-user-action=ignore {}",
+                        quoted.join(" ")
+                    );
+                    self.run_step(build_id, i, &layers, &env, &scratch, &script)
+                        .await
+                        .map_err(|e| format!("{what}: {e}"))?
+                }
+            }
+            let dir = self.images.commit_layer(layer_key, &scratch).map_err(|e| e.to_string())?;
+            layers.insert(0, dir);
+        }
+        let config = ImageConfig {
+            env,
+            workdir: recipe.workdir.clone().unwrap_or(base.config.workdir.clone()),
+            entrypoint: if recipe.entrypoint.is_empty() {
+                base.config.entrypoint.clone()
+            } else {
+                recipe.entrypoint.clone()
+            },
+            cmd: if recipe.cmd.is_empty() && recipe.entrypoint.is_empty() {
+                base.config.cmd.clone()
+            } else {
+                recipe.cmd.clone()
+            },
+        };
+        let image = self
+            .images
+            .save_manifest(key, &Manifest { layers, config, provenance: base.provenance.clone() })
+            .map_err(|e| e.to_string())?;
+        tracing::info!(build = build_id, %image, seconds = started.elapsed().as_secs_f64(), "image built");
+        Ok(image)
+    }
+
+    /// Runs `script` in a build sandbox over `layers`; its writable layer (kept in `scratch`) is the step's layer.
+    async fn run_step(
+        &self,
+        build_id: &str,
+        index: usize,
+        layers: &[PathBuf],
+        env: &[(String, String)],
+        scratch: &std::path::Path,
+        script: &str,
+    ) -> Result<(), String> {
+        let runtime = self.runtime.as_ref().map_err(|e| e.clone())?;
+        let id = format!("{build_id}-{index}-{}", ids::random_token(4));
+        let log_path = self.log_dir.join(format!("{id}.log"));
+        let mut env = env.to_vec();
+        env.extend(crate::workloads::ca_env());
+        let spec = SandboxSpec {
+            id: id.clone(),
+            hostname: "build".into(),
+            layers: layers.to_vec(),
+            env,
+            workdir: "/".into(),
+            entrypoint: Some(ExecSpec {
+                command: "/bin/sh".into(),
+                args: vec!["-c".into(), script.into()],
+                ..Default::default()
+            }),
+            resources: Resources { memory_bytes: Some(4 << 30), ..Default::default() },
+            binds: vec![],
+            log_path: log_path.clone(),
+            keep_upper: Some(scratch.to_path_buf()),
+        };
+        let sandbox = runtime.start(spec).await.map_err(|e| format!("starting the build sandbox: {e}"))?;
+        let mut watch = sandbox.agent().entrypoint();
+        let end = tokio::time::timeout(self.step_timeout, async {
+            loop {
+                if let Some(end) = watch.borrow().clone() {
+                    return end;
+                }
+                if watch.changed().await.is_err() {
+                    return EntrypointEnd::AgentGone;
+                }
+            }
+        })
+        .await;
+        let _ = runtime.stop(&id, Duration::from_secs(1)).await;
+        let tail = tail_lines(&log_path, 20);
+        match end {
+            Ok(EntrypointEnd::Exited { code: Some(0), .. }) => Ok(()),
+            Ok(EntrypointEnd::Exited { code: Some(c), .. }) => Err(format!("exited with code {c}:\n{tail}")),
+            Ok(EntrypointEnd::Exited { signal, .. }) => {
+                Err(format!("killed by signal {}:\n{tail}", signal.unwrap_or(0)))
+            }
+            Ok(EntrypointEnd::Failed(m)) => Err(format!("could not start: {m}")),
+            Ok(EntrypointEnd::AgentGone) => Err(format!("the build sandbox died:\n{tail}")),
+            Err(_) => Err(format!("timed out after {}s:\n{tail}", self.step_timeout.as_secs())),
+        }
+    }
+}
+
+fn write_file(layer: &std::path::Path, destination: &str, content: &[u8], mode: Option<u32>) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    let rel =
+        destination.strip_prefix('/').ok_or_else(|| format!("destination {destination:?} must be an absolute path"))?;
+    if rel.split('/').any(|c| c == "..") {
+        return Err(format!("destination {destination:?} must not contain '..'"));
+    }
+    let path = layer.join(rel);
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).map_err(|e| format!("creating {}: {e}", parent.display()))?;
+    }
+    std::fs::write(&path, content).map_err(|e| format!("writing {destination}: {e}"))?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode.unwrap_or(0o644) & 0o7777))
+        .map_err(|e| format!("setting the mode of {destination}: {e}"))
+}
+
+fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "'\\''"))
+}
+
+fn tail_lines(path: &std::path::Path, n: usize) -> String {
+    let text = std::fs::read(path).unwrap_or_default();
+    let start = text.len().saturating_sub(64 * 1024);
+    let text = String::from_utf8_lossy(&text[start..]);
+    text.lines().rev().take(n).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n")
+}

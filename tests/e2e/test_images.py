@@ -1,0 +1,113 @@
+"""Image builds against the official SDK: program (b), cached and partial rebuilds, and clear failures."""
+import os
+import re
+import textwrap
+
+import pytest
+
+from conftest import PROGRAMS, Server, require_root, run_program, run_sdk
+
+ALIASES = '[image_aliases]\n"python:3.12-slim-trixie" = "python:3.13-slim-trixie"\n'
+
+
+@pytest.fixture(scope="module")
+def builder(tmp_path_factory):
+    require_root()
+    s = Server(tmp_path_factory.mktemp("images") / "data", config=ALIASES)
+    yield s
+    s.stop()
+
+
+def sdk(server, body, timeout=600):
+    code = "import os, time\nfrom chalkcompute import Sandbox, Container, Image\n" + textwrap.dedent(body)
+    proc = run_sdk(code, server.sdk_env(), timeout=timeout)
+    assert proc.returncode == 0, f"SDK program failed\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    return proc.stdout
+
+
+def layers_in_store():
+    from conftest import image_dir
+
+    root = os.path.join(image_dir(), "layers")
+    return {d for d in os.listdir(root) if not d.startswith(".")}
+
+
+def test_program_b_verbatim_through_an_operator_alias(builder):
+    proc = run_program(PROGRAMS / "b_container_pip.py", builder.sdk_env())
+    assert proc.returncode == 0, proc.stderr
+    assert re.search(r"STDOUT: hi\n EXIT: 0 IMAGE: compute.local/image@sha256:[0-9a-f]{64}", proc.stdout), proc.stdout
+
+
+def test_built_image_has_its_steps_and_config(builder):
+    out = sdk(builder, """
+        img = (
+            Image.debian_slim("3.13")
+            .pip_install(["six"])
+            .run_commands("echo built > /built.txt", "mkdir -p /work")
+            .env({"GREETING": "hello"})
+            .workdir("/work")
+        )
+        sb = Sandbox(image=img, name="built").run()
+        print("SIX", sb.exec("python", "-c", "import six; print(six.__name__)").stdout_text.strip())
+        print("FILE", sb.exec("cat", "/built.txt").stdout_text.strip())
+        print("ENV", sb.exec("sh", "-c", "echo $GREETING").stdout_text.strip())
+        print("PWD", sb.exec("pwd").stdout_text.strip())
+        sb.terminate()
+    """)
+    assert "SIX six" in out and "FILE built" in out and "ENV hello" in out and "PWD /work" in out, out
+
+
+def test_cache_hit_and_partial_rebuild(builder):
+    token = builder.token()
+    fresh = os.urandom(6).hex()  # the image store outlives test runs: make this recipe new
+    spec = {
+        "baseImage": "python:3.13-slim-trixie",
+        "steps": [
+            {"runCommands": {"commands": [f"echo {fresh} > /one.txt"]}},
+            {"runCommands": {"commands": ["echo two > /two.txt"]}},
+        ],
+    }
+
+    def build(s):
+        status, body = builder.connect("chalk.sandbox.v1.CustomImageService/GetOrBuildCustomImage", {"imageSpec": s}, token)
+        assert status == 200, body
+        while body.get("status") == "building":
+            time.sleep(0.2)
+            status, body = builder.connect("chalk.sandbox.v1.CustomImageService/GetCustomImage", {"buildId": body["buildId"]}, token)
+        return body
+
+    import time
+
+    first = build(spec)
+    assert first["status"] in ("succeeded", "exists") and first["image"], first
+    before = layers_in_store()
+    again = build(spec)
+    assert again["status"] == "exists" and again["image"] == first["image"], again
+    assert layers_in_store() == before, "a cache hit must build nothing"
+    changed = dict(spec, steps=[spec["steps"][0], {"runCommands": {"commands": ["echo three > /two.txt"]}}])
+    third = build(changed)
+    assert third["status"] == "succeeded" and third["image"] != first["image"], third
+    assert len(layers_in_store() - before) == 1, "only the changed last step is rebuilt"
+
+
+def test_build_failures_name_the_step(builder):
+    out = sdk(builder, """
+        from chalkcompute import ImageBuildError
+        cases = {
+            "command": Image.debian_slim("3.13").run_commands("echo about to fail", "exit 3"),
+            "pip": Image.debian_slim("3.13").pip_install(["definitely-not-a-real-package-zz9"]),
+            "base": Image.debian_slim("3.10"),
+            "dockerfile": Image.debian_slim("3.13").dockerfile_commands(["RUN echo hi"]),
+        }
+        for name, img in cases.items():
+            try:
+                Sandbox(image=img.run_commands("true") if name == "base" else img, name=f"fail-{name}").run()
+                print("BUILT", name)
+            except Exception as e:
+                print("FAIL", name, type(e).__name__, str(e).replace(chr(10), " | ")[:400])
+    """)
+    assert "BUILT" not in out, out
+    assert re.search(r"FAIL command (?:Sandbox|Image)BuildError .*step 1 \(run_commands\): exited with code 3.*about to fail", out), out
+    assert re.search(r"FAIL pip (?:Sandbox|Image)BuildError .*step 1 \(pip_install\).*definitely-not-a-real-package-zz9", out), out
+    assert re.search(r"FAIL base .*3\.10", out), out
+    assert re.search(r"FAIL dockerfile (?:Sandbox|Image)BuildError .*step 1 \(dockerfile_commands\) is not supported", out), out
