@@ -182,6 +182,9 @@ fn spawn(l: Launch<'_>) -> Result<tokio::process::Child, RuntimeError> {
         // Compute owns the sandbox's host cgroup (as for native sandboxes, so limits, OOM accounting and cleanup
         // work the same way); gVisor shows the limits inside through its own cgroupfs.
         .args(["--ignore-cgroups", "--cgroupfs"])
+        // Writes go to the root filesystem Compute mounted (its capped writable layer, or an image layer being
+        // built), not to an overlay of runsc's own.
+        .arg("--overlay2=none")
         .arg("run")
         .arg("--bundle")
         .arg(dir)
