@@ -24,19 +24,133 @@ impl ImageApi {
     }
 }
 
+/// Build-time state that Dockerfile instructions carry from one RUN to the next.
+#[derive(Default)]
+struct DockerState {
+    exports: Vec<(String, String)>,
+    workdir: Option<String>,
+}
+
+impl DockerState {
+    /// A RUN command with the ARG/ENV values and WORKDIR in force.
+    fn script(&self, command: &str) -> String {
+        let mut s = String::new();
+        for (k, v) in &self.exports {
+            s.push_str(&format!("export {k}={}\n", shell_quote(v)));
+        }
+        if let Some(w) = &self.workdir {
+            s.push_str(&format!("mkdir -p {w} && cd {w}\n", w = shell_quote(w)));
+        }
+        s.push_str(command);
+        s
+    }
+}
+
+fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "'\\''"))
+}
+
+/// Splits on whitespace, keeping double- or single-quoted runs together (quotes removed).
+fn words(text: &str) -> Vec<String> {
+    let (mut out, mut cur, mut quote, mut any) = (Vec::new(), String::new(), None::<char>, false);
+    for c in text.chars() {
+        match (quote, c) {
+            (Some(q), c) if c == q => quote = None,
+            (Some(_), c) => cur.push(c),
+            (None, '"' | '\'') => {
+                quote = Some(c);
+                any = true;
+            }
+            (None, c) if c.is_whitespace() => {
+                if any || !cur.is_empty() {
+                    out.push(std::mem::take(&mut cur));
+                    any = false;
+                }
+            }
+            (None, c) => cur.push(c),
+        }
+    }
+    if any || !cur.is_empty() {
+        out.push(cur);
+    }
+    out
+}
+
+/// `KEY=VALUE ...` or the legacy `KEY VALUE`.
+fn assignments(rest: &str) -> Result<Vec<(String, String)>, String> {
+    let w = words(rest);
+    if w.len() >= 2 && !w[0].contains('=') {
+        return Ok(vec![(w[0].clone(), w[1..].join(" "))]);
+    }
+    w.into_iter()
+        .map(|kv| match kv.split_once('=') {
+            Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+            _ => Err(format!("{kv:?} is not KEY=VALUE")),
+        })
+        .collect()
+}
+
 /// The recipe of an image spec, or the message saying which step this server cannot build yet.
 fn recipe(spec: ImageSpec) -> Result<Recipe, String> {
     let mut steps = Vec::new();
+    let mut env: Vec<(String, String)> = Vec::new();
+    let mut workdir = None;
+    let mut docker = DockerState::default();
     for (i, step) in spec.steps.into_iter().enumerate() {
         let n = i + 1;
-        steps.push(match step.step {
-            Some(WireStep::RunCommands(r)) => Step::RunCommands(r.commands),
-            Some(WireStep::PipInstall(p)) => Step::PipInstall(p.packages),
+        match step.step {
+            Some(WireStep::RunCommands(r)) => steps.push(Step::RunCommands(r.commands)),
+            Some(WireStep::PipInstall(p)) => steps.push(Step::PipInstall(p.packages)),
             Some(WireStep::AddFile(f)) => {
-                Step::AddFile { destination: f.destination, content: f.content, mode: f.mode }
+                steps.push(Step::AddFile { destination: f.destination, content: f.content, mode: f.mode })
             }
-            Some(WireStep::DockerfileCommands(_)) => {
-                return Err(format!("build step {n} (dockerfile_commands) is not supported by this server yet"))
+            Some(WireStep::DockerfileCommands(d)) => {
+                for line in d
+                    .commands
+                    .iter()
+                    .flat_map(|c| c.lines())
+                    .map(str::trim)
+                    .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                {
+                    let (instr, rest) = line.split_once(char::is_whitespace).unwrap_or((line, ""));
+                    let rest = rest.trim();
+                    let bad = |why: &str| format!("build step {n} (dockerfile_commands): {instr} {rest}: {why}");
+                    match instr.to_ascii_uppercase().as_str() {
+                        "RUN" => steps.push(Step::RunCommands(vec![docker.script(rest)])),
+                        "ENV" => {
+                            for (k, v) in assignments(rest).map_err(|e| bad(&e))? {
+                                docker.exports.retain(|(ek, _)| *ek != k);
+                                docker.exports.push((k.clone(), v.clone()));
+                                env.retain(|(ek, _)| *ek != k);
+                                env.push((k, v));
+                            }
+                        }
+                        "ARG" => {
+                            let (k, v) = rest.split_once('=').map(|(k, v)| (k.trim(), v.trim())).unwrap_or((rest, ""));
+                            if k.is_empty() {
+                                return Err(bad("ARG needs a name"));
+                            }
+                            docker.exports.retain(|(ek, _)| ek != k);
+                            docker.exports.push((k.to_string(), words(v).join(" ")));
+                        }
+                        "WORKDIR" => {
+                            let w = words(rest).join(" ");
+                            if !w.starts_with('/') {
+                                return Err(bad("WORKDIR must be an absolute path"));
+                            }
+                            docker.workdir = Some(w.clone());
+                            workdir = Some(w);
+                        }
+                        // Labels are metadata this server does not keep; accepting them changes nothing.
+                        "LABEL" => {}
+                        other => {
+                            return Err(format!(
+                            "build step {n} (dockerfile_commands): the {other} instruction is not supported by this \
+                                 server (supported: RUN, ENV, ARG, WORKDIR, LABEL)"
+                        ))
+                        }
+                    }
+                }
             }
             Some(WireStep::UvPipInstall(_)) => {
                 return Err(format!("build step {n} (uv_pip_install) is not supported by this server yet"))
@@ -45,11 +159,21 @@ fn recipe(spec: ImageSpec) -> Result<Recipe, String> {
                 return Err(format!("build step {n} (uv_sync) is not supported by this server yet"))
             }
             None => return Err(format!("build step {n} is empty")),
-        });
+        }
     }
-    let mut env: Vec<(String, String)> = spec.env.into_iter().collect();
+    for (k, v) in spec.env {
+        env.retain(|(ek, _)| *ek != k);
+        env.push((k, v));
+    }
     env.sort();
-    Ok(Recipe { base: spec.base_image, steps, env, workdir: spec.workdir, entrypoint: spec.entrypoint, cmd: spec.cmd })
+    Ok(Recipe {
+        base: spec.base_image,
+        steps,
+        env,
+        workdir: spec.workdir.or(workdir),
+        entrypoint: spec.entrypoint,
+        cmd: spec.cmd,
+    })
 }
 
 #[tonic::async_trait]
@@ -95,5 +219,43 @@ impl CustomImageService for ImageApi {
             BuildStatus::Failed(e) => ("failed", String::new(), Some(e)),
         };
         Ok(Response::new(GetCustomImageResponse { build_id, status: status.into(), image, error }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn docker(lines: &[&str]) -> Result<Recipe, String> {
+        recipe(ImageSpec {
+            base_image: "python:3.13-slim-trixie".into(),
+            steps: vec![BuildStep {
+                step: Some(WireStep::DockerfileCommands(DockerfileCommandsStep {
+                    commands: lines.iter().map(|s| s.to_string()).collect(),
+                })),
+            }],
+            ..Default::default()
+        })
+    }
+
+    #[test]
+    fn dockerfile_instructions_become_steps_and_config() {
+        let r = docker(&["ARG V=1", "ENV A=x B=\"y z\"", "WORKDIR /app", "LABEL k=v", "RUN echo $A $V > f"]).unwrap();
+        assert_eq!(r.env, vec![("A".into(), "x".into()), ("B".into(), "y z".into())]);
+        assert_eq!(r.workdir.as_deref(), Some("/app"));
+        let Step::RunCommands(cmds) = &r.steps[0] else { panic!("{:?}", r.steps) };
+        assert!(
+            cmds[0].contains("export V='1'") && cmds[0].contains("export A='x'") && cmds[0].contains("cd '/app'"),
+            "{cmds:?}"
+        );
+        assert!(cmds[0].ends_with("echo $A $V > f"));
+    }
+
+    #[test]
+    fn unsupported_instructions_are_named() {
+        let err = docker(&["COPY . /app"]).unwrap_err();
+        assert!(err.contains("build step 1 (dockerfile_commands)") && err.contains("COPY"), "{err}");
+        assert!(docker(&["WORKDIR relative"]).unwrap_err().contains("absolute"));
+        assert!(docker(&["ENV =x"]).is_err());
     }
 }
