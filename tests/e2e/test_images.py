@@ -129,3 +129,15 @@ def test_build_failures_name_the_step(builder):
     assert re.search(r"FAIL pip (?:Sandbox|Image)BuildError .*step 1 \(pip_install\).*definitely-not-a-real-package-zz9", out), out
     assert re.search(r"FAIL base .*3\.10", out), out
     assert re.search(r"FAIL dockerfile (?:Sandbox|Image)BuildError .*step 1 \(dockerfile_commands\): the COPY instruction is not supported", out), out
+
+
+def test_default_sandbox_image(builder):
+    # `Sandbox()` without an image builds the SDK's `Image.sandbox()`: an apt-get run_commands step (through the
+    # proxy, with the host's CA) and workdir /workspace, which exists for its processes.
+    out = sdk(builder, """
+        sb = Sandbox(name="default-image").run()
+        print("PWD", sb.exec("pwd").stdout_text.strip())
+        print("GIT", sb.exec("git", "--version").exit_code)
+        sb.terminate()
+    """)
+    assert "PWD /workspace" in out and "GIT 0" in out, out

@@ -205,6 +205,11 @@ fn start(sandbox: &Arc<Sandbox>, sessions: &Sessions, out: &Out, ch: u32, spec: 
     let workdir =
         PathBuf::from(spec.workdir.clone().filter(|w| !w.is_empty()).unwrap_or_else(|| sandbox.workdir.clone()));
     let workdir = if workdir.as_os_str().is_empty() { PathBuf::from("/") } else { workdir };
+    // The image's working directory exists for its processes even if no layer made it (as with a Dockerfile's
+    // WORKDIR). A directory asked for explicitly by an exec must already exist.
+    if spec.workdir.as_deref().is_none_or(str::is_empty) {
+        let _ = std::fs::create_dir_all(&workdir);
+    }
     let path_var = env.iter().find(|(k, _)| k == "PATH").map(|(_, v)| v.clone()).unwrap_or_default();
     let started = process::resolve(&spec.command, &path_var, &workdir)
         .and_then(|program| process::spawn(&program, &spec.command, &spec.args, &env, &workdir, spec.pty));
