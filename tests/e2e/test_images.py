@@ -131,6 +131,13 @@ def test_build_failures_name_the_step(builder):
     assert re.search(r"FAIL dockerfile (?:Sandbox|Image)BuildError .*step 1 \(dockerfile_commands\): the COPY instruction is not supported", out), out
 
 
+@pytest.mark.xfail(
+    os.environ.get("COMPUTE_E2E_ISOLATION") == "gvisor",
+    strict=True,
+    reason="under runsc 2024-07 (--overlay2=none over an overlayfs root) systemd's postinst cannot open "
+    "/etc/machine-id ('Protocol driver not attached'), so apt-installing systemd, which Image.sandbox() pulls in, "
+    "fails in a gVisor build sandbox",
+)
 def test_default_sandbox_image(builder):
     # `Sandbox()` without an image builds the SDK's `Image.sandbox()`: an apt-get run_commands step (through the
     # proxy, with the host's CA) and workdir /workspace, which exists for its processes.
