@@ -214,20 +214,9 @@ impl Builds {
             keep_upper: Some(scratch.to_path_buf()),
         };
         let sandbox = runtime.start(spec).await.map_err(|e| format!("starting the build sandbox: {e}"))?;
-        let mut watch = sandbox.agent().entrypoint();
-        let end = tokio::time::timeout(self.step_timeout, async {
-            loop {
-                if let Some(end) = watch.borrow().clone() {
-                    return end;
-                }
-                if watch.changed().await.is_err() {
-                    return EntrypointEnd::AgentGone;
-                }
-            }
-        })
-        .await;
+        let end = tokio::time::timeout(self.step_timeout, sandbox.agent().entrypoint_end()).await;
         let _ = runtime.stop(&id, Duration::from_secs(1)).await;
-        let tail = tail_lines(&log_path, 20);
+        let tail = crate::workloads::tail(&log_path, 20).unwrap_or_default();
         match end {
             Ok(EntrypointEnd::Exited { code: Some(0), .. }) => Ok(()),
             Ok(EntrypointEnd::Exited { code: Some(c), .. }) => Err(format!("exited with code {c}:\n{tail}")),
@@ -259,11 +248,4 @@ fn write_file(layer: &std::path::Path, destination: &str, content: &[u8], mode: 
 
 fn shell_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', "'\\''"))
-}
-
-fn tail_lines(path: &std::path::Path, n: usize) -> String {
-    let text = std::fs::read(path).unwrap_or_default();
-    let start = text.len().saturating_sub(64 * 1024);
-    let text = String::from_utf8_lossy(&text[start..]);
-    text.lines().rev().take(n).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n")
 }

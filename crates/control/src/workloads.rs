@@ -267,18 +267,10 @@ impl Workloads {
             });
         }
 
-        let mut watch = sandbox.agent().entrypoint();
         let this = self.clone();
         let id = rec.id.clone();
         tokio::spawn(async move {
-            let end = loop {
-                if let Some(end) = watch.borrow().clone() {
-                    break end;
-                }
-                if watch.changed().await.is_err() {
-                    break EntrypointEnd::AgentGone;
-                }
-            };
+            let end = sandbox.agent().entrypoint_end().await;
             let oom = sandbox.oom_kills() > 0;
             let (status, message, code) = match end {
                 EntrypointEnd::Exited { code: Some(0), .. } => {
@@ -485,7 +477,8 @@ pub(crate) fn ca_env() -> Vec<(String, String)> {
         .collect()
 }
 
-fn tail(path: &std::path::Path, lines: usize) -> Option<String> {
+/// The last `lines` lines of a log file (from its last 64 KiB), if it has any.
+pub(crate) fn tail(path: &std::path::Path, lines: usize) -> Option<String> {
     let text = std::fs::read(path).ok()?;
     let start = text.len().saturating_sub(64 * 1024);
     let text = String::from_utf8_lossy(&text[start..]);

@@ -224,9 +224,17 @@ impl AgentConn {
         let _ = self.send(Frame::json(Kind::Shutdown, 0, &compute_agent_protocol::Shutdown { grace_ms })).await;
     }
 
-    /// Watches the entrypoint's end.
-    pub fn entrypoint(&self) -> watch::Receiver<Option<EntrypointEnd>> {
-        self.entry_rx.clone()
+    /// Waits until the entrypoint ends (or the agent goes away) and says how.
+    pub async fn entrypoint_end(&self) -> EntrypointEnd {
+        let mut watch = self.entry_rx.clone();
+        loop {
+            if let Some(end) = watch.borrow().clone() {
+                return end;
+            }
+            if watch.changed().await.is_err() {
+                return EntrypointEnd::AgentGone;
+            }
+        }
     }
 }
 
