@@ -61,12 +61,10 @@ impl Server {
 pub fn wait_json(path: &Path) -> anyhow::Result<serde_json::Value> {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        if let Ok(text) = std::fs::read_to_string(path) {
-            if let Ok(v) = serde_json::from_str(&text) {
-                return Ok(v);
-            }
+        if let Ok(v) = serde_json::from_str(&wait_text(path)?) {
+            return Ok(v);
         }
-        anyhow::ensure!(Instant::now() < deadline, "timed out waiting for {}", path.display());
+        anyhow::ensure!(Instant::now() < deadline, "timed out reading {}", path.display());
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -83,4 +81,132 @@ pub fn pct(sorted: &[Duration], p: f64) -> Duration {
 pub fn p50_p99_ms(samples: &mut [Duration]) -> (f64, f64) {
     samples.sort_unstable();
     (pct(samples, 0.5).as_secs_f64() * 1e3, pct(samples, 0.99).as_secs_f64() * 1e3)
+}
+
+/// The value of `--name VALUE` on the command line, or `default`.
+pub fn arg<T: std::str::FromStr>(name: &str, default: T) -> T {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+/// Waits for a non-empty text file to appear.
+pub fn wait_text(path: &Path) -> anyhow::Result<String> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(text) = std::fs::read_to_string(path) {
+            if !text.is_empty() {
+                return Ok(text);
+            }
+        }
+        anyhow::ensure!(Instant::now() < deadline, "timed out waiting for {}", path.display());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A signed-in client of a benchmarked server's sandbox API, making the calls the SDK makes.
+pub struct Api {
+    /// The connection.
+    pub ch: tonic::transport::Channel,
+    bearer: String,
+}
+
+impl Api {
+    /// Connects to `server` and gets a token with its admin credentials.
+    pub async fn connect(server: &Server) -> anyhow::Result<Api> {
+        use compute_proto::chalk::server::v1::auth_service_client::AuthServiceClient;
+        use compute_proto::chalk::server::v1::GetTokenRequest;
+        let ch = tonic::transport::Endpoint::from_shared(server.url())?.tcp_nodelay(true).connect().await?;
+        let token = AuthServiceClient::new(ch.clone())
+            .get_token(GetTokenRequest {
+                client_id: server.creds["client_id"].as_str().unwrap_or_default().into(),
+                client_secret: server.creds["client_secret"].as_str().unwrap_or_default().into(),
+                ..Default::default()
+            })
+            .await?
+            .into_inner()
+            .access_token;
+        Ok(Api { ch, bearer: format!("Bearer {token}") })
+    }
+
+    /// `m` with the bearer token attached.
+    pub fn req<T>(&self, m: T) -> tonic::Request<T> {
+        let mut r = tonic::Request::new(m);
+        r.metadata_mut().insert("authorization", self.bearer.parse().expect("tokens are ASCII"));
+        r
+    }
+
+    /// CreateSandbox of `image` idling on `sleep infinity`; returns its id.
+    pub async fn create(
+        &self,
+        name: &str,
+        image: &str,
+        resources: Option<compute_proto::chalk::container::v1::ResourceLimits>,
+    ) -> anyhow::Result<String> {
+        use compute_proto::chalk::container::v1::ChalkContainerSpec;
+        use compute_proto::chalk::sandbox::v2::create_sandbox_request::Source;
+        use compute_proto::chalk::sandbox::v2::sandbox_service_client::SandboxServiceClient;
+        use compute_proto::chalk::sandbox::v2::CreateSandboxRequest;
+        let spec = ChalkContainerSpec {
+            name: name.into(),
+            image: image.into(),
+            entrypoint: vec!["sleep".into(), "infinity".into()],
+            resources,
+            ..Default::default()
+        };
+        let resp = SandboxServiceClient::new(self.ch.clone())
+            .create_sandbox(self.req(CreateSandboxRequest { source: Some(Source::Spec(spec)) }))
+            .await?;
+        Ok(resp.into_inner().sandbox.map(|s| s.id).unwrap_or_default())
+    }
+
+    /// Polls GetSandbox until Running, sleeping `first` then doubling up to `most` between polls.
+    pub async fn poll_until_running(&self, id: &str, first: Duration, most: Duration) -> anyhow::Result<()> {
+        use compute_proto::chalk::sandbox::v2::sandbox_service_client::SandboxServiceClient;
+        use compute_proto::chalk::sandbox::v2::{GetSandboxRequest, SandboxStatus};
+        let mut sb = SandboxServiceClient::new(self.ch.clone());
+        let mut delay = first;
+        loop {
+            let req = self.req(GetSandboxRequest { id: id.into() });
+            let info = sb.get_sandbox(req).await?.into_inner().sandbox.unwrap_or_default();
+            match SandboxStatus::try_from(info.status) {
+                Ok(SandboxStatus::Running) => return Ok(()),
+                Ok(SandboxStatus::Pending) => {}
+                other => anyhow::bail!("sandbox {id} is {other:?}: {:?}", info.status_message),
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(most);
+        }
+    }
+
+    /// ExecCommand; fails unless the command exits 0.
+    pub async fn exec(&self, id: &str, command: &str, args: &[&str]) -> anyhow::Result<()> {
+        use compute_proto::chalk::sandbox::v2::sandbox_process_service_client::SandboxProcessServiceClient;
+        use compute_proto::chalk::sandbox::v2::ExecCommandRequest;
+        let r = SandboxProcessServiceClient::new(self.ch.clone())
+            .exec_command(self.req(ExecCommandRequest {
+                sandbox_id: id.into(),
+                command: command.into(),
+                args: args.iter().map(|a| a.to_string()).collect(),
+                ..Default::default()
+            }))
+            .await?
+            .into_inner();
+        anyhow::ensure!(r.exit_code == 0, "exec failed: {}", String::from_utf8_lossy(&r.stderr));
+        Ok(())
+    }
+
+    /// TerminateSandbox without a grace period.
+    pub async fn terminate(&self, id: &str) -> anyhow::Result<()> {
+        use compute_proto::chalk::sandbox::v2::sandbox_service_client::SandboxServiceClient;
+        use compute_proto::chalk::sandbox::v2::TerminateSandboxRequest;
+        SandboxServiceClient::new(self.ch.clone())
+            .terminate_sandbox(
+                self.req(TerminateSandboxRequest {
+                    id: id.into(),
+                    grace_period: Some(prost_types::Duration::default()),
+                }),
+            )
+            .await?;
+        Ok(())
+    }
 }

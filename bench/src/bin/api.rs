@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use compute_bench::{arg, wait_text};
 use compute_proto::chalk::server::v1::auth_service_client::AuthServiceClient;
 use compute_proto::chalk::server::v1::team_service_client::TeamServiceClient;
 use compute_proto::chalk::server::v1::team_service_server::{TeamService, TeamServiceServer};
@@ -40,17 +41,12 @@ struct Figures {
     rps: f64,
 }
 
-fn arg(name: &str, default: u64) -> u64 {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).and_then(|v| v.parse().ok()).unwrap_or(default)
-}
-
 fn main() -> anyhow::Result<()> {
     if std::env::args().any(|a| a == "--bare-server") {
         return bare_server();
     }
-    let seconds = arg("--seconds", 5);
-    let concurrency = arg("--concurrency", 64) as usize;
+    let seconds: u64 = arg("--seconds", 5);
+    let concurrency: usize = arg("--concurrency", 64);
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
 
     // Compute, as a user runs it.
@@ -196,19 +192,6 @@ fn tokio_stream_from(
     listener: tokio::net::TcpListener,
 ) -> impl tonic::codegen::tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
     tonic::codegen::tokio_stream::wrappers::TcpListenerStream::new(listener)
-}
-
-fn wait_text(path: &std::path::Path) -> anyhow::Result<String> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Ok(t) = std::fs::read_to_string(path) {
-            if !t.is_empty() {
-                return Ok(t);
-            }
-        }
-        anyhow::ensure!(Instant::now() < deadline, "timed out waiting for {}", path.display());
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 fn spawn(cmd: &mut Command) -> anyhow::Result<Child> {

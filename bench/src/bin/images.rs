@@ -11,114 +11,39 @@
 
 use std::time::{Duration, Instant};
 
-use compute_bench::{p50_p99_ms, Server};
-use compute_proto::chalk::container::v1::ChalkContainerSpec;
+use compute_bench::{arg, p50_p99_ms, Api, Server};
 use compute_proto::chalk::sandbox::v1::build_step::Step;
 use compute_proto::chalk::sandbox::v1::custom_image_service_client::CustomImageServiceClient;
 use compute_proto::chalk::sandbox::v1::{
     BuildStep, GetCustomImageRequest, GetOrBuildCustomImageRequest, ImageSpec, RunCommandsStep,
 };
-use compute_proto::chalk::sandbox::v2::create_sandbox_request::Source;
-use compute_proto::chalk::sandbox::v2::sandbox_process_service_client::SandboxProcessServiceClient;
-use compute_proto::chalk::sandbox::v2::sandbox_service_client::SandboxServiceClient;
-use compute_proto::chalk::sandbox::v2::{
-    CreateSandboxRequest, ExecCommandRequest, GetSandboxRequest, SandboxStatus, TerminateSandboxRequest,
-};
-use compute_proto::chalk::server::v1::auth_service_client::AuthServiceClient;
-use compute_proto::chalk::server::v1::GetTokenRequest;
-use tonic::transport::Channel;
 
 const BASE: &str = "python:3.13-slim-trixie";
 
-fn arg(name: &str, default: usize) -> usize {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).and_then(|v| v.parse().ok()).unwrap_or(default)
+/// GetOrBuild, polling until done; returns the image reference.
+async fn build(api: &Api, spec: &ImageSpec) -> anyhow::Result<String> {
+    let mut c = CustomImageServiceClient::new(api.ch.clone());
+    let req = GetOrBuildCustomImageRequest { image_spec: Some(spec.clone()), ..Default::default() };
+    let r = c.get_or_build_custom_image(api.req(req)).await?.into_inner();
+    let (mut status, mut image, mut error) = (r.status, r.image, r.error);
+    while status == "building" {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let g = c.get_custom_image(api.req(GetCustomImageRequest { build_id: r.build_id.clone() })).await?.into_inner();
+        (status, image, error) = (g.status, g.image, g.error);
+    }
+    anyhow::ensure!(status == "exists" || status == "succeeded", "build {status}: {error:?}");
+    Ok(image)
 }
 
-struct Api {
-    ch: Channel,
-    bearer: String,
-}
-
-impl Api {
-    fn req<T>(&self, m: T) -> tonic::Request<T> {
-        let mut r = tonic::Request::new(m);
-        r.metadata_mut().insert("authorization", self.bearer.parse().expect("ascii"));
-        r
-    }
-
-    /// GetOrBuild, polling until done; returns the image reference.
-    async fn build(&self, spec: &ImageSpec) -> anyhow::Result<String> {
-        let mut c = CustomImageServiceClient::new(self.ch.clone());
-        let mut r = c
-            .get_or_build_custom_image(
-                self.req(GetOrBuildCustomImageRequest { image_spec: Some(spec.clone()), ..Default::default() }),
-            )
-            .await?
-            .into_inner();
-        let mut status = r.status.clone();
-        let mut image = r.image.clone();
-        while status == "building" {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-            let g = c
-                .get_custom_image(self.req(GetCustomImageRequest { build_id: r.build_id.clone() }))
-                .await?
-                .into_inner();
-            status = g.status;
-            image = g.image;
-            r.error = g.error;
-        }
-        anyhow::ensure!(status == "exists" || status == "succeeded", "build {status}: {:?}", r.error);
-        Ok(image)
-    }
-
-    /// Create → first exec of `command` on `image`; returns the elapsed time.
-    async fn start_and_exec(&self, image: &str, name: &str, command: &str) -> anyhow::Result<Duration> {
-        let t = Instant::now();
-        let spec = ChalkContainerSpec {
-            name: name.into(),
-            image: image.into(),
-            entrypoint: vec!["sleep".into(), "infinity".into()],
-            ..Default::default()
-        };
-        let mut sb = SandboxServiceClient::new(self.ch.clone());
-        let id = sb
-            .create_sandbox(self.req(CreateSandboxRequest { source: Some(Source::Spec(spec)) }))
-            .await?
-            .into_inner()
-            .sandbox
-            .map(|s| s.id)
-            .unwrap_or_default();
-        loop {
-            let info = sb
-                .get_sandbox(self.req(GetSandboxRequest { id: id.clone() }))
-                .await?
-                .into_inner()
-                .sandbox
-                .unwrap_or_default();
-            match SandboxStatus::try_from(info.status) {
-                Ok(SandboxStatus::Running) => break,
-                Ok(SandboxStatus::Pending) => tokio::time::sleep(Duration::from_millis(1)).await,
-                other => anyhow::bail!("sandbox is {other:?}: {:?}", info.status_message),
-            }
-        }
-        let r = SandboxProcessServiceClient::new(self.ch.clone())
-            .exec_command(self.req(ExecCommandRequest {
-                sandbox_id: id.clone(),
-                command: "sh".into(),
-                args: vec!["-c".into(), command.into()],
-                ..Default::default()
-            }))
-            .await?
-            .into_inner();
-        let elapsed = t.elapsed();
-        anyhow::ensure!(r.exit_code == 0, "exec failed: {}", String::from_utf8_lossy(&r.stderr));
-        sb.terminate_sandbox(
-            self.req(TerminateSandboxRequest { id, grace_period: Some(prost_types::Duration::default()) }),
-        )
-        .await?;
-        Ok(elapsed)
-    }
+/// Create → first exec of `command` on `image` (polling every millisecond); returns the elapsed time.
+async fn start_and_exec(api: &Api, image: &str, name: &str, command: &str) -> anyhow::Result<Duration> {
+    let t = Instant::now();
+    let id = api.create(name, image, None).await?;
+    api.poll_until_running(&id, Duration::from_millis(1), Duration::from_millis(1)).await?;
+    api.exec(&id, "sh", &["-c", command]).await?;
+    let elapsed = t.elapsed();
+    api.terminate(&id).await?;
+    Ok(elapsed)
 }
 
 fn spec(marker: &str, last: &str) -> ImageSpec {
@@ -132,30 +57,20 @@ fn spec(marker: &str, last: &str) -> ImageSpec {
 }
 
 async fn run(server: &Server, runs: usize) -> anyhow::Result<()> {
-    let ch = tonic::transport::Endpoint::from_shared(server.url())?.tcp_nodelay(true).connect().await?;
-    let token = AuthServiceClient::new(ch.clone())
-        .get_token(GetTokenRequest {
-            client_id: server.creds["client_id"].as_str().unwrap_or_default().into(),
-            client_secret: server.creds["client_secret"].as_str().unwrap_or_default().into(),
-            ..Default::default()
-        })
-        .await?
-        .into_inner()
-        .access_token;
-    let api = Api { ch, bearer: format!("Bearer {token}") };
+    let api = Api::connect(server).await?;
     let marker = format!("{:x}", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_nanos());
 
     // Warm the base and the code paths.
-    api.start_and_exec(BASE, "warm", "true").await?;
+    start_and_exec(&api, BASE, "warm", "true").await?;
     let t = Instant::now();
     let cold = spec(&marker, "echo last > /last");
-    let ten = api.build(&cold).await?;
+    let ten = build(&api, &cold).await?;
     let cold_build = t.elapsed();
 
     let mut hits = Vec::new();
     for _ in 0..runs * 3 {
         let t = Instant::now();
-        api.build(&cold).await?;
+        build(&api, &cold).await?;
         hits.push(t.elapsed());
     }
 
@@ -164,15 +79,15 @@ async fn run(server: &Server, runs: usize) -> anyhow::Result<()> {
     for i in 0..runs.min(10) {
         let cmd = format!("echo changed-{i} > /last");
         let t = Instant::now();
-        api.build(&spec(&marker, &cmd)).await?;
+        build(&api, &spec(&marker, &cmd)).await?;
         rebuilds.push(t.elapsed());
-        own.push(api.start_and_exec(BASE, &format!("own{i}"), &cmd).await?);
+        own.push(start_and_exec(&api, BASE, &format!("own{i}"), &cmd).await?);
     }
 
     let (mut with_ten, mut with_one) = (Vec::new(), Vec::new());
     for i in 0..runs {
-        with_ten.push(api.start_and_exec(&ten, &format!("ten{i}"), "true").await?);
-        with_one.push(api.start_and_exec(BASE, &format!("one{i}"), "true").await?);
+        with_ten.push(start_and_exec(&api, &ten, &format!("ten{i}"), "true").await?);
+        with_one.push(start_and_exec(&api, BASE, &format!("one{i}"), "true").await?);
     }
 
     let hit = p50_p99_ms(&mut hits);

@@ -13,113 +13,24 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use compute_bench::{p50_p99_ms, Server};
-use compute_proto::chalk::container::v1::{ChalkContainerSpec, ResourceLimits};
-use compute_proto::chalk::sandbox::v2::create_sandbox_request::Source;
-use compute_proto::chalk::sandbox::v2::sandbox_process_service_client::SandboxProcessServiceClient;
-use compute_proto::chalk::sandbox::v2::sandbox_service_client::SandboxServiceClient;
-use compute_proto::chalk::sandbox::v2::{
-    CreateSandboxRequest, ExecCommandRequest, GetSandboxRequest, SandboxStatus, TerminateSandboxRequest,
-};
-use compute_proto::chalk::server::v1::auth_service_client::AuthServiceClient;
-use compute_proto::chalk::server::v1::GetTokenRequest;
-use tonic::transport::Channel;
+use compute_bench::{arg, p50_p99_ms, Api, Server};
+use compute_proto::chalk::container::v1::ResourceLimits;
 
 const IMAGE: &str = "python:3.13-slim-trixie";
 
-fn arg(name: &str, default: usize) -> usize {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).and_then(|v| v.parse().ok()).unwrap_or(default)
+/// How the benchmark's sandboxes are sized.
+fn resources() -> Option<ResourceLimits> {
+    Some(ResourceLimits { cpu: Some("1".into()), memory: Some("256Mi".into()), gpu: None })
 }
 
-struct Api {
-    ch: Channel,
-    bearer: String,
+/// Polls like the SDK (25 ms, backing off to 250 ms) until Running.
+async fn wait_running(api: &Api, id: &str) -> anyhow::Result<()> {
+    api.poll_until_running(id, Duration::from_millis(25), Duration::from_millis(250)).await
 }
 
-impl Api {
-    async fn connect(server: &Server) -> anyhow::Result<Api> {
-        let ch = tonic::transport::Endpoint::from_shared(server.url())?.tcp_nodelay(true).connect().await?;
-        let token = AuthServiceClient::new(ch.clone())
-            .get_token(GetTokenRequest {
-                client_id: server.creds["client_id"].as_str().unwrap_or_default().into(),
-                client_secret: server.creds["client_secret"].as_str().unwrap_or_default().into(),
-                ..Default::default()
-            })
-            .await?
-            .into_inner()
-            .access_token;
-        Ok(Api { ch, bearer: format!("Bearer {token}") })
-    }
-
-    fn req<T>(&self, m: T) -> tonic::Request<T> {
-        let mut r = tonic::Request::new(m);
-        r.metadata_mut().insert("authorization", self.bearer.parse().expect("ascii"));
-        r
-    }
-
-    async fn create(&self, name: &str) -> anyhow::Result<String> {
-        let spec = ChalkContainerSpec {
-            name: name.into(),
-            image: IMAGE.into(),
-            entrypoint: vec!["sleep".into(), "infinity".into()],
-            resources: Some(ResourceLimits { cpu: Some("1".into()), memory: Some("256Mi".into()), gpu: None }),
-            ..Default::default()
-        };
-        let resp = SandboxServiceClient::new(self.ch.clone())
-            .create_sandbox(self.req(CreateSandboxRequest { source: Some(Source::Spec(spec)) }))
-            .await?;
-        Ok(resp.into_inner().sandbox.map(|s| s.id).unwrap_or_default())
-    }
-
-    /// Polls like the SDK (25 ms, backing off to 250 ms) until Running.
-    async fn wait_running(&self, id: &str) -> anyhow::Result<()> {
-        self.poll_until_running(id, Duration::from_millis(25), Duration::from_millis(250)).await
-    }
-
-    /// Polls every millisecond: the time the server itself takes.
-    async fn wait_running_tight(&self, id: &str) -> anyhow::Result<()> {
-        self.poll_until_running(id, Duration::from_millis(1), Duration::from_millis(1)).await
-    }
-
-    async fn poll_until_running(&self, id: &str, first: Duration, most: Duration) -> anyhow::Result<()> {
-        let mut sb = SandboxServiceClient::new(self.ch.clone());
-        let mut delay = first;
-        loop {
-            let req = self.req(GetSandboxRequest { id: id.into() });
-            let info = sb.get_sandbox(req).await?.into_inner().sandbox.unwrap_or_default();
-            match SandboxStatus::try_from(info.status) {
-                Ok(SandboxStatus::Running) => return Ok(()),
-                Ok(SandboxStatus::Pending) => {}
-                other => anyhow::bail!("sandbox {id} is {other:?}: {:?}", info.status_message),
-            }
-            tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(most);
-        }
-    }
-
-    async fn exec_true(&self, id: &str) -> anyhow::Result<()> {
-        let r = SandboxProcessServiceClient::new(self.ch.clone())
-            .exec_command(self.req(ExecCommandRequest {
-                sandbox_id: id.into(),
-                command: "true".into(),
-                ..Default::default()
-            }))
-            .await?
-            .into_inner();
-        anyhow::ensure!(r.exit_code == 0, "exec failed: {}", String::from_utf8_lossy(&r.stderr));
-        Ok(())
-    }
-
-    async fn terminate(&self, id: &str) -> anyhow::Result<()> {
-        SandboxServiceClient::new(self.ch.clone())
-            .terminate_sandbox(self.req(TerminateSandboxRequest {
-                id: id.into(),
-                grace_period: Some(prost_types::Duration { seconds: 0, nanos: 0 }),
-            }))
-            .await?;
-        Ok(())
-    }
+/// Polls every millisecond: the time the server itself takes.
+async fn wait_running_tight(api: &Api, id: &str) -> anyhow::Result<()> {
+    api.poll_until_running(id, Duration::from_millis(1), Duration::from_millis(1)).await
 }
 
 struct BackendFigures {
@@ -143,32 +54,32 @@ async fn measure_backend(
     let result = async {
         let api = Api::connect(&server).await?;
         // Warm the image (built once, cached) and the code paths.
-        let id = api.create("warm").await?;
-        api.wait_running(&id).await?;
-        api.exec_true(&id).await?;
+        let id = api.create("warm", IMAGE, resources()).await?;
+        wait_running(&api, &id).await?;
+        api.exec(&id, "true", &[]).await?;
         api.terminate(&id).await?;
 
         let (mut start, mut start_server) = (Vec::new(), Vec::new());
         for i in 0..runs {
             let t = Instant::now();
-            let id = api.create(&format!("s{i}")).await?;
-            api.wait_running(&id).await?;
-            api.exec_true(&id).await?;
+            let id = api.create(&format!("s{i}"), IMAGE, resources()).await?;
+            wait_running(&api, &id).await?;
+            api.exec(&id, "true", &[]).await?;
             start.push(t.elapsed());
             api.terminate(&id).await?;
             let t = Instant::now();
-            let id = api.create(&format!("t{i}")).await?;
-            api.wait_running_tight(&id).await?;
-            api.exec_true(&id).await?;
+            let id = api.create(&format!("t{i}"), IMAGE, resources()).await?;
+            wait_running_tight(&api, &id).await?;
+            api.exec(&id, "true", &[]).await?;
             start_server.push(t.elapsed());
             api.terminate(&id).await?;
         }
-        let id = api.create("exec").await?;
-        api.wait_running(&id).await?;
+        let id = api.create("exec", IMAGE, resources()).await?;
+        wait_running(&api, &id).await?;
         let mut exec = Vec::new();
         for _ in 0..runs * 10 {
             let t = Instant::now();
-            api.exec_true(&id).await?;
+            api.exec(&id, "true", &[]).await?;
             exec.push(t.elapsed());
         }
         api.terminate(&id).await?;
@@ -177,11 +88,11 @@ async fn measure_backend(
         let before = used_memory();
         let mut ids = Vec::new();
         for i in 0..idle {
-            ids.push(api.create(&format!("idle{i}")).await?);
+            ids.push(api.create(&format!("idle{i}"), IMAGE, resources()).await?);
         }
         let mut running = 0;
         for id in &ids {
-            if api.wait_running(id).await.is_ok() && api.exec_true(id).await.is_ok() {
+            if wait_running(&api, id).await.is_ok() && api.exec(id, "true", &[]).await.is_ok() {
                 running += 1;
             }
         }
