@@ -8,13 +8,15 @@ never needs the SDK. Re-run it when SERVED grows:
 
     python tools/gen_protos.py            # in a venv with chalkcompute==2.13.11 installed
 """
-import ast
 import collections
-import importlib.util
 import os
 import sys
 
 from google.protobuf import descriptor_pb2
+
+# The SDK's descriptors are read exactly as the conformance test reads them.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "conformance"))
+from sdk_descriptors import sdk_files  # noqa: E402
 
 # service full name -> methods we register. A method listed here is part of the contract the conformance test
 # checks; one the server does not implement yet still answers UNIMPLEMENTED naming itself.
@@ -49,34 +51,6 @@ EXTRA_TYPES = ["chalk.sandbox.v2.FilesystemErrorDetail"]
 
 FT = descriptor_pb2.FieldDescriptorProto
 SCALAR = {v: k[5:].lower() for k, v in FT.Type.items()}
-
-
-def sdk_files():
-    """FileDescriptorProtos embedded in the installed SDK's generated modules, by file name."""
-    spec = importlib.util.find_spec("chalkcompute")
-    if spec is None:
-        sys.exit("chalkcompute is not installed: pip install chalkcompute==2.13.11")
-    gen = os.path.join(list(spec.submodule_search_locations)[0], "_gen")
-    files = {}
-    for root, _, names in os.walk(gen):
-        for name in names:
-            if not name.endswith("_pb.py"):
-                continue
-            tree = ast.parse(open(os.path.join(root, name)).read())
-            for node in ast.walk(tree):
-                if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "file_desc":
-                    arg = node.args[0]
-                    if isinstance(arg, ast.Constant) and isinstance(arg.value, bytes):
-                        fd = descriptor_pb2.FileDescriptorProto.FromString(arg.value)
-                        files[fd.name] = fd
-    # The well-known types the chalk files import, so that closures can walk through them.
-    from google.protobuf import duration_pb2, empty_pb2, field_mask_pb2, struct_pb2, timestamp_pb2
-
-    for mod in (duration_pb2, empty_pb2, field_mask_pb2, struct_pb2, timestamp_pb2):
-        fdp = descriptor_pb2.FileDescriptorProto()
-        mod.DESCRIPTOR.CopyToProto(fdp)
-        files.setdefault(fdp.name, fdp)
-    return files
 
 
 class Index:

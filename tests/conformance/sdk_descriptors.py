@@ -13,14 +13,12 @@ import sys
 from google.protobuf import descriptor_pb2
 
 
-def main():
+def sdk_files():
+    """The FileDescriptorProtos embedded in the installed SDK's generated modules, plus the well-known types they
+    import, by file name. (tools/gen_protos.py renders proto/ from the same set.)"""
     spec = importlib.util.find_spec("chalkcompute")
     if spec is None:
-        sys.exit("chalkcompute is not installed in this interpreter")
-
-    from importlib.metadata import version as dist_version
-
-    version = dist_version("chalkcompute")
+        sys.exit("chalkcompute is not installed in this interpreter: pip install chalkcompute==2.13.11")
     gen = os.path.join(list(spec.submodule_search_locations)[0], "_gen")
     files = {}
     for root, _, names in os.walk(gen):
@@ -42,6 +40,14 @@ def main():
         fdp = descriptor_pb2.FileDescriptorProto()
         mod.DESCRIPTOR.CopyToProto(fdp)
         files.setdefault(fdp.name, fdp)
+    return files
+
+
+def main():
+    from importlib.metadata import version as dist_version
+
+    version = dist_version("chalkcompute")
+    files = sdk_files()
     order, seen = [], set()
 
     def visit(n):
