@@ -47,7 +47,7 @@ SERVED = {
 }
 
 # Types the server sends outside any method's request/response closure (e.g. in grpc-status-details-bin).
-EXTRA_TYPES = ["chalk.sandbox.v2.FilesystemErrorDetail"]
+EXTRA_TYPES = ["chalk.sandbox.v2.FilesystemErrorDetail", "chalk.volume.v2.CommitDeltasObject"]
 
 FT = descriptor_pb2.FieldDescriptorProto
 SCALAR = {v: k[5:].lower() for k, v in FT.Type.items()}

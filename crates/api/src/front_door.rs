@@ -20,6 +20,8 @@ use crate::http_util::{full, grpc_error, json};
 use crate::methods::{MethodInfo, Methods};
 use crate::metrics::{grpc_status, normalize_status, MeteredBody, Metrics};
 use crate::status::from_control;
+use crate::PublicBase;
+use compute_control::volume::VolumeStore;
 
 /// State shared by every connection.
 pub struct Shared {
@@ -28,18 +30,21 @@ pub struct Shared {
     pub methods: Methods,
     pub metrics: Arc<Metrics>,
     pub max_message_bytes: usize,
+    pub volumes: Arc<VolumeStore>,
+    pub public_url: Option<String>,
 }
 
 /// The front door service; cheap to clone (one per connection).
 #[derive(Clone)]
 pub struct FrontDoor {
     shared: Arc<Shared>,
+    tls: bool,
 }
 
 impl FrontDoor {
-    /// A front door over `shared`.
-    pub fn new(shared: Arc<Shared>) -> Self {
-        Self { shared }
+    /// A front door over `shared` for one connection (`tls`: whether it is encrypted).
+    pub fn new(shared: Arc<Shared>, tls: bool) -> Self {
+        Self { shared, tls }
     }
 }
 
@@ -54,12 +59,19 @@ impl Service<Request<Incoming>> for FrontDoor {
 
     fn call(&mut self, req: Request<Incoming>) -> Self::Future {
         let shared = self.shared.clone();
-        Box::pin(async move { Ok(route(shared, req).await) })
+        let tls = self.tls;
+        Box::pin(async move { Ok(route(shared, tls, req).await) })
     }
 }
 
-async fn route(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
+async fn route(shared: Arc<Shared>, tls: bool, mut req: Request<Incoming>) -> Response<Body> {
     let path = req.uri().path().to_string();
+    let base = public_base(&shared, tls, &req);
+    req.extensions_mut().insert(base);
+    if let Some(rest) = path.strip_prefix(crate::blobs::PREFIX) {
+        let rest = rest.to_string();
+        return crate::blobs::serve(&shared.volumes, &rest, req, &shared.metrics).await;
+    }
     let content_type = req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
     let is_grpc = content_type.starts_with("application/grpc");
 
@@ -186,6 +198,20 @@ fn authenticate<B>(shared: &Shared, req: &Request<B>) -> Result<Principal, Statu
         .ok_or_else(|| crate::status::from_auth(AuthError::MissingToken))?;
     let env = req.headers().get("x-chalk-env-id").and_then(|v| v.to_str().ok());
     shared.control.auth().authenticate(bearer, env).map_err(from_control)
+}
+
+/// Where clients reach this server: the configured public URL, else this request's scheme and host.
+fn public_base<B>(shared: &Shared, tls: bool, req: &Request<B>) -> PublicBase {
+    if let Some(url) = &shared.public_url {
+        return PublicBase(url.trim_end_matches('/').to_string());
+    }
+    let host = req
+        .uri()
+        .authority()
+        .map(|a| a.as_str().to_string())
+        .or_else(|| req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_string))
+        .unwrap_or_else(|| "localhost".into());
+    PublicBase(format!("{}://{host}", if tls { "https" } else { "http" }))
 }
 
 fn who_am_i(shared: &Shared, req: &Request<Incoming>) -> Response<Body> {

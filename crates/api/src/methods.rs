@@ -25,6 +25,19 @@ const IMPLEMENTED: &[&str] = &[
     "/chalk.sandbox.v2.SandboxProcessService/ListSessions",
     "/chalk.sandbox.v2.SandboxFilesystemService/UploadFile",
     "/chalk.sandbox.v2.SandboxFilesystemService/DownloadFile",
+    "/chalk.volume.v2.VolumeService/CreateVolume",
+    "/chalk.volume.v2.VolumeService/GetVolume",
+    "/chalk.volume.v2.VolumeService/ListVolumes",
+    "/chalk.volume.v2.VolumeService/DeleteVolume",
+    "/chalk.volume.v2.VolumeService/ListVolumeVersions",
+    "/chalk.volume.v2.VolumeService/CreateRef",
+    "/chalk.volume.v2.VolumeService/ListRefs",
+    "/chalk.volume.v2.VolumeService/DeleteRef",
+    "/chalk.volume.v2.VolumeService/CommitVersion",
+    "/chalk.volume.v2.VolumeService/GetCommitStatus",
+    "/chalk.volume.v2.VolumeService/RequestUploadURLs",
+    "/chalk.volume.v2.VolumeService/ListFiles",
+    "/chalk.volume.v2.VolumeService/GetFile",
 ];
 
 /// Methods callable without a token.

@@ -40,6 +40,9 @@ pub struct ApiConfig {
     pub max_message_bytes: usize,
     /// How long to wait for in-flight requests at shutdown.
     pub shutdown_grace: Duration,
+    /// The URL clients reach this server at, for the blob URLs it signs (`None`: the request's own scheme and
+    /// host, which is right unless a proxy rewrites them).
+    pub public_url: Option<String>,
 }
 
 impl Default for ApiConfig {
@@ -49,6 +52,7 @@ impl Default for ApiConfig {
             tls: None,
             max_message_bytes: 16 * 1024 * 1024,
             shutdown_grace: Duration::from_secs(10),
+            public_url: None,
         }
     }
 }
@@ -84,13 +88,22 @@ impl Server {
         control: Arc<Control>,
         workloads: Arc<compute_control::Workloads>,
         builds: Arc<compute_control::Builds>,
+        volumes: Arc<compute_control::volume::VolumeStore>,
     ) -> Result<Self, ServeError> {
         let tls = config.tls.as_ref().map(load_tls).transpose()?;
         let listener = TcpListener::bind(config.listen)
             .await
             .map_err(|source| ServeError::Bind { addr: config.listen, source })?;
         let shared = Arc::new(Shared {
-            routes: crate::services::routes(control.clone(), workloads, builds, config.max_message_bytes),
+            routes: crate::services::routes(
+                control.clone(),
+                workloads,
+                builds,
+                volumes.clone(),
+                config.max_message_bytes,
+            ),
+            volumes,
+            public_url: config.public_url.clone(),
             control,
             methods: Methods::from_schema(),
             metrics: Metrics::new(),
@@ -138,7 +151,7 @@ impl Server {
                 () = &mut shutdown => break,
             };
             let _ = stream.set_nodelay(true);
-            let service = TowerToHyperService::new(FrontDoor::new(self.shared.clone()));
+            let shared = self.shared.clone();
             let builder = builder.clone();
             let tls = self.tls.clone();
             let watcher = graceful.watcher();
@@ -146,6 +159,7 @@ impl Server {
                 let result = match sniff_tls(&stream, tls.is_some()).await {
                     Some(true) => match tls.expect("sniffed TLS only when configured").accept(stream).await {
                         Ok(tls_stream) => {
+                            let service = TowerToHyperService::new(FrontDoor::new(shared, true));
                             let conn = builder.serve_connection(TokioIo::new(tls_stream), service).into_owned();
                             watcher.watch(conn).await
                         }
@@ -155,6 +169,7 @@ impl Server {
                         }
                     },
                     Some(false) => {
+                        let service = TowerToHyperService::new(FrontDoor::new(shared, false));
                         let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
                         watcher.watch(conn).await
                     }

@@ -20,6 +20,22 @@ pub fn from_control(err: ControlError) -> Status {
     }
 }
 
+/// The gRPC status a volume error is reported as.
+pub fn from_volume(err: compute_control::volume::VolumeError) -> Status {
+    use compute_control::volume::VolumeError as E;
+    match err {
+        E::NotFound(m) => Status::not_found(m),
+        E::InvalidArgument(m) => Status::invalid_argument(m),
+        E::AlreadyExists(m) => Status::already_exists(m),
+        E::FailedPrecondition(m) => Status::failed_precondition(m),
+        E::Url(u) => Status::permission_denied(u.to_string()),
+        e @ (E::Storage(_) | E::Store(_) | E::Internal(_)) => {
+            tracing::error!(error = %e, "volume store error");
+            Status::internal(e.to_string())
+        }
+    }
+}
+
 /// A filesystem failure inside a sandbox, with `chalk.sandbox.v2.FilesystemErrorDetail` attached as the SDK
 /// expects (it raises `SandboxFileSystemError` with the error kind and errno).
 pub fn filesystem_status(kind: &str, message: String, errno: Option<i32>) -> Status {

@@ -68,6 +68,15 @@ struct ServeFlags {
     /// Most processes (and threads) one sandbox may run at once [default: 4096].
     #[arg(long, env = "COMPUTE_PIDS_LIMIT")]
     pids_limit: Option<u64>,
+    /// Volume object store: file:///path or an object store URL [default: DATA_DIR/volumes/objects].
+    #[arg(long, env = "COMPUTE_VOLUME_STORE")]
+    volume_store: Option<String>,
+    /// Keep volume versions no ref points at for this long, e.g. 30d [default: forever].
+    #[arg(long, env = "COMPUTE_VOLUME_RETENTION")]
+    volume_retention: Option<String>,
+    /// URL clients reach this server at, for signed volume URLs [default: the request's own host].
+    #[arg(long, env = "COMPUTE_PUBLIC_URL")]
+    public_url: Option<String>,
 }
 
 impl ServeFlags {
@@ -85,6 +94,11 @@ impl ServeFlags {
             default_memory: self.default_memory.clone(),
             pids_limit: self.pids_limit,
             image_aliases: None,
+            volume_store: self.volume_store.clone(),
+            volume_store_options: None,
+            volume_retention: self.volume_retention.clone(),
+            public_url: self.public_url.clone(),
+            volume_url_ttl: None,
         }
     }
 }
@@ -96,7 +110,7 @@ enum Command {
         #[command(flatten)]
         dir: DataDir,
         #[command(flatten)]
-        flags: ServeFlags,
+        flags: Box<ServeFlags>,
     },
     /// Print the `export` lines that point the SDK at this data directory's server: eval "$(compute env)".
     Env {

@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use compute_api::{ApiConfig, Server, TlsConfig};
+use compute_control::volume::{Objects, VolumeConfig, VolumeStore};
 use compute_control::{Builds, Control, ControlConfig, WorkloadConfig, Workloads};
 use compute_image::ImageStore;
 use compute_runtime::{Isolation, NetworkConfig, Runtime, RuntimeConfig};
@@ -42,14 +43,16 @@ pub async fn run(data_dir: &Path, settings: Settings) -> anyhow::Result<()> {
         )?;
     }
 
+    let volumes = open_volumes(data_dir, &settings, &control)?;
     let (workloads, builds) = start_workloads(data_dir, &settings, &control).await;
     let config = ApiConfig {
         listen: settings.listen,
         tls: settings.tls.clone().map(|(cert_path, key_path)| TlsConfig { cert_path, key_path }),
         max_message_bytes: settings.max_message_bytes,
+        public_url: settings.public_url.clone(),
         ..ApiConfig::default()
     };
-    let server = Server::bind(config, control.clone(), workloads.clone(), builds).await?;
+    let server = Server::bind(config, control.clone(), workloads.clone(), builds, volumes).await?;
     let addr = server.local_addr();
     let url = runtime_file::client_url(addr);
     let info = ServerInfo {
@@ -81,6 +84,21 @@ pub async fn run(data_dir: &Path, settings: Settings) -> anyhow::Result<()> {
 
 /// Sets up the runtime (if this machine can run sandboxes) and the workload manager, and cleans up after a
 /// previous run that did not shut down cleanly.
+/// The volume store: objects where the settings say (a local directory by default), metadata in the state store.
+fn open_volumes(data_dir: &Path, settings: &Settings, control: &Control) -> anyhow::Result<Arc<VolumeStore>> {
+    let objects = match &settings.volume_store {
+        Some(url) => Objects::from_url(url, &settings.volume_store_options)?,
+        None => Objects::local(&data_dir.join("volumes").join("objects"))?,
+    };
+    tracing::info!(objects = objects.location(), "volume store");
+    let config = VolumeConfig {
+        retention: settings.volume_retention,
+        url_ttl: settings.volume_url_ttl,
+        ..VolumeConfig::default()
+    };
+    Ok(Arc::new(VolumeStore::open(control.store().clone(), objects, config)?))
+}
+
 async fn start_workloads(data_dir: &Path, settings: &Settings, control: &Control) -> (Arc<Workloads>, Arc<Builds>) {
     let agent_bin = settings.agent_bin.clone().unwrap_or_else(|| {
         std::env::current_exe().map(|p| p.with_file_name("compute-agent")).unwrap_or_else(|_| "compute-agent".into())

@@ -40,6 +40,16 @@ pub struct Layer {
     /// Operator aliases: image reference -> the reference to use instead (applied visibly, in logs and in the
     /// image's provenance). Only from the settings file.
     pub image_aliases: Option<std::collections::HashMap<String, String>>,
+    /// Where volume objects live: `file:///path` (default `DATA_DIR/volumes/objects`) or an object store URL.
+    pub volume_store: Option<String>,
+    /// Options for the volume object store (credentials, region, endpoint). Only from the settings file.
+    pub volume_store_options: Option<std::collections::HashMap<String, String>>,
+    /// How long volume versions that no ref points at are kept, e.g. `30d` (default: forever).
+    pub volume_retention: Option<String>,
+    /// The URL clients reach this server at, for signed blob URLs (default: the request's own host).
+    pub public_url: Option<String>,
+    /// How long a signed volume URL stays valid, e.g. `1h` (the default).
+    pub volume_url_ttl: Option<String>,
 }
 
 impl Layer {
@@ -58,6 +68,11 @@ impl Layer {
             default_memory: self.default_memory.or(below.default_memory),
             pids_limit: self.pids_limit.or(below.pids_limit),
             image_aliases: self.image_aliases.or(below.image_aliases),
+            volume_store: self.volume_store.or(below.volume_store),
+            volume_store_options: self.volume_store_options.or(below.volume_store_options),
+            volume_retention: self.volume_retention.or(below.volume_retention),
+            public_url: self.public_url.or(below.public_url),
+            volume_url_ttl: self.volume_url_ttl.or(below.volume_url_ttl),
         }
     }
 
@@ -97,6 +112,16 @@ pub struct Settings {
     pub pids_limit: u64,
     /// Operator image aliases.
     pub image_aliases: std::collections::HashMap<String, String>,
+    /// Volume object store URL, when set (default: DATA_DIR/volumes/objects).
+    pub volume_store: Option<String>,
+    /// Its options.
+    pub volume_store_options: Vec<(String, String)>,
+    /// Retention of unreferenced volume versions (`None`: forever).
+    pub volume_retention: Option<Duration>,
+    /// Public URL for signed blob URLs.
+    pub public_url: Option<String>,
+    /// Lifetime of signed volume URLs.
+    pub volume_url_ttl: Duration,
 }
 
 /// The listen address when nothing else says.
@@ -142,6 +167,11 @@ impl Settings {
             default_memory,
             pids_limit: layer.pids_limit.unwrap_or(4096).max(16),
             image_aliases: layer.image_aliases.unwrap_or_default(),
+            volume_store: layer.volume_store,
+            volume_store_options: layer.volume_store_options.unwrap_or_default().into_iter().collect(),
+            volume_retention: layer.volume_retention.as_deref().map(parse_duration).transpose()?,
+            public_url: layer.public_url,
+            volume_url_ttl: parse_duration(layer.volume_url_ttl.as_deref().unwrap_or("1h"))?,
         })
     }
 }

@@ -25,6 +25,9 @@ pub use builds::{BuildAnswer, BuildStatus, Builds};
 pub use error::{AuthError, ControlError};
 pub use workloads::{WorkloadConfig, WorkloadKind, WorkloadRequest, Workloads};
 
+/// Volumes: versioned copy-on-write trees over an object store.
+pub use compute_volume as volume;
+
 /// Name of the environment that exists on every server.
 pub const DEFAULT_ENVIRONMENT: &str = "default";
 

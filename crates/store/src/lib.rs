@@ -12,6 +12,7 @@ mod error;
 mod migrations;
 mod sandboxes;
 mod signing_keys;
+mod volumes;
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -25,6 +26,7 @@ pub use error::StoreError;
 pub use migrations::SCHEMA_VERSION;
 pub use sandboxes::{SandboxRecord, SandboxStatus, Sandboxes};
 pub use signing_keys::{SigningKey, SigningKeys};
+pub use volumes::{RefRecord, VersionRecord, VolumeRecord, Volumes};
 
 /// Result type of every store operation.
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
@@ -118,6 +120,11 @@ impl<'c> Repos<'c> {
     /// Token signing keys.
     pub fn signing_keys(&self) -> SigningKeys<'c> {
         SigningKeys::new(self.conn)
+    }
+
+    /// Volumes, their versions, refs and trees.
+    pub fn volumes(&self) -> Volumes<'c> {
+        Volumes::new(self.conn)
     }
 }
 

@@ -52,6 +52,52 @@ const MIGRATIONS: &[&str] = &[
     CREATE UNIQUE INDEX sandboxes_live_name ON sandboxes (environment_id, name)
         WHERE status IN ('pending', 'running');
     "#,
+    // 3: volumes: a chain of immutable versions per volume, named refs pointing at versions, and the
+    // content-addressed directory trees the versions' root hashes name (shared between versions and volumes).
+    r#"
+    CREATE TABLE volumes (
+        id              TEXT PRIMARY KEY,
+        environment_id  TEXT NOT NULL REFERENCES environments(id),
+        name            TEXT NOT NULL,
+        kind            TEXT NOT NULL CHECK (kind IN ('data', 'source_code')),
+        created_at      INTEGER NOT NULL,
+        next_version    INTEGER NOT NULL DEFAULT 1,
+        UNIQUE (environment_id, name)
+    );
+    CREATE TABLE volume_versions (
+        volume_id       TEXT NOT NULL REFERENCES volumes(id) ON DELETE CASCADE,
+        version_id      INTEGER NOT NULL,
+        parent_id       INTEGER,
+        ref             TEXT NOT NULL,
+        root_tree       TEXT NOT NULL,
+        commit_id       TEXT NOT NULL,
+        author          TEXT NOT NULL,
+        primary_pack_id TEXT NOT NULL,
+        created_at      INTEGER NOT NULL,
+        PRIMARY KEY (volume_id, version_id),
+        UNIQUE (volume_id, commit_id)
+    );
+    CREATE TABLE volume_refs (
+        volume_id         TEXT NOT NULL REFERENCES volumes(id) ON DELETE CASCADE,
+        name              TEXT NOT NULL,
+        version_id        INTEGER NOT NULL,
+        sequence_number   INTEGER NOT NULL,
+        commit_id         TEXT NOT NULL,
+        parent_version_id INTEGER,
+        updated_at        INTEGER NOT NULL,
+        PRIMARY KEY (volume_id, name)
+    );
+    CREATE TABLE volume_trees (
+        hash        TEXT PRIMARY KEY,
+        body        BLOB NOT NULL,
+        created_at  INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    CREATE TABLE server_secrets (
+        name        TEXT PRIMARY KEY,
+        value       BLOB NOT NULL,
+        created_at  INTEGER NOT NULL
+    );
+    "#,
 ];
 
 /// The schema version this binary migrates to.

@@ -7,10 +7,12 @@ mod images;
 mod process;
 mod sandbox;
 mod team;
+mod volume;
 mod workload;
 
 use std::sync::Arc;
 
+use compute_control::volume::VolumeStore;
 use compute_control::{Builds, Control, Principal, Workloads};
 use compute_proto::chalk;
 use tonic::codec::CompressionEncoding;
@@ -23,6 +25,7 @@ pub use images::ImageApi;
 pub use process::ProcessApi;
 pub use sandbox::SandboxApi;
 pub use team::TeamApi;
+pub use volume::VolumeApi;
 
 /// Registered but not implemented yet: every method answers UNIMPLEMENTED. The front door intercepts such calls
 /// first with a message naming the method; these impls make sure nothing reaches a handler that does not exist.
@@ -36,8 +39,6 @@ impl chalk::sandbox::v1::sandbox_runtime_service_server::SandboxRuntimeService f
 #[tonic::async_trait]
 impl chalk::scalinggroup::v1::scaling_group_manager_service_server::ScalingGroupManagerService for NotYet {}
 #[tonic::async_trait]
-impl chalk::volume::v2::volume_service_server::VolumeService for NotYet {}
-#[tonic::async_trait]
 impl chalk::externalfunctioncatalog::v1::external_function_catalog_service_server::ExternalFunctionCatalogService
     for NotYet
 {
@@ -48,6 +49,7 @@ pub fn routes(
     control: Arc<Control>,
     workloads: Arc<Workloads>,
     builds: Arc<Builds>,
+    volumes: Arc<VolumeStore>,
     max_message_bytes: usize,
 ) -> Routes {
     macro_rules! svc {
@@ -90,7 +92,7 @@ pub fn routes(
             scalinggroup::v1::scaling_group_manager_service_server::ScalingGroupManagerServiceServer<NotYet>,
             NotYet
         ))
-        .add_service(svc!(volume::v2::volume_service_server::VolumeServiceServer<NotYet>, NotYet))
+        .add_service(svc!(volume::v2::volume_service_server::VolumeServiceServer<VolumeApi>, VolumeApi::new(volumes)))
         .add_service(svc!(
             externalfunctioncatalog::v1::external_function_catalog_service_server::ExternalFunctionCatalogServiceServer<
                 NotYet,
