@@ -44,7 +44,7 @@ pub async fn run(data_dir: &Path, settings: Settings) -> anyhow::Result<()> {
     }
 
     let volumes = open_volumes(data_dir, &settings, &control)?;
-    let (workloads, builds) = start_workloads(data_dir, &settings, &control).await;
+    let (workloads, builds) = start_workloads(data_dir, &settings, &control, volumes.clone()).await;
     let config = ApiConfig {
         listen: settings.listen,
         tls: settings.tls.clone().map(|(cert_path, key_path)| TlsConfig { cert_path, key_path }),
@@ -99,7 +99,12 @@ fn open_volumes(data_dir: &Path, settings: &Settings, control: &Control) -> anyh
     Ok(Arc::new(VolumeStore::open(control.store().clone(), objects, config)?))
 }
 
-async fn start_workloads(data_dir: &Path, settings: &Settings, control: &Control) -> (Arc<Workloads>, Arc<Builds>) {
+async fn start_workloads(
+    data_dir: &Path,
+    settings: &Settings,
+    control: &Control,
+    volumes: Arc<VolumeStore>,
+) -> (Arc<Workloads>, Arc<Builds>) {
     let agent_bin = settings.agent_bin.clone().unwrap_or_else(|| {
         std::env::current_exe().map(|p| p.with_file_name("compute-agent")).unwrap_or_else(|_| "compute-agent".into())
     });
@@ -152,11 +157,13 @@ async fn start_workloads(data_dir: &Path, settings: &Settings, control: &Control
         control.store().clone(),
         runtime,
         images,
+        volumes,
         WorkloadConfig {
             log_dir: data_dir.join("logs"),
             default_memory: settings.default_memory,
             pids_limit: settings.pids_limit,
             disk_bytes: 8 << 30,
+            mounts_dir: data_dir.join("volumes").join("mounts"),
         },
     );
     match workloads.reconcile().await {

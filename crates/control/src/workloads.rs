@@ -4,6 +4,7 @@
 //! task resolves the image, starts the sandbox and records Running; another watches the entrypoint. A finished
 //! workload never changes again (the store enforces it), so racing transitions resolve to the first.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,6 +13,7 @@ use bytes::Bytes;
 use compute_image::ImageStore;
 use compute_runtime::{EntrypointEnd, ExecSpec, Resources, Runtime, RuntimeError, SandboxSpec, Session};
 use compute_store::{SandboxRecord, SandboxStatus, Store};
+use compute_volume::{AttachedVolume, MountRequest, VolumeError, VolumeSel, VolumeStore};
 use tokio::sync::mpsc;
 
 use crate::quantity::{parse_cpu, parse_memory};
@@ -56,6 +58,8 @@ pub struct WorkloadRequest {
     pub lifetime: Option<Duration>,
     /// The encoded spec, echoed back in responses.
     pub spec: Vec<u8>,
+    /// Volumes to mount.
+    pub volumes: Vec<MountRequest>,
 }
 
 /// Settings of the workload manager.
@@ -69,6 +73,8 @@ pub struct WorkloadConfig {
     pub pids_limit: u64,
     /// Size cap of a sandbox's writable layer.
     pub disk_bytes: u64,
+    /// Where volume mounts of running sandboxes are assembled (`<dir>/<sandbox id>/<n>`).
+    pub mounts_dir: PathBuf,
 }
 
 /// The workload manager.
@@ -76,7 +82,10 @@ pub struct Workloads {
     store: Arc<Store>,
     runtime: Result<Arc<Runtime>, String>,
     images: Arc<ImageStore>,
+    volumes: Arc<VolumeStore>,
     config: WorkloadConfig,
+    /// Volumes mounted for each live sandbox, detached (synced) once when it ends.
+    attached: std::sync::Mutex<HashMap<String, Vec<AttachedVolume>>>,
 }
 
 fn now() -> i64 {
@@ -89,10 +98,43 @@ impl Workloads {
         store: Arc<Store>,
         runtime: Result<Arc<Runtime>, String>,
         images: Arc<ImageStore>,
+        volumes: Arc<VolumeStore>,
         config: WorkloadConfig,
     ) -> Arc<Self> {
         let _ = std::fs::create_dir_all(&config.log_dir);
-        Arc::new(Self { store, runtime, images, config })
+        Arc::new(Self { store, runtime, images, volumes, config, attached: Default::default() })
+    }
+
+    /// Mounts a workload's volumes; on failure, what was mounted is detached again.
+    fn attach_volumes(&self, rec: &SandboxRecord, req: &WorkloadRequest) -> Result<Vec<AttachedVolume>, String> {
+        let mut out: Vec<AttachedVolume> = Vec::new();
+        for (i, m) in req.volumes.iter().enumerate() {
+            let dir = self.config.mounts_dir.join(&rec.id).join(i.to_string());
+            match self.volumes.attach(&rec.environment_id, m, &dir, &format!("{}/{i}", rec.id)) {
+                Ok(a) => out.push(a),
+                Err(e) => {
+                    let volumes = self.volumes.clone();
+                    tokio::spawn(async move {
+                        for a in out {
+                            let _ = volumes.detach(a).await;
+                        }
+                    });
+                    return Err(format!("mounting volume {:?} at {}: {e}", m.volume, m.mount_path));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Syncs and unmounts a finished sandbox's volumes (once, whoever gets here first).
+    async fn detach_volumes(&self, id: &str) {
+        let attached = self.attached.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
+        for a in attached.unwrap_or_default() {
+            if let Err(e) = self.volumes.detach(a).await {
+                tracing::error!(sandbox = %id, error = %e, "volume sync at stop failed");
+            }
+        }
+        let _ = std::fs::remove_dir(self.config.mounts_dir.join(id));
     }
 
     fn runtime(&self) -> Result<&Arc<Runtime>, ControlError> {
@@ -104,6 +146,7 @@ impl Workloads {
     /// After a restart: whatever was live could not be kept (its agent's pipes died with the old server), so its
     /// leftovers are removed and it is marked Failed with the reason.
     pub async fn reconcile(&self) -> Result<usize, ControlError> {
+        compute_volume::cleanup_mounts(&self.config.mounts_dir);
         let live = self.store.read(|r| r.sandboxes().live())?;
         for rec in &live {
             self.store.write(|r| {
@@ -161,6 +204,16 @@ impl Workloads {
             if l.is_zero() {
                 return Err(ControlError::InvalidArgument("spec.lifetime must be positive".into()));
             }
+        }
+        for m in &req.volumes {
+            let sel = VolumeSel { id: String::new(), name: m.volume.clone() };
+            self.volumes.resolve(&who.environment_id, &sel).map_err(|e| match e {
+                VolumeError::NotFound(_) => ControlError::NotFound(format!(
+                    "spec.volumes: volume {:?} not found (create it first, e.g. Volume({:?}).put_file(...))",
+                    m.volume, m.volume
+                )),
+                other => ControlError::Internal(other.to_string()),
+            })?;
         }
         let rec = SandboxRecord {
             id: format!("sbx-{}", ids::random_token(16)),
@@ -239,10 +292,21 @@ impl Workloads {
             log_path: self.log_path(&rec.id),
             keep_upper: None,
         };
+        let mut spec = spec;
+        match self.attach_volumes(&rec, &req) {
+            Ok(attached) => {
+                for a in &attached {
+                    spec.binds.push((a.host_path.clone(), a.mount_path.clone(), a.read_only));
+                }
+                self.attached.lock().unwrap_or_else(|p| p.into_inner()).insert(rec.id.clone(), attached);
+            }
+            Err(msg) => return self.finish(&rec.id, SandboxStatus::Failed, &msg, None, None),
+        }
         let sandbox = match runtime.start(spec).await {
             Ok(s) => s,
             Err(e) => {
-                return self.finish(&rec.id, SandboxStatus::Failed, &format!("starting the sandbox: {e}"), None, None)
+                self.detach_volumes(&rec.id).await;
+                return self.finish(&rec.id, SandboxStatus::Failed, &format!("starting the sandbox: {e}"), None, None);
             }
         };
         let running = self
@@ -251,6 +315,7 @@ impl Workloads {
         if !matches!(running, Ok(true)) {
             // Terminated while it was starting.
             let _ = runtime.stop(&rec.id, Duration::ZERO).await;
+            self.detach_volumes(&rec.id).await;
             return;
         }
         tracing::info!(sandbox = %rec.id, name = %rec.name, ms = begun.elapsed().as_millis() as u64, provenance = %image.provenance, "sandbox running");
@@ -309,6 +374,7 @@ impl Workloads {
                     tracing::warn!(sandbox = %id, error = %e, "cleanup after the entrypoint ended was incomplete");
                 }
             }
+            this.detach_volumes(&id).await;
         });
     }
 
@@ -380,6 +446,8 @@ impl Workloads {
             if let Ok(rt) = &self.runtime {
                 rt.stop(id, grace).await.map_err(|e| ControlError::Internal(format!("stopping sandbox {id}: {e}")))?;
             }
+            // Writes to mounted volumes become versions before the caller hears the workload stopped.
+            self.detach_volumes(id).await;
         }
         self.store
             .read(|r| r.sandboxes().get(env, id))?

@@ -1,5 +1,6 @@
 //! Shared translation between the container spec on the wire and the control plane's workload request.
 
+use compute_control::volume::MountRequest;
 use compute_control::{WorkloadKind, WorkloadRequest};
 use compute_proto::chalk::container::v1::ChalkContainerSpec;
 use compute_store::{SandboxRecord, SandboxStatus};
@@ -9,8 +10,33 @@ use tonic::Status;
 /// Checks the parts of a spec this server does not serve yet, so a user learns at once rather than getting a
 /// workload without them.
 pub fn request(kind: WorkloadKind, spec: ChalkContainerSpec) -> Result<WorkloadRequest, Status> {
-    if !spec.volumes.is_empty() {
-        return Err(Status::unimplemented("spec.volumes: volume mounts are not implemented by this server yet"));
+    let mut volumes = Vec::with_capacity(spec.volumes.len());
+    for (i, v) in spec.volumes.iter().enumerate() {
+        if !matches!(v.r#type.as_str(), "versioned_chalkfs" | "") {
+            return Err(Status::invalid_argument(format!(
+                "spec.volumes[{i}].type {:?} is not supported: use \"versioned_chalkfs\"",
+                v.r#type
+            )));
+        }
+        if v.name.is_empty() {
+            return Err(Status::invalid_argument(format!("spec.volumes[{i}].name is required")));
+        }
+        let path = v.mount_path.trim_end_matches('/');
+        if !v.mount_path.starts_with('/') || path.is_empty() || path.split('/').any(|c| c == "..") {
+            return Err(Status::invalid_argument(format!(
+                "spec.volumes[{i}].mount_path {:?} must be an absolute path other than / without '..'",
+                v.mount_path
+            )));
+        }
+        if volumes.iter().any(|m: &MountRequest| m.mount_path == path) {
+            return Err(Status::invalid_argument(format!("spec.volumes[{i}].mount_path {path:?} is used twice")));
+        }
+        volumes.push(MountRequest {
+            volume: v.name.clone(),
+            mount_path: path.to_string(),
+            version: v.version_id,
+            ref_name: v.ref_name.clone().filter(|r| !r.is_empty()),
+        });
     }
     if !spec.secret_refs.is_empty() {
         return Err(Status::unimplemented("spec.secret_refs: secrets are not implemented by this server yet"));
@@ -43,6 +69,7 @@ pub fn request(kind: WorkloadKind, spec: ChalkContainerSpec) -> Result<WorkloadR
         memory: resources.memory,
         lifetime,
         spec: spec.encode_to_vec(),
+        volumes,
     })
 }
 

@@ -1,0 +1,89 @@
+"""Volumes mounted into workloads (FUSE view of a version, copy-on-write writes committed at stop), under the
+server's isolation backend: program (d) verbatim, writes becoming versions, pinned read-only versions, forks."""
+import re
+import textwrap
+
+from conftest import PROGRAMS, require_root, run_program, run_sdk
+
+
+def sdk(server, body, timeout=600):
+    code = "from chalkcompute import Volume, Sandbox, Container, Image\n" + textwrap.dedent(body)
+    proc = run_sdk(code, server.sdk_env(), timeout=timeout)
+    assert proc.returncode == 0, f"SDK program failed\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    return proc.stdout
+
+
+def test_program_d_verbatim(shared_server):
+    require_root()
+    proc = run_program(PROGRAMS / "d_volume.py", shared_server.sdk_env())
+    assert proc.returncode == 0, proc.stderr
+    assert "READBACK: b'hello\\n'" in proc.stdout, proc.stdout
+    assert "STDOUT: 'hello\\n' EXIT: 0" in proc.stdout, proc.stdout
+
+
+def test_writes_in_a_sandbox_become_a_version_and_pinned_mounts_are_read_only(shared_server):
+    require_root()
+    out = sdk(shared_server, """
+        vol = Volume("mounted")
+        vol.put_file("keep.txt", b"keep\\n")
+        vol.put_file("gone.txt", b"gone\\n")
+        before = vol.latest_version().id
+        sb = Sandbox(image=Image.debian_slim(), name="vol-writer").mount_volume("mounted", "/data").run()
+        r = sb.exec("sh", "-c", "echo new > /data/new.txt && mkdir -p /data/d/e && echo deep > /data/d/e/f.txt "
+                                "&& rm /data/gone.txt && head -c 3000000 /dev/urandom > /data/big.bin "
+                                "&& sha256sum /data/big.bin | cut -c1-64 && sync")
+        print("WRITE", r.exit_code, r.stderr_text)
+        big_sha = r.stdout_text.strip()
+        sb.terminate()
+        after = vol.latest_version()
+        print("VERSION", after.id > before, after.parent_id == before)
+        print("FILES", sorted(f.path for f in vol.listdir() if f.kind == "file"))
+        print("NEW", vol.read_file("new.txt"), vol.read_file("d/e/f.txt"))
+        import hashlib
+        print("BIG", hashlib.sha256(vol.read_file("big.bin")).hexdigest() == big_sha)
+
+        old = vol.at_version(before)
+        sb = Sandbox(image=Image.debian_slim(), name="vol-reader").mount_volume(old, "/old").run()
+        print("OLD", sb.exec("cat", "/old/gone.txt").stdout_text.strip(),
+              sb.exec("test", "-e", "/old/new.txt").exit_code)
+        w = sb.exec("sh", "-c", "echo x > /old/x.txt")
+        print("RO", w.exit_code != 0, "Read-only" in w.stderr_text)
+        sb.terminate()
+        print("UNCHANGED", vol.latest_version().id == after.id)
+    """)
+    assert "WRITE 0" in out, out
+    assert "VERSION True True" in out, out
+    assert "FILES ['big.bin', 'd/e/f.txt', 'keep.txt', 'new.txt']" in out, out
+    assert "NEW b'new\\n' b'deep\\n'" in out, out
+    assert "BIG True" in out, out
+    assert "OLD gone 1" in out, out
+    assert "RO True True" in out, out
+    assert "UNCHANGED True" in out, out
+
+
+def test_fork_then_diverge_in_sandboxes(shared_server):
+    require_root()
+    out = sdk(shared_server, """
+        vol = Volume("forked")
+        vol.put_file("shared.txt", b"base\\n")
+        fork = vol.fork("agent-2")
+        sb = Sandbox(image=Image.debian_slim(), name="fork-writer").mount_volume(fork, "/w").run()
+        print("EXEC", sb.exec("sh", "-c", "echo mine > /w/shared.txt && echo extra > /w/extra.txt").exit_code)
+        sb.terminate()
+        fork.reload()  # a fork handle caches its version; the sandbox's commit moved the ref since
+        print("FORK", fork.read_file("shared.txt"), sorted(f.path for f in fork.listdir()))
+        print("MAIN", vol.read_file("shared.txt"), sorted(f.path for f in vol.listdir()))
+    """)
+    assert "EXEC 0" in out, out
+    assert "FORK b'mine\\n' ['extra.txt', 'shared.txt']" in out, out
+    assert "MAIN b'base\\n' ['shared.txt']" in out, out
+
+
+def test_mounting_a_missing_volume_is_a_clear_error(shared_server):
+    require_root()
+    proc = run_sdk(textwrap.dedent("""
+        from chalkcompute import Sandbox, Image
+        Sandbox(image=Image.debian_slim(), name="no-vol").mount_volume("never-made", "/data").run()
+    """), shared_server.sdk_env())
+    assert proc.returncode != 0
+    assert re.search(r"never-made.*not found", proc.stderr), proc.stderr
