@@ -45,6 +45,18 @@ pub async fn run(data_dir: &Path, settings: Settings) -> anyhow::Result<()> {
 
     let volumes = open_volumes(data_dir, &settings, &control)?;
     let (workloads, builds) = start_workloads(data_dir, &settings, &control, volumes.clone()).await;
+    // Garbage collection of volume objects and trees no version references, hourly.
+    let gc_volumes = volumes.clone();
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(std::time::Duration::from_secs(3600));
+        every.tick().await;
+        loop {
+            every.tick().await;
+            if let Err(e) = gc_volumes.gc(None).await {
+                tracing::error!(error = %e, "volume garbage collection failed");
+            }
+        }
+    });
     let config = ApiConfig {
         listen: settings.listen,
         tls: settings.tls.clone().map(|(cert_path, key_path)| TlsConfig { cert_path, key_path }),
