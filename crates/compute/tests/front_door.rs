@@ -150,12 +150,13 @@ fn unimplemented_methods_answer_promptly_naming_themselves() {
         let token = token(&server).await;
         let mut grpc = tonic::client::Grpc::new(channel(&server).await);
         grpc.ready().await.unwrap();
-        let mut req = tonic::Request::new(compute_proto::chalk::volume::v2::GetVolumeRequest::default());
+        let mut req = tonic::Request::new(compute_proto::chalk::scalinggroup::v1::GetScalingGroupRequest::default());
         req.metadata_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
-        let path = http::uri::PathAndQuery::from_static("/chalk.volume.v2.VolumeService/GetVolume");
+        let path =
+            http::uri::PathAndQuery::from_static("/chalk.scalinggroup.v1.ScalingGroupManagerService/GetScalingGroup");
         let started = std::time::Instant::now();
         let err = grpc
-            .unary::<_, compute_proto::chalk::volume::v2::GetVolumeResponse, _>(
+            .unary::<_, compute_proto::chalk::scalinggroup::v1::GetScalingGroupResponse, _>(
                 req,
                 path,
                 tonic_prost::ProstCodec::default(),
@@ -163,7 +164,11 @@ fn unimplemented_methods_answer_promptly_naming_themselves() {
             .await
             .unwrap_err();
         assert_eq!(err.code(), Code::Unimplemented);
-        assert!(err.message().contains("chalk.volume.v2.VolumeService/GetVolume"), "{}", err.message());
+        assert!(
+            err.message().contains("chalk.scalinggroup.v1.ScalingGroupManagerService/GetScalingGroup"),
+            "{}",
+            err.message()
+        );
         // Not a performance bound: a generous limit that only a hang would exceed.
         assert!(started.elapsed() < Duration::from_secs(30));
 
@@ -243,11 +248,17 @@ fn connect_unary_over_http1_proto_and_json() {
     assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
     assert!(body_of(&resp).contains("\"default\""), "{resp}");
 
-    let resp = connect_post(&server, "/chalk.volume.v2.VolumeService/GetFile", "application/proto", b"", &auth);
+    let resp = connect_post(
+        &server,
+        "/chalk.scalinggroup.v1.ScalingGroupManagerService/GetScalingGroup",
+        "application/proto",
+        b"",
+        &auth,
+    );
     assert!(resp.starts_with("HTTP/1.1 501"), "{resp}");
     let v: serde_json::Value = serde_json::from_str(body_of(&resp)).unwrap();
     assert_eq!(v["code"], "unimplemented");
-    assert!(v["message"].as_str().unwrap().contains("VolumeService/GetFile"));
+    assert!(v["message"].as_str().unwrap().contains("ScalingGroupManagerService/GetScalingGroup"));
 
     let resp = connect_post(&server, "/chalk.server.v1.TeamService/GetEnv", "application/json", b"{not json", &auth);
     assert!(resp.starts_with("HTTP/1.1 400"), "{resp}");

@@ -2,14 +2,15 @@
 //! memory), reads fetch only the byte ranges asked for from the object store, and because nothing under it ever
 //! changes, the kernel may cache attributes, entries and pages for as long as it likes.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::ffi::OsStr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, UNIX_EPOCH};
 
 use fuser::{
-    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, OpenFlags, ReplyAttr,
-    ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
+    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags, KernelConfig,
+    OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen,
+    ReplyStatfs, ReplyXattr, Request,
 };
 
 use crate::tree::{kind, Entry, DIR_MODE};
@@ -17,6 +18,39 @@ use crate::VolumeStore;
 
 /// Versions never change, so the kernel may cache what it learns for long.
 const TTL: Duration = Duration::from_secs(24 * 3600);
+
+/// Objects are fetched in blocks of this size and kept in memory: the kernel asks for at most 1 MiB at a time,
+/// and one fetch then serves several of its requests.
+const BLOCK: u64 = 4 << 20;
+
+/// Memory for cached blocks, per mount.
+const CACHE_BYTES: usize = 64 << 20;
+
+#[derive(Default)]
+struct BlockCache {
+    blocks: HashMap<(String, u64), bytes::Bytes>,
+    order: VecDeque<(String, u64)>,
+    bytes: usize,
+}
+
+impl BlockCache {
+    fn get(&self, key: &(String, u64)) -> Option<bytes::Bytes> {
+        self.blocks.get(key).cloned()
+    }
+
+    fn put(&mut self, key: (String, u64), block: bytes::Bytes) {
+        self.bytes += block.len();
+        if self.blocks.insert(key.clone(), block).is_none() {
+            self.order.push_back(key);
+        }
+        while self.bytes > CACHE_BYTES {
+            let Some(old) = self.order.pop_front() else { break };
+            if let Some(b) = self.blocks.remove(&old) {
+                self.bytes -= b.len();
+            }
+        }
+    }
+}
 
 struct Inodes {
     /// Entry of inode `i + 1`.
@@ -31,6 +65,7 @@ pub struct VersionFs {
     env: String,
     runtime: tokio::runtime::Handle,
     inodes: Mutex<Inodes>,
+    cache: Mutex<BlockCache>,
 }
 
 impl VersionFs {
@@ -42,7 +77,63 @@ impl VersionFs {
             env: env.into(),
             runtime,
             inodes: Mutex::new(Inodes { nodes: vec![root], children: HashMap::new() }),
+            cache: Mutex::default(),
         }
+    }
+
+    /// Block `index` of `object` (short at the object's end), from the cache or the object store.
+    fn block(&self, object: &str, index: u64) -> Result<bytes::Bytes, crate::VolumeError> {
+        let key = (object.to_string(), index);
+        if let Some(b) = self.cache.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
+            return Ok(b);
+        }
+        let obj = crate::ObjectKey::from_hash(object, "object")?;
+        let objects = self.store.objects();
+        let start = index * BLOCK;
+        let block = match objects.read_local(&self.env, &obj, start, BLOCK as usize) {
+            Some(read) => bytes::Bytes::from(read.map_err(|e| crate::VolumeError::Storage(e.to_string()))?),
+            None => {
+                let (objects, env) = (objects.clone(), self.env.clone());
+                self.runtime.block_on(async move { objects.read_bytes(&env, &obj, start..start + BLOCK).await })?
+            }
+        };
+        self.cache.lock().unwrap_or_else(|p| p.into_inner()).put(key, block.clone());
+        Ok(block)
+    }
+
+    /// `len` bytes at `offset` of a file (short at its end).
+    fn read_file(&self, e: &Entry, offset: u64, len: u64) -> Result<Vec<u8>, crate::VolumeError> {
+        let end = offset.saturating_add(len).min(e.size);
+        if offset >= end {
+            return Ok(Vec::new());
+        }
+        if e.extents.is_empty() {
+            return Ok(e.inline[offset as usize..end as usize].to_vec());
+        }
+        let mut out = Vec::with_capacity((end - offset) as usize);
+        let mut pos = 0u64;
+        for x in &e.extents {
+            let (start, stop) = (pos, pos + x.size);
+            pos = stop;
+            if stop <= offset || start >= end {
+                continue;
+            }
+            // The wanted part of this extent, as object offsets.
+            let mut from = x.offset + (offset.max(start) - start);
+            let to = x.offset + (end.min(stop) - start);
+            while from < to {
+                let index = from / BLOCK;
+                let block = self.block(&x.object, index)?;
+                let at = (from - index * BLOCK) as usize;
+                let take = ((to - from) as usize).min(block.len().saturating_sub(at));
+                if take == 0 {
+                    return Err(crate::VolumeError::Storage(format!("object {} is shorter than its extent", x.object)));
+                }
+                out.extend_from_slice(&block[at..at + take]);
+                from += take as u64;
+            }
+        }
+        Ok(out)
     }
 
     fn entry(&self, ino: INodeNo) -> Option<Entry> {
@@ -99,6 +190,22 @@ fn attr(ino: u64, e: &Entry) -> FileAttr {
 }
 
 impl Filesystem for VersionFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        // Large reads, directory listings that carry attributes (a walk then needs no lookup per entry), parallel
+        // lookups; each only where the kernel offers it.
+        let _ = config.set_max_readahead(1 << 20);
+        for cap in [
+            InitFlags::FUSE_MAX_PAGES,
+            InitFlags::FUSE_DO_READDIRPLUS,
+            InitFlags::FUSE_READDIRPLUS_AUTO,
+            InitFlags::FUSE_PARALLEL_DIROPS,
+            InitFlags::FUSE_CACHE_SYMLINKS,
+        ] {
+            let _ = config.add_capabilities(cap);
+        }
+        Ok(())
+    }
+
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let Some(dir) = self.entry(parent).filter(Entry::is_dir) else { return reply.error(Errno::ENOTDIR) };
         let tree = match self.children(&dir) {
@@ -148,9 +255,7 @@ impl Filesystem for VersionFs {
         reply: ReplyData,
     ) {
         let Some(e) = self.entry(ino) else { return reply.error(Errno::ENOENT) };
-        let store = self.store.clone();
-        let env = self.env.clone();
-        match self.runtime.block_on(async move { store.read_range(&env, &e, offset, u64::from(size)).await }) {
+        match self.read_file(&e, offset, u64::from(size)) {
             Ok(bytes) => reply.data(&bytes),
             Err(err) => {
                 tracing::warn!(error = %err, "volume mount: read failed");
@@ -208,6 +313,29 @@ impl Filesystem for VersionFs {
         } else {
             reply.data(&[])
         }
+    }
+
+    fn readdirplus(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
+        let Some(dir) = self.entry(ino).filter(Entry::is_dir) else { return reply.error(Errno::ENOTDIR) };
+        let tree = match self.children(&dir) {
+            Ok(t) => t,
+            Err(e) => return reply.error(e),
+        };
+        let total = 2 + tree.entries.len();
+        for i in offset as usize..total {
+            let full = if i < 2 {
+                let name = if i == 0 { "." } else { ".." };
+                reply.add(ino, (i + 1) as u64, name, &TTL, &attr(ino.0, &dir), Generation(0))
+            } else {
+                let e = &tree.entries[i - 2];
+                let child = self.child_ino(ino.0, e);
+                reply.add(INodeNo(child), (i + 1) as u64, &e.name, &TTL, &attr(child, e), Generation(0))
+            };
+            if full {
+                break;
+            }
+        }
+        reply.ok()
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
