@@ -3,6 +3,7 @@ HTTP/1.1, signed URLs, BLAKE3 packs and chunks), history and forks, concurrency,
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -315,3 +316,37 @@ def test_kill_9_during_commits_leaves_only_whole_versions(tmp_path):
         assert counts == [100 * (len(counts) - i) for i in range(len(counts))], counts
     finally:
         s.stop()
+
+
+def test_cli_history_fork_diff_rollback_rm_gc(vols):
+    sdk(vols, """
+        vol = Volume("cli-vol")
+        vol.put_file("a/x.txt", b"1")
+        vol.put_file("a/y.txt", b"2")
+        vol.remove_file("a/x.txt")
+        vol.put_file("b.bin", os.urandom(100_000))
+    """)
+    assert "cli-vol" in vols.cli("volume", "ls").stdout
+    versions = vols.cli("volume", "versions", "cli-vol").stdout.splitlines()
+    assert [line.split()[0] for line in versions[1:]] == ["4", "3", "2", "1"], versions
+    files = vols.cli("volume", "ls-files", "cli-vol@2").stdout
+    assert "a/x.txt" in files and "a/y.txt" in files and "b.bin" not in files, files
+    diff = vols.cli("volume", "diff", "cli-vol", "2", "4").stdout.splitlines()
+    assert sorted(diff) == ["+ b.bin", "- a/x.txt"], diff
+    vols.cli("volume", "fork", "cli-vol@2", "cli-copy")
+    assert "a/x.txt" in vols.cli("volume", "ls-files", "cli-copy").stdout
+    vols.cli("volume", "fork", "cli-vol", "experiment", "--ref")
+    out = sdk(vols, 'print("FORKS", [f.name for f in Volume("cli-vol").forks()])').stdout
+    assert "FORKS ['experiment']" in out, out
+    assert "now at version 5" in vols.cli("volume", "rollback", "cli-vol", "2").stdout
+    out = sdk(vols, 'v = Volume("cli-vol"); print("AFTER", sorted(f.path for f in v.listdir()), v.latest_version().id)')
+    assert "AFTER ['a', 'a/x.txt', 'a/y.txt'] 5" in out.stdout, out.stdout
+    vols.cli("volume", "rm", "cli-copy")
+    assert "cli-copy" not in vols.cli("volume", "ls").stdout
+    gc = vols.cli("volume", "gc", "--grace", "0").stdout
+    assert re.match(r"deleted \d+ objects", gc), gc
+    # Everything still referenced still reads after a collection.
+    out = sdk(vols, 'v = Volume("cli-vol"); print("READ", v.read_file("a/y.txt"), len(v.at_version(4).read_file("b.bin")))')
+    assert "READ b'2' 100000" in out.stdout, out.stdout
+    bad = vols.cli("volume", "diff", "missing", "1", "2", check=False)
+    assert bad.returncode != 0 and 'volume "missing" not found' in bad.stderr, bad.stderr

@@ -72,6 +72,10 @@ async fn route(shared: Arc<Shared>, tls: bool, mut req: Request<Incoming>) -> Re
         let rest = rest.to_string();
         return crate::blobs::serve(&shared.volumes, &rest, req, &shared.metrics).await;
     }
+    if let Some(op) = path.strip_prefix(crate::admin::PREFIX) {
+        let op = op.to_string();
+        return crate::admin::serve(&shared, &op, req).await;
+    }
     let content_type = req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
     let is_grpc = content_type.starts_with("application/grpc");
 
@@ -187,7 +191,7 @@ fn admit<B>(shared: &Shared, method: &MethodInfo, req: &mut Request<B>) -> Resul
     Ok(())
 }
 
-fn authenticate<B>(shared: &Shared, req: &Request<B>) -> Result<Principal, Status> {
+pub(crate) fn authenticate<B>(shared: &Shared, req: &Request<B>) -> Result<Principal, Status> {
     let bearer = req
         .headers()
         .get(header::AUTHORIZATION)

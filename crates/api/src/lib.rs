@@ -11,6 +11,7 @@
 
 #![warn(missing_docs)]
 
+mod admin;
 mod blobs;
 mod connect;
 mod front_door;

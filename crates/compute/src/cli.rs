@@ -137,6 +137,9 @@ enum Command {
     /// Inspect and manage containers (of the default environment).
     #[command(subcommand)]
     Container(ContainerCommand),
+    /// Inspect and manage volumes (of the default environment): history, forks, diffs, rollback, GC.
+    #[command(subcommand)]
+    Volume(VolumeCommand),
     /// Print a workload's entrypoint output.
     Logs {
         /// Sandbox or container id or name.
@@ -179,6 +182,86 @@ enum SandboxCommand {
         /// Seconds between SIGTERM and SIGKILL.
         #[arg(long, default_value_t = 10)]
         grace: u64,
+        #[command(flatten)]
+        dir: DataDir,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum VolumeCommand {
+    /// List volumes.
+    Ls {
+        #[command(flatten)]
+        dir: DataDir,
+    },
+    /// List a volume's versions, newest first.
+    Versions {
+        /// Volume name.
+        volume: String,
+        /// Only the versions committed to this ref.
+        #[arg(long = "ref")]
+        r#ref: Option<String>,
+        #[command(flatten)]
+        dir: DataDir,
+    },
+    /// List the files of a volume's current version, or of NAME@VERSION.
+    LsFiles {
+        /// NAME or NAME@VERSION.
+        volume: String,
+        /// Only under this directory.
+        #[arg(default_value = "")]
+        path: String,
+        #[command(flatten)]
+        dir: DataDir,
+    },
+    /// Fork SRC (its current version, or SRC@VERSION) into a new volume DST; nothing is copied.
+    Fork {
+        /// NAME or NAME@VERSION.
+        src: String,
+        /// The new volume's name (or, with --ref, the new ref's).
+        dst: String,
+        /// Make a ref of SRC named DST instead of a new volume (what the SDK's Volume.fork does).
+        #[arg(long = "ref")]
+        as_ref: bool,
+        #[command(flatten)]
+        dir: DataDir,
+    },
+    /// The files added (+), modified (~) and removed (-) between two versions.
+    Diff {
+        /// Volume name.
+        volume: String,
+        /// The older version.
+        from: u64,
+        /// The newer version.
+        to: u64,
+        #[command(flatten)]
+        dir: DataDir,
+    },
+    /// Make a ref's content that of an earlier version again (as a new version; history is kept).
+    Rollback {
+        /// Volume name.
+        volume: String,
+        /// The version to go back to.
+        #[arg(value_name = "VERSION")]
+        to_version: u64,
+        /// The ref to move.
+        #[arg(long = "ref", default_value = "main")]
+        r#ref: String,
+        #[command(flatten)]
+        dir: DataDir,
+    },
+    /// Delete a volume with its versions.
+    Rm {
+        /// Volume name.
+        volume: String,
+        #[command(flatten)]
+        dir: DataDir,
+    },
+    /// Delete objects and trees no version references (server-wide).
+    Gc {
+        /// Keep what is younger than this many seconds (uploads whose commit may still come) [default: 3600].
+        #[arg(long)]
+        grace: Option<u64>,
         #[command(flatten)]
         dir: DataDir,
     },
@@ -306,6 +389,28 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 ContainerCommand::Stop { container, grace, dir } => {
                     ApiClient::connect(&dir.path()).await?.stop(&container, grace).await
                 }
+            }
+        }),
+        Command::Volume(c) => block_on(async {
+            match c {
+                VolumeCommand::Ls { dir } => ApiClient::connect(&dir.path()).await?.volume_ls().await,
+                VolumeCommand::Versions { volume, r#ref, dir } => {
+                    ApiClient::connect(&dir.path()).await?.volume_versions(&volume, r#ref).await
+                }
+                VolumeCommand::LsFiles { volume, path, dir } => {
+                    ApiClient::connect(&dir.path()).await?.volume_ls_files(&volume, &path).await
+                }
+                VolumeCommand::Fork { src, dst, as_ref, dir } => {
+                    ApiClient::connect(&dir.path()).await?.volume_fork(&src, &dst, as_ref).await
+                }
+                VolumeCommand::Diff { volume, from, to, dir } => {
+                    ApiClient::connect(&dir.path()).await?.volume_diff(&volume, from, to).await
+                }
+                VolumeCommand::Rollback { volume, to_version, r#ref, dir } => {
+                    ApiClient::connect(&dir.path()).await?.volume_rollback(&volume, to_version, &r#ref).await
+                }
+                VolumeCommand::Rm { volume, dir } => ApiClient::connect(&dir.path()).await?.volume_rm(&volume).await,
+                VolumeCommand::Gc { grace, dir } => ApiClient::connect(&dir.path()).await?.volume_gc(grace).await,
             }
         }),
         Command::Logs { name, follow, dir } => block_on(logs(&dir.path(), &name, follow)),
@@ -495,4 +600,14 @@ fn environment(cmd: EnvironmentCommand) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_is_well_formed() {
+        super::Cli::command().debug_assert();
+    }
 }

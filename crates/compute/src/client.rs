@@ -51,7 +51,34 @@ impl ApiClient {
         Ok(ApiClient { channel, bearer: format!("Bearer {token}") })
     }
 
-    fn req<T>(&self, msg: T) -> tonic::Request<T> {
+    /// The connection.
+    pub fn channel(&self) -> Channel {
+        self.channel.clone()
+    }
+
+    /// Calls an operator endpoint (`/v1/admin/volumes/<op>`) with a JSON body; returns the JSON answer.
+    pub async fn admin(&self, op: &str, body: serde_json::Value) -> anyhow::Result<serde_json::Value> {
+        use http_body_util::BodyExt;
+        use tower::ServiceExt;
+        let req = http::Request::builder()
+            .method("POST")
+            .uri(format!("/v1/admin/volumes/{op}"))
+            .header("content-type", "application/json")
+            .header("authorization", &self.bearer)
+            .body(tonic::body::Body::new(http_body_util::Full::new(bytes::Bytes::from(serde_json::to_vec(&body)?))))?;
+        let resp = self.channel.clone().oneshot(req).await.with_context(|| format!("calling {op}"))?;
+        let status = resp.status();
+        let bytes =
+            resp.into_body().collect().await.map_err(|e| anyhow::anyhow!("reading the answer: {e}"))?.to_bytes();
+        let value: serde_json::Value = serde_json::from_slice(&bytes)
+            .unwrap_or_else(|_| serde_json::json!({"message": String::from_utf8_lossy(&bytes)}));
+        if !status.is_success() {
+            anyhow::bail!("{}", value["message"].as_str().unwrap_or("the server refused the request"));
+        }
+        Ok(value)
+    }
+
+    pub(crate) fn req<T>(&self, msg: T) -> tonic::Request<T> {
         let mut r = tonic::Request::new(msg);
         r.metadata_mut().insert("authorization", self.bearer.parse().expect("tokens are ASCII"));
         r
@@ -188,7 +215,7 @@ fn prost_types_duration(secs: u64) -> prost_types::Duration {
     prost_types::Duration { seconds: secs as i64, nanos: 0 }
 }
 
-fn ago(secs: i64) -> String {
+pub(crate) fn ago(secs: i64) -> String {
     let now = compute_store::now_millis() / 1000;
     let d = (now - secs).max(0);
     match d {
@@ -199,6 +226,6 @@ fn ago(secs: i64) -> String {
     }
 }
 
-fn status_error(s: tonic::Status) -> anyhow::Error {
+pub(crate) fn status_error(s: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{}: {}", s.code(), s.message())
 }

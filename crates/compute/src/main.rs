@@ -5,6 +5,7 @@ mod client;
 mod runtime_file;
 mod serve;
 mod settings;
+mod volume_cli;
 
 fn main() -> std::process::ExitCode {
     cli::main()

@@ -223,6 +223,15 @@ impl Auth {
             .ok_or_else(|| AuthError::UnknownEnvironment(id_or_name.into()).into())
     }
 
+    /// Whether the client is an operator (may act in every environment, like the admin client made on first
+    /// start): only operators may run server-wide maintenance such as volume garbage collection.
+    pub fn is_operator(&self, client_id: &str) -> Result<bool, ControlError> {
+        Ok(self
+            .store
+            .read(|r| r.clients().get(client_id))?
+            .is_some_and(|c| c.all_environments && c.revoked_at.is_none()))
+    }
+
     fn accessible_environments(&self, client: &Client) -> Result<Vec<Environment>, ControlError> {
         let all = self.store.read(|r| r.environments().list())?;
         Ok(all.into_iter().filter(|e| client.all_environments || e.id == client.environment_id).collect())

@@ -1,0 +1,134 @@
+//! Operator endpoints for volume maintenance the SDK's API has no method for: `POST /v1/admin/volumes/<op>` with
+//! a JSON body, for an operator client's token (`compute volume gc|diff|rollback|fork` call these). They act in
+//! the token's environment; `gc` is server-wide.
+
+use std::time::Duration;
+
+use compute_control::volume::{Selector, VolumeSel};
+use http::{header, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use serde::Deserialize;
+use serde_json::json;
+use tonic::body::Body;
+use tonic::Status;
+
+use crate::front_door::{authenticate, Shared};
+use crate::http_util::{connect_error, json};
+use crate::status::{from_control, from_volume};
+
+/// Path prefix of the endpoints.
+pub const PREFIX: &str = "/v1/admin/volumes/";
+
+#[derive(Deserialize)]
+struct Gc {
+    /// Objects and trees younger than this many seconds are kept (default: the server's grace period).
+    grace_seconds: Option<u64>,
+}
+
+#[derive(Deserialize)]
+struct Diff {
+    volume: String,
+    from: u64,
+    to: u64,
+}
+
+#[derive(Deserialize)]
+struct Rollback {
+    volume: String,
+    version: u64,
+    #[serde(default = "main_ref")]
+    r#ref: String,
+}
+
+#[derive(Deserialize)]
+struct Fork {
+    volume: String,
+    version: Option<u64>,
+    r#ref: Option<String>,
+    to: String,
+}
+
+fn main_ref() -> String {
+    "main".into()
+}
+
+/// Serves one operator request; `op` is the path after [`PREFIX`].
+pub async fn serve(shared: &Shared, op: &str, req: Request<Incoming>) -> Response<Body> {
+    match handle(shared, op, req).await {
+        Ok(v) => json(StatusCode::OK, &v),
+        Err(status) => connect_error(&status),
+    }
+}
+
+async fn handle(shared: &Shared, op: &str, req: Request<Incoming>) -> Result<serde_json::Value, Status> {
+    if req.method() != Method::POST {
+        return Err(Status::unimplemented(format!("{PREFIX}{op} takes POST with a JSON body")));
+    }
+    let who = authenticate(shared, &req)?;
+    if !shared.control.auth().is_operator(&who.client_id).map_err(from_control)? {
+        return Err(Status::permission_denied(format!(
+            "{PREFIX}{op} is for operator clients (the admin client of `compute env`); client {} is not one",
+            who.client_id
+        )));
+    }
+    let is_json = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_none_or(|ct| ct.starts_with("application/json"));
+    if !is_json {
+        return Err(Status::invalid_argument("send the body as application/json"));
+    }
+    let body = Limited::new(req.into_body(), 1 << 20)
+        .collect()
+        .await
+        .map_err(|e| Status::invalid_argument(format!("reading the body: {e}")))?
+        .to_bytes();
+    let body = if body.is_empty() { &b"{}"[..] } else { &body[..] };
+    fn parse<'a, T: Deserialize<'a>>(op: &str, body: &'a [u8]) -> Result<T, Status> {
+        serde_json::from_slice(body).map_err(|e| Status::invalid_argument(format!("{op}: {e}")))
+    }
+    let env = who.environment_id.as_str();
+    let v = &shared.volumes;
+    let name = |n: &str| VolumeSel { id: String::new(), name: n.into() };
+    match op {
+        "gc" => {
+            let r: Gc = parse(op, body)?;
+            let report = v.gc(r.grace_seconds.map(Duration::from_secs)).await.map_err(from_volume)?;
+            Ok(json!({
+                "versions_pruned": report.versions_pruned,
+                "trees_deleted": report.trees_deleted,
+                "objects_deleted": report.objects_deleted,
+                "bytes_freed": report.bytes_freed,
+                "objects_kept": report.objects_kept,
+            }))
+        }
+        "diff" => {
+            let r: Diff = parse(op, body)?;
+            let from = v.view(env, &name(&r.volume), &Selector::Version(r.from)).map_err(from_volume)?.version;
+            let to = v.view(env, &name(&r.volume), &Selector::Version(r.to)).map_err(from_volume)?.version;
+            let to = to.ok_or_else(|| Status::not_found(format!("volume {:?} has no version {}", r.volume, r.to)))?;
+            let d = v.diff(from.as_ref(), &to).map_err(from_volume)?;
+            Ok(json!({"added": d.added, "modified": d.modified, "removed": d.removed}))
+        }
+        "rollback" => {
+            let r: Rollback = parse(op, body)?;
+            let ver = v.rollback(env, &name(&r.volume), &r.r#ref, r.version).await.map_err(from_volume)?;
+            Ok(json!({"version": ver.version_id, "ref": ver.ref_name, "root": ver.root_tree}))
+        }
+        "fork" => {
+            let r: Fork = parse(op, body)?;
+            let selector = match (r.version, r.r#ref) {
+                (Some(ver), _) => Selector::Version(ver),
+                (None, Some(rf)) => Selector::Ref(rf),
+                (None, None) => Selector::default(),
+            };
+            let (vol, ver) = v.fork_volume(env, &name(&r.volume), &selector, &r.to).await.map_err(from_volume)?;
+            Ok(json!({"volume": vol.name, "volume_id": vol.id, "version": ver.version_id}))
+        }
+        other => {
+            Err(Status::not_found(format!("no operator endpoint {PREFIX}{other}: use gc, diff, rollback or fork")))
+        }
+    }
+}
