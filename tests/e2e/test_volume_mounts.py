@@ -87,3 +87,36 @@ def test_mounting_a_missing_volume_is_a_clear_error(shared_server):
     """), shared_server.sdk_env())
     assert proc.returncode != 0
     assert re.search(r"never-made.*not found", proc.stderr), proc.stderr
+
+
+def test_fsync_inside_the_sandbox_commits_while_it_runs(shared_server):
+    require_root()
+    out = sdk(shared_server, """
+        vol = Volume("synced")
+        vol.put_file("docs/readme.md", b"v1\\n")
+        vol.put_file("docs/old.txt", b"old\\n")
+        start = vol.latest_version().id
+        sb = Sandbox(image=Image.debian_slim(), name="fsyncer").mount_volume("synced", "/v").run()
+        script = (
+            "set -e; cd /v; echo v2 >> docs/readme.md; mkdir -p a/b; echo x > a/b/x.txt; ln -s ../docs/readme.md a/link;"
+            "mv docs/old.txt docs/renamed.txt; chmod 600 docs/renamed.txt; printf 12345 > t.txt; truncate -s 2 t.txt;"
+            "python3 -c 'import os; fd = os.open(\\"/v/t.txt\\", os.O_RDONLY); os.fsync(fd)'"
+        )
+        r = sb.exec("sh", "-c", script)
+        print("EXEC", r.exit_code, r.stderr_text)
+        mid = vol.latest_version()
+        print("SYNCED_WHILE_RUNNING", mid.id > start)
+        print("FILES", sorted((f.path, f.kind) for f in vol.listdir()))
+        print("READ", vol.read_file("docs/readme.md"), vol.read_file("t.txt"), vol.read_file("a/b/x.txt"))
+        print("MODE", oct([f for f in vol.listdir() if f.path == "docs/renamed.txt"][0].mode))
+        r = sb.exec("sh", "-c", "rm -r /v/a && echo after > /v/after.txt")
+        sb.terminate()
+        print("FINAL", sorted(f.path for f in vol.listdir() if f.kind == "file"), vol.latest_version().id > mid.id)
+    """)
+    assert "EXEC 0" in out, out
+    assert "SYNCED_WHILE_RUNNING True" in out, out
+    assert ("FILES [('a', 'directory'), ('a/b', 'directory'), ('a/b/x.txt', 'file'), ('a/link', 'symlink'), "
+            "('docs', 'directory'), ('docs/readme.md', 'file'), ('docs/renamed.txt', 'file'), ('t.txt', 'file')]") in out, out
+    assert "READ b'v1\\nv2\\n' b'12' b'x\\n'" in out, out
+    assert "MODE 0o600" in out, out
+    assert "FINAL ['after.txt', 'docs/readme.md', 'docs/renamed.txt', 't.txt'] True" in out, out

@@ -17,7 +17,7 @@ use crate::tree::{kind, Entry, DIR_MODE};
 use crate::VolumeStore;
 
 /// Versions never change, so the kernel may cache what it learns for long.
-const TTL: Duration = Duration::from_secs(24 * 3600);
+pub(crate) const TTL: Duration = Duration::from_secs(24 * 3600);
 
 /// Objects are fetched in blocks of this size and kept in memory: the kernel asks for at most 1 MiB at a time,
 /// and one fetch then serves several of its requests.
@@ -59,13 +59,19 @@ struct Inodes {
     children: HashMap<(u64, String), u64>,
 }
 
-/// A read-only filesystem over one version's tree.
-pub struct VersionFs {
+/// Reads file content of one environment's objects in cached blocks (for the FUSE threads, which are not async).
+pub(crate) struct Blocks {
     store: Arc<VolumeStore>,
     env: String,
     runtime: tokio::runtime::Handle,
-    inodes: Mutex<Inodes>,
     cache: Mutex<BlockCache>,
+}
+
+/// A read-only filesystem over one version's tree.
+pub struct VersionFs {
+    store: Arc<VolumeStore>,
+    blocks: Blocks,
+    inodes: Mutex<Inodes>,
 }
 
 impl VersionFs {
@@ -73,12 +79,16 @@ impl VersionFs {
     pub fn new(store: Arc<VolumeStore>, env: &str, root: &str, runtime: tokio::runtime::Handle) -> Self {
         let root = Entry { kind: kind::DIRECTORY, mode: DIR_MODE, hash: root.into(), ..Default::default() };
         Self {
+            blocks: Blocks::new(store.clone(), env, runtime),
             store,
-            env: env.into(),
-            runtime,
             inodes: Mutex::new(Inodes { nodes: vec![root], children: HashMap::new() }),
-            cache: Mutex::default(),
         }
+    }
+}
+
+impl Blocks {
+    pub(crate) fn new(store: Arc<VolumeStore>, env: &str, runtime: tokio::runtime::Handle) -> Self {
+        Self { store, env: env.into(), runtime, cache: Mutex::default() }
     }
 
     /// Block `index` of `object` (short at the object's end), from the cache or the object store.
@@ -102,7 +112,7 @@ impl VersionFs {
     }
 
     /// `len` bytes at `offset` of a file (short at its end).
-    fn read_file(&self, e: &Entry, offset: u64, len: u64) -> Result<Vec<u8>, crate::VolumeError> {
+    pub(crate) fn read_file(&self, e: &Entry, offset: u64, len: u64) -> Result<Vec<u8>, crate::VolumeError> {
         let end = offset.saturating_add(len).min(e.size);
         if offset >= end {
             return Ok(Vec::new());
@@ -135,7 +145,9 @@ impl VersionFs {
         }
         Ok(out)
     }
+}
 
+impl VersionFs {
     fn entry(&self, ino: INodeNo) -> Option<Entry> {
         let inodes = self.inodes.lock().unwrap_or_else(|p| p.into_inner());
         inodes.nodes.get((ino.0 as usize).checked_sub(1)?).cloned()
@@ -160,7 +172,22 @@ impl VersionFs {
     }
 }
 
-fn file_type(e: &Entry) -> FileType {
+/// Large reads, directory listings that carry attributes (a walk then needs no lookup per entry), parallel
+/// lookups; each only where the kernel offers it.
+pub(crate) fn configure_kernel(config: &mut KernelConfig) {
+    let _ = config.set_max_readahead(1 << 20);
+    for cap in [
+        InitFlags::FUSE_MAX_PAGES,
+        InitFlags::FUSE_DO_READDIRPLUS,
+        InitFlags::FUSE_READDIRPLUS_AUTO,
+        InitFlags::FUSE_PARALLEL_DIROPS,
+        InitFlags::FUSE_CACHE_SYMLINKS,
+    ] {
+        let _ = config.add_capabilities(cap);
+    }
+}
+
+pub(crate) fn file_type(e: &Entry) -> FileType {
     match e.kind {
         kind::DIRECTORY => FileType::Directory,
         kind::SYMLINK => FileType::Symlink,
@@ -168,7 +195,7 @@ fn file_type(e: &Entry) -> FileType {
     }
 }
 
-fn attr(ino: u64, e: &Entry) -> FileAttr {
+pub(crate) fn attr(ino: u64, e: &Entry) -> FileAttr {
     let mtime = UNIX_EPOCH + Duration::from_millis(e.mtime_ms.max(0) as u64);
     FileAttr {
         ino: INodeNo(ino),
@@ -191,18 +218,7 @@ fn attr(ino: u64, e: &Entry) -> FileAttr {
 
 impl Filesystem for VersionFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
-        // Large reads, directory listings that carry attributes (a walk then needs no lookup per entry), parallel
-        // lookups; each only where the kernel offers it.
-        let _ = config.set_max_readahead(1 << 20);
-        for cap in [
-            InitFlags::FUSE_MAX_PAGES,
-            InitFlags::FUSE_DO_READDIRPLUS,
-            InitFlags::FUSE_READDIRPLUS_AUTO,
-            InitFlags::FUSE_PARALLEL_DIROPS,
-            InitFlags::FUSE_CACHE_SYMLINKS,
-        ] {
-            let _ = config.add_capabilities(cap);
-        }
+        configure_kernel(config);
         Ok(())
     }
 
@@ -255,7 +271,7 @@ impl Filesystem for VersionFs {
         reply: ReplyData,
     ) {
         let Some(e) = self.entry(ino) else { return reply.error(Errno::ENOENT) };
-        match self.read_file(&e, offset, u64::from(size)) {
+        match self.blocks.read_file(&e, offset, u64::from(size)) {
             Ok(bytes) => reply.data(&bytes),
             Err(err) => {
                 tracing::warn!(error = %err, "volume mount: read failed");

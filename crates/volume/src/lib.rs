@@ -20,6 +20,7 @@ pub mod key;
 mod mount;
 pub mod objects;
 mod read;
+mod rwfs;
 pub mod signing;
 pub mod tree;
 

@@ -1,20 +1,21 @@
-//! Mounting a volume into a sandbox: the version is served read-only by [`VersionFs`] (FUSE); a writable mount
-//! stacks an overlay on it whose upper directory collects the sandbox's writes copy-on-write, and at sync (the
-//! sandbox's stop) the upper directory becomes a new version on the ref. A version-pinned mount is read-only.
+//! Mounting a volume into a sandbox. A version-pinned mount is the read-only [`VersionFs`]; any other mount is
+//! the writable [`RwFs`] over the ref's version at start: copy-on-write into a local upper directory, and on sync
+//! (`fsync`/`fsyncdir` inside the sandbox, and when the workload stops) the changes since the last sync become a
+//! new version on the ref.
 
-use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
 use compute_store::{VersionRecord, VolumeRecord};
-use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use nix::mount::{umount2, MntFlags};
 
 use crate::edit::{Changes, FileContent, Metadata, NodeSpec, Remove, Upsert, WriteMode};
 use crate::fuse::VersionFs;
 use crate::key::ObjectKey;
-use crate::tree::{empty_tree_hash, Extent};
+use crate::rwfs::{RwFs, RwState};
+use crate::tree::{empty_tree_hash, Entry, Extent};
 use crate::{CommitRequest, Selector, VolumeError, VolumeSel, VolumeStore, MAIN_REF};
 
 /// Files are stored in pieces of this size (the SDK's chunk size).
@@ -33,18 +34,26 @@ pub struct MountRequest {
     pub ref_name: Option<String>,
 }
 
+/// The sync state of a writable mount.
+struct Writable {
+    state: Arc<RwState>,
+    env: String,
+    volume: VolumeRecord,
+    ref_name: String,
+    commit_prefix: String,
+    /// The tree as of the last sync (the mounted version's at first); changes are taken against it.
+    synced_root: tokio::sync::Mutex<String>,
+    syncs: AtomicU64,
+}
+
 /// A volume mounted on the host, ready to be bound into a sandbox.
 pub struct AttachedVolume {
     /// Directory of this mount's parts (removed at detach).
     dir: PathBuf,
     session: Option<fuser::BackgroundSession>,
-    /// The overlay's mount point, for writable mounts.
-    merged: Option<PathBuf>,
-    env: String,
+    writable: Option<Arc<Writable>>,
     volume: VolumeRecord,
-    ref_name: String,
     base: Option<VersionRecord>,
-    commit_id: String,
     /// What to bind into the sandbox.
     pub host_path: PathBuf,
     /// Where.
@@ -61,7 +70,8 @@ impl AttachedVolume {
 }
 
 impl VolumeStore {
-    /// Mounts `req` under `dir` on the host (a FUSE view of the version, with an overlay for writes).
+    /// Mounts `req` under `dir` on the host through FUSE. `commit_id` prefixes the ids of the commits its syncs
+    /// make (so a repeated sync after a crash is recognised).
     pub fn attach(
         self: &Arc<Self>,
         env: &str,
@@ -78,82 +88,103 @@ impl VolumeStore {
         let view = self.view(env, &sel, &selector)?;
         let root = view.version.as_ref().map(|v| v.root_tree.clone()).unwrap_or_else(empty_tree_hash);
         let io = |what: &str, e: std::io::Error| VolumeError::Internal(format!("volume mount: {what}: {e}"));
-        let lower = dir.join("lower");
-        std::fs::create_dir_all(&lower).map_err(|e| io("creating the mount directory", e))?;
-        let fs = VersionFs::new(self.clone(), env, &root, tokio::runtime::Handle::current());
+        let (mnt, upper) = (dir.join("mnt"), dir.join("upper"));
+        std::fs::create_dir_all(&mnt).map_err(|e| io("creating the mount directory", e))?;
+        let read_only = req.version.is_some();
         let mut config = fuser::Config::default();
         config.mount_options = vec![
             fuser::MountOption::FSName(format!("compute-volume:{}", view.volume.name)),
             fuser::MountOption::Subtype("compute".into()),
-            fuser::MountOption::RO,
             fuser::MountOption::DefaultPermissions,
+            if read_only { fuser::MountOption::RO } else { fuser::MountOption::RW },
         ];
         config.acl = fuser::SessionACL::All;
         config.n_threads = Some(2);
-        let session = fuser::spawn_mount(fs, &lower, &config).map_err(|e| io("mounting the FUSE filesystem", e))?;
-        let read_only = req.version.is_some();
-        let mut attached = AttachedVolume {
+        let runtime = tokio::runtime::Handle::current();
+        let (session, writable) = if read_only {
+            let fs = VersionFs::new(self.clone(), env, &root, runtime);
+            (fuser::spawn_mount(fs, &mnt, &config), None)
+        } else {
+            std::fs::create_dir_all(&upper).map_err(|e| io("creating the upper directory", e))?;
+            let state = Arc::new(RwState::new(&root, &upper));
+            let w = Arc::new(Writable {
+                state: state.clone(),
+                env: env.into(),
+                volume: view.volume.clone(),
+                ref_name: view.ref_name.clone(),
+                commit_prefix: commit_id.into(),
+                synced_root: tokio::sync::Mutex::new(root.clone()),
+                syncs: AtomicU64::new(0),
+            });
+            let (store, sync_w, handle) = (self.clone(), w.clone(), runtime.clone());
+            let syncer = Arc::new(move || handle.block_on(store.sync_writable(&sync_w)).map(|_| ()));
+            let fs = RwFs::new(self.clone(), env, runtime, state, syncer);
+            (fuser::spawn_mount(fs, &mnt, &config), Some(w))
+        };
+        let session = session.map_err(|e| io("mounting the FUSE filesystem", e))?;
+        Ok(AttachedVolume {
             dir: dir.to_path_buf(),
             session: Some(session),
-            merged: None,
-            env: env.into(),
+            writable,
             volume: view.volume,
-            ref_name: view.ref_name,
             base: view.version,
-            commit_id: commit_id.into(),
-            host_path: lower.clone(),
+            host_path: mnt,
             mount_path: req.mount_path.clone(),
             read_only,
-        };
-        if !read_only {
-            let (upper, work, merged) = (dir.join("upper"), dir.join("work"), dir.join("merged"));
-            for d in [&upper, &work, &merged] {
-                std::fs::create_dir_all(d).map_err(|e| io("creating the overlay directories", e))?;
-            }
-            let opts = format!("lowerdir={},upperdir={},workdir={}", lower.display(), upper.display(), work.display());
-            mount(Some("overlay"), &merged, Some("overlay"), MsFlags::empty(), Some(opts.as_str()))
-                .map_err(|e| io("mounting the overlay", e.into()))?;
-            attached.host_path = merged.clone();
-            attached.merged = Some(merged);
-        }
-        Ok(attached)
+        })
     }
 
-    /// Turns the writes of a writable mount into a new version on its ref (none when nothing changed).
+    /// Turns the writes since the last sync into a new version on the mount's ref (none when nothing changed).
     pub async fn sync(&self, a: &AttachedVolume) -> Result<Option<VersionRecord>, VolumeError> {
-        if a.read_only {
+        match &a.writable {
+            Some(w) => self.sync_writable(w).await,
+            None => Ok(None),
+        }
+    }
+
+    async fn sync_writable(&self, w: &Writable) -> Result<Option<VersionRecord>, VolumeError> {
+        let mut synced = w.synced_root.lock().await;
+        let snap = w.state.snapshot();
+        let mut trees = Vec::new();
+        let root = self.seal_snapshot(&w.env, snap, &mut trees).await?;
+        if root.hash == *synced {
             return Ok(None);
         }
-        let base_root = a.base.as_ref().map(|v| v.root_tree.clone()).unwrap_or_else(empty_tree_hash);
-        let changes = self.scan_upper(&a.env, &a.dir.join("upper"), &base_root).await?;
-        if changes.upserts.is_empty() && changes.removes.is_empty() {
-            return Ok(None);
+        if !trees.is_empty() {
+            let now = compute_store::now_millis();
+            self.store.write(|r| {
+                for (h, body) in &trees {
+                    r.volumes().put_tree(h, body, now)?;
+                }
+                Ok(())
+            })?;
         }
+        let mut changes = Changes::default();
+        self.changes_between(&synced, &root.hash, "", &mut changes)?;
+        let n = w.syncs.fetch_add(1, Ordering::SeqCst);
         let out = self
             .commit(
-                &a.env,
+                &w.env,
                 CommitRequest {
-                    volume: VolumeSel { id: a.volume.id.clone(), name: a.volume.name.clone() },
-                    commit_id: a.commit_id.clone(),
-                    ref_name: Some(a.ref_name.clone()),
-                    author: format!("compute:{}", a.commit_id),
+                    volume: VolumeSel { id: w.volume.id.clone(), name: w.volume.name.clone() },
+                    commit_id: format!("{}/{n}", w.commit_prefix),
+                    ref_name: Some(w.ref_name.clone()),
+                    author: format!("compute:{}", w.commit_prefix),
                     changes,
                     ..Default::default()
                 },
             )
             .await?;
-        tracing::info!(volume = %a.volume.name, version = out.version.version_id, r#ref = %a.ref_name,
+        *synced = root.hash;
+        tracing::info!(volume = %w.volume.name, version = out.version.version_id, r#ref = %w.ref_name,
             "sandbox writes committed");
         Ok(Some(out.version))
     }
 
-    /// Syncs, then unmounts and removes everything the mount made. When the sync fails, the writes stay in the
-    /// mount's directory (and the error says where) rather than being lost.
+    /// Syncs, then unmounts and removes everything the mount made. When the sync fails, the written files stay
+    /// in the mount's upper directory (and the error says where) rather than being lost.
     pub async fn detach(&self, mut a: AttachedVolume) -> Result<Option<VersionRecord>, VolumeError> {
         let synced = self.sync(&a).await;
-        if let Some(merged) = a.merged.take() {
-            let _ = umount2(&merged, MntFlags::MNT_DETACH);
-        }
         if let Some(session) = a.session.take() {
             let _ = tokio::task::spawn_blocking(move || session.umount_and_join()).await;
         }
@@ -163,67 +194,44 @@ impl VolumeStore {
                 Ok(v)
             }
             Err(e) => Err(VolumeError::FailedPrecondition(format!(
-                "the writes to volume {:?} could not be committed ({e}); they are kept in {}",
+                "the writes to volume {:?} could not be committed ({e}); the written files are kept in {}",
                 a.volume.name,
                 a.dir.join("upper").display()
             ))),
         }
     }
 
-    /// Reads an overlay upper directory as changes to `base_root`: files and symlinks are upserted (their bytes
-    /// stored as objects), whiteouts and opaque directories become removes.
-    async fn scan_upper(&self, env: &str, upper: &Path, base_root: &str) -> Result<Changes, VolumeError> {
-        let mut changes = Changes::default();
-        let mut stack = vec![(upper.to_path_buf(), String::new())];
-        let io = |p: &Path, e: std::io::Error| VolumeError::Internal(format!("reading {}: {e}", p.display()));
-        while let Some((dir, prefix)) = stack.pop() {
-            let mut entries: Vec<_> =
-                std::fs::read_dir(&dir).map_err(|e| io(&dir, e))?.collect::<Result<_, _>>().map_err(|e| io(&dir, e))?;
-            entries.sort_by_key(|e| e.file_name());
-            for e in entries {
-                let name = e.file_name();
-                let Some(name) = name.to_str() else {
-                    tracing::warn!(name = ?e.file_name(), "skipping a file whose name is not UTF-8");
-                    continue;
-                };
-                let path = if prefix.is_empty() { name.to_string() } else { format!("{prefix}/{name}") };
-                let host = e.path();
-                let meta = std::fs::symlink_metadata(&host).map_err(|err| io(&host, err))?;
-                let ft = meta.file_type();
-                let metadata = Metadata {
-                    mode: Some(meta.permissions().mode() & 0o7777),
-                    mtime_ms: Some(meta.mtime() * 1000 + meta.mtime_nsec() / 1_000_000),
-                    uid: Some(meta.uid()),
-                    gid: Some(meta.gid()),
-                };
-                if ft.is_char_device() && meta.rdev() == 0 {
-                    if self.lookup(base_root, &path)?.is_some() {
-                        changes.removes.push(Remove { path, recursive: true });
-                    }
-                    continue;
-                }
-                let node = if ft.is_dir() {
-                    if is_opaque(&host) && self.lookup(base_root, &path)?.is_some() {
-                        changes.removes.push(Remove { path: path.clone(), recursive: true });
-                    }
-                    stack.push((host.clone(), path.clone()));
-                    NodeSpec::Directory
-                } else if ft.is_symlink() {
-                    let target = std::fs::read_link(&host).map_err(|err| io(&host, err))?;
-                    NodeSpec::Symlink(target.as_os_str().as_bytes().to_vec())
-                } else if ft.is_file() {
-                    NodeSpec::File(self.store_file(env, &host).await?)
-                } else {
-                    tracing::warn!(path, "skipping a special file (device, fifo or socket) written to a volume");
-                    continue;
-                };
-                changes.upserts.push(Upsert { path, node, meta: metadata, mode: WriteMode::Upsert });
+    /// The path deltas that turn tree `old` into tree `new` (files and symlinks upserted with their content
+    /// location, directories with their metadata, removed paths recursively), so a sync applies on the ref's
+    /// current head without undoing what others committed meanwhile.
+    fn changes_between(&self, old: &str, new: &str, prefix: &str, out: &mut Changes) -> Result<(), VolumeError> {
+        if old == new {
+            return Ok(());
+        }
+        let (a, b) = (self.load_tree(old)?, self.load_tree(new)?);
+        let join = |n: &str| if prefix.is_empty() { n.to_string() } else { format!("{prefix}/{n}") };
+        for e in &a.entries {
+            if b.get(&e.name).is_none_or(|n| n.is_dir() != e.is_dir()) {
+                out.removes.push(Remove { path: join(&e.name), recursive: true });
             }
         }
-        Ok(changes)
+        for e in &b.entries {
+            let path = join(&e.name);
+            let before = a.get(&e.name).filter(|o| o.is_dir() == e.is_dir());
+            if e.is_dir() {
+                let old_sub = before.map(|o| o.hash.clone()).unwrap_or_else(empty_tree_hash);
+                if before.is_none_or(|o| (o.mode, o.uid, o.gid) != (e.mode, e.uid, e.gid)) {
+                    out.upserts.push(upsert_of(&path, e));
+                }
+                self.changes_between(&old_sub, &e.hash, &path, out)?;
+            } else if before != Some(e) {
+                out.upserts.push(upsert_of(&path, e));
+            }
+        }
+        Ok(())
     }
 
-    async fn store_file(&self, env: &str, host: &Path) -> Result<FileContent, VolumeError> {
+    pub(crate) async fn store_file(&self, env: &str, host: &Path) -> Result<FileContent, VolumeError> {
         use tokio::io::AsyncReadExt;
         let io = |e: std::io::Error| VolumeError::Internal(format!("reading {}: {e}", host.display()));
         let mut f = tokio::fs::File::open(host).await.map_err(io)?;
@@ -256,16 +264,26 @@ impl VolumeStore {
     }
 }
 
-/// Whether overlayfs marked the directory opaque (it replaced a lower directory of the same name).
-fn is_opaque(dir: &Path) -> bool {
-    let Ok(path) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else { return false };
-    let mut value = [0u8; 4];
-    // SAFETY: `path` is a NUL-terminated string and `value` a writable buffer of the length passed; lgetxattr
-    // writes at most that many bytes and does not keep either pointer.
-    let n = unsafe {
-        libc::lgetxattr(path.as_ptr(), c"trusted.overlay.opaque".as_ptr(), value.as_mut_ptr().cast(), value.len())
+/// The upsert that makes `path` what `e` is.
+fn upsert_of(path: &str, e: &Entry) -> Upsert {
+    let node = if e.is_dir() {
+        NodeSpec::Directory
+    } else if e.is_symlink() {
+        NodeSpec::Symlink(e.inline.clone())
+    } else if !e.extents.is_empty() {
+        NodeSpec::File(FileContent::Located {
+            hash: e.hash.clone(),
+            size: e.size,
+            extents: e.extents.clone(),
+            chunked: e.chunked,
+        })
+    } else if e.inline.is_empty() {
+        NodeSpec::File(FileContent::Empty)
+    } else {
+        NodeSpec::File(FileContent::Inline { data: e.inline.clone() })
     };
-    n == 1 && value[0] == b'y'
+    let meta = Metadata { mode: Some(e.mode), mtime_ms: Some(e.mtime_ms), uid: Some(e.uid), gid: Some(e.gid) };
+    Upsert { path: path.into(), node, meta, mode: WriteMode::Upsert }
 }
 
 /// Removes what a crashed server left under `dir`: unmounts overlays and FUSE mounts (lazily), then deletes the
@@ -277,8 +295,7 @@ pub fn cleanup_mounts(dir: &Path) {
         let mut keep = false;
         for m in mounts.flatten() {
             let p = m.path();
-            let _ = umount2(&p.join("merged"), MntFlags::MNT_DETACH);
-            let _ = umount2(&p.join("lower"), MntFlags::MNT_DETACH);
+            let _ = umount2(&p.join("mnt"), MntFlags::MNT_DETACH);
             let upper = p.join("upper");
             if std::fs::read_dir(&upper).is_ok_and(|mut d| d.next().is_some()) {
                 tracing::warn!(dir = %upper.display(), "unsynced volume writes from before a restart are kept here");
