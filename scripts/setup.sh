@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what Compute needs on a Debian machine (run as root, or with sudo available): the C toolchain the
 # Rust build uses, Python for the SDK test suite, and the tools the runtime drives (mmdebstrap for base images,
-# iproute2 and nftables for sandbox networks, runsc for gVisor isolation, runc as a benchmark peer).
+# iproute2 and nftables for sandbox networks, runsc for gVisor isolation, runc as a benchmark peer, git for the
+# SDK's Volume.load_git_repo in the tests).
 # Idempotent; installs only what is missing. Packages come from the machine's own apt sources (its mirror);
 # bookworm-backports, where needed, is added to the existing Debian entry rather than as a new URI.
 set -euo pipefail
@@ -10,7 +11,7 @@ sudo=""
 [ "$(id -u)" -eq 0 ] || sudo="sudo"
 
 need_pkgs=(ca-certificates curl openssl gcc libc6-dev pkg-config make python3 python3-venv
-           mmdebstrap iproute2 nftables procps runc)
+           mmdebstrap iproute2 nftables procps runc git)
 
 installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
 

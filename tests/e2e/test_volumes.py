@@ -350,3 +350,50 @@ def test_cli_history_fork_diff_rollback_rm_gc(vols):
     assert "READ b'2' 100000" in out.stdout, out.stdout
     bad = vols.cli("volume", "diff", "missing", "1", "2", check=False)
     assert bad.returncode != 0 and 'volume "missing" not found' in bad.stderr, bad.stderr
+
+
+def test_the_rest_of_the_sdk_surface(vols, tmp_path):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    git = ["git", "-C", str(repo), "-c", "user.email=t@example.invalid", "-c", "user.name=t"]
+    subprocess.run(["git", "init", "-q", "-b", "main", str(repo)], check=True)
+    (repo / "src").mkdir()
+    (repo / "src" / "lib.py").write_text("x = 1\n")
+    subprocess.run([*git, "add", "."], check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "first"], check=True)
+    local = tmp_path / "local.txt"
+    local.write_text("from a path\n")
+    out = sdk(vols, f"""
+        vc = VolumeClient.from_env()
+        made = vc.create("surface")
+        print("CREATE", made.name, made.info.volume_id.startswith("vol-"))
+        try:
+            vc.create("surface")
+        except Exception as e:
+            print("DUP", type(e).__name__)
+        print("EXISTS", vc.exists("surface"), "LIST", "surface" in [v.name for v in vc.list()])
+        vol = vc.lookup("surface")
+        vol.put_file_from_path("p/local.txt", {str(local)!r})
+        vol.load_git_repo("file://{repo}", dest_prefix="code", revision="main")
+        print("GIT", vol.read_file("code/src/lib.py"), any(f.path.startswith("code/.git") for f in vol.listdir()))
+        print("ITER", sorted(f.path for f in vol.iterdir("p")))
+        print("INFO", vol.info.name, vol.reload().name, vol.version.id == vol.latest_version().id)
+        fork = vol.fork("side")
+        side = vol.at_ref("side")
+        side.put_file("only-side.txt", b"s")
+        print("AT_REF", side.read_file("only-side.txt"), "only-side.txt" in [f.path for f in vol.listdir()])
+        dst = pathlib.Path({str(tmp_path / "one.txt")!r})
+        vol.download_to_file("p/local.txt", dst)
+        print("DOWN", dst.read_text().strip())
+        vol.delete()
+        print("GONE", vc.exists("surface"))
+    """).stdout
+    assert "CREATE surface True" in out, out
+    assert "DUP VolumeError" in out, out
+    assert "EXISTS True LIST True" in out, out
+    assert "GIT b'x = 1\\n' True" in out, out
+    assert "ITER ['p/local.txt']" in out, out
+    assert "INFO surface surface True" in out, out
+    assert "AT_REF b's' False" in out, out
+    assert "DOWN from a path" in out, out
+    assert "GONE False" in out, out
