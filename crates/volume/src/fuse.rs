@@ -23,6 +23,9 @@ pub(crate) const TTL: Duration = Duration::from_secs(24 * 3600);
 /// and one fetch then serves several of its requests.
 const BLOCK: u64 = 4 << 20;
 
+/// How many blocks ahead of a reader are fetched in the background.
+const PREFETCH_BLOCKS: u64 = 3;
+
 /// Memory for cached blocks, per mount.
 const CACHE_BYTES: usize = 64 << 20;
 
@@ -31,6 +34,28 @@ struct BlockCache {
     blocks: HashMap<(String, u64), bytes::Bytes>,
     order: VecDeque<(String, u64)>,
     bytes: usize,
+    /// Blocks being prefetched.
+    inflight: std::collections::HashSet<(String, u64)>,
+}
+
+/// Reads block `index` of `object` from the store (directly for a local directory, else through the runtime).
+fn fetch(
+    store: &VolumeStore,
+    env: &str,
+    runtime: &tokio::runtime::Handle,
+    object: &str,
+    index: u64,
+) -> Result<bytes::Bytes, crate::VolumeError> {
+    let obj = crate::ObjectKey::from_hash(object, "object")?;
+    let objects = store.objects();
+    let start = index * BLOCK;
+    match objects.read_local(env, &obj, start, BLOCK as usize) {
+        Some(read) => Ok(bytes::Bytes::from(read.map_err(|e| crate::VolumeError::Storage(e.to_string()))?)),
+        None => {
+            let (objects, env) = (objects.clone(), env.to_string());
+            runtime.block_on(async move { objects.read_bytes(&env, &obj, start..start + BLOCK).await })
+        }
+    }
 }
 
 impl BlockCache {
@@ -40,8 +65,9 @@ impl BlockCache {
 
     fn put(&mut self, key: (String, u64), block: bytes::Bytes) {
         self.bytes += block.len();
-        if self.blocks.insert(key.clone(), block).is_none() {
-            self.order.push_back(key);
+        match self.blocks.insert(key.clone(), block) {
+            Some(old) => self.bytes -= old.len(),
+            None => self.order.push_back(key),
         }
         while self.bytes > CACHE_BYTES {
             let Some(old) = self.order.pop_front() else { break };
@@ -64,7 +90,7 @@ pub(crate) struct Blocks {
     store: Arc<VolumeStore>,
     env: String,
     runtime: tokio::runtime::Handle,
-    cache: Mutex<BlockCache>,
+    cache: Arc<Mutex<BlockCache>>,
 }
 
 /// A read-only filesystem over one version's tree.
@@ -88,27 +114,58 @@ impl VersionFs {
 
 impl Blocks {
     pub(crate) fn new(store: Arc<VolumeStore>, env: &str, runtime: tokio::runtime::Handle) -> Self {
-        Self { store, env: env.into(), runtime, cache: Mutex::default() }
+        Self { store, env: env.into(), runtime, cache: Arc::default() }
     }
 
     /// Block `index` of `object` (short at the object's end), from the cache or the object store.
     fn block(&self, object: &str, index: u64) -> Result<bytes::Bytes, crate::VolumeError> {
         let key = (object.to_string(), index);
-        if let Some(b) = self.cache.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
-            return Ok(b);
-        }
-        let obj = crate::ObjectKey::from_hash(object, "object")?;
-        let objects = self.store.objects();
-        let start = index * BLOCK;
-        let block = match objects.read_local(&self.env, &obj, start, BLOCK as usize) {
-            Some(read) => bytes::Bytes::from(read.map_err(|e| crate::VolumeError::Storage(e.to_string()))?),
-            None => {
-                let (objects, env) = (objects.clone(), self.env.clone());
-                self.runtime.block_on(async move { objects.read_bytes(&env, &obj, start..start + BLOCK).await })?
+        // A block being prefetched is waited for rather than read twice.
+        for _ in 0..10_000 {
+            let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(b) = cache.get(&key) {
+                return Ok(b);
             }
-        };
+            if !cache.inflight.contains(&key) {
+                break;
+            }
+            drop(cache);
+            std::thread::sleep(std::time::Duration::from_micros(50));
+        }
+        let block = fetch(&self.store, &self.env, &self.runtime, object, index)?;
         self.cache.lock().unwrap_or_else(|p| p.into_inner()).put(key, block.clone());
         Ok(block)
+    }
+
+    /// Starts fetching the block holding file position `pos` of `e` in the background, unless it is cached or
+    /// on its way: sequential readers then find the next block ready instead of waiting for the store.
+    fn prefetch(&self, e: &Entry, pos: u64) {
+        let mut start = 0u64;
+        let Some(x) = e.extents.iter().find(|x| {
+            let hit = pos >= start && pos < start + x.size;
+            start += x.size;
+            hit
+        }) else {
+            return;
+        };
+        let index = (x.offset + (pos - (start - x.size))) / BLOCK;
+        let key = (x.object.clone(), index);
+        {
+            let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+            if cache.blocks.contains_key(&key) || !cache.inflight.insert(key.clone()) {
+                return;
+            }
+        }
+        let (store, env, runtime, cache) =
+            (self.store.clone(), self.env.clone(), self.runtime.clone(), self.cache.clone());
+        self.runtime.spawn_blocking(move || {
+            let got = fetch(&store, &env, &runtime, &key.0, key.1);
+            let mut cache = cache.lock().unwrap_or_else(|p| p.into_inner());
+            cache.inflight.remove(&key);
+            if let Ok(block) = got {
+                cache.put(key, block);
+            }
+        });
     }
 
     /// `len` bytes at `offset` of a file (short at its end).
@@ -142,6 +199,14 @@ impl Blocks {
                 out.extend_from_slice(&block[at..at + take]);
                 from += take as u64;
             }
+        }
+        // Keep the next blocks coming.
+        for ahead in 0..PREFETCH_BLOCKS {
+            let pos = end + ahead * BLOCK;
+            if pos >= e.size {
+                break;
+            }
+            self.prefetch(e, pos);
         }
         Ok(out)
     }

@@ -152,21 +152,15 @@ impl Objects {
     /// Reads up to `len` bytes at `offset` of an object synchronously, when the store is a local directory
     /// (`None` otherwise: use [`Objects::read_bytes`]). Short only at the end of the object.
     pub fn read_local(&self, env: &str, key: &ObjectKey, offset: u64, len: usize) -> Option<std::io::Result<Vec<u8>>> {
-        use std::os::unix::fs::FileExt;
         let root = self.local_root.as_ref()?;
         let path = root.join(env).join(&key.hash()[..2]).join(key.hash());
         Some((|| {
-            let f = std::fs::File::open(path)?;
-            let mut buf = vec![0u8; len];
-            let mut filled = 0;
-            while filled < len {
-                let n = f.read_at(&mut buf[filled..], offset + filled as u64)?;
-                if n == 0 {
-                    break;
-                }
-                filled += n;
-            }
-            buf.truncate(filled);
+            use std::io::{Read, Seek, SeekFrom};
+            let mut f = std::fs::File::open(path)?;
+            f.seek(SeekFrom::Start(offset))?;
+            // read_to_end fills the spare capacity without zeroing it first.
+            let mut buf = Vec::with_capacity(len);
+            f.take(len as u64).read_to_end(&mut buf)?;
             Ok(buf)
         })())
     }
