@@ -120,3 +120,26 @@ def test_fsync_inside_the_sandbox_commits_while_it_runs(shared_server):
     assert "READ b'v1\\nv2\\n' b'12' b'x\\n'" in out, out
     assert "MODE 0o600" in out, out
     assert "FINAL ['after.txt', 'docs/readme.md', 'docs/renamed.txt', 't.txt'] True" in out, out
+
+
+def test_sync_on_request_while_the_sandbox_runs(shared_server):
+    require_root()
+    sdk(shared_server, """
+        Volume("on-request").put_file("seed.txt", b"seed\\n")
+        sb = Sandbox(image=Image.debian_slim(), name="sync-me").mount_volume("on-request", "/v").run()
+        print(sb.exec("sh", "-c", "echo written > /v/w.txt").exit_code)
+        # Leave it running; skip the SDK's interpreter-exit cleanup, which aborts while a sandbox stream is open.
+        import os, sys
+        sys.stdout.flush()
+        os._exit(0)
+    """)
+    out = shared_server.cli("volume", "sync", "sync-me").stdout
+    assert re.match(r"on-request: version \d+", out), out
+    assert "nothing changed" in shared_server.cli("volume", "sync", "sync-me").stdout
+    out = sdk(shared_server, """
+        print("READ", Volume("on-request").read_file("w.txt"))
+        Sandbox.from_name("sync-me").terminate()
+    """)
+    assert "READ b'written\\n'" in out, out
+    stopped = shared_server.cli("volume", "sync", "sync-me", check=False)
+    assert stopped.returncode != 0 and "not running" in stopped.stderr, stopped.stderr

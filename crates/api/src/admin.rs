@@ -1,6 +1,7 @@
-//! Operator endpoints for volume maintenance the SDK's API has no method for: `POST /v1/admin/volumes/<op>` with
-//! a JSON body, for an operator client's token (`compute volume gc|diff|rollback|fork` call these). They act in
-//! the token's environment; `gc` is server-wide.
+//! Volume endpoints the SDK's API has no method for: `POST /v1/admin/volumes/<op>` with a JSON body
+//! (`compute volume gc|diff|rollback|fork|sync` call these). They act in the token's environment. `sync` (commit
+//! what a running workload wrote to its volumes) is open to any client of the environment; the others, and the
+//! server-wide `gc`, to operator clients only.
 
 use std::time::Duration;
 
@@ -19,6 +20,12 @@ use crate::status::{from_control, from_volume};
 
 /// Path prefix of the endpoints.
 pub const PREFIX: &str = "/v1/admin/volumes/";
+
+#[derive(Deserialize)]
+struct Sync {
+    /// The workload's id or name.
+    sandbox: String,
+}
 
 #[derive(Deserialize)]
 struct Gc {
@@ -66,7 +73,7 @@ async fn handle(shared: &Shared, op: &str, req: Request<Incoming>) -> Result<ser
         return Err(Status::unimplemented(format!("{PREFIX}{op} takes POST with a JSON body")));
     }
     let who = authenticate(shared, &req)?;
-    if !shared.control.auth().is_operator(&who.client_id).map_err(from_control)? {
+    if op != "sync" && !shared.control.auth().is_operator(&who.client_id).map_err(from_control)? {
         return Err(Status::permission_denied(format!(
             "{PREFIX}{op} is for operator clients (the admin client of `compute env`); client {} is not one",
             who.client_id
@@ -93,6 +100,13 @@ async fn handle(shared: &Shared, op: &str, req: Request<Incoming>) -> Result<ser
     let v = &shared.volumes;
     let name = |n: &str| VolumeSel { id: String::new(), name: n.into() };
     match op {
+        "sync" => {
+            let r: Sync = parse(op, body)?;
+            let synced = shared.workloads.sync_volumes(&who, &r.sandbox).await.map_err(from_control)?;
+            let list: Vec<_> =
+                synced.into_iter().map(|(volume, version)| json!({"volume": volume, "version": version})).collect();
+            Ok(json!({ "synced": list }))
+        }
         "gc" => {
             let r: Gc = parse(op, body)?;
             let report = v.gc(r.grace_seconds.map(Duration::from_secs)).await.map_err(from_volume)?;
@@ -127,8 +141,6 @@ async fn handle(shared: &Shared, op: &str, req: Request<Incoming>) -> Result<ser
             let (vol, ver) = v.fork_volume(env, &name(&r.volume), &selector, &r.to).await.map_err(from_volume)?;
             Ok(json!({"volume": vol.name, "volume_id": vol.id, "version": ver.version_id}))
         }
-        other => {
-            Err(Status::not_found(format!("no operator endpoint {PREFIX}{other}: use gc, diff, rollback or fork")))
-        }
+        other => Err(Status::not_found(format!("no endpoint {PREFIX}{other}: use sync, gc, diff, rollback or fork"))),
     }
 }

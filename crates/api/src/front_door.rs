@@ -31,6 +31,7 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     pub max_message_bytes: usize,
     pub volumes: Arc<VolumeStore>,
+    pub workloads: Arc<compute_control::Workloads>,
     pub public_url: Option<String>,
 }
 

@@ -97,12 +97,13 @@ impl Server {
         let shared = Arc::new(Shared {
             routes: crate::services::routes(
                 control.clone(),
-                workloads,
+                workloads.clone(),
                 builds,
                 volumes.clone(),
                 config.max_message_bytes,
             ),
             volumes,
+            workloads,
             public_url: config.public_url.clone(),
             control,
             methods: Methods::from_schema(),

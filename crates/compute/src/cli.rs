@@ -257,6 +257,13 @@ enum VolumeCommand {
         #[command(flatten)]
         dir: DataDir,
     },
+    /// Commit what a running sandbox wrote to its volume mounts (as fsync inside it, or its stop, would).
+    Sync {
+        /// Sandbox or container id or name.
+        sandbox: String,
+        #[command(flatten)]
+        dir: DataDir,
+    },
     /// Delete objects and trees no version references (server-wide).
     Gc {
         /// Keep what is younger than this many seconds (uploads whose commit may still come) [default: 3600].
@@ -410,6 +417,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     ApiClient::connect(&dir.path()).await?.volume_rollback(&volume, to_version, &r#ref).await
                 }
                 VolumeCommand::Rm { volume, dir } => ApiClient::connect(&dir.path()).await?.volume_rm(&volume).await,
+                VolumeCommand::Sync { sandbox, dir } => {
+                    ApiClient::connect(&dir.path()).await?.volume_sync(&sandbox).await
+                }
                 VolumeCommand::Gc { grace, dir } => ApiClient::connect(&dir.path()).await?.volume_gc(grace).await,
             }
         }),

@@ -179,6 +179,22 @@ impl ApiClient {
         Ok(())
     }
 
+    /// `compute volume sync SANDBOX`.
+    pub async fn volume_sync(&self, sandbox: &str) -> anyhow::Result<()> {
+        let out = self.admin("sync", json!({"sandbox": sandbox})).await?;
+        let list = out["synced"].as_array().cloned().unwrap_or_default();
+        if list.is_empty() {
+            println!("{sandbox} has no writable volume mounts");
+        }
+        for s in list {
+            match s["version"].as_u64() {
+                Some(v) => println!("{}: version {v}", s["volume"].as_str().unwrap_or("")),
+                None => println!("{}: nothing changed", s["volume"].as_str().unwrap_or("")),
+            }
+        }
+        Ok(())
+    }
+
     /// `compute volume gc`.
     pub async fn volume_gc(&self, grace_seconds: Option<u64>) -> anyhow::Result<()> {
         let r = self.admin("gc", json!({"grace_seconds": grace_seconds})).await?;

@@ -126,6 +126,38 @@ impl Workloads {
         Ok(out)
     }
 
+    /// Syncs the writable volume mounts of a running workload (id or name): what it wrote since the last sync
+    /// becomes a version on each mount's ref. Returns (volume, new version) per writable mount.
+    pub async fn sync_volumes(
+        &self,
+        who: &Principal,
+        id_or_name: &str,
+    ) -> Result<Vec<(String, Option<u64>)>, ControlError> {
+        let rec = self.get(who, id_or_name).or_else(|_| self.get_by_name(who, id_or_name))?;
+        let syncers: Vec<compute_volume::MountSyncer> = {
+            let attached = self.attached.lock().unwrap_or_else(|p| p.into_inner());
+            match attached.get(&rec.id) {
+                Some(list) => list.iter().filter_map(AttachedVolume::syncer).collect(),
+                None if rec.status.is_live() => Vec::new(),
+                None => {
+                    return Err(ControlError::FailedPrecondition(format!(
+                        "workload {id_or_name:?} is not running: its volumes were synced when it stopped"
+                    )))
+                }
+            }
+        };
+        let mut out = Vec::new();
+        for s in syncers {
+            let v = self
+                .volumes
+                .sync_mount(&s)
+                .await
+                .map_err(|e| ControlError::Internal(format!("syncing volume {:?}: {e}", s.volume_name())))?;
+            out.push((s.volume_name().to_string(), v.map(|v| v.version_id)));
+        }
+        Ok(out)
+    }
+
     /// Syncs and unmounts a finished sandbox's volumes (once, whoever gets here first).
     async fn detach_volumes(&self, id: &str) {
         let attached = self.attached.lock().unwrap_or_else(|p| p.into_inner()).remove(id);

@@ -34,7 +34,7 @@ use compute_store::{now_millis, RefRecord, Store, StoreError, VersionRecord, Vol
 pub use edit::{Changes, FileContent, Metadata, NodeSpec, Remove, Upsert, WriteMode};
 pub use gc::GcReport;
 pub use key::ObjectKey;
-pub use mount::{cleanup_mounts, AttachedVolume, MountRequest};
+pub use mount::{cleanup_mounts, AttachedVolume, MountRequest, MountSyncer};
 pub use objects::Objects;
 pub use read::{FileData, FileView, ListedFile, SignedRange, VersionDiff};
 pub use signing::{BlobOp, UrlError, UrlSigner};

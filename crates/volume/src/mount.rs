@@ -67,6 +67,27 @@ impl AttachedVolume {
     pub fn base_version(&self) -> Option<u64> {
         self.base.as_ref().map(|v| v.version_id)
     }
+
+    /// A handle that syncs this mount while it stays attached (none for a read-only mount).
+    pub fn syncer(&self) -> Option<MountSyncer> {
+        self.writable.clone().map(MountSyncer)
+    }
+
+    /// The volume's name.
+    pub fn volume_name(&self) -> &str {
+        &self.volume.name
+    }
+}
+
+/// Syncs one writable mount on request (see [`VolumeStore::sync_mount`]).
+#[derive(Clone)]
+pub struct MountSyncer(Arc<Writable>);
+
+impl MountSyncer {
+    /// The volume's name.
+    pub fn volume_name(&self) -> &str {
+        &self.0.volume.name
+    }
 }
 
 impl VolumeStore {
@@ -141,6 +162,11 @@ impl VolumeStore {
             Some(w) => self.sync_writable(w).await,
             None => Ok(None),
         }
+    }
+
+    /// Syncs a mount through its handle: the writes since the last sync become a version on its ref.
+    pub async fn sync_mount(&self, s: &MountSyncer) -> Result<Option<VersionRecord>, VolumeError> {
+        self.sync_writable(&s.0).await
     }
 
     async fn sync_writable(&self, w: &Writable) -> Result<Option<VersionRecord>, VolumeError> {
