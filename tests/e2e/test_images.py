@@ -57,6 +57,17 @@ def test_built_image_has_its_steps_and_config(builder):
     assert "SIX six" in out and "FILE built" in out and "ENV hello" in out and "PWD /work" in out, out
 
 
+def test_uv_pip_install_brings_uv_when_the_base_lacks_it(builder):
+    out = sdk(builder, """
+        img = Image.debian_slim("3.13").uv_pip_install(["six==1.16.0"])
+        sb = Sandbox(image=img, name="uv-built").run()
+        print("SIX", sb.exec("python", "-c", "import six; print(six.__version__)").stdout_text.strip())
+        print("UV", sb.exec("uv", "--version").exit_code)
+        sb.terminate()
+    """)
+    assert "SIX 1.16.0" in out and "UV 0" in out, out
+
+
 def test_dockerfile_commands(builder):
     out = sdk(builder, """
         img = Image.debian_slim("3.13").dockerfile_commands([

@@ -146,12 +146,23 @@ impl Builds {
                         .await
                         .map_err(|e| format!("{what}: {e}"))?
                 }
-                Step::PipInstall(packages) => {
+                Step::PipInstall(packages) | Step::UvPipInstall(packages) => {
                     let quoted: Vec<String> = packages.iter().map(|p| shell_quote(p)).collect();
-                    let script = format!(
-                        "python -m pip install --no-cache-dir --disable-pip-version-check --root-user-action=ignore {}",
-                        quoted.join(" ")
-                    );
+                    let script = if matches!(step, Step::UvPipInstall(_)) {
+                        // The SDK expects uv in the base image; where it is missing (debian_slim), install it
+                        // with pip first rather than fail. uv reads the proxy and CA bundle from the environment.
+                        format!(
+                            "command -v uv >/dev/null 2>&1 || python -m pip install --no-cache-dir \
+                             --disable-pip-version-check --root-user-action=ignore uv\n\
+                             uv pip install --system --no-cache {}",
+                            quoted.join(" ")
+                        )
+                    } else {
+                        format!(
+                            "python -m pip install --no-cache-dir --disable-pip-version-check --root-user-action=ignore {}",
+                            quoted.join(" ")
+                        )
+                    };
                     self.run_step(build_id, i, &layers, &env, &scratch, &script)
                         .await
                         .map_err(|e| format!("{what}: {e}"))?

@@ -11,6 +11,8 @@ pub enum Step {
     RunCommands(Vec<String>),
     /// `pip install` of these requirement specifiers.
     PipInstall(Vec<String>),
+    /// `uv pip install --system` of these requirement specifiers (uv is installed first if the image lacks it).
+    UvPipInstall(Vec<String>),
     /// A file with inline content.
     AddFile {
         /// Absolute destination path.
@@ -28,6 +30,7 @@ impl Step {
         match self {
             Step::RunCommands(_) => "run_commands",
             Step::PipInstall(_) => "pip_install",
+            Step::UvPipInstall(_) => "uv_pip_install",
             Step::AddFile { .. } => "add_file",
         }
     }

@@ -152,9 +152,7 @@ fn recipe(spec: ImageSpec) -> Result<Recipe, String> {
                     }
                 }
             }
-            Some(WireStep::UvPipInstall(_)) => {
-                return Err(format!("build step {n} (uv_pip_install) is not supported by this server yet"))
-            }
+            Some(WireStep::UvPipInstall(p)) => steps.push(Step::UvPipInstall(p.packages)),
             Some(WireStep::UvSync(_)) => {
                 return Err(format!("build step {n} (uv_sync) is not supported by this server yet"))
             }
