@@ -86,6 +86,29 @@ def test_dockerfile_commands(builder):
     assert "NOTE hi-plain" in out and "PWD /srv" in out and "ENV hi" in out, out
 
 
+def test_dockerfile_user_runs_later_steps_and_the_workload_as_that_user(builder):
+    out = sdk(builder, """
+        img = Image.debian_slim("3.13").dockerfile_commands([
+            "RUN useradd --create-home --uid 1234 app",
+            "USER app",
+            "WORKDIR /home/app",
+            "RUN id -un > built-by.txt",
+        ])
+        sb = Sandbox(image=img, name="as-user").run()
+        print("BUILT", sb.exec("cat", "/home/app/built-by.txt").stdout_text.strip())
+        print("ID", sb.exec("id", "-u").stdout_text.strip(), sb.exec("sh", "-c", "echo $HOME").stdout_text.strip())
+        print("ROOTONLY", sb.exec("sh", "-c", "touch /etc/x").exit_code != 0)
+        sb.terminate()
+        c = Container(image=img, name="as-user-entry", entrypoint=["sh", "-c", "id -u > /tmp/who; sleep 600"]).run()
+        print("ENTRY", c.exec("cat", "/tmp/who").stdout_text.strip())
+        c.stop()
+    """)
+    assert "BUILT app" in out, out
+    assert "ID 1234 /home/app" in out, out
+    assert "ROOTONLY True" in out, out
+    assert "ENTRY 1234" in out, out
+
+
 def test_cache_hit_and_partial_rebuild(builder):
     token = builder.token()
     fresh = os.urandom(6).hex()  # the image store outlives test runs: make this recipe new

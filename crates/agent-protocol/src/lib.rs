@@ -205,6 +205,10 @@ pub struct Spawn {
     pub timeout_ms: Option<u64>,
     /// Run on a PTY of this size (cols, rows) instead of pipes.
     pub pty: Option<(u16, u16)>,
+    /// Run as this user (`name`, `uid`, `name:group` or `uid:gid`, resolved in the sandbox's `/etc/passwd` and
+    /// `/etc/group`); the sandbox's default user when absent.
+    #[serde(default)]
+    pub user: Option<String>,
 }
 
 /// Deliver a signal.
@@ -332,6 +336,9 @@ pub struct BootConfig {
     pub workdir: String,
     /// The entrypoint, started on channel [`ENTRYPOINT_CHANNEL`]; none for an idle sandbox.
     pub entrypoint: Option<Spawn>,
+    /// The user processes run as unless their spawn names one (the image's `USER`); root when absent.
+    #[serde(default)]
+    pub user: Option<String>,
 }
 
 /// What the agent needs when it is already PID 1 inside a sandbox (gVisor): the same, minus the setup.
@@ -343,6 +350,9 @@ pub struct ServeConfig {
     pub workdir: String,
     /// The entrypoint, if any.
     pub entrypoint: Option<Spawn>,
+    /// The default user of processes.
+    #[serde(default)]
+    pub user: Option<String>,
 }
 
 #[cfg(test)]

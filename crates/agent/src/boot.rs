@@ -86,7 +86,12 @@ pub fn init(config_path: &str) -> std::io::Result<u8> {
                     std::process::exit(125);
                 }
             }
-            let code = server::serve(Sandbox { env: cfg.env, workdir: cfg.workdir, entrypoint: cfg.entrypoint })?;
+            let code = server::serve(Sandbox {
+                env: cfg.env,
+                workdir: cfg.workdir,
+                entrypoint: cfg.entrypoint,
+                user: cfg.user,
+            })?;
             std::process::exit(code.into());
         }
     }

@@ -24,7 +24,7 @@ fn main() -> ExitCode {
     let result = match (args.get(1).map(String::as_str), args.get(2)) {
         (Some("init"), Some(config)) => boot::init(config),
         (Some("serve"), Some(config)) => read_config(config).and_then(|c: compute_agent_protocol::ServeConfig| {
-            server::serve(server::Sandbox { env: c.env, workdir: c.workdir, entrypoint: c.entrypoint })
+            server::serve(server::Sandbox { env: c.env, workdir: c.workdir, entrypoint: c.entrypoint, user: c.user })
         }),
         _ => {
             eprintln!("usage: compute-agent init CONFIG.json | compute-agent serve CONFIG.json");

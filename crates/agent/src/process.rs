@@ -86,7 +86,72 @@ fn cstring(s: &str, what: &str) -> Result<CString, SpawnError> {
     CString::new(s).map_err(|_| SpawnError(format!("{what} contains a NUL byte")))
 }
 
-/// Starts `program` with `args` (argv[1..]), `env`, in `workdir`, on pipes or a PTY of `pty` (cols, rows).
+/// Who a process runs as.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Credentials {
+    /// User name (the uid itself when the passwd file has none).
+    pub name: String,
+    /// User id.
+    pub uid: u32,
+    /// Primary group id.
+    pub gid: u32,
+    /// Supplementary groups.
+    pub groups: Vec<u32>,
+    /// Home directory.
+    pub home: String,
+}
+
+/// Resolves `user` (`name`, `uid`, `name:group` or `uid:gid`) against the sandbox's `/etc/passwd` and
+/// `/etc/group`, as a container engine resolves an image's `USER`.
+pub fn lookup_user(user: &str) -> Result<Credentials, SpawnError> {
+    let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+    let group = std::fs::read_to_string("/etc/group").unwrap_or_default();
+    resolve_user(user, &passwd, &group)
+}
+
+fn resolve_user(user: &str, passwd: &str, group: &str) -> Result<Credentials, SpawnError> {
+    let (u, g) = match user.split_once(':') {
+        Some((u, g)) => (u, Some(g)),
+        None => (user, None),
+    };
+    // name:x:uid:gid:gecos:home:shell
+    let entry = passwd
+        .lines()
+        .map(|l| l.split(':').collect::<Vec<_>>())
+        .find(|f| f.len() >= 7 && (f[0] == u || (u.parse::<u32>().ok().is_some_and(|id| f[2].parse() == Ok(id)))));
+    let (name, uid, mut gid, home) = match (&entry, u.parse::<u32>()) {
+        (Some(f), _) => (
+            f[0].to_string(),
+            f[2].parse().map_err(|_| SpawnError(format!("/etc/passwd has a bad uid for {}", f[0])))?,
+            f[3].parse().map_err(|_| SpawnError(format!("/etc/passwd has a bad gid for {}", f[0])))?,
+            f[5].to_string(),
+        ),
+        (None, Ok(id)) => (id.to_string(), id, id, "/".to_string()),
+        (None, Err(_)) => {
+            return Err(SpawnError(format!("user {u:?} does not exist in the sandbox's /etc/passwd")));
+        }
+    };
+    let groups_of = group.lines().map(|l| l.split(':').collect::<Vec<_>>()).filter(|f| f.len() >= 4);
+    if let Some(g) = g {
+        gid = match g.parse::<u32>() {
+            Ok(id) => id,
+            Err(_) => groups_of
+                .clone()
+                .find(|f| f[0] == g)
+                .and_then(|f| f[2].parse().ok())
+                .ok_or_else(|| SpawnError(format!("group {g:?} does not exist in the sandbox's /etc/group")))?,
+        };
+    }
+    let mut groups: Vec<u32> =
+        groups_of.filter(|f| f[3].split(',').any(|m| m == name)).filter_map(|f| f[2].parse().ok()).collect();
+    if !groups.contains(&gid) {
+        groups.insert(0, gid);
+    }
+    Ok(Credentials { name, uid, gid, groups, home })
+}
+
+/// Starts `program` with `args` (argv[1..]), `env`, in `workdir`, on pipes or a PTY of `pty` (cols, rows), as
+/// `creds` when given.
 pub fn spawn(
     program: &Path,
     argv0: &str,
@@ -94,6 +159,7 @@ pub fn spawn(
     env: &[(String, String)],
     workdir: &Path,
     pty: Option<(u16, u16)>,
+    creds: Option<&Credentials>,
 ) -> Result<Started, SpawnError> {
     if !workdir.is_dir() {
         return Err(SpawnError(format!("working directory {} does not exist", workdir.display())));
@@ -140,6 +206,7 @@ pub fn spawn(
         }
     };
     let is_pty = pty.is_some();
+    let ids: Option<(libc::uid_t, libc::gid_t, Vec<libc::gid_t>)> = creds.map(|c| (c.uid, c.gid, c.groups.clone()));
     // Reports the child's execve errno to the parent; closed by a successful exec (CLOEXEC).
     let (status_r, status_w) = pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| err("pipe", e))?;
 
@@ -150,6 +217,15 @@ pub fn spawn(
             // Into the workload cgroup ("0" means the writing process), where the sandbox's limits apply.
             for fd in &cgroup_fds {
                 libc::write(*fd, b"0".as_ptr().cast(), 1);
+            }
+            // Then drop to the user (groups first, while still allowed to change them).
+            if let Some((uid, gid, groups)) = &ids {
+                if libc::setgroups(groups.len(), groups.as_ptr()) != 0
+                    || libc::setgid(*gid) != 0
+                    || libc::setuid(*uid) != 0
+                {
+                    report_and_exit(status_w.as_raw_fd(), 3);
+                }
             }
             libc::setsid();
             if is_pty {
@@ -183,6 +259,8 @@ pub fn spawn(
                 // The child exits; the reaper collects it (its registration is never made, so it is dropped).
                 let what = if buf[0] == 1 {
                     format!("cannot enter {}", workdir.display())
+                } else if buf[0] == 3 {
+                    format!("cannot switch to user {}", creds.map(|c| c.name.as_str()).unwrap_or("?"))
                 } else {
                     format!("cannot execute {}", program.display())
                 };
@@ -190,6 +268,27 @@ pub fn spawn(
             }
             Ok(Started { pid: child.as_raw(), stdio: parent })
         }
+    }
+}
+
+#[cfg(test)]
+mod user_tests {
+    use super::resolve_user;
+
+    const PASSWD: &str = "root:x:0:0:root:/root:/bin/bash\napp:x:1000:1000::/home/app:/bin/sh\n";
+    const GROUP: &str = "root:x:0:\napp:x:1000:\nstaff:x:50:app\n";
+
+    #[test]
+    fn names_ids_and_groups_resolve_like_a_container_engine() {
+        let c = resolve_user("app", PASSWD, GROUP).unwrap();
+        assert_eq!((c.uid, c.gid, c.home.as_str()), (1000, 1000, "/home/app"));
+        assert_eq!(c.groups, vec![1000, 50]);
+        assert_eq!(resolve_user("1000", PASSWD, GROUP).unwrap().name, "app");
+        assert_eq!(resolve_user("app:staff", PASSWD, GROUP).unwrap().gid, 50);
+        let anon = resolve_user("4242:4343", PASSWD, GROUP).unwrap();
+        assert_eq!((anon.uid, anon.gid, anon.home.as_str()), (4242, 4343, "/"));
+        assert!(resolve_user("nobody-here", PASSWD, GROUP).unwrap_err().0.contains("does not exist"));
+        assert!(resolve_user("app:nogroup", PASSWD, GROUP).is_err());
     }
 }
 

@@ -27,6 +27,8 @@ pub struct Sandbox {
     pub workdir: String,
     /// The entrypoint, if any.
     pub entrypoint: Option<Spawn>,
+    /// The default user of processes (the image's `USER`).
+    pub user: Option<String>,
 }
 
 /// The frame writer shared by every thread: one frame per locked write, so frames never interleave.
@@ -210,9 +212,29 @@ fn start(sandbox: &Arc<Sandbox>, sessions: &Sessions, out: &Out, ch: u32, spec: 
     if spec.workdir.as_deref().is_none_or(str::is_empty) {
         let _ = std::fs::create_dir_all(&workdir);
     }
+    let user = spec.user.clone().filter(|u| !u.is_empty()).or_else(|| sandbox.user.clone().filter(|u| !u.is_empty()));
+    let creds = match user.as_deref().map(process::lookup_user).transpose() {
+        Ok(c) => c,
+        Err(e) => {
+            out.send(Frame::json(Kind::SpawnFailed, ch, &failure("invalid", &e.0)));
+            return;
+        }
+    };
+    if let Some(c) = &creds {
+        // Like a login: HOME (and USER) follow the user unless the environment sets them for it.
+        match env.iter_mut().find(|(k, _)| k == "HOME") {
+            Some((_, v)) if v.as_str() != "/root" => {}
+            Some(slot) => slot.1 = c.home.clone(),
+            None => env.push(("HOME".into(), c.home.clone())),
+        }
+        if !env.iter().any(|(k, _)| k == "USER") {
+            env.push(("USER".into(), c.name.clone()));
+        }
+    }
     let path_var = env.iter().find(|(k, _)| k == "PATH").map(|(_, v)| v.clone()).unwrap_or_default();
-    let started = process::resolve(&spec.command, &path_var, &workdir)
-        .and_then(|program| process::spawn(&program, &spec.command, &spec.args, &env, &workdir, spec.pty));
+    let started = process::resolve(&spec.command, &path_var, &workdir).and_then(|program| {
+        process::spawn(&program, &spec.command, &spec.args, &env, &workdir, spec.pty, creds.as_ref())
+    });
     let started = match started {
         Ok(s) => s,
         Err(e) => {

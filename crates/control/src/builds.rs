@@ -142,7 +142,13 @@ impl Builds {
                 }
                 Step::RunCommands(commands) => {
                     let script = format!("set -e\n{}", commands.join("\n"));
-                    self.run_step(build_id, i, &layers, &env, &scratch, &script)
+                    self.run_step(build_id, i, &layers, &env, &scratch, &script, None)
+                        .await
+                        .map_err(|e| format!("{what}: {e}"))?
+                }
+                Step::RunCommandsAs { user, commands } => {
+                    let script = format!("set -e\n{}", commands.join("\n"));
+                    self.run_step(build_id, i, &layers, &env, &scratch, &script, Some(user))
                         .await
                         .map_err(|e| format!("{what}: {e}"))?
                 }
@@ -163,7 +169,7 @@ impl Builds {
                             quoted.join(" ")
                         )
                     };
-                    self.run_step(build_id, i, &layers, &env, &scratch, &script)
+                    self.run_step(build_id, i, &layers, &env, &scratch, &script, None)
                         .await
                         .map_err(|e| format!("{what}: {e}"))?
                 }
@@ -184,6 +190,7 @@ impl Builds {
             } else {
                 recipe.cmd.clone()
             },
+            user: recipe.user.clone().or(base.config.user.clone()),
         };
         let image = self
             .images
@@ -202,6 +209,7 @@ impl Builds {
         env: &[(String, String)],
         scratch: &std::path::Path,
         script: &str,
+        user: Option<&String>,
     ) -> Result<(), String> {
         let runtime = self.runtime.as_ref().map_err(|e| e.clone())?;
         let id = format!("{build_id}-{index}-{}", ids::random_token(4));
@@ -217,8 +225,10 @@ impl Builds {
             entrypoint: Some(ExecSpec {
                 command: "/bin/sh".into(),
                 args: vec!["-c".into(), script.into()],
+                user: user.cloned(),
                 ..Default::default()
             }),
+            user: None,
             resources: Resources { memory_bytes: Some(4 << 30), ..Default::default() },
             binds: vec![],
             log_path: log_path.clone(),

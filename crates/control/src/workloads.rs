@@ -323,6 +323,7 @@ impl Workloads {
             binds: vec![],
             log_path: self.log_path(&rec.id),
             keep_upper: None,
+            user: image.config.user.clone(),
         };
         let mut spec = spec;
         match self.attach_volumes(&rec, &req) {

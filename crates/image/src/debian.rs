@@ -135,6 +135,7 @@ pub async fn build(base: &BaseRef, mirror: &Mirror, target: &Path) -> Result<(),
         workdir: "/".into(),
         entrypoint: vec![],
         cmd: if base.python.is_some() { vec!["python3".into()] } else { vec!["bash".into()] },
+        user: None,
     };
     let write = |name: &str, bytes: &[u8]| {
         std::fs::write(tmp.join(name), bytes).map_err(|e| ImageError::Io(format!("writing {name}: {e}")))

@@ -48,6 +48,9 @@ pub struct ImageConfig {
     pub entrypoint: Vec<String>,
     /// Default command.
     pub cmd: Vec<String>,
+    /// The user processes run as (Dockerfile `USER`); root when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
 }
 
 /// An image ready to run.

@@ -9,6 +9,13 @@ use sha2::{Digest, Sha256};
 pub enum Step {
     /// Shell commands, run in order; the first failure fails the step.
     RunCommands(Vec<String>),
+    /// Shell commands run as a user (a Dockerfile `RUN` after `USER`).
+    RunCommandsAs {
+        /// `name`, `uid`, `name:group` or `uid:gid`.
+        user: String,
+        /// The commands.
+        commands: Vec<String>,
+    },
     /// `pip install` of these requirement specifiers.
     PipInstall(Vec<String>),
     /// `uv pip install --system` of these requirement specifiers (uv is installed first if the image lacks it).
@@ -28,7 +35,7 @@ impl Step {
     /// A short name for logs and errors.
     pub fn kind(&self) -> &'static str {
         match self {
-            Step::RunCommands(_) => "run_commands",
+            Step::RunCommands(_) | Step::RunCommandsAs { .. } => "run_commands",
             Step::PipInstall(_) => "pip_install",
             Step::UvPipInstall(_) => "uv_pip_install",
             Step::AddFile { .. } => "add_file",
@@ -51,6 +58,9 @@ pub struct Recipe {
     pub entrypoint: Vec<String>,
     /// Default command.
     pub cmd: Vec<String>,
+    /// The user the image's processes run as (Dockerfile `USER`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
 }
 
 fn hash(parts: &[&[u8]]) -> String {
@@ -83,7 +93,11 @@ impl Recipe {
         env.sort();
         let config =
             serde_json::to_vec(&(&env, &self.workdir, &self.entrypoint, &self.cmd)).expect("config serializes");
-        hash(&[last.as_bytes(), &config])
+        match &self.user {
+            // Keys of images without a USER stay what they were before images could have one.
+            None => hash(&[last.as_bytes(), &config]),
+            Some(user) => hash(&[last.as_bytes(), &config, b"user", user.as_bytes()]),
+        }
     }
 }
 

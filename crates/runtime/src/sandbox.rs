@@ -50,6 +50,8 @@ pub struct SandboxSpec {
     pub workdir: String,
     /// The entrypoint; `None` leaves the sandbox idle until exec.
     pub entrypoint: Option<ExecSpec>,
+    /// The user its processes run as unless a spawn names one (the image's `USER`); root when absent.
+    pub user: Option<String>,
     /// Limits.
     pub resources: Resources,
     /// Extra bind mounts: (host path, path inside, read-only).

@@ -29,6 +29,8 @@ impl ImageApi {
 struct DockerState {
     exports: Vec<(String, String)>,
     workdir: Option<String>,
+    /// The Dockerfile `USER` in force (RUN steps and the image's processes run as it).
+    user: Option<String>,
 }
 
 impl DockerState {
@@ -116,7 +118,24 @@ fn recipe(spec: ImageSpec) -> Result<Recipe, String> {
                     let rest = rest.trim();
                     let bad = |why: &str| format!("build step {n} (dockerfile_commands): {instr} {rest}: {why}");
                     match instr.to_ascii_uppercase().as_str() {
-                        "RUN" => steps.push(Step::RunCommands(vec![docker.script(rest)])),
+                        "RUN" => steps.push(match &docker.user {
+                            Some(user) => {
+                                Step::RunCommandsAs { user: user.clone(), commands: vec![docker.script(rest)] }
+                            }
+                            None => Step::RunCommands(vec![docker.script(rest)]),
+                        }),
+                        "USER" => {
+                            let u = words(rest).join(" ");
+                            let valid = !u.is_empty()
+                                && u.split(':').count() <= 2
+                                && u.bytes().all(|b| b.is_ascii_alphanumeric() || b"_-.:$".contains(&b));
+                            if !valid {
+                                return Err(bad("USER takes a user name or id, optionally with :group"));
+                            }
+                            // root (or 0) is the default: record nothing, so the image stays the same as without it.
+                            docker.user =
+                                if u == "root" || u == "0" || u == "root:root" || u == "0:0" { None } else { Some(u) };
+                        }
                         "ENV" => {
                             for (k, v) in assignments(rest).map_err(|e| bad(&e))? {
                                 docker.exports.retain(|(ek, _)| *ek != k);
@@ -146,7 +165,7 @@ fn recipe(spec: ImageSpec) -> Result<Recipe, String> {
                         other => {
                             return Err(format!(
                             "build step {n} (dockerfile_commands): the {other} instruction is not supported by this \
-                                 server (supported: RUN, ENV, ARG, WORKDIR, LABEL)"
+                                 server (supported: RUN, ENV, ARG, WORKDIR, USER, LABEL)"
                         ))
                         }
                     }
@@ -171,6 +190,7 @@ fn recipe(spec: ImageSpec) -> Result<Recipe, String> {
         workdir: spec.workdir.or(workdir),
         entrypoint: spec.entrypoint,
         cmd: spec.cmd,
+        user: docker.user,
     })
 }
 

@@ -134,6 +134,7 @@ impl SandboxProcessService for ProcessApi {
             env: env_vec(r.env_vars),
             timeout_ms: duration_ms(&r.timeout, "timeout")?,
             pty: None,
+            user: None,
         };
         let session = self.workloads.exec(&who, &r.sandbox_id, spec).await.map_err(from_control)?;
         let mut reader = session.attach(0);
@@ -199,6 +200,7 @@ impl SandboxProcessService for ProcessApi {
                     env: env_vec(np.env_vars),
                     timeout_ms: duration_ms(&np.timeout, "new_process.timeout")?,
                     pty: pty_size(&np.pty_info),
+                    user: None,
                 };
                 let s = self.workloads.exec(&who, &np.sandbox_id, spec).await.map_err(from_control)?;
                 (np.sandbox_id, s, 0)

@@ -97,7 +97,8 @@ fn runsc_root(cfg: &RuntimeConfig) -> String {
 /// Writes the bundle and starts `runsc run` with the agent's protocol on its stdio.
 fn spawn(l: Launch<'_>) -> Result<tokio::process::Child, RuntimeError> {
     let Launch { config: cfg, spec, dir, rootfs, net, binds, entrypoint, limits, cgroup, stderr } = l;
-    let serve = ServeConfig { env: spec.env.clone(), workdir: spec.workdir.clone(), entrypoint };
+    let serve =
+        ServeConfig { env: spec.env.clone(), workdir: spec.workdir.clone(), entrypoint, user: spec.user.clone() };
     let serve_path = dir.join("serve.json");
     std::fs::write(&serve_path, serde_json::to_vec(&serve).expect("serve config serializes"))
         .map_err(|e| RuntimeError::io("writing serve.json", e))?;

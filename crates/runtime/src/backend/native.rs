@@ -37,6 +37,7 @@ impl Backend for Native {
             env: l.spec.env.clone(),
             workdir: l.spec.workdir.clone(),
             entrypoint: l.entrypoint,
+            user: l.spec.user.clone(),
         };
         let boot_path = l.dir.join("boot.json");
         std::fs::write(&boot_path, serde_json::to_vec(&boot).expect("boot config serializes"))
