@@ -271,27 +271,6 @@ pub fn spawn(
     }
 }
 
-#[cfg(test)]
-mod user_tests {
-    use super::resolve_user;
-
-    const PASSWD: &str = "root:x:0:0:root:/root:/bin/bash\napp:x:1000:1000::/home/app:/bin/sh\n";
-    const GROUP: &str = "root:x:0:\napp:x:1000:\nstaff:x:50:app\n";
-
-    #[test]
-    fn names_ids_and_groups_resolve_like_a_container_engine() {
-        let c = resolve_user("app", PASSWD, GROUP).unwrap();
-        assert_eq!((c.uid, c.gid, c.home.as_str()), (1000, 1000, "/home/app"));
-        assert_eq!(c.groups, vec![1000, 50]);
-        assert_eq!(resolve_user("1000", PASSWD, GROUP).unwrap().name, "app");
-        assert_eq!(resolve_user("app:staff", PASSWD, GROUP).unwrap().gid, 50);
-        let anon = resolve_user("4242:4343", PASSWD, GROUP).unwrap();
-        assert_eq!((anon.uid, anon.gid, anon.home.as_str()), (4242, 4343, "/"));
-        assert!(resolve_user("nobody-here", PASSWD, GROUP).unwrap_err().0.contains("does not exist"));
-        assert!(resolve_user("app:nogroup", PASSWD, GROUP).is_err());
-    }
-}
-
 /// In the forked child: writes (stage, errno) to the status pipe and exits without running destructors.
 unsafe fn report_and_exit(fd: i32, stage: u8) -> ! {
     let errno = *libc::__errno_location();
@@ -337,4 +316,25 @@ pub fn dup_file(f: &File) -> io::Result<File> {
     }
     // SAFETY: `fd` is a fresh descriptor owned by nothing else.
     Ok(unsafe { File::from_raw_fd(fd) })
+}
+
+#[cfg(test)]
+mod user_tests {
+    use super::resolve_user;
+
+    const PASSWD: &str = "root:x:0:0:root:/root:/bin/bash\napp:x:1000:1000::/home/app:/bin/sh\n";
+    const GROUP: &str = "root:x:0:\napp:x:1000:\nstaff:x:50:app\n";
+
+    #[test]
+    fn names_ids_and_groups_resolve_like_a_container_engine() {
+        let c = resolve_user("app", PASSWD, GROUP).unwrap();
+        assert_eq!((c.uid, c.gid, c.home.as_str()), (1000, 1000, "/home/app"));
+        assert_eq!(c.groups, vec![1000, 50]);
+        assert_eq!(resolve_user("1000", PASSWD, GROUP).unwrap().name, "app");
+        assert_eq!(resolve_user("app:staff", PASSWD, GROUP).unwrap().gid, 50);
+        let anon = resolve_user("4242:4343", PASSWD, GROUP).unwrap();
+        assert_eq!((anon.uid, anon.gid, anon.home.as_str()), (4242, 4343, "/"));
+        assert!(resolve_user("nobody-here", PASSWD, GROUP).unwrap_err().0.contains("does not exist"));
+        assert!(resolve_user("app:nogroup", PASSWD, GROUP).is_err());
+    }
 }

@@ -49,6 +49,12 @@ pub struct Builds {
     step_timeout: Duration,
 }
 
+/// What one build step runs: a shell script, as root or as a user.
+struct Command<'a> {
+    script: &'a str,
+    user: Option<&'a String>,
+}
+
 impl Builds {
     /// A builder over the image store, running steps with `runtime`.
     pub fn new(images: Arc<ImageStore>, runtime: Result<Arc<Runtime>, String>, log_dir: PathBuf) -> Arc<Self> {
@@ -142,13 +148,13 @@ impl Builds {
                 }
                 Step::RunCommands(commands) => {
                     let script = format!("set -e\n{}", commands.join("\n"));
-                    self.run_step(build_id, i, &layers, &env, &scratch, &script, None)
+                    self.run_step(build_id, i, &layers, &env, &scratch, Command { script: &script, user: None })
                         .await
                         .map_err(|e| format!("{what}: {e}"))?
                 }
                 Step::RunCommandsAs { user, commands } => {
                     let script = format!("set -e\n{}", commands.join("\n"));
-                    self.run_step(build_id, i, &layers, &env, &scratch, &script, Some(user))
+                    self.run_step(build_id, i, &layers, &env, &scratch, Command { script: &script, user: Some(user) })
                         .await
                         .map_err(|e| format!("{what}: {e}"))?
                 }
@@ -169,7 +175,7 @@ impl Builds {
                             quoted.join(" ")
                         )
                     };
-                    self.run_step(build_id, i, &layers, &env, &scratch, &script, None)
+                    self.run_step(build_id, i, &layers, &env, &scratch, Command { script: &script, user: None })
                         .await
                         .map_err(|e| format!("{what}: {e}"))?
                 }
@@ -208,9 +214,9 @@ impl Builds {
         layers: &[PathBuf],
         env: &[(String, String)],
         scratch: &std::path::Path,
-        script: &str,
-        user: Option<&String>,
+        command: Command<'_>,
     ) -> Result<(), String> {
+        let Command { script, user } = command;
         let runtime = self.runtime.as_ref().map_err(|e| e.clone())?;
         let id = format!("{build_id}-{index}-{}", ids::random_token(4));
         let log_path = self.log_dir.join(format!("{id}.log"));
