@@ -182,3 +182,43 @@ def test_default_sandbox_image(builder):
         sb.terminate()
     """)
     assert "PWD /workspace" in out and "GIT 0" in out, out
+
+
+def test_image_commands_ls_inspect_resolve_rm_gc(tmp_path, monkeypatch):
+    require_root()
+    if os.environ.get("COMPUTE_E2E_ISOLATION") == "gvisor":
+        pytest.skip("the image store's bookkeeping does not depend on the backend; the native run covers it")
+    # A store of its own: gc must be free to remove everything unused without slowing the other tests.
+    monkeypatch.setenv("COMPUTE_E2E_IMAGE_DIR", str(tmp_path / "images"))
+    s = Server(tmp_path / "data")
+    try:
+        out = sdk(s, """
+            img = Image.debian_slim("3.13").run_commands("echo inventory > /inventory.txt")
+            sb = Sandbox(image=img, name="inv").run()
+            print("FILE", sb.exec("cat", "/inventory.txt").stdout_text.strip())
+            import os, sys
+            sys.stdout.flush()
+            os._exit(0)  # leave it running
+        """)
+        assert "FILE inventory" in out, out
+        ref = re.search(r"compute\.local/image@sha256:[0-9a-f]{64}", s.cli("sandbox", "ls").stdout).group(0)
+        ls = s.cli("image", "ls").stdout.splitlines()
+        assert sorted(line.split()[0] for line in ls[1:]) == ["base", "built"], ls
+        built = s.cli("image", "inspect", ref).stdout
+        assert "kind:       built" in built and "debian archive" in built and "/inventory" not in built, built
+        base = s.cli("image", "inspect", "python:3.13-slim-trixie").stdout
+        assert "kind:       base" in base, base
+        assert "rootfs" in s.cli("image", "resolve", "python:3.13-slim-trixie").stdout
+        busy = s.cli("image", "rm", ref, check=False)
+        assert busy.returncode != 0 and "live workload" in busy.stderr, busy.stderr
+        kept = s.cli("image", "gc", "--grace", "0").stdout
+        assert kept.startswith("removed 0 layers and 0 bases"), kept
+        s.cli("sandbox", "rm", "inv")
+        s.cli("image", "rm", ref)
+        gc = s.cli("image", "gc", "--grace", "0").stdout
+        assert re.match(r"removed 1 layers and 1 bases", gc), gc
+        assert s.cli("image", "ls").stdout.splitlines()[1:] == []
+        missing = s.cli("image", "inspect", "compute.local/image@sha256:" + "0" * 64, check=False)
+        assert missing.returncode != 0 and "holds no image" in missing.stderr, missing.stderr
+    finally:
+        s.stop()

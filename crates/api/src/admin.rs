@@ -1,7 +1,9 @@
-//! Volume endpoints the SDK's API has no method for: `POST /v1/admin/volumes/<op>` with a JSON body
-//! (`compute volume gc|diff|rollback|fork|sync` call these). They act in the token's environment. `sync` (commit
-//! what a running workload wrote to its volumes) is open to any client of the environment; the others, and the
-//! server-wide `gc`, to operator clients only.
+//! Endpoints the SDK's API has no method for, behind `POST /v1/admin/<resource>/<op>` with a JSON body:
+//! - `volumes/{sync,gc,diff,rollback,fork}` (`compute volume …`), acting in the token's environment; `sync` (commit
+//!   what a running workload wrote to its volumes) is open to any client of the environment;
+//! - `images/{ls,inspect,rm,resolve,gc}` (`compute image …`), on the node's image store.
+//!
+//! Everything but `volumes/sync` is for operator clients only.
 
 use std::time::Duration;
 
@@ -19,7 +21,18 @@ use crate::http_util::{connect_error, json};
 use crate::status::{from_control, from_volume};
 
 /// Path prefix of the endpoints.
-pub const PREFIX: &str = "/v1/admin/volumes/";
+pub const PREFIX: &str = "/v1/admin/";
+
+#[derive(Deserialize)]
+struct ImageRef {
+    reference: String,
+}
+
+#[derive(Deserialize)]
+struct ImageGc {
+    /// Layers younger than this are kept (a build in progress has some no image names yet); default 3600.
+    grace_seconds: Option<u64>,
+}
 
 #[derive(Deserialize)]
 struct Sync {
@@ -73,7 +86,7 @@ async fn handle(shared: &Shared, op: &str, req: Request<Incoming>) -> Result<ser
         return Err(Status::unimplemented(format!("{PREFIX}{op} takes POST with a JSON body")));
     }
     let who = authenticate(shared, &req)?;
-    if op != "sync" && !shared.control.auth().is_operator(&who.client_id).map_err(from_control)? {
+    if op != "volumes/sync" && !shared.control.auth().is_operator(&who.client_id).map_err(from_control)? {
         return Err(Status::permission_denied(format!(
             "{PREFIX}{op} is for operator clients (the admin client of `compute env`); client {} is not one",
             who.client_id
@@ -99,15 +112,54 @@ async fn handle(shared: &Shared, op: &str, req: Request<Incoming>) -> Result<ser
     let env = who.environment_id.as_str();
     let v = &shared.volumes;
     let name = |n: &str| VolumeSel { id: String::new(), name: n.into() };
+    let images = shared.workloads.images();
+    let image_err = |e: compute_image::ImageError| match e {
+        compute_image::ImageError::Unsupported(m) => Status::not_found(m),
+        other => Status::internal(other.to_string()),
+    };
     match op {
-        "sync" => {
+        "images/ls" => Ok(json!({ "images": images.list().map_err(image_err)? })),
+        "images/inspect" => {
+            let r: ImageRef = parse(op, body)?;
+            let (img, manifest) = images.inspect(&r.reference).map_err(image_err)?;
+            let alias = images.alias(&r.reference).map(str::to_string);
+            Ok(json!({ "image": img, "config": manifest.map(|m| m.config), "alias": alias }))
+        }
+        "images/rm" => {
+            let r: ImageRef = parse(op, body)?;
+            let live = shared.workloads.live_image_layers().map_err(from_control)?;
+            let (img, _) = images.inspect(&r.reference).map_err(image_err)?;
+            if img.layers.iter().any(|l| live.contains(l)) {
+                return Err(Status::failed_precondition(format!(
+                    "image {} is used by a live workload; stop it first",
+                    img.reference
+                )));
+            }
+            Ok(json!({ "removed": images.remove(&r.reference).map_err(image_err)? }))
+        }
+        "images/resolve" => {
+            let r: ImageRef = parse(op, body)?;
+            let img = images.resolve(&r.reference).await.map_err(|e| Status::invalid_argument(e.to_string()))?;
+            Ok(json!({
+                "reference": img.reference,
+                "layers": img.layers,
+                "config": img.config,
+                "provenance": img.provenance,
+            }))
+        }
+        "images/gc" => {
+            let r: ImageGc = parse(op, body)?;
+            let live = shared.workloads.live_image_layers().map_err(from_control)?;
+            Ok(json!(images.gc(&live, r.grace_seconds.unwrap_or(3600)).map_err(image_err)?))
+        }
+        "volumes/sync" => {
             let r: Sync = parse(op, body)?;
             let synced = shared.workloads.sync_volumes(&who, &r.sandbox).await.map_err(from_control)?;
             let list: Vec<_> =
                 synced.into_iter().map(|(volume, version)| json!({"volume": volume, "version": version})).collect();
             Ok(json!({ "synced": list }))
         }
-        "gc" => {
+        "volumes/gc" => {
             let r: Gc = parse(op, body)?;
             let report = v.gc(r.grace_seconds.map(Duration::from_secs)).await.map_err(from_volume)?;
             Ok(json!({
@@ -118,7 +170,7 @@ async fn handle(shared: &Shared, op: &str, req: Request<Incoming>) -> Result<ser
                 "objects_kept": report.objects_kept,
             }))
         }
-        "diff" => {
+        "volumes/diff" => {
             let r: Diff = parse(op, body)?;
             let from = v.view(env, &name(&r.volume), &Selector::Version(r.from)).map_err(from_volume)?.version;
             let to = v.view(env, &name(&r.volume), &Selector::Version(r.to)).map_err(from_volume)?.version;
@@ -126,12 +178,12 @@ async fn handle(shared: &Shared, op: &str, req: Request<Incoming>) -> Result<ser
             let d = v.diff(from.as_ref(), &to).map_err(from_volume)?;
             Ok(json!({"added": d.added, "modified": d.modified, "removed": d.removed}))
         }
-        "rollback" => {
+        "volumes/rollback" => {
             let r: Rollback = parse(op, body)?;
             let ver = v.rollback(env, &name(&r.volume), &r.r#ref, r.version).await.map_err(from_volume)?;
             Ok(json!({"version": ver.version_id, "ref": ver.ref_name, "root": ver.root_tree}))
         }
-        "fork" => {
+        "volumes/fork" => {
             let r: Fork = parse(op, body)?;
             let selector = match (r.version, r.r#ref) {
                 (Some(ver), _) => Selector::Version(ver),

@@ -140,6 +140,9 @@ enum Command {
     /// Inspect and manage volumes (of the default environment): history, forks, diffs, rollback, GC.
     #[command(subcommand)]
     Volume(VolumeCommand),
+    /// Inspect and manage the node's images: built images, bases, layers.
+    #[command(subcommand)]
+    Image(ImageCommand),
     /// Print a workload's entrypoint output.
     Logs {
         /// Sandbox or container id or name.
@@ -182,6 +185,44 @@ enum SandboxCommand {
         /// Seconds between SIGTERM and SIGKILL.
         #[arg(long, default_value_t = 10)]
         grace: u64,
+        #[command(flatten)]
+        dir: DataDir,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ImageCommand {
+    /// List built images and bases, with their layers and sizes.
+    Ls {
+        #[command(flatten)]
+        dir: DataDir,
+    },
+    /// An image's layers, config and where its base came from.
+    Inspect {
+        /// A built image's reference, a base reference (python:3.13-slim-trixie) or a base key from `ls`.
+        reference: String,
+        #[command(flatten)]
+        dir: DataDir,
+    },
+    /// Forget an image (its layers go at the next gc).
+    Rm {
+        /// As for inspect.
+        reference: String,
+        #[command(flatten)]
+        dir: DataDir,
+    },
+    /// Resolve a reference to its layers, fetching its base if needed.
+    Resolve {
+        /// An image reference.
+        reference: String,
+        #[command(flatten)]
+        dir: DataDir,
+    },
+    /// Remove layers and bases no image or live workload uses.
+    Gc {
+        /// Keep what is younger than this many seconds (builds in progress) [default: 3600].
+        #[arg(long)]
+        grace: Option<u64>,
         #[command(flatten)]
         dir: DataDir,
     },
@@ -421,6 +462,21 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     ApiClient::connect(&dir.path()).await?.volume_sync(&sandbox).await
                 }
                 VolumeCommand::Gc { grace, dir } => ApiClient::connect(&dir.path()).await?.volume_gc(grace).await,
+            }
+        }),
+        Command::Image(c) => block_on(async {
+            match c {
+                ImageCommand::Ls { dir } => ApiClient::connect(&dir.path()).await?.image_ls().await,
+                ImageCommand::Inspect { reference, dir } => {
+                    ApiClient::connect(&dir.path()).await?.image_inspect(&reference).await
+                }
+                ImageCommand::Rm { reference, dir } => {
+                    ApiClient::connect(&dir.path()).await?.image_rm(&reference).await
+                }
+                ImageCommand::Resolve { reference, dir } => {
+                    ApiClient::connect(&dir.path()).await?.image_resolve(&reference).await
+                }
+                ImageCommand::Gc { grace, dir } => ApiClient::connect(&dir.path()).await?.image_gc(grace).await,
             }
         }),
         Command::Logs { name, follow, dir } => block_on(logs(&dir.path(), &name, follow)),

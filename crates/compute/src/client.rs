@@ -56,13 +56,13 @@ impl ApiClient {
         self.channel.clone()
     }
 
-    /// Calls an operator endpoint (`/v1/admin/volumes/<op>`) with a JSON body; returns the JSON answer.
+    /// Calls an operator endpoint (`/v1/admin/<resource>/<op>`) with a JSON body; returns the JSON answer.
     pub async fn admin(&self, op: &str, body: serde_json::Value) -> anyhow::Result<serde_json::Value> {
         use http_body_util::BodyExt;
         use tower::ServiceExt;
         let req = http::Request::builder()
             .method("POST")
-            .uri(format!("/v1/admin/volumes/{op}"))
+            .uri(format!("/v1/admin/{op}"))
             .header("content-type", "application/json")
             .header("authorization", &self.bearer)
             .body(tonic::body::Body::new(http_body_util::Full::new(bytes::Bytes::from(serde_json::to_vec(&body)?))))?;

@@ -2,6 +2,7 @@
 
 mod cli;
 mod client;
+mod image_cli;
 mod runtime_file;
 mod serve;
 mod settings;

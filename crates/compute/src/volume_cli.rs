@@ -137,7 +137,7 @@ impl ApiClient {
             println!("ref {dst:?} of {name} at version {}", r.version_id);
             return Ok(());
         }
-        let out = self.admin("fork", json!({"volume": name, "version": version, "to": dst})).await?;
+        let out = self.admin("volumes/fork", json!({"volume": name, "version": version, "to": dst})).await?;
         println!(
             "volume {} ({}) at version {}, from {src}",
             out["volume"].as_str().unwrap_or(dst),
@@ -149,7 +149,7 @@ impl ApiClient {
 
     /// `compute volume diff NAME V1 V2`.
     pub async fn volume_diff(&self, name: &str, from: u64, to: u64) -> anyhow::Result<()> {
-        let d = self.admin("diff", json!({"volume": name, "from": from, "to": to})).await?;
+        let d = self.admin("volumes/diff", json!({"volume": name, "from": from, "to": to})).await?;
         for (key, mark) in [("added", "+"), ("modified", "~"), ("removed", "-")] {
             for p in d[key].as_array().into_iter().flatten() {
                 println!("{mark} {}", p.as_str().unwrap_or(""));
@@ -160,7 +160,7 @@ impl ApiClient {
 
     /// `compute volume rollback NAME VERSION`.
     pub async fn volume_rollback(&self, name: &str, version: u64, r#ref: &str) -> anyhow::Result<()> {
-        let out = self.admin("rollback", json!({"volume": name, "version": version, "ref": r#ref})).await?;
+        let out = self.admin("volumes/rollback", json!({"volume": name, "version": version, "ref": r#ref})).await?;
         println!(
             "{name}: ref {ref} now at version {} (the content of version {version})",
             out["version"],
@@ -181,7 +181,7 @@ impl ApiClient {
 
     /// `compute volume sync SANDBOX`.
     pub async fn volume_sync(&self, sandbox: &str) -> anyhow::Result<()> {
-        let out = self.admin("sync", json!({"sandbox": sandbox})).await?;
+        let out = self.admin("volumes/sync", json!({"sandbox": sandbox})).await?;
         let list = out["synced"].as_array().cloned().unwrap_or_default();
         if list.is_empty() {
             println!("{sandbox} has no writable volume mounts");
@@ -197,7 +197,7 @@ impl ApiClient {
 
     /// `compute volume gc`.
     pub async fn volume_gc(&self, grace_seconds: Option<u64>) -> anyhow::Result<()> {
-        let r = self.admin("gc", json!({"grace_seconds": grace_seconds})).await?;
+        let r = self.admin("volumes/gc", json!({"grace_seconds": grace_seconds})).await?;
         println!(
             "deleted {} objects ({} bytes) and {} trees; pruned {} versions; kept {} objects",
             r["objects_deleted"], r["bytes_freed"], r["trees_deleted"], r["versions_pruned"], r["objects_kept"]

@@ -105,6 +105,17 @@ impl Workloads {
         Arc::new(Self { store, runtime, images, volumes, config, attached: Default::default() })
     }
 
+    /// The image store.
+    pub fn images(&self) -> &Arc<ImageStore> {
+        &self.images
+    }
+
+    /// The layer directories live workloads use (so image garbage collection keeps them).
+    pub fn live_image_layers(&self) -> Result<std::collections::HashSet<PathBuf>, ControlError> {
+        let live = self.store.read(|r| r.sandboxes().live())?;
+        Ok(live.iter().filter_map(|rec| self.images.layers_of(&rec.image)).flatten().collect())
+    }
+
     /// Mounts a workload's volumes; on failure, what was mounted is detached again.
     fn attach_volumes(&self, rec: &SandboxRecord, req: &WorkloadRequest) -> Result<Vec<AttachedVolume>, String> {
         let mut out: Vec<AttachedVolume> = Vec::new();

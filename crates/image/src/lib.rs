@@ -7,6 +7,7 @@
 #![warn(missing_docs)]
 
 mod debian;
+mod inventory;
 mod recipe;
 mod reference;
 
@@ -15,6 +16,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 pub use debian::Mirror;
+pub use inventory::{ImageGcReport, StoredImage};
 pub use recipe::{Recipe, Step};
 pub use reference::{BaseRef, Distro};
 
