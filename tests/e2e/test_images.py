@@ -222,3 +222,19 @@ def test_image_commands_ls_inspect_resolve_rm_gc(tmp_path, monkeypatch):
         assert missing.returncode != 0 and "holds no image" in missing.stderr, missing.stderr
     finally:
         s.stop()
+
+
+def test_a_step_past_the_build_timeout_fails_naming_it(tmp_path):
+    require_root()
+    s = Server(tmp_path / "data", config='build_step_timeout = "3s"\n')
+    try:
+        out = sdk(s, """
+            try:
+                Sandbox(image=Image.debian_slim("3.13").run_commands("sleep 60"), name="slow").run()
+                print("RAN")
+            except Exception as e:
+                print("FAIL", type(e).__name__, e)
+        """)
+        assert re.search(r"FAIL \w+ .*step 1 \(run_commands\).*timed out after 3s", out), out
+    finally:
+        s.stop()

@@ -77,6 +77,9 @@ struct ServeFlags {
     /// URL clients reach this server at, for signed volume URLs [default: the request's own host].
     #[arg(long, env = "COMPUTE_PUBLIC_URL")]
     public_url: Option<String>,
+    /// Longest run of one image build step, e.g. 30m [default: 30m].
+    #[arg(long, env = "COMPUTE_BUILD_STEP_TIMEOUT")]
+    build_step_timeout: Option<String>,
 }
 
 impl ServeFlags {
@@ -99,6 +102,7 @@ impl ServeFlags {
             volume_retention: self.volume_retention.clone(),
             public_url: self.public_url.clone(),
             volume_url_ttl: None,
+            build_step_timeout: self.build_step_timeout.clone(),
         }
     }
 }

@@ -164,7 +164,12 @@ async fn start_workloads(
     let images = Arc::new(
         ImageStore::new(&image_dir, mirror, settings.image_aliases.clone()).expect("creating the image store"),
     );
-    let builds = Builds::new(images.clone(), runtime.clone(), data_dir.join("logs").join("builds"));
+    let builds = Builds::with_step_timeout(
+        images.clone(),
+        runtime.clone(),
+        data_dir.join("logs").join("builds"),
+        settings.build_step_timeout,
+    );
     let workloads = Workloads::new(
         control.store().clone(),
         runtime,

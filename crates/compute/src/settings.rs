@@ -50,6 +50,8 @@ pub struct Layer {
     pub public_url: Option<String>,
     /// How long a signed volume URL stays valid, e.g. `1h` (the default).
     pub volume_url_ttl: Option<String>,
+    /// How long one image build step may run, e.g. `30m` (the default).
+    pub build_step_timeout: Option<String>,
 }
 
 impl Layer {
@@ -73,6 +75,7 @@ impl Layer {
             volume_retention: self.volume_retention.or(below.volume_retention),
             public_url: self.public_url.or(below.public_url),
             volume_url_ttl: self.volume_url_ttl.or(below.volume_url_ttl),
+            build_step_timeout: self.build_step_timeout.or(below.build_step_timeout),
         }
     }
 
@@ -122,6 +125,8 @@ pub struct Settings {
     pub public_url: Option<String>,
     /// Lifetime of signed volume URLs.
     pub volume_url_ttl: Duration,
+    /// Longest run of one image build step.
+    pub build_step_timeout: Duration,
 }
 
 /// The listen address when nothing else says.
@@ -172,6 +177,7 @@ impl Settings {
             volume_retention: layer.volume_retention.as_deref().map(parse_duration).transpose()?,
             public_url: layer.public_url,
             volume_url_ttl: parse_duration(layer.volume_url_ttl.as_deref().unwrap_or("1h"))?,
+            build_step_timeout: parse_duration(layer.build_step_timeout.as_deref().unwrap_or("30m"))?,
         })
     }
 }

@@ -58,8 +58,18 @@ struct Command<'a> {
 impl Builds {
     /// A builder over the image store, running steps with `runtime`.
     pub fn new(images: Arc<ImageStore>, runtime: Result<Arc<Runtime>, String>, log_dir: PathBuf) -> Arc<Self> {
+        Self::with_step_timeout(images, runtime, log_dir, Duration::from_secs(1800))
+    }
+
+    /// A build manager whose steps may each run for at most `step_timeout`.
+    pub fn with_step_timeout(
+        images: Arc<ImageStore>,
+        runtime: Result<Arc<Runtime>, String>,
+        log_dir: PathBuf,
+        step_timeout: Duration,
+    ) -> Arc<Self> {
         let _ = std::fs::create_dir_all(&log_dir);
-        Arc::new(Self { images, runtime, builds: Mutex::default(), log_dir, step_timeout: Duration::from_secs(1800) })
+        Arc::new(Self { images, runtime, builds: Mutex::default(), log_dir, step_timeout })
     }
 
     /// Returns the image at once if every layer is cached, else starts (or joins) its build.
