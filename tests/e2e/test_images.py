@@ -238,3 +238,37 @@ def test_a_step_past_the_build_timeout_fails_naming_it(tmp_path):
         assert re.search(r"FAIL \w+ .*step 1 \(run_commands\).*timed out after 3s", out), out
     finally:
         s.stop()
+
+
+def test_build_outcomes_survive_a_server_restart(tmp_path):
+    require_root()
+    import time
+
+    s = Server(tmp_path / "data")
+    try:
+        fresh = os.urandom(6).hex()
+
+        def poll(spec):
+            token = s.token()
+            status, body = s.connect("chalk.sandbox.v1.CustomImageService/GetOrBuildCustomImage", {"imageSpec": spec}, token)
+            assert status == 200, body
+            while body.get("status") == "building":
+                time.sleep(0.2)
+                status, body = s.connect("chalk.sandbox.v1.CustomImageService/GetCustomImage",
+                                         {"buildId": body["buildId"]}, token)
+            return body
+
+        bad = poll({"baseImage": "python:3.13-slim-trixie", "steps": [{"runCommands": {"commands": [f"echo {fresh}; exit 7"]}}]})
+        good = poll({"baseImage": "python:3.13-slim-trixie", "steps": [{"runCommands": {"commands": [f"echo {fresh} > /ok"]}}]})
+        assert bad["status"] == "failed" and good["status"] == "succeeded", (bad, good)
+        s.stop()
+        s.start()
+        token = s.token()
+        status, again = s.connect("chalk.sandbox.v1.CustomImageService/GetCustomImage", {"buildId": bad["buildId"]}, token)
+        assert status == 200 and again["status"] == "failed" and "exited with code 7" in again.get("error", ""), again
+        status, again = s.connect("chalk.sandbox.v1.CustomImageService/GetCustomImage", {"buildId": good["buildId"]}, token)
+        assert status == 200 and again["status"] == "succeeded" and again["image"] == good["image"], again
+        status, unknown = s.connect("chalk.sandbox.v1.CustomImageService/GetCustomImage", {"buildId": "build-" + "0" * 24}, token)
+        assert status == 404 and "GetOrBuildCustomImage again" in unknown["message"], unknown
+    finally:
+        s.stop()

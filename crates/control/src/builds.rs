@@ -110,10 +110,18 @@ impl Builds {
         let this = self.clone();
         let (id, k) = (build_id.clone(), key.clone());
         tokio::spawn(async move {
+            let failed = this.log_dir.join(format!("{id}.failed"));
             let status = match this.build(&id, &k, &base_key, recipe).await {
-                Ok(image) => BuildStatus::Succeeded(image),
+                Ok(image) => {
+                    let _ = std::fs::remove_file(&failed);
+                    BuildStatus::Succeeded(image)
+                }
                 Err(msg) => {
                     tracing::warn!(build = %id, error = %msg, "image build failed");
+                    // Kept on disk, so a client polling across a server restart still learns why.
+                    if let Err(e) = std::fs::write(&failed, &msg) {
+                        tracing::warn!(build = %id, error = %e, "could not record the build failure");
+                    }
                     BuildStatus::Failed(msg)
                 }
             };
@@ -124,12 +132,24 @@ impl Builds {
 
     /// A build's status.
     pub fn get(&self, build_id: &str) -> Result<BuildStatus, ControlError> {
-        self.builds
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(build_id)
-            .cloned()
-            .ok_or_else(|| ControlError::NotFound(format!("build {build_id:?} not found")))
+        if let Some(s) = self.builds.lock().unwrap_or_else(|p| p.into_inner()).get(build_id) {
+            return Ok(s.clone());
+        }
+        // Not in memory (the server restarted since): what the disk says.
+        let valid =
+            build_id.strip_prefix("build-").is_some_and(|k| k.len() == 24 && k.bytes().all(|b| b.is_ascii_hexdigit()));
+        if valid {
+            if let Ok(msg) = std::fs::read_to_string(self.log_dir.join(format!("{build_id}.failed"))) {
+                return Ok(BuildStatus::Failed(msg));
+            }
+            if let Some(image) = self.images.built_with_prefix(&build_id["build-".len()..]) {
+                return Ok(BuildStatus::Succeeded(image));
+            }
+        }
+        Err(ControlError::NotFound(format!(
+            "build {build_id:?} is unknown: it was never requested, or a server restart interrupted it; call \
+             GetOrBuildCustomImage again"
+        )))
     }
 
     async fn build(&self, build_id: &str, key: &str, base_key: &str, recipe: Recipe) -> Result<String, String> {

@@ -168,6 +168,17 @@ impl ImageStore {
         Ok(format!("{BUILT_PREFIX}{key}"))
     }
 
+    /// The reference of the built image whose key starts with `prefix`, if exactly one does.
+    pub fn built_with_prefix(&self, prefix: &str) -> Option<String> {
+        let mut found = std::fs::read_dir(self.dir.join("images"))
+            .ok()?
+            .flatten()
+            .filter_map(|e| e.file_name().to_str().and_then(|n| n.strip_suffix(".json")).map(str::to_string))
+            .filter(|k| k.starts_with(prefix));
+        let key = found.next()?;
+        found.next().is_none().then(|| format!("{BUILT_PREFIX}{key}"))
+    }
+
     /// The built image with `key`, if any.
     pub fn manifest(&self, key: &str) -> Option<Manifest> {
         std::fs::read(self.manifest_path(key)).ok().and_then(|b| serde_json::from_slice(&b).ok())
