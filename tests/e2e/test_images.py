@@ -272,3 +272,20 @@ def test_build_outcomes_survive_a_server_restart(tmp_path):
         assert status == 404 and "GetOrBuildCustomImage again" in unknown["message"], unknown
     finally:
         s.stop()
+
+
+def test_from_dockerfile_and_with_tmux(builder, tmp_path):
+    dockerfile = tmp_path / "Dockerfile"
+    dockerfile.write_text(
+        "FROM python:3.13-slim-trixie\nENV APP_MODE=docker\nRUN echo from-dockerfile > /marker.txt\nWORKDIR /srv\n"
+    )
+    out = sdk(builder, f"""
+        sb = Sandbox(image=Image.from_dockerfile({str(dockerfile)!r}), name="from-df").run()
+        print("DF", repr(sb.exec("sh", "-c", "cat /marker.txt; echo $APP_MODE; pwd").stdout_text))
+        sb.terminate()
+        sb = Sandbox(image=Image.debian_slim("3.13").with_tmux(), name="tmux").run()
+        print("TMUX", sb.exec("tmux", "-V").stdout_text.strip())
+        sb.terminate()
+    """)
+    assert "DF 'from-dockerfile\\ndocker\\n/srv\\n'" in out, out
+    assert "TMUX tmux " in out, out
