@@ -58,11 +58,39 @@ impl Mirror {
     }
 }
 
+/// Removes a base build's directory, first unmounting what mmdebstrap mounted inside it (`/proc`, `/sys`,
+/// `/dev/pts`, …) if it was killed before it could: deleting through a live `/proc` would fail (and must not be
+/// attempted).
+pub(crate) fn remove_build_dir(dir: &Path) {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else { return };
+    let prefix = dir.to_string_lossy().into_owned();
+    let mut under: Vec<String> = info
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(|m| m.replace("\\040", " "))
+        .filter(|m| m == &prefix || m.starts_with(&format!("{prefix}/")))
+        .collect();
+    under.sort_by_key(|m| std::cmp::Reverse(m.len()));
+    for m in &under {
+        if let Err(e) = nix::mount::umount2(m.as_str(), nix::mount::MntFlags::MNT_DETACH) {
+            tracing::warn!(mount = %m, error = %e, "could not unmount a leftover of an interrupted base build");
+        }
+    }
+    if dir.exists() {
+        if let Err(e) = std::fs::remove_dir_all(dir) {
+            tracing::warn!(dir = %dir.display(), error = %e, "could not remove an interrupted base build");
+        }
+    }
+}
+
 /// Builds `base` into `target/rootfs` (plus `config.json` and `provenance`), atomically: a failed or interrupted
 /// build leaves nothing under `target`.
 pub async fn build(base: &BaseRef, mirror: &Mirror, target: &Path) -> Result<(), ImageError> {
-    let tmp = target.with_extension(format!("building-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&tmp);
+    // Named after the whole target name (not `with_extension`, which would cut "python-3.13-trixie" at its dot and
+    // make concurrent builds of 3.13 and 3.14 share a directory).
+    let name = target.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = target.with_file_name(format!("{name}.building-{}", std::process::id()));
+    remove_build_dir(&tmp);
     std::fs::create_dir_all(&tmp).map_err(|e| ImageError::Io(format!("creating {}: {e}", tmp.display())))?;
     let rootfs = tmp.join("rootfs");
     let mut includes = vec!["ca-certificates".to_string()];
@@ -108,7 +136,7 @@ pub async fn build(base: &BaseRef, mirror: &Mirror, target: &Path) -> Result<(),
         message: format!("running mmdebstrap (install it: apt-get install mmdebstrap): {e}"),
     })?;
     if !out.status.success() {
-        let _ = std::fs::remove_dir_all(&tmp);
+        remove_build_dir(&tmp);
         let text = String::from_utf8_lossy(&out.stderr);
         let tail: Vec<&str> = text.lines().rev().take(15).collect::<Vec<_>>().into_iter().rev().collect();
         return Err(ImageError::Build {

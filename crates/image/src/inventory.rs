@@ -78,7 +78,8 @@ impl ImageStore {
         let bases = self.dir.join("base");
         for e in std::fs::read_dir(&bases).map_err(|e| io(&bases, e))?.flatten() {
             let rootfs = e.path().join("rootfs");
-            if !rootfs.is_dir() {
+            // A base still being built is not a base yet.
+            if !rootfs.is_dir() || e.file_name().to_string_lossy().contains(".building-") {
                 continue;
             }
             out.push(StoredImage {
@@ -155,7 +156,8 @@ impl ImageStore {
         let bases = self.dir.join("base");
         for e in std::fs::read_dir(&bases).into_iter().flatten().flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
-            if used.contains(&name) || !e.path().join("rootfs").is_dir() || young(&e.path()) {
+            let building = name.contains(".building-");
+            if building || used.contains(&name) || !e.path().join("rootfs").is_dir() || young(&e.path()) {
                 continue;
             }
             report.bytes_freed += du(&e.path());

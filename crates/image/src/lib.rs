@@ -97,6 +97,18 @@ impl ImageStore {
             std::fs::create_dir_all(dir.join(sub))
                 .map_err(|e| ImageError::Io(format!("creating {}: {e}", dir.join(sub).display())))?;
         }
+        // Base builds a crash interrupted (another process's would be live: the pid is in the name).
+        if let Ok(entries) = std::fs::read_dir(dir.join("base")) {
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let Some((_, pid)) = name.rsplit_once(".building-") else { continue };
+                let alive = pid.parse::<i32>().is_ok_and(|p| Path::new(&format!("/proc/{p}")).exists());
+                if !alive || pid == std::process::id().to_string() {
+                    tracing::warn!(dir = %e.path().display(), "removing a base build a crash interrupted");
+                    debian::remove_build_dir(&e.path());
+                }
+            }
+        }
         Ok(Self { dir: dir.to_path_buf(), mirror, aliases, building: Mutex::default() })
     }
 
