@@ -168,9 +168,9 @@ def test_build_failures_name_the_step(builder):
 @pytest.mark.xfail(
     os.environ.get("COMPUTE_E2E_ISOLATION") == "gvisor",
     strict=True,
-    reason="under runsc 2024-07 (--overlay2=none over an overlayfs root) systemd's postinst cannot open "
-    "/etc/machine-id ('Protocol driver not attached'), so apt-installing systemd, which Image.sandbox() pulls in, "
-    "fails in a gVisor build sandbox",
+    reason="Image.sandbox() is based on python:3.14-slim-trixie, which is Debian sid here (trixie has no 3.14); "
+    "sid's systemd, which its apt_install pulls in, fails in its postinst under runsc 2024-07 ('Cannot open "
+    "/etc/machine-id: Protocol driver not attached', a syscall this gVisor lacks); trixie's systemd installs fine",
 )
 def test_default_sandbox_image(builder):
     # `Sandbox()` without an image builds the SDK's `Image.sandbox()`: an apt-get run_commands step (through the
