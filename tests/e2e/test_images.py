@@ -289,3 +289,25 @@ def test_from_dockerfile_and_with_tmux(builder, tmp_path):
     """)
     assert "DF 'from-dockerfile\\ndocker\\n/srv\\n'" in out, out
     assert "TMUX tmux " in out, out
+
+
+def test_compute_logs_prints_a_builds_steps(builder):
+    token = builder.token()
+    marker = os.urandom(4).hex()
+    spec = {
+        "baseImage": "python:3.13-slim-trixie",
+        "steps": [
+            {"runCommands": {"commands": [f"echo first-{marker}"]}},
+            {"runCommands": {"commands": [f"echo second-{marker}; exit 4"]}},
+        ],
+    }
+    status, body = builder.connect("chalk.sandbox.v1.CustomImageService/GetOrBuildCustomImage", {"imageSpec": spec}, token)
+    assert status == 200, body
+    out = builder.cli("logs", "--follow", body["buildId"], check=False)
+    assert out.returncode == 0, out.stderr
+    text = out.stdout
+    assert f"first-{marker}" in text and f"second-{marker}" in text, text
+    assert text.index("--- step 1 ---") < text.index(f"first-{marker}") < text.index("--- step 2 ---"), text
+    assert "failed" in out.stderr, out.stderr
+    unknown = builder.cli("logs", "build-" + "0" * 24, check=False)
+    assert unknown.returncode != 0 and "unknown" in unknown.stderr, unknown.stderr

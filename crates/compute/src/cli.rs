@@ -147,9 +147,9 @@ enum Command {
     /// Inspect and manage the node's images: built images, bases, layers.
     #[command(subcommand)]
     Image(ImageCommand),
-    /// Print a workload's entrypoint output.
+    /// Print a workload's entrypoint output, or an image build's step output (`build-…`).
     Logs {
-        /// Sandbox or container id or name.
+        /// Sandbox or container id or name, or an image build id.
         name: String,
         /// Keep printing new output while the workload runs.
         #[arg(short, long)]
@@ -501,6 +501,9 @@ fn block_on<F: std::future::Future<Output = anyhow::Result<()>>>(f: F) -> anyhow
 async fn logs(data_dir: &std::path::Path, name: &str, follow: bool) -> anyhow::Result<()> {
     use std::io::{Read, Seek, Write};
     let client = ApiClient::connect(data_dir).await?;
+    if name.starts_with("build-") {
+        return build_logs(&client, data_dir, name, follow).await;
+    }
     let (id, _) = client.resolve(name).await?;
     let path = data_dir.join("logs").join(format!("{id}.log"));
     let mut offset = 0u64;
@@ -521,6 +524,58 @@ async fn logs(data_dir: &std::path::Path, name: &str, follow: bool) -> anyhow::R
             return Ok(());
         }
         tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+}
+
+/// `compute logs build-…`: the output of an image build's steps, in order (each step ran in its own build
+/// sandbox with its own log), followed while the build runs.
+async fn build_logs(
+    client: &ApiClient,
+    data_dir: &std::path::Path,
+    build_id: &str,
+    follow: bool,
+) -> anyhow::Result<()> {
+    use std::io::{Read, Seek, Write};
+    let dir = data_dir.join("logs").join("builds");
+    let prefix = format!("{build_id}-");
+    let mut offsets: std::collections::HashMap<std::path::PathBuf, u64> = Default::default();
+    // The status first: an unknown build id is an error, not an empty log.
+    let mut status = client.build_status(build_id).await?;
+    loop {
+        let mut steps: Vec<(usize, i64, std::path::PathBuf)> = std::fs::read_dir(&dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let rest = name.strip_prefix(&prefix)?.strip_suffix(".log")?;
+                let step: usize = rest.split('-').next()?.parse().ok()?;
+                let mtime = e.metadata().ok()?.modified().ok()?.duration_since(std::time::UNIX_EPOCH).ok()?.as_millis();
+                Some((step, mtime as i64, e.path()))
+            })
+            .collect();
+        steps.sort();
+        for (step, _, path) in steps {
+            let offset = offsets.entry(path.clone()).or_insert(0);
+            let Ok(mut f) = std::fs::File::open(&path) else { continue };
+            f.seek(std::io::SeekFrom::Start(*offset))?;
+            let mut buf = Vec::new();
+            f.read_to_end(&mut buf)?;
+            if *offset == 0 {
+                println!("--- step {} ---", step + 1);
+            }
+            *offset += buf.len() as u64;
+            std::io::stdout().write_all(&buf)?;
+            std::io::stdout().flush()?;
+        }
+        if !follow || status != "building" {
+            if status == "failed" {
+                eprintln!("compute: build {build_id} failed");
+            }
+            return Ok(());
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+        status = client.build_status(build_id).await?;
     }
 }
 

@@ -51,6 +51,18 @@ impl ApiClient {
         Ok(ApiClient { channel, bearer: format!("Bearer {token}") })
     }
 
+    /// An image build's status (`building`, `succeeded`, `failed`).
+    pub async fn build_status(&self, build_id: &str) -> anyhow::Result<String> {
+        use compute_proto::chalk::sandbox::v1::custom_image_service_client::CustomImageServiceClient;
+        use compute_proto::chalk::sandbox::v1::GetCustomImageRequest;
+        let mut c = CustomImageServiceClient::new(self.channel.clone());
+        let r = c
+            .get_custom_image(self.req(GetCustomImageRequest { build_id: build_id.into() }))
+            .await
+            .map_err(status_error)?;
+        Ok(r.into_inner().status)
+    }
+
     /// The connection.
     pub fn channel(&self) -> Channel {
         self.channel.clone()
