@@ -5,6 +5,7 @@ import os
 import pathlib
 import signal
 import subprocess
+import textwrap
 import sys
 import time
 import urllib.request
@@ -167,6 +168,14 @@ def run_sdk(code, env, timeout=120, cwd=None):
     return subprocess.run(
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=timeout, cwd=cwd
     )
+
+
+def sdk_ok(server, prelude, body, timeout=600):
+    """Runs `prelude` and the dedented `body` with the SDK against `server`; fails the test, showing both streams,
+    unless the program exits 0. Returns the CompletedProcess."""
+    proc = run_sdk(prelude + "\n" + textwrap.dedent(body), server.sdk_env(), timeout=timeout)
+    assert proc.returncode == 0, f"SDK program failed\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    return proc
 
 
 def run_program(path, env, timeout=600, cwd=None):

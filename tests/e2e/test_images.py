@@ -1,11 +1,10 @@
 """Image builds against the official SDK: program (b), cached and partial rebuilds, and clear failures."""
 import os
 import re
-import textwrap
 
 import pytest
 
-from conftest import PROGRAMS, Server, require_root, run_program, run_sdk
+from conftest import PROGRAMS, Server, require_root, run_program, sdk_ok
 
 ALIASES = '[image_aliases]\n"python:3.12-slim-trixie" = "python:3.13-slim-trixie"\n'
 
@@ -19,10 +18,7 @@ def builder(tmp_path_factory):
 
 
 def sdk(server, body, timeout=600):
-    code = "import os, time\nfrom chalkcompute import Sandbox, Container, Image\n" + textwrap.dedent(body)
-    proc = run_sdk(code, server.sdk_env(), timeout=timeout)
-    assert proc.returncode == 0, f"SDK program failed\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
-    return proc.stdout
+    return sdk_ok(server, "import os, time\nfrom chalkcompute import Sandbox, Container, Image", body, timeout).stdout
 
 
 def layers_in_store():

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import PROGRAMS, require_root, run_program, run_sdk
+from conftest import PROGRAMS, require_root, run_program, run_sdk, sdk_ok
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -21,10 +21,8 @@ def _root():
 
 def sdk(server, body, timeout=300):
     """Runs `body` (with `sb` bound to a fresh sandbox, terminated afterwards) and returns stdout."""
-    code = "import signal, time, hashlib, os, sys\nfrom chalkcompute import Sandbox, Container, Image\n" + textwrap.dedent(body)
-    proc = run_sdk(code, server.sdk_env(), timeout=timeout)
-    assert proc.returncode == 0, f"SDK program failed\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
-    return proc.stdout
+    prelude = "import signal, time, hashlib, os, sys\nfrom chalkcompute import Sandbox, Container, Image"
+    return sdk_ok(server, prelude, body, timeout).stdout
 
 
 def test_program_a_container_verbatim(shared_server):

@@ -6,14 +6,11 @@ import textwrap
 
 import pytest
 
-from conftest import PROGRAMS, require_root, run_program, run_sdk
+from conftest import PROGRAMS, require_root, run_program, run_sdk, sdk_ok
 
 
 def sdk(server, body, timeout=600):
-    code = "from chalkcompute import Volume, Sandbox, Container, Image\n" + textwrap.dedent(body)
-    proc = run_sdk(code, server.sdk_env(), timeout=timeout)
-    assert proc.returncode == 0, f"SDK program failed\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
-    return proc.stdout
+    return sdk_ok(server, "from chalkcompute import Volume, Sandbox, Container, Image", body, timeout).stdout
 
 
 def test_program_d_verbatim(shared_server):
@@ -27,7 +24,7 @@ def test_program_d_verbatim(shared_server):
 @pytest.mark.xfail(
     os.environ.get("COMPUTE_E2E_ISOLATION") == "gvisor",
     strict=True,
-    reason="Image.sandbox() does not build under runsc 2024-07 (systemd's postinst; see test_images.py)",
+    reason="Image.sandbox() does not build under runsc 2024-07 (sid's systemd postinst; see test_images.py)",
 )
 def test_program_g2_verbatim_local_files_arrive_as_a_volume(shared_server):
     require_root()

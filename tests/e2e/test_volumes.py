@@ -15,16 +15,11 @@ import urllib.request
 import blake3
 import pytest
 
-from conftest import Server
+from conftest import Server, sdk_ok
 
 
-def sdk(server, body, timeout=600, check=True):
-    code = "import os, sys, time, pathlib, hashlib\nfrom chalkcompute import Volume, VolumeClient\n" + textwrap.dedent(body)
-    proc = subprocess.run([sys.executable, "-c", code], env=server.sdk_env(), capture_output=True, text=True,
-                          timeout=timeout)
-    if check:
-        assert proc.returncode == 0, f"SDK program failed\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
-    return proc
+def sdk(server, body, timeout=600):
+    return sdk_ok(server, "import os, sys, time, pathlib, hashlib\nfrom chalkcompute import Volume, VolumeClient", body, timeout)
 
 
 @pytest.fixture(scope="module")

@@ -187,13 +187,6 @@ impl<'c> Volumes<'c> {
         Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
     }
 
-    /// Every version's root tree (for garbage collection).
-    pub fn all_root_trees(&self) -> Result<Vec<String>> {
-        let mut stmt = self.conn.prepare_cached("SELECT DISTINCT root_tree FROM volume_versions")?;
-        let rows = stmt.query_map([], |r| r.get(0))?;
-        Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
-    }
-
     /// Deletes versions created before `cutoff` that no ref points at. Returns how many went.
     pub fn prune_versions(&self, volume_id: &str, cutoff: i64) -> Result<usize> {
         Ok(self.conn.execute(
@@ -222,31 +215,23 @@ impl<'c> Volumes<'c> {
 
     /// Creates or moves a ref.
     pub fn put_ref(&self, r: &RefRecord) -> Result<()> {
-        self.conn.execute(
-            &format!(
-                "INSERT INTO volume_refs ({REF_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) \
-                 ON CONFLICT (volume_id, name) DO UPDATE SET version_id = excluded.version_id, \
-                 sequence_number = excluded.sequence_number, commit_id = excluded.commit_id, \
-                 updated_at = excluded.updated_at"
-            ),
-            rusqlite::params![
-                r.volume_id,
-                r.name,
-                r.version_id as i64,
-                r.sequence_number as i64,
-                r.commit_id,
-                r.parent_version_id.map(|p| p as i64),
-                r.updated_at
-            ],
-        )?;
-        Ok(())
+        Ok(self.write_ref(
+            r,
+            " ON CONFLICT (volume_id, name) DO UPDATE SET version_id = excluded.version_id, \
+             sequence_number = excluded.sequence_number, commit_id = excluded.commit_id, \
+             updated_at = excluded.updated_at",
+        )?)
     }
 
     /// Creates a ref that must not exist yet.
     pub fn insert_ref(&self, r: &RefRecord) -> Result<()> {
+        self.write_ref(r, "").map_err(|e| StoreError::on_insert(e, || format!("ref {:?}", r.name)))
+    }
+
+    fn write_ref(&self, r: &RefRecord, on_conflict: &str) -> rusqlite::Result<()> {
         self.conn
             .execute(
-                &format!("INSERT INTO volume_refs ({REF_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)"),
+                &format!("INSERT INTO volume_refs ({REF_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7){on_conflict}"),
                 rusqlite::params![
                     r.volume_id,
                     r.name,
@@ -257,8 +242,7 @@ impl<'c> Volumes<'c> {
                     r.updated_at
                 ],
             )
-            .map_err(|e| StoreError::on_insert(e, || format!("ref {:?}", r.name)))?;
-        Ok(())
+            .map(|_| ())
     }
 
     /// Deletes a ref; its versions stay.

@@ -140,16 +140,8 @@ impl Blocks {
     /// Starts fetching the block holding file position `pos` of `e` in the background, unless it is cached or
     /// on its way: sequential readers then find the next block ready instead of waiting for the store.
     fn prefetch(&self, e: &Entry, pos: u64) {
-        let mut start = 0u64;
-        let Some(x) = e.extents.iter().find(|x| {
-            let hit = pos >= start && pos < start + x.size;
-            start += x.size;
-            hit
-        }) else {
-            return;
-        };
-        let index = (x.offset + (pos - (start - x.size))) / BLOCK;
-        let key = (x.object.clone(), index);
+        let Some((x, range)) = e.object_ranges(pos, pos + 1).next() else { return };
+        let key = (x.object.clone(), range.start / BLOCK);
         {
             let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
             if cache.blocks.contains_key(&key) || !cache.inflight.insert(key.clone()) {
@@ -178,16 +170,8 @@ impl Blocks {
             return Ok(e.inline[offset as usize..end as usize].to_vec());
         }
         let mut out = Vec::with_capacity((end - offset) as usize);
-        let mut pos = 0u64;
-        for x in &e.extents {
-            let (start, stop) = (pos, pos + x.size);
-            pos = stop;
-            if stop <= offset || start >= end {
-                continue;
-            }
-            // The wanted part of this extent, as object offsets.
-            let mut from = x.offset + (offset.max(start) - start);
-            let to = x.offset + (end.min(stop) - start);
+        for (x, range) in e.object_ranges(offset, end) {
+            let (mut from, to) = (range.start, range.end);
             while from < to {
                 let index = from / BLOCK;
                 let block = self.block(&x.object, index)?;
@@ -384,7 +368,7 @@ impl Filesystem for VersionFs {
     }
 
     fn getxattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, _size: u32, reply: ReplyXattr) {
-        // Volumes keep no extended attributes (overlayfs asks for its own on every lower directory).
+        // Volumes keep no extended attributes.
         reply.error(Errno::NO_XATTR)
     }
 

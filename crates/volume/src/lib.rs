@@ -570,14 +570,17 @@ impl VolumeStore {
             None => tree::empty_tree_hash(),
         };
 
+        // Object sizes, looked up once per object for this commit.
+        let mut sizes: HashMap<String, u64> = HashMap::new();
         for key in &req.uploaded {
-            if self.objects.size(env, key).await?.is_none() {
+            let Some(size) = self.objects.size(env, key).await? else {
                 return Err(VolumeError::FailedPrecondition(format!(
                     "uploaded object {key} is not on the server: PUT it to its signed URL before committing"
                 )));
-            }
+            };
+            sizes.insert(key.hash().to_string(), size);
         }
-        let changes = self.settle_content(env, req.changes).await?;
+        let changes = self.settle_content(env, req.changes, sizes).await?;
         let now = now_millis();
         let mut editor = edit::Editor::new(|h: &str| self.load_tree(h), &base_root, now)?;
         editor.apply(&changes)?;
@@ -642,22 +645,22 @@ impl VolumeStore {
         })?)
     }
 
-    /// Checks that every located content's objects exist and hold its ranges, and moves large inline content
-    /// into objects so trees stay small.
-    async fn settle_content(&self, env: &str, mut changes: Changes) -> Result<Changes, VolumeError> {
-        let mut sizes: HashMap<String, u64> = HashMap::new();
+    /// Checks that every located content's objects exist and hold its ranges (`sizes`: those already looked up),
+    /// and moves large inline content into objects so trees stay small.
+    async fn settle_content(
+        &self,
+        env: &str,
+        mut changes: Changes,
+        mut sizes: HashMap<String, u64>,
+    ) -> Result<Changes, VolumeError> {
         for u in &mut changes.upserts {
             let NodeSpec::File(content) = &mut u.node else { continue };
             match content {
                 FileContent::Empty => {}
                 FileContent::Inline { data } if data.len() <= self.config.inline_store_max => {}
                 FileContent::Inline { data } => {
-                    let bytes = Bytes::from(std::mem::take(data));
-                    let key = ObjectKey::of(&bytes);
-                    let size = bytes.len() as u64;
-                    if self.objects.size(env, &key).await?.is_none() {
-                        self.objects.put_trusted(env, &key, bytes).await?;
-                    }
+                    let size = data.len() as u64;
+                    let key = self.objects.put_if_absent(env, Bytes::from(std::mem::take(data))).await?;
                     let hash = key.hash().to_string();
                     *content = FileContent::Located {
                         hash: hash.clone(),

@@ -13,7 +13,6 @@ use nix::mount::{umount2, MntFlags};
 
 use crate::edit::{Changes, FileContent, Metadata, NodeSpec, Remove, Upsert, WriteMode};
 use crate::fuse::VersionFs;
-use crate::key::ObjectKey;
 use crate::rwfs::{RwFs, RwState};
 use crate::tree::{empty_tree_hash, Entry, Extent};
 use crate::{CommitRequest, Selector, VolumeError, VolumeSel, VolumeStore, MAIN_REF};
@@ -53,7 +52,6 @@ pub struct AttachedVolume {
     session: Option<fuser::BackgroundSession>,
     writable: Option<Arc<Writable>>,
     volume: VolumeRecord,
-    base: Option<VersionRecord>,
     /// What to bind into the sandbox.
     pub host_path: PathBuf,
     /// Where.
@@ -63,19 +61,9 @@ pub struct AttachedVolume {
 }
 
 impl AttachedVolume {
-    /// The version mounted (none for a volume without commits).
-    pub fn base_version(&self) -> Option<u64> {
-        self.base.as_ref().map(|v| v.version_id)
-    }
-
     /// A handle that syncs this mount while it stays attached (none for a read-only mount).
     pub fn syncer(&self) -> Option<MountSyncer> {
         self.writable.clone().map(MountSyncer)
-    }
-
-    /// The volume's name.
-    pub fn volume_name(&self) -> &str {
-        &self.volume.name
     }
 }
 
@@ -149,7 +137,6 @@ impl VolumeStore {
             session: Some(session),
             writable,
             volume: view.volume,
-            base: view.version,
             host_path: mnt,
             mount_path: req.mount_path.clone(),
             read_only,
@@ -279,11 +266,8 @@ impl VolumeStore {
             }
             hasher.update(&buf);
             size += buf.len() as u64;
-            let key = ObjectKey::of(&buf);
             let n = buf.len() as u64;
-            if self.objects.size(env, &key).await?.is_none() {
-                self.objects.put_trusted(env, &key, Bytes::from(buf)).await?;
-            }
+            let key = self.objects.put_if_absent(env, Bytes::from(buf)).await?;
             extents.push(Extent { object: key.hash().into(), offset: 0, size: n, hash: key.hash().into() });
         }
         let chunked = extents.len() > 1;
@@ -326,7 +310,7 @@ fn upsert_of(path: &str, e: &Entry) -> Upsert {
     Upsert { path: path.into(), node, meta, mode: WriteMode::Upsert }
 }
 
-/// Removes what a crashed server left under `dir`: unmounts overlays and FUSE mounts (lazily), then deletes the
+/// Removes what a crashed server left under `dir`: unmounts its FUSE mounts (lazily), then deletes the
 /// directories. Writes that were never synced are kept in their upper directories, named in the log.
 pub fn cleanup_mounts(dir: &Path) {
     let Ok(entries) = std::fs::read_dir(dir) else { return };

@@ -124,6 +124,15 @@ impl Objects {
         Ok(())
     }
 
+    /// Stores bytes the server produced itself under their own key, unless that object is there already.
+    pub async fn put_if_absent(&self, env: &str, bytes: Bytes) -> Result<ObjectKey, VolumeError> {
+        let key = ObjectKey::of(&bytes);
+        if self.size(env, &key).await?.is_none() {
+            self.put_trusted(env, &key, bytes).await?;
+        }
+        Ok(key)
+    }
+
     /// Reads `range` of the object (the whole object with `None`).
     pub async fn read(&self, env: &str, key: &ObjectKey, range: Option<Range<u64>>) -> Result<ObjectRead, VolumeError> {
         let opts = GetOptions { range: range.map(GetRange::Bounded), ..Default::default() };
@@ -152,8 +161,7 @@ impl Objects {
     /// Reads up to `len` bytes at `offset` of an object synchronously, when the store is a local directory
     /// (`None` otherwise: use [`Objects::read_bytes`]). Short only at the end of the object.
     pub fn read_local(&self, env: &str, key: &ObjectKey, offset: u64, len: usize) -> Option<std::io::Result<Vec<u8>>> {
-        let root = self.local_root.as_ref()?;
-        let path = root.join(env).join(&key.hash()[..2]).join(key.hash());
+        let path = self.local_root.as_ref()?.join(self.path(env, key).as_ref());
         Some((|| {
             use std::io::{Read, Seek, SeekFrom};
             let mut f = std::fs::File::open(path)?;

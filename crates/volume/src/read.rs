@@ -148,17 +148,9 @@ impl VolumeStore {
             return Ok(Bytes::copy_from_slice(&entry.inline[offset as usize..end as usize]));
         }
         let mut parts = Vec::new();
-        let mut pos = 0u64;
-        for e in &entry.extents {
-            let (start, stop) = (pos, pos + e.size);
-            pos = stop;
-            if stop <= offset || start >= end {
-                continue;
-            }
-            let from = offset.max(start) - start;
-            let to = end.min(stop) - start;
-            let key = ObjectKey::from_hash(&e.object, "object")?;
-            parts.push(self.objects.read_bytes(env, &key, e.offset + from..e.offset + to).await?);
+        for (x, range) in entry.object_ranges(offset, end) {
+            let key = ObjectKey::from_hash(&x.object, "object")?;
+            parts.push(self.objects.read_bytes(env, &key, range).await?);
         }
         Ok(if parts.len() == 1 { parts.pop().expect("one part") } else { Bytes::from(parts.concat()) })
     }

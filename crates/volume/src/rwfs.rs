@@ -72,6 +72,15 @@ fn ms_of(t: TimeOrNow) -> i64 {
     }
 }
 
+/// Truncates or extends a copied-up file to `size`.
+fn set_upper_len(n: &mut Node, size: u64) -> Result<(), Errno> {
+    let path = n.upper.as_ref().expect("copied up before its length changes");
+    std::fs::OpenOptions::new().write(true).open(path).and_then(|f| f.set_len(size)).map_err(|e| io_errno(&e))?;
+    n.entry.size = size;
+    n.dirty = true;
+    Ok(())
+}
+
 fn io_errno(e: &std::io::Error) -> Errno {
     e.raw_os_error().map(Errno::from_i32).unwrap_or(Errno::EIO)
 }
@@ -266,11 +275,9 @@ impl Filesystem for RwFs {
                 return reply.error(e);
             }
             let n = &mut nodes[(ino.0 - 1) as usize];
-            let res = std::fs::OpenOptions::new().write(true).open(n.upper.as_ref().expect("copied up"));
-            if let Err(e) = res.and_then(|f| f.set_len(size)) {
-                return reply.error(io_errno(&e));
+            if let Err(e) = set_upper_len(n, size) {
+                return reply.error(e);
             }
-            n.entry.size = size;
             n.entry.mtime_ms = now_ms();
         }
         let n = &mut nodes[(ino.0 - 1) as usize];
@@ -433,13 +440,9 @@ impl Filesystem for RwFs {
                 return reply.error(e);
             }
             if flags.0 & libc::O_TRUNC != 0 {
-                let n = &mut nodes[(ino.0 - 1) as usize];
-                let res = std::fs::OpenOptions::new().write(true).open(n.upper.as_ref().expect("copied up"));
-                if let Err(e) = res.and_then(|f| f.set_len(0)) {
-                    return reply.error(io_errno(&e));
+                if let Err(e) = set_upper_len(&mut nodes[(ino.0 - 1) as usize], 0) {
+                    return reply.error(e);
                 }
-                n.entry.size = 0;
-                n.dirty = true;
             }
         }
         reply.opened(FileHandle(0), FopenFlags::empty())

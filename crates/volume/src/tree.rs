@@ -114,6 +114,21 @@ impl Entry {
     pub fn is_symlink(&self) -> bool {
         self.kind == kind::SYMLINK
     }
+
+    /// The object byte ranges holding file bytes `offset..end` (clamped to the file), in file order:
+    /// `(extent, object range)`. Empty for inline content.
+    pub fn object_ranges(&self, offset: u64, end: u64) -> impl Iterator<Item = (&Extent, std::ops::Range<u64>)> {
+        let end = end.min(self.size);
+        let mut pos = 0u64;
+        self.extents.iter().filter_map(move |x| {
+            let (start, stop) = (pos, pos + x.size);
+            pos = stop;
+            if stop <= offset || start >= end {
+                return None;
+            }
+            Some((x, x.offset + (offset.max(start) - start)..x.offset + (end.min(stop) - start)))
+        })
+    }
 }
 
 /// The hash of the empty directory.
