@@ -151,7 +151,8 @@ fn resolve_user(user: &str, passwd: &str, group: &str) -> Result<Credentials, Sp
 }
 
 /// Starts `program` with `args` (argv[1..]), `env`, in `workdir`, on pipes or a PTY of `pty` (cols, rows), as
-/// `creds` when given.
+/// `creds` when given. An empty `program` starts a process that execs nothing and sleeps until a signal ends it
+/// (the agent's stand-in for `sleep infinity` in images that have no `sleep`).
 pub fn spawn(
     program: &Path,
     argv0: &str,
@@ -206,6 +207,8 @@ pub fn spawn(
         }
     };
     let is_pty = pty.is_some();
+    // An empty program path: no exec, the child itself stands in for `sleep infinity`.
+    let sleeper = program.as_os_str().is_empty();
     let ids: Option<(libc::uid_t, libc::gid_t, Vec<libc::gid_t>)> = creds.map(|c| (c.uid, c.gid, c.groups.clone()));
     // Reports the child's execve errno to the parent; closed by a successful exec (CLOEXEC).
     let (status_r, status_w) = pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| err("pipe", e))?;
@@ -243,6 +246,18 @@ pub fn spawn(
             }
             if libc::chdir(dir_c.as_ptr()) != 0 {
                 report_and_exit(status_w.as_raw_fd(), 1);
+            }
+            if sleeper {
+                // Holds none of the agent's descriptors (closing the status pipe tells the parent it started),
+                // then waits for the signal that ends it, as `sleep infinity` would.
+                if libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) != 0 {
+                    for fd in 3..65536 {
+                        libc::close(fd);
+                    }
+                }
+                loop {
+                    libc::pause();
+                }
             }
             libc::execve(path_c.as_ptr(), argv_p.as_ptr(), env_p.as_ptr());
             report_and_exit(status_w.as_raw_fd(), 2);

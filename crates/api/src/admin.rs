@@ -1,7 +1,7 @@
 //! Endpoints the SDK's API has no method for, behind `POST /v1/admin/<resource>/<op>` with a JSON body:
 //! - `volumes/{sync,gc,diff,rollback,fork}` (`compute volume …`), acting in the token's environment; `sync` (commit
 //!   what a running workload wrote to its volumes) is open to any client of the environment;
-//! - `images/{ls,inspect,rm,resolve,gc}` (`compute image …`), on the node's image store.
+//! - `images/{ls,inspect,rm,resolve,pull,import,gc}` (`compute image …`), on the node's image store.
 //!
 //! Everything but `volumes/sync` is for operator clients only.
 
@@ -26,6 +26,14 @@ pub const PREFIX: &str = "/v1/admin/";
 #[derive(Deserialize)]
 struct ImageRef {
     reference: String,
+}
+
+#[derive(Deserialize)]
+struct ImageImport {
+    /// An OCI archive (or OCI layout directory) on the server's machine.
+    path: String,
+    /// The name to store it under (default: the archive's own).
+    name: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -146,6 +154,28 @@ async fn handle(shared: &Shared, op: &str, req: Request<Incoming>) -> Result<ser
                 "config": img.config,
                 "provenance": img.provenance,
             }))
+        }
+        "images/pull" => {
+            let r: ImageRef = parse(op, body)?;
+            let img = images.pull_now(&r.reference).await.map_err(|e| match e {
+                compute_image::ImageError::Unsupported(m) => Status::invalid_argument(m),
+                other => Status::failed_precondition(other.to_string()),
+            })?;
+            Ok(
+                json!({ "reference": img.reference, "layers": img.layers, "config": img.config, "provenance": img.provenance }),
+            )
+        }
+        "images/import" => {
+            let r: ImageImport = parse(op, body)?;
+            let path = std::path::Path::new(&r.path);
+            if !path.is_absolute() {
+                return Err(Status::invalid_argument(format!("path {:?} must be absolute", r.path)));
+            }
+            let imported = images.import(path, r.name.as_deref()).await.map_err(|e| match e {
+                compute_image::ImageError::Unsupported(m) => Status::invalid_argument(m),
+                other => Status::invalid_argument(other.to_string()),
+            })?;
+            Ok(json!(imported))
         }
         "images/gc" => {
             let r: ImageGc = parse(op, body)?;

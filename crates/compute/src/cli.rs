@@ -103,6 +103,11 @@ impl ServeFlags {
             public_url: self.public_url.clone(),
             volume_url_ttl: None,
             build_step_timeout: self.build_step_timeout.clone(),
+            image_providers: None,
+            registry_mirrors: None,
+            registry_credentials: None,
+            insecure_registries: None,
+            debian_mirror: None,
         }
     }
 }
@@ -219,6 +224,24 @@ enum ImageCommand {
     Resolve {
         /// An image reference.
         reference: String,
+        #[command(flatten)]
+        dir: DataDir,
+    },
+    /// Pull an image from its registry now, even if the store holds it (a tag that moved is updated).
+    Pull {
+        /// An image name: HOST[:PORT]/REPOSITORY[:TAG][@sha256:DIGEST], or a Docker Hub name.
+        reference: String,
+        #[command(flatten)]
+        dir: DataDir,
+    },
+    /// Import an image from an OCI archive (`skopeo copy … oci-archive:FILE`, a tar of an OCI layout) or an OCI
+    /// layout directory, for machines with no registry. Workloads then use it by its name.
+    Import {
+        /// The archive (tar or tar.gz) or layout directory.
+        file: std::path::PathBuf,
+        /// The name to store it under, e.g. `myapp:1` (default: the name inside the archive).
+        #[arg(long)]
+        name: Option<String>,
         #[command(flatten)]
         dir: DataDir,
     },
@@ -479,6 +502,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 }
                 ImageCommand::Resolve { reference, dir } => {
                     ApiClient::connect(&dir.path()).await?.image_resolve(&reference).await
+                }
+                ImageCommand::Pull { reference, dir } => {
+                    ApiClient::connect(&dir.path()).await?.image_pull(&reference).await
+                }
+                ImageCommand::Import { file, name, dir } => {
+                    ApiClient::connect(&dir.path()).await?.image_import(&file, name.as_deref()).await
                 }
                 ImageCommand::Gc { grace, dir } => ApiClient::connect(&dir.path()).await?.image_gc(grace).await,
             }

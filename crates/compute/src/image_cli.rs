@@ -82,6 +82,28 @@ impl ApiClient {
         Ok(())
     }
 
+    /// `compute image pull REF`.
+    pub async fn image_pull(&self, reference: &str) -> anyhow::Result<()> {
+        let out = self.admin("images/pull", json!({ "reference": reference })).await?;
+        println!("pulled {}", out["reference"].as_str().unwrap_or(reference));
+        println!("provenance: {}", out["provenance"].as_str().unwrap_or("").trim());
+        Ok(())
+    }
+
+    /// `compute image import FILE [--name NAME]`.
+    pub async fn image_import(&self, file: &std::path::Path, name: Option<&str>) -> anyhow::Result<()> {
+        use anyhow::Context;
+        let path = file.canonicalize().with_context(|| format!("{}", file.display()))?;
+        let out = self.admin("images/import", json!({ "path": path, "name": name })).await?;
+        println!(
+            "imported {} ({} layers, manifest {})",
+            out["reference"].as_str().unwrap_or(""),
+            out["layers"].as_array().map(Vec::len).unwrap_or(0),
+            out["manifest_digest"].as_str().unwrap_or("")
+        );
+        Ok(())
+    }
+
     /// `compute image gc`.
     pub async fn image_gc(&self, grace_seconds: Option<u64>) -> anyhow::Result<()> {
         let r = self.admin("images/gc", json!({ "grace_seconds": grace_seconds })).await?;

@@ -156,14 +156,27 @@ async fn start_workloads(
         Err(why) => tracing::warn!("sandboxes are unavailable on this server: {why}"),
     }
     let image_dir = settings.image_dir.clone().unwrap_or_else(|| data_dir.join("images"));
-    let mirror = compute_image::Mirror::from_host()
-        .unwrap_or(compute_image::Mirror { uri: "http://deb.debian.org/debian".into() });
+    let debian_mirror = match &settings.debian_mirror {
+        Some(uri) => Some(compute_image::Mirror { uri: uri.clone() }),
+        None => compute_image::Mirror::from_host(),
+    };
     for (from, to) in &settings.image_aliases {
         tracing::info!(image = %from, alias = %to, "operator image alias configured");
     }
-    let images = Arc::new(
-        ImageStore::new(&image_dir, mirror, settings.image_aliases.clone()).expect("creating the image store"),
+    let providers: Vec<String> = settings.image_providers.iter().map(ToString::to_string).collect();
+    tracing::info!(
+        providers = %providers.join(","),
+        debian_mirror = debian_mirror.as_ref().map(|m| m.uri.as_str()).unwrap_or("none"),
+        registry_mirrors = ?settings.registry.mirrors,
+        "image providers"
     );
+    let options = compute_image::StoreOptions {
+        debian_mirror,
+        aliases: settings.image_aliases.clone(),
+        providers: settings.image_providers.clone(),
+        registry: settings.registry.clone(),
+    };
+    let images = Arc::new(ImageStore::new(&image_dir, options).expect("creating the image store"));
     let builds = Builds::with_step_timeout(
         images.clone(),
         runtime.clone(),

@@ -52,6 +52,17 @@ pub struct Layer {
     pub volume_url_ttl: Option<String>,
     /// How long one image build step may run, e.g. `30m` (the default).
     pub build_step_timeout: Option<String>,
+    /// Base image providers in the order they are tried (default `["debian", "registry"]`).
+    pub image_providers: Option<Vec<String>>,
+    /// Registry (`docker.io`, `ghcr.io`, `HOST:PORT`) → endpoint URLs tried before it. `docker.io`'s are where
+    /// short names such as `python:3.13` are pulled from. Only from the settings file.
+    pub registry_mirrors: Option<std::collections::HashMap<String, Vec<String>>>,
+    /// Registry host → `{ username, password }`. Only from the settings file.
+    pub registry_credentials: Option<std::collections::HashMap<String, compute_image::Credentials>>,
+    /// Registries (`HOST:PORT`) spoken to over plain HTTP; loopback ones always are. Only from the settings file.
+    pub insecure_registries: Option<Vec<String>>,
+    /// The Debian archive base images are built from (default: the one this machine's apt uses).
+    pub debian_mirror: Option<String>,
 }
 
 impl Layer {
@@ -76,6 +87,11 @@ impl Layer {
             public_url: self.public_url.or(below.public_url),
             volume_url_ttl: self.volume_url_ttl.or(below.volume_url_ttl),
             build_step_timeout: self.build_step_timeout.or(below.build_step_timeout),
+            image_providers: self.image_providers.or(below.image_providers),
+            registry_mirrors: self.registry_mirrors.or(below.registry_mirrors),
+            registry_credentials: self.registry_credentials.or(below.registry_credentials),
+            insecure_registries: self.insecure_registries.or(below.insecure_registries),
+            debian_mirror: self.debian_mirror.or(below.debian_mirror),
         }
     }
 
@@ -127,6 +143,12 @@ pub struct Settings {
     pub volume_url_ttl: Duration,
     /// Longest run of one image build step.
     pub build_step_timeout: Duration,
+    /// Base image providers, in order.
+    pub image_providers: Vec<compute_image::Provider>,
+    /// Registry access.
+    pub registry: compute_image::RegistryConfig,
+    /// The Debian archive, when set.
+    pub debian_mirror: Option<String>,
 }
 
 /// The listen address when nothing else says.
@@ -160,6 +182,27 @@ impl Settings {
             "default_memory",
             layer.default_memory.as_deref().unwrap_or("1Gi"),
         )?;
+        let image_providers = match layer.image_providers {
+            None => vec![compute_image::Provider::Debian, compute_image::Provider::Registry],
+            Some(list) if list.is_empty() => bail!("image_providers is empty: name at least one of debian, registry"),
+            Some(list) => {
+                list.iter().map(|p| p.parse().map_err(|e: String| anyhow::anyhow!(e))).collect::<Result<_, _>>()?
+            }
+        };
+        let mirrors = layer.registry_mirrors.unwrap_or_default();
+        for (registry, urls) in &mirrors {
+            for url in urls {
+                if !(url.starts_with("http://") || url.starts_with("https://")) {
+                    bail!("registry_mirrors.{registry:?}: {url:?} must be an http:// or https:// URL");
+                }
+            }
+        }
+        let registry = compute_image::RegistryConfig {
+            mirrors,
+            credentials: layer.registry_credentials.unwrap_or_default(),
+            insecure: layer.insecure_registries.unwrap_or_default(),
+            ca_file: None,
+        };
         Ok(Settings {
             listen,
             tls,
@@ -178,6 +221,9 @@ impl Settings {
             public_url: layer.public_url,
             volume_url_ttl: parse_duration(layer.volume_url_ttl.as_deref().unwrap_or("1h"))?,
             build_step_timeout: parse_duration(layer.build_step_timeout.as_deref().unwrap_or("30m"))?,
+            image_providers,
+            registry,
+            debian_mirror: layer.debian_mirror,
         })
     }
 }

@@ -21,6 +21,9 @@ pub struct StoredImage {
     pub provenance: String,
     /// Last modification, unix seconds.
     pub created: i64,
+    /// The base directory, for bases.
+    #[serde(skip)]
+    base_dir: Option<PathBuf>,
 }
 
 /// What a garbage collection removed.
@@ -73,11 +76,27 @@ impl ImageStore {
                 provenance: m.provenance.clone(),
                 created: mtime(&e.path()),
                 layers: m.layers,
+                base_dir: None,
             });
         }
         let bases = self.dir.join("base");
         for e in std::fs::read_dir(&bases).map_err(|e| io(&bases, e))?.flatten() {
             let rootfs = e.path().join("rootfs");
+            let record: Option<crate::oci::OciBase> =
+                std::fs::read(e.path().join(crate::oci::RECORD)).ok().and_then(|b| serde_json::from_slice(&b).ok());
+            if let Some(record) = record {
+                let layers = self.record_layers(&record);
+                out.push(StoredImage {
+                    reference: record.reference,
+                    kind: "pulled",
+                    size_bytes: layers.iter().map(|l| du(l)).sum(),
+                    provenance: record.provenance,
+                    created: mtime(&e.path().join(crate::oci::RECORD)),
+                    layers,
+                    base_dir: Some(e.path()),
+                });
+                continue;
+            }
             // A base still being built is not a base yet.
             if !rootfs.is_dir() || e.file_name().to_string_lossy().contains(".building-") {
                 continue;
@@ -89,6 +108,7 @@ impl ImageStore {
                 provenance: std::fs::read_to_string(e.path().join("provenance")).unwrap_or_default(),
                 created: mtime(&e.path()),
                 layers: vec![rootfs],
+                base_dir: Some(e.path()),
             });
         }
         out.sort_by_key(|i| std::cmp::Reverse(i.created));
@@ -100,13 +120,17 @@ impl ImageStore {
         if let Some(key) = reference.strip_prefix(BUILT_PREFIX) {
             return self.manifest(key).map(|m| m.layers);
         }
-        let key = crate::reference::BaseRef::parse(self.alias(reference).unwrap_or(reference)).ok()?.cache_key();
+        if let Some(record) = self.stored_record(reference) {
+            return Some(self.record_layers(&record));
+        }
+        // The first provider's product is what resolving would use.
+        let key = self.routes(reference).ok()?.first()?.key();
         let rootfs = self.dir.join("base").join(key).join("rootfs");
         rootfs.is_dir().then(|| vec![rootfs])
     }
 
-    /// The stored image `reference` names: a built image's reference, a base reference (`python:3.13-slim-trixie`)
-    /// or a base's cache key as `compute image ls` prints it.
+    /// The stored image `reference` names: a built image's reference, a base reference (`python:3.13-slim-trixie`,
+    /// a pulled image's name) or a base's cache key as `compute image ls` prints it.
     pub fn inspect(&self, reference: &str) -> Result<(StoredImage, Option<Manifest>), ImageError> {
         let all = self.list()?;
         let wanted = match self.layers_of(reference) {
@@ -114,7 +138,14 @@ impl ImageStore {
             None => all.into_iter().find(|i| i.reference == reference),
         };
         let img = wanted.ok_or_else(|| ImageError::Unsupported(format!("the store holds no image {reference:?}")))?;
-        let manifest = img.reference.strip_prefix(BUILT_PREFIX).and_then(|k| self.manifest(k));
+        let manifest = match img.reference.strip_prefix(BUILT_PREFIX) {
+            Some(k) => self.manifest(k),
+            None => self.stored_record(&img.reference).map(|r| Manifest {
+                layers: self.record_layers(&r),
+                config: r.config,
+                provenance: r.provenance,
+            }),
+        };
         Ok((img, manifest))
     }
 
@@ -122,9 +153,10 @@ impl ImageStore {
     pub fn remove(&self, reference: &str) -> Result<StoredImage, ImageError> {
         let (img, _) = self.inspect(reference)?;
         let io = |e: std::io::Error| ImageError::Io(format!("removing {}: {e}", img.reference));
-        match img.reference.strip_prefix(BUILT_PREFIX) {
-            Some(key) => std::fs::remove_file(self.dir.join("images").join(format!("{key}.json"))).map_err(io)?,
-            None => std::fs::remove_dir_all(self.dir.join("base").join(&img.reference)).map_err(io)?,
+        match (img.reference.strip_prefix(BUILT_PREFIX), &img.base_dir) {
+            (Some(key), _) => std::fs::remove_file(self.dir.join("images").join(format!("{key}.json"))).map_err(io)?,
+            (None, Some(dir)) => std::fs::remove_dir_all(dir).map_err(io)?,
+            (None, None) => return Err(ImageError::Io(format!("{} has no base directory", img.reference))),
         }
         Ok(img)
     }
@@ -137,31 +169,46 @@ impl ImageStore {
         // By name (`layers/<key>/diff`, `base/<name>/rootfs`), so a store that was moved or copied keeps what its
         // manifests name.
         let name_of = |p: &Path| p.parent().and_then(Path::file_name).map(|n| n.to_string_lossy().into_owned());
-        let mut used: HashSet<String> = live.iter().filter_map(|p| name_of(p)).collect();
-        for img in self.list()?.into_iter().filter(|i| i.kind == "built") {
+        let mut report = ImageGcReport::default();
+        let live_names: HashSet<String> = live.iter().filter_map(|p| name_of(p)).collect();
+        let built: Vec<StoredImage> = self.list()?.into_iter().filter(|i| i.kind == "built").collect();
+        let built_names: HashSet<String> =
+            built.iter().flat_map(|i| i.layers.iter().filter_map(|p| name_of(p))).collect();
+        // Bases built from the Debian archive are a cache: unused ones go. Pulled and imported images stay until
+        // `compute image rm` (an imported one could not be had again).
+        for img in self.list()?.into_iter().filter(|i| i.kind == "base") {
+            let Some(dir) = &img.base_dir else { continue };
+            let names: Vec<String> = img.layers.iter().filter_map(|p| name_of(p)).collect();
+            let in_use = names.iter().any(|n| live_names.contains(n) || built_names.contains(n));
+            if in_use || young(dir) {
+                continue;
+            }
+            report.bytes_freed += du(dir);
+            report.bases_removed += 1;
+            let _ = std::fs::remove_dir_all(dir);
+        }
+        let mut used = live_names;
+        used.extend(built_names);
+        for img in self.list()?.into_iter().filter(|i| i.kind == "pulled") {
             used.extend(img.layers.iter().filter_map(|p| name_of(p)));
         }
-        let mut report = ImageGcReport::default();
+        // Leftovers of pulls and builds a crash interrupted (a pull or build in progress is younger than a day).
+        let stale = |p: &Path| now.saturating_sub(mtime(p).max(0) as u64) > grace_secs.max(24 * 3600);
         let layers = self.dir.join("layers");
         for e in std::fs::read_dir(&layers).into_iter().flatten().flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
-            // Scratch directories of builds in progress are theirs.
-            if name.starts_with(".tmp-") || used.contains(&name) || young(&e.path()) {
+            if name.starts_with(".tmp-") {
+                if stale(&e.path()) {
+                    report.bytes_freed += du(&e.path());
+                    let _ = std::fs::remove_dir_all(e.path()).or_else(|_| std::fs::remove_file(e.path()));
+                }
+                continue;
+            }
+            if used.contains(&name) || young(&e.path()) {
                 continue;
             }
             report.bytes_freed += du(&e.path());
             report.layers_removed += 1;
-            let _ = std::fs::remove_dir_all(e.path());
-        }
-        let bases = self.dir.join("base");
-        for e in std::fs::read_dir(&bases).into_iter().flatten().flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            let building = name.contains(".building-");
-            if building || used.contains(&name) || !e.path().join("rootfs").is_dir() || young(&e.path()) {
-                continue;
-            }
-            report.bytes_freed += du(&e.path());
-            report.bases_removed += 1;
             let _ = std::fs::remove_dir_all(e.path());
         }
         Ok(report)

@@ -1,13 +1,20 @@
 //! Images: turning an image reference into read-only root filesystem layers and an image config.
 //!
-//! Today's provider builds Debian-based equivalents of `python:X.Y-slim-SUITE` (and `debian:SUITE[-slim]`)
-//! from the Debian archive with `mmdebstrap`, once per reference, cached in the layer store. A Python version
-//! that no Debian suite ships is an error that says which versions exist; nothing is substituted silently.
+//! Base images come from providers tried in a configured order:
+//! - `debian`: Debian-based equivalents of `python:X.Y-slim-SUITE` (and `debian:SUITE[-slim]`) built from the
+//!   Debian archive with `mmdebstrap`. A Python version that no Debian suite ships is an error that says which
+//!   versions exist; nothing is substituted silently.
+//! - `registry`: OCI registries (mirrors and credentials configurable, multi-arch indexes resolved to this
+//!   machine's platform, every blob verified against its digest).
+//!
+//! `compute image import` adds images from OCI archives. Whatever a provider produced is cached in the store and
+//! resolved without it afterwards; an image pulled or imported under a name wins over building that name.
 
 #![warn(missing_docs)]
 
 mod debian;
 mod inventory;
+pub mod oci;
 mod recipe;
 mod reference;
 
@@ -17,6 +24,9 @@ use std::sync::{Arc, Mutex};
 
 pub use debian::Mirror;
 pub use inventory::{ImageGcReport, StoredImage};
+pub use oci::name::ImageName;
+pub use oci::registry::{Credentials, RegistryConfig};
+pub use oci::Imported;
 pub use recipe::{Recipe, Step};
 pub use reference::{BaseRef, Distro};
 
@@ -34,6 +44,9 @@ pub enum ImageError {
         /// What went wrong (with the tail of the build's output).
         message: String,
     },
+    /// No provider could produce the image (each one's reason is in the message).
+    #[error("{0}")]
+    Unavailable(String),
     /// The layer store failed.
     #[error("image store: {0}")]
     Io(String),
@@ -82,17 +95,93 @@ pub struct Manifest {
     pub provenance: String,
 }
 
+/// A source of base images.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Provider {
+    /// Builds `python:X.Y-slim-SUITE` and `debian:SUITE[-slim]` from the Debian archive.
+    Debian,
+    /// Pulls from OCI registries.
+    Registry,
+}
+
+impl std::str::FromStr for Provider {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "debian" => Ok(Provider::Debian),
+            "registry" => Ok(Provider::Registry),
+            other => Err(format!("image provider {other:?} is not one of: debian, registry")),
+        }
+    }
+}
+
+impl std::fmt::Display for Provider {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Provider::Debian => "debian",
+            Provider::Registry => "registry",
+        })
+    }
+}
+
+/// How a store gets base images.
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    /// The Debian archive (default: the one this machine's apt uses).
+    pub debian_mirror: Option<Mirror>,
+    /// Operator aliases: reference → the reference used instead.
+    pub aliases: HashMap<String, String>,
+    /// Providers, in the order they are tried.
+    pub providers: Vec<Provider>,
+    /// Registry access.
+    pub registry: RegistryConfig,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            debian_mirror: Mirror::from_host(),
+            aliases: HashMap::new(),
+            providers: vec![Provider::Debian, Provider::Registry],
+            registry: RegistryConfig::default(),
+        }
+    }
+}
+
+/// One way a provider would produce a base.
+enum Route {
+    Debian(BaseRef),
+    Registry(ImageName),
+}
+
+impl Route {
+    /// The base directory name (also the root of the layer keys built on it).
+    fn key(&self) -> String {
+        match self {
+            Route::Debian(b) => b.cache_key(),
+            Route::Registry(n) => oci::base_key(n),
+        }
+    }
+}
+
 /// The image store of a node.
 pub struct ImageStore {
     dir: PathBuf,
-    mirror: Mirror,
+    mirror: Option<Mirror>,
     aliases: HashMap<String, String>,
+    providers: Vec<Provider>,
+    registry: oci::registry::Registry,
     building: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl ImageStore {
-    /// A store in `dir` fetching from `mirror`.
-    pub fn new(dir: &Path, mirror: Mirror, aliases: HashMap<String, String>) -> Result<Self, ImageError> {
+    /// A store in `dir`.
+    pub fn new(dir: &Path, options: StoreOptions) -> Result<Self, ImageError> {
+        if options.providers.is_empty() {
+            return Err(ImageError::Unsupported(
+                "image_providers is empty: name at least one of debian, registry".into(),
+            ));
+        }
         for sub in ["base", "layers", "images"] {
             std::fs::create_dir_all(dir.join(sub))
                 .map_err(|e| ImageError::Io(format!("creating {}: {e}", dir.join(sub).display())))?;
@@ -101,7 +190,14 @@ impl ImageStore {
         if let Ok(entries) = std::fs::read_dir(dir.join("base")) {
             for e in entries.flatten() {
                 let name = e.file_name().to_string_lossy().into_owned();
-                let Some((_, pid)) = name.rsplit_once(".building-") else { continue };
+                let pid = match name.rsplit_once(".building-") {
+                    Some((_, pid)) => pid,
+                    // An OCI archive extracted for an import.
+                    None => match name.strip_prefix(".import-").and_then(|r| r.split_once('-')) {
+                        Some((pid, _)) => pid,
+                        None => continue,
+                    },
+                };
                 let alive = pid.parse::<i32>().is_ok_and(|p| Path::new(&format!("/proc/{p}")).exists());
                 if !alive || pid == std::process::id().to_string() {
                     tracing::warn!(dir = %e.path().display(), "removing a base build a crash interrupted");
@@ -109,7 +205,47 @@ impl ImageStore {
                 }
             }
         }
-        Ok(Self { dir: dir.to_path_buf(), mirror, aliases, building: Mutex::default() })
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            mirror: options.debian_mirror,
+            aliases: options.aliases,
+            providers: options.providers,
+            registry: oci::registry::Registry::new(options.registry)?,
+            building: Mutex::default(),
+        })
+    }
+
+    /// The lock that serializes work on `key` (a base, a layer).
+    pub(crate) fn lock_for(&self, key: &str) -> Arc<tokio::sync::Mutex<()>> {
+        self.building.lock().unwrap_or_else(|p| p.into_inner()).entry(key.to_string()).or_default().clone()
+    }
+
+    /// The ways the configured providers would produce `reference` (after aliases), in order; an error naming
+    /// why each refused when none would.
+    fn routes(&self, reference: &str) -> Result<Vec<Route>, ImageError> {
+        let target = self.alias(reference).unwrap_or(reference);
+        let mut routes = Vec::new();
+        let mut refusals = Vec::new();
+        for p in &self.providers {
+            let route = match p {
+                Provider::Debian => BaseRef::parse(target).map(Route::Debian),
+                Provider::Registry => ImageName::parse(target).map(Route::Registry),
+            };
+            match route {
+                Ok(r) => routes.push(r),
+                Err(e) => refusals.push(format!("{p}: {e}")),
+            }
+        }
+        if routes.is_empty() {
+            return Err(ImageError::Unsupported(refusals.join("; ")));
+        }
+        Ok(routes)
+    }
+
+    /// The stored record of an image pulled or imported under `reference`'s name, which wins over every provider.
+    fn stored_record(&self, reference: &str) -> Option<oci::OciBase> {
+        let target = self.alias(reference).unwrap_or(reference);
+        ImageName::parse(target).ok().and_then(|n| self.oci_record(&n))
     }
 
     /// The reference an operator alias maps `reference` to, if any.
@@ -126,12 +262,16 @@ impl ImageStore {
                 Err(ImageError::Unsupported(format!("image {reference:?} was not built by this server")))
             };
         }
-        BaseRef::parse(self.alias(reference).unwrap_or(reference)).map(|_| ())
+        self.routes(reference).map(|_| ())
     }
 
-    /// The key a base reference's layers are derived from.
+    /// The key a base reference's layers are derived from: its stored record's, or the first provider's that
+    /// would produce it.
     pub fn base_key(&self, reference: &str) -> Result<String, ImageError> {
-        Ok(format!("base:{}", BaseRef::parse(self.alias(reference).unwrap_or(reference))?.cache_key()))
+        if let Some(record) = self.stored_record(reference) {
+            return Ok(format!("base:{}@{}", record.reference, record.manifest_digest));
+        }
+        Ok(format!("base:{}", self.routes(reference)?[0].key()))
     }
 
     /// Where the layer with `key` lives once committed.
@@ -214,22 +354,67 @@ impl ImageStore {
         if let Some(target) = aliased {
             tracing::info!(image = reference, alias = target, "operator alias applied");
         }
-        let base = BaseRef::parse(aliased.unwrap_or(reference))?;
-        let key = base.cache_key();
-        let target = self.dir.join("base").join(&key);
-        let lock = self.building.lock().unwrap_or_else(|p| p.into_inner()).entry(key.clone()).or_default().clone();
-        let _guard = lock.lock().await;
-        if !target.join("rootfs").is_dir() {
-            debian::build(&base, &self.mirror, &target).await?;
+        let with_alias = |provenance: String| match aliased {
+            Some(alias) => format!("operator alias {reference} -> {alias}; {provenance}"),
+            None => provenance,
+        };
+        let oci = |record: oci::OciBase| ResolvedImage {
+            reference: reference.to_string(),
+            layers: self.record_layers(&record),
+            config: record.config,
+            provenance: with_alias(record.provenance),
+        };
+        if let Some(record) = self.stored_record(reference) {
+            return Ok(oci(record));
         }
-        let config: ImageConfig = std::fs::read(target.join("config.json"))
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok())
-            .ok_or_else(|| ImageError::Io(format!("{} has no readable config.json", target.display())))?;
-        let mut provenance = std::fs::read_to_string(target.join("provenance")).unwrap_or_default();
-        if let Some(alias) = aliased {
-            provenance = format!("operator alias {reference} -> {alias}; {provenance}");
+        let mut failures = Vec::new();
+        for route in self.routes(reference)? {
+            let key = route.key();
+            let lock = self.lock_for(&key);
+            let _guard = lock.lock().await;
+            let target = self.dir.join("base").join(&key);
+            match route {
+                Route::Registry(name) => {
+                    if let Some(record) = self.oci_record(&name) {
+                        return Ok(oci(record));
+                    }
+                    match self.pull(&name).await {
+                        Ok(record) => return Ok(oci(record)),
+                        Err(e) => failures.push((Provider::Registry, e)),
+                    }
+                }
+                Route::Debian(base) => {
+                    if !target.join("rootfs").is_dir() {
+                        let built = match &self.mirror {
+                            Some(mirror) => debian::build(&base, mirror, &target).await,
+                            None => Err(ImageError::Unsupported(
+                                "this machine's apt configuration names no Debian archive; set debian_mirror in the \
+                                 settings"
+                                    .into(),
+                            )),
+                        };
+                        if let Err(e) = built {
+                            failures.push((Provider::Debian, e.to_string()));
+                            continue;
+                        }
+                    }
+                    let config: ImageConfig = std::fs::read(target.join("config.json"))
+                        .ok()
+                        .and_then(|b| serde_json::from_slice(&b).ok())
+                        .ok_or_else(|| ImageError::Io(format!("{} has no readable config.json", target.display())))?;
+                    let provenance = with_alias(std::fs::read_to_string(target.join("provenance")).unwrap_or_default());
+                    return Ok(ResolvedImage {
+                        reference: reference.to_string(),
+                        layers: vec![target.join("rootfs")],
+                        config,
+                        provenance,
+                    });
+                }
+            }
         }
-        Ok(ResolvedImage { reference: reference.to_string(), layers: vec![target.join("rootfs")], config, provenance })
+        Err(ImageError::Unavailable(match failures.as_slice() {
+            [(_, only)] => only.clone(),
+            all => all.iter().map(|(p, e)| format!("{p} provider: {e}")).collect::<Vec<_>>().join("; "),
+        }))
     }
 }

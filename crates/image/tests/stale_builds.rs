@@ -1,10 +1,9 @@
 //! A base build a crash interrupted (mmdebstrap killed with /proc and friends mounted in its chroot) is unmounted
 //! and removed when the store opens again; a build of a live process is left alone.
 
-use std::collections::HashMap;
 use std::path::Path;
 
-use compute_image::{ImageStore, Mirror};
+use compute_image::{ImageStore, Mirror, StoreOptions};
 
 fn mounted(path: &Path) -> bool {
     let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
@@ -31,8 +30,11 @@ fn interrupted_base_builds_are_unmounted_and_removed() {
     let live = base.join("python-3.14-sid.building-1");
     std::fs::create_dir_all(live.join("rootfs")).unwrap();
 
-    let _store =
-        ImageStore::new(dir.path(), Mirror { uri: "http://unused.invalid/debian".into() }, HashMap::new()).unwrap();
+    let options = StoreOptions {
+        debian_mirror: Some(Mirror { uri: "http://unused.invalid/debian".into() }),
+        ..StoreOptions::default()
+    };
+    let _store = ImageStore::new(dir.path(), options).unwrap();
     assert!(!mounted(&proc_dir), "the leftover mount is gone");
     assert!(!dead.exists(), "the interrupted build is removed");
     assert!(live.exists(), "a build whose process runs is left alone");

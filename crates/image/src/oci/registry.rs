@@ -1,0 +1,358 @@
+//! The registry side of pulling: endpoints (mirrors first), authentication (anonymous and credentialed bearer
+//! tokens, basic auth) and the two reads a pull needs — manifests and blobs — per the OCI distribution spec.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Mutex;
+
+use base64::Engine;
+use http::header::{HeaderName, ACCEPT, AUTHORIZATION, CONTENT_TYPE, WWW_AUTHENTICATE};
+use http::StatusCode;
+
+use super::http::{HttpClient, Response};
+use super::name::{is_loopback_host, ImageName, DEFAULT_REGISTRY};
+use crate::ImageError;
+
+/// Manifest media types a pull accepts, most specific first.
+pub const MANIFEST_TYPES: &[&str] = &[
+    "application/vnd.oci.image.index.v1+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+    "application/vnd.oci.image.manifest.v1+json",
+    "application/vnd.docker.distribution.manifest.v2+json",
+];
+
+/// A username and password (or token) for a registry.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+pub struct Credentials {
+    /// User name.
+    pub username: String,
+    /// Password or access token.
+    pub password: String,
+}
+
+/// How this node reaches registries.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RegistryConfig {
+    /// Registry (as image names spell it, e.g. `docker.io`) → endpoint URLs tried before it, in order. The
+    /// endpoints for `docker.io` are where short names (`python:3.13`) are pulled from.
+    pub mirrors: HashMap<String, Vec<String>>,
+    /// Registry host (or a mirror's host) → credentials.
+    pub credentials: HashMap<String, Credentials>,
+    /// Registries spoken to over plain HTTP (loopback ones always are).
+    pub insecure: Vec<String>,
+    /// CA bundle to trust (default: the system's).
+    pub ca_file: Option<PathBuf>,
+}
+
+/// One place an image can be read from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    /// `scheme://host[:port]` plus any path prefix, without a trailing slash.
+    pub base: String,
+    /// Its host, for credentials.
+    pub host: String,
+    /// Whether it is a configured mirror.
+    pub mirror: bool,
+}
+
+/// A registry client.
+pub struct Registry {
+    http: HttpClient,
+    config: RegistryConfig,
+    /// `endpoint base + repository` → the Authorization header that worked last.
+    auth: Mutex<HashMap<String, String>>,
+}
+
+/// A failed registry read: the message, and whether another endpoint could do better.
+#[derive(Debug)]
+pub struct ReadError {
+    /// What went wrong.
+    pub message: String,
+    /// The registry said the thing does not exist (as opposed to being unreachable or refusing).
+    pub not_found: bool,
+}
+
+impl ReadError {
+    fn other(message: String) -> ReadError {
+        ReadError { message, not_found: false }
+    }
+}
+
+impl Registry {
+    /// A client with `config`.
+    pub fn new(config: RegistryConfig) -> Result<Registry, ImageError> {
+        let http = HttpClient::new(config.ca_file.as_deref()).map_err(ImageError::Io)?;
+        Ok(Registry { http, config, auth: Mutex::default() })
+    }
+
+    /// Where `name` can be read from, in the order to try: its registry's mirrors, then the registry itself.
+    pub fn endpoints(&self, name: &ImageName) -> Result<Vec<Endpoint>, ImageError> {
+        let mut out = Vec::new();
+        for url in self.config.mirrors.get(&name.registry).into_iter().flatten() {
+            let base = url.trim_end_matches('/').trim_end_matches("/v2").to_string();
+            let host = base.split("://").nth(1).unwrap_or(&base).split('/').next().unwrap_or("").to_string();
+            out.push(Endpoint { base, host, mirror: true });
+        }
+        if name.registry == DEFAULT_REGISTRY {
+            // Short names have no host of their own to go to: the operator says where Docker Hub (or a mirror of
+            // it) is, which also keeps a machine behind a proxy from trying to reach it directly.
+            if out.is_empty() {
+                return Err(ImageError::Unsupported(format!(
+                    "image {:?} is a Docker Hub name and no endpoint is configured for docker.io: set \
+                     registry_mirrors = {{ \"docker.io\" = [\"https://HOST\"] }} in the settings (Docker Hub's \
+                     registry endpoint or a mirror of it), or use a full reference such as HOST/REPOSITORY:TAG",
+                    name.canonical()
+                )));
+            }
+            return Ok(out);
+        }
+        let insecure = is_loopback_host(&name.registry) || self.config.insecure.contains(&name.registry);
+        let scheme = if insecure { "http" } else { "https" };
+        out.push(Endpoint {
+            base: format!("{scheme}://{}", name.registry),
+            host: name.registry.clone(),
+            mirror: false,
+        });
+        Ok(out)
+    }
+
+    /// Reads the manifest `reference` (tag or digest) of `repository`: its bytes and media type.
+    pub async fn manifest(
+        &self,
+        ep: &Endpoint,
+        repository: &str,
+        reference: &str,
+    ) -> Result<(Vec<u8>, String), ReadError> {
+        let accept = MANIFEST_TYPES.join(", ");
+        let resp = self.read(ep, repository, &format!("manifests/{reference}"), Some(&accept)).await?;
+        let media_type = resp
+            .headers
+            .get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(|v| v.split(';').next().unwrap_or(v).trim().to_string())
+            .unwrap_or_default();
+        let bytes = resp.bytes(4 << 20).await.map_err(ReadError::other)?;
+        Ok((bytes, media_type))
+    }
+
+    /// Starts reading the blob `digest` of `repository`.
+    pub async fn blob(&self, ep: &Endpoint, repository: &str, digest: &str) -> Result<Response, ReadError> {
+        self.read(ep, repository, &format!("blobs/{digest}"), None).await
+    }
+
+    async fn read(
+        &self,
+        ep: &Endpoint,
+        repository: &str,
+        path: &str,
+        accept: Option<&str>,
+    ) -> Result<Response, ReadError> {
+        let url = format!("{}/v2/{repository}/{path}", ep.base);
+        let cache_key = format!("{}/{repository}", ep.base);
+        let mut tried_auth = false;
+        loop {
+            let mut headers: Vec<(HeaderName, String)> = Vec::new();
+            if let Some(a) = accept {
+                headers.push((ACCEPT, a.to_string()));
+            }
+            let cached = self.auth.lock().unwrap_or_else(|p| p.into_inner()).get(&cache_key).cloned();
+            if let Some(auth) = cached {
+                headers.push((AUTHORIZATION, auth));
+            }
+            let resp = self.http.get(&url, &headers).await.map_err(ReadError::other)?;
+            if resp.status == StatusCode::UNAUTHORIZED && !tried_auth {
+                tried_auth = true;
+                let challenge =
+                    resp.headers.get(WWW_AUTHENTICATE).and_then(|v| v.to_str().ok()).map(str::to_string).ok_or_else(
+                        || ReadError::other(format!("GET {url}: 401 without a WWW-Authenticate challenge")),
+                    )?;
+                let auth = self.authorize(ep, repository, &challenge).await.map_err(ReadError::other)?;
+                self.auth.lock().unwrap_or_else(|p| p.into_inner()).insert(cache_key.clone(), auth);
+                continue;
+            }
+            if resp.status.is_success() {
+                return Ok(resp);
+            }
+            let status = resp.status;
+            let body = resp.bytes(64 << 10).await.unwrap_or_default();
+            let detail = registry_error(&body).unwrap_or_else(|| String::from_utf8_lossy(&body).trim().to_string());
+            let who = if ep.mirror { format!("mirror {}", ep.base) } else { format!("registry {}", ep.host) };
+            let message = match status {
+                StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => format!(
+                    "{who} refused access to {repository} ({status}: {detail}); set registry_credentials for {} \
+                     in the settings if it needs a login",
+                    ep.host
+                ),
+                _ => format!("{who}: GET /v2/{repository}/{path}: {status}: {detail}"),
+            };
+            return Err(ReadError { message, not_found: status == StatusCode::NOT_FOUND });
+        }
+    }
+
+    /// Answers an authentication challenge with an Authorization header value.
+    async fn authorize(&self, ep: &Endpoint, repository: &str, challenge: &str) -> Result<String, String> {
+        let (scheme, params) = parse_challenge(challenge);
+        let creds = self.config.credentials.get(&ep.host);
+        let basic = creds.map(|c| {
+            format!(
+                "Basic {}",
+                base64::engine::general_purpose::STANDARD.encode(format!("{}:{}", c.username, c.password))
+            )
+        });
+        match scheme.to_ascii_lowercase().as_str() {
+            "basic" => basic.ok_or_else(|| {
+                format!(
+                    "registry {} needs a login: set registry_credentials.\"{}\" = {{ username = \"…\", password = \"…\" }} \
+                     in the settings",
+                    ep.host, ep.host
+                )
+            }),
+            "bearer" => {
+                let realm = params.get("realm").ok_or("a bearer challenge without a realm")?;
+                let mut query = Vec::new();
+                if let Some(service) = params.get("service") {
+                    query.push(format!("service={}", percent_encode(service)));
+                }
+                let scope = params.get("scope").cloned().unwrap_or_else(|| format!("repository:{repository}:pull"));
+                query.push(format!("scope={}", percent_encode(&scope)));
+                let sep = if realm.contains('?') { '&' } else { '?' };
+                let url = format!("{realm}{sep}{}", query.join("&"));
+                let headers: Vec<(HeaderName, String)> = basic.into_iter().map(|b| (AUTHORIZATION, b)).collect();
+                let resp = self.http.get(&url, &headers).await?;
+                let status = resp.status;
+                let body = resp.bytes(1 << 20).await?;
+                if !status.is_success() {
+                    return Err(format!(
+                        "the token service {realm} refused ({status}): {}",
+                        String::from_utf8_lossy(&body).trim()
+                    ));
+                }
+                #[derive(serde::Deserialize)]
+                struct Token {
+                    token: Option<String>,
+                    access_token: Option<String>,
+                }
+                let t: Token =
+                    serde_json::from_slice(&body).map_err(|e| format!("the token service {realm} answered: {e}"))?;
+                let token = t.token.or(t.access_token).ok_or_else(|| format!("the token service {realm} sent no token"))?;
+                Ok(format!("Bearer {token}"))
+            }
+            other => Err(format!("registry {} asks for unsupported authentication {other:?}", ep.host)),
+        }
+    }
+}
+
+/// The message of a registry's JSON error body (`{"errors":[{"code","message"}]}`).
+fn registry_error(body: &[u8]) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Errors {
+        errors: Vec<Error>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Error {
+        code: Option<String>,
+        message: Option<String>,
+    }
+    let e: Errors = serde_json::from_slice(body).ok()?;
+    let parts: Vec<String> = e
+        .errors
+        .into_iter()
+        .map(|e| match (e.code, e.message) {
+            (Some(c), Some(m)) => format!("{c}: {m}"),
+            (c, m) => c.or(m).unwrap_or_default(),
+        })
+        .collect();
+    (!parts.is_empty()).then(|| parts.join("; "))
+}
+
+/// Splits `Bearer realm="…",service="…"` into its scheme and parameters.
+fn parse_challenge(header: &str) -> (String, HashMap<String, String>) {
+    let (scheme, rest) = header.trim().split_once(' ').unwrap_or((header.trim(), ""));
+    let mut params = HashMap::new();
+    let mut rest = rest.trim();
+    while !rest.is_empty() {
+        let Some((key, after)) = rest.split_once('=') else { break };
+        let key = key.trim().trim_start_matches(',').trim().to_ascii_lowercase();
+        let after = after.trim_start();
+        let (value, remaining) = match after.strip_prefix('"') {
+            Some(quoted) => {
+                let end = quoted.find('"').unwrap_or(quoted.len());
+                (quoted[..end].to_string(), quoted.get(end + 1..).unwrap_or(""))
+            }
+            None => {
+                let end = after.find(',').unwrap_or(after.len());
+                (after[..end].trim().to_string(), &after[end..])
+            }
+        };
+        params.insert(key, value);
+        rest = remaining.trim_start().trim_start_matches(',').trim_start();
+    }
+    (scheme.to_string(), params)
+}
+
+fn percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn challenges_parse() {
+        let (s, p) = parse_challenge(
+            r#"Bearer realm="https://auth.example/token",service="registry.example",scope="repository:a/b:pull""#,
+        );
+        assert_eq!(s, "Bearer");
+        assert_eq!(p["realm"], "https://auth.example/token");
+        assert_eq!(p["service"], "registry.example");
+        assert_eq!(p["scope"], "repository:a/b:pull");
+        let (s, p) = parse_challenge(r#"Basic realm="Registry Realm""#);
+        assert_eq!((s.as_str(), p["realm"].as_str()), ("Basic", "Registry Realm"));
+        assert_eq!(percent_encode("repository:a/b:pull"), "repository%3Aa%2Fb%3Apull");
+    }
+
+    #[test]
+    fn registry_errors_are_read() {
+        let body = br#"{"errors":[{"code":"MANIFEST_UNKNOWN","message":"manifest unknown","detail":{}}]}"#;
+        assert_eq!(registry_error(body).unwrap(), "MANIFEST_UNKNOWN: manifest unknown");
+        assert_eq!(registry_error(b"nope"), None);
+    }
+
+    #[test]
+    fn endpoints_put_mirrors_first_and_docker_hub_needs_one() {
+        let name = ImageName::parse("python:3.13").unwrap();
+        let none = Registry::new(RegistryConfig::default()).unwrap();
+        let err = none.endpoints(&name).unwrap_err().to_string();
+        assert!(err.contains("registry_mirrors"), "{err}");
+        let mut config = RegistryConfig::default();
+        config.mirrors.insert("docker.io".into(), vec!["http://127.0.0.1:5000/".into()]);
+        config.mirrors.insert("ghcr.io".into(), vec!["https://mirror.example/ghcr".into()]);
+        config.insecure.push("registry.lan:5000".into());
+        let r = Registry::new(config).unwrap();
+        let eps = r.endpoints(&name).unwrap();
+        assert_eq!(
+            eps,
+            vec![Endpoint { base: "http://127.0.0.1:5000".into(), host: "127.0.0.1:5000".into(), mirror: true }]
+        );
+        let eps = r.endpoints(&ImageName::parse("ghcr.io/o/a:1").unwrap()).unwrap();
+        assert_eq!(eps[0].base, "https://mirror.example/ghcr");
+        assert_eq!(eps[1].base, "https://ghcr.io");
+        assert_eq!(
+            r.endpoints(&ImageName::parse("registry.lan:5000/a").unwrap()).unwrap()[0].base,
+            "http://registry.lan:5000"
+        );
+        assert_eq!(
+            r.endpoints(&ImageName::parse("localhost:5000/a").unwrap()).unwrap()[0].base,
+            "http://localhost:5000"
+        );
+    }
+}
