@@ -307,3 +307,25 @@ def test_compute_logs_prints_a_builds_steps(builder):
     assert "failed" in out.stderr, out.stderr
     unknown = builder.cli("logs", "build-" + "0" * 24, check=False)
     assert unknown.returncode != 0 and "unknown" in unknown.stderr, unknown.stderr
+
+
+def test_helpers_that_need_unreachable_hosts_fail_with_the_builds_own_error(builder):
+    if os.environ.get("COMPUTE_E2E_ISOLATION") == "gvisor":
+        pytest.skip("a failing build step reports the same way under both backends; the native run covers it")
+    # with_gh and with_claude_code add third-party apt repositories whose hosts this machine cannot reach: the
+    # build fails at the step that fetches from them, and says so with the step's own output.
+    out = sdk(builder, """
+        for name, img in {"gh": Image.debian_slim("3.13").with_gh(),
+                          "claude": Image.debian_slim("3.13").with_claude_code()}.items():
+            try:
+                Sandbox(image=img, name=f"helper-{name}").run()
+                print("BUILT", name)
+            except Exception as e:
+                msg = str(e).replace(chr(10), " | ")
+                print("FAIL", name, type(e).__name__, msg[:120], "...", msg[-200:])
+    """, timeout=900)
+    assert "BUILT" not in out, out
+    assert re.search(r"FAIL gh (?:Sandbox|Image)BuildError .*step 1 \(run_commands\): exited with code 6.*"
+                     r"curl: \(6\) Could not resolve host: cli\.github\.com", out), out
+    assert re.search(r"FAIL claude (?:Sandbox|Image)BuildError .*step \d+ \(run_commands\): exited with code \d+.*"
+                     r"curl: \(\d+\)", out), out
