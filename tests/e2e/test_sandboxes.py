@@ -212,13 +212,9 @@ def test_100mb_upload_and_download(shared_server):
     assert re.search(r"FSERR /tmp FAILED_PRECONDITION 21 .*is a directory", out), out
 
 
-@pytest.mark.xfail(
-    os.environ.get("COMPUTE_E2E_ISOLATION") == "gvisor",
-    strict=True,
-    reason="under gVisor the limits are enforced on the host cgroup of the Sentry, but runsc 2024-07 does not "
-    "show them inside (its --cgroupfs mounts nothing here)",
-)
 def test_limits_are_enforced_and_visible_inside(shared_server):
+    # Native: the sandbox's cgroup namespace shows its own cgroup. gVisor: the host cgroup around the sandbox
+    # enforces the limits and the agent shows them in gVisor's emulated cgroup filesystem.
     out = sdk(shared_server, """
         sb = Sandbox(image=Image.debian_slim(), name="limits", cpu="500m", memory="256Mi").run()
         print("MEM", sb.exec("cat", "/sys/fs/cgroup/memory/memory.limit_in_bytes").stdout_text.strip())

@@ -353,6 +353,23 @@ pub struct ServeConfig {
     /// The default user of processes.
     #[serde(default)]
     pub user: Option<String>,
+    /// Limits the host enforces on the sandbox, for the agent to show in the sandbox's own cgroup filesystem
+    /// (gVisor emulates one; its values would otherwise read as unlimited).
+    #[serde(default)]
+    pub visible_limits: Option<VisibleLimits>,
+}
+
+/// The limits a sandbox's processes should see in `/sys/fs/cgroup`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VisibleLimits {
+    /// `memory.limit_in_bytes`.
+    pub memory_bytes: Option<u64>,
+    /// `cpu.cfs_quota_us` over a period of `cpu.cfs_period_us`.
+    pub cpu_quota_us: Option<u64>,
+    /// `cpu.cfs_period_us`.
+    pub cpu_period_us: u64,
+    /// `pids.max`.
+    pub pids_max: u64,
 }
 
 #[cfg(test)]

@@ -13,6 +13,7 @@
 mod boot;
 mod files;
 mod harden;
+mod limits;
 mod process;
 mod reaper;
 mod server;
@@ -24,6 +25,9 @@ fn main() -> ExitCode {
     let result = match (args.get(1).map(String::as_str), args.get(2)) {
         (Some("init"), Some(config)) => boot::init(config),
         (Some("serve"), Some(config)) => read_config(config).and_then(|c: compute_agent_protocol::ServeConfig| {
+            if let Some(limits) = &c.visible_limits {
+                limits::show(limits);
+            }
             server::serve(server::Sandbox { env: c.env, workdir: c.workdir, entrypoint: c.entrypoint, user: c.user })
         }),
         _ => {

@@ -3,7 +3,7 @@
 
 use std::process::Stdio;
 
-use compute_agent_protocol::ServeConfig;
+use compute_agent_protocol::{ServeConfig, VisibleLimits};
 
 use super::{Backend, Launch};
 use crate::cgroup::{Cgroup, Limits};
@@ -97,8 +97,18 @@ fn runsc_root(cfg: &RuntimeConfig) -> String {
 /// Writes the bundle and starts `runsc run` with the agent's protocol on its stdio.
 fn spawn(l: Launch<'_>) -> Result<tokio::process::Child, RuntimeError> {
     let Launch { config: cfg, spec, dir, rootfs, net, binds, entrypoint, limits, cgroup, stderr } = l;
-    let serve =
-        ServeConfig { env: spec.env.clone(), workdir: spec.workdir.clone(), entrypoint, user: spec.user.clone() };
+    let serve = ServeConfig {
+        env: spec.env.clone(),
+        workdir: spec.workdir.clone(),
+        entrypoint,
+        user: spec.user.clone(),
+        visible_limits: Some(VisibleLimits {
+            memory_bytes: limits.memory_bytes,
+            cpu_quota_us: limits.cpu_millis.map(|c| (c * 100).max(1000)),
+            cpu_period_us: 100_000,
+            pids_max: limits.pids,
+        }),
+    };
     let serve_path = dir.join("serve.json");
     std::fs::write(&serve_path, serde_json::to_vec(&serve).expect("serve config serializes"))
         .map_err(|e| RuntimeError::io("writing serve.json", e))?;
@@ -107,6 +117,8 @@ fn spawn(l: Launch<'_>) -> Result<tokio::process::Child, RuntimeError> {
         // /dev (with pts and ptmx) is runsc's own.
         serde_json::json!({"destination": "/dev/shm", "type": "tmpfs", "source": "shm", "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]}),
         serde_json::json!({"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["nosuid", "noexec", "nodev", "ro"]}),
+        // gVisor's own cgroup filesystem, where the agent shows the limits the host cgroup enforces.
+        serde_json::json!({"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup"}),
         serde_json::json!({"destination": "/.compute/agent", "type": "bind", "source": cfg.agent_bin, "options": ["rbind", "ro"]}),
         serde_json::json!({"destination": "/.compute/serve.json", "type": "bind", "source": serve_path, "options": ["rbind", "ro"]}),
     ];
