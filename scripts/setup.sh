@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what Compute needs on a Debian machine (run as root, or with sudo available): the C toolchain the
 # Rust build uses, Python for the SDK test suite, and the tools the runtime drives (mmdebstrap for base images,
-# iproute2 and nftables for sandbox networks, runsc for gVisor isolation, runc as a benchmark peer, git for the
+# iproute2 and nftables for sandbox networks, runsc for gVisor isolation, runc and podman as benchmark peers, git for the
 # SDK's Volume.load_git_repo in the tests; docker-registry, skopeo, busybox-static and musl-tools to seed and
 # measure a local registry in the image tests and benchmark).
 # Idempotent; installs only what is missing. Packages come from the machine's own apt sources (its mirror);
@@ -12,7 +12,7 @@ sudo=""
 [ "$(id -u)" -eq 0 ] || sudo="sudo"
 
 need_pkgs=(ca-certificates curl openssl gcc libc6-dev pkg-config make python3 python3-venv
-           mmdebstrap iproute2 nftables procps runc git docker-registry skopeo busybox-static musl-tools)
+           mmdebstrap iproute2 nftables procps runc git docker-registry skopeo busybox-static musl-tools podman)
 
 installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
 

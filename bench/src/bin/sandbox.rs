@@ -1,6 +1,6 @@
 //! `bench-sandbox`: sandbox start and exec latency through Compute's API, for both isolation backends, next to
-//! `runc` and `runsc` running the same root filesystem in the same run; plus memory per idle sandbox and how
-//! many idle sandboxes the machine holds.
+//! `runc`, `runsc` and `podman` (over runc) running the same root filesystem in the same run; plus memory per idle
+//! sandbox and how many idle sandboxes the machine holds.
 //!
 //! Figures: create → first exec complete (p50/p99, through the API, as the SDK does it); exec round trip
 //! (p50/p99) next to `runc exec` / `runsc exec`; memory per idle sandbox (cgroup usage + agent); idle capacity.
@@ -204,6 +204,47 @@ fn measure_peer(peer: &Peer, rootfs: &Path, work: &Path, runs: usize) -> anyhow:
     Ok((p50_p99_ms(&mut runs_t), p50_p99_ms(&mut exec_t)))
 }
 
+/// (`podman run --rm` p50/p99, `podman exec` p50/p99) over the same root filesystem, with runc as podman's runtime
+/// (crun does not start on this project's hybrid cgroup layout).
+fn measure_podman(rootfs: &Path, runs: usize) -> anyhow::Result<((f64, f64), (f64, f64))> {
+    anyhow::ensure!(Path::new("/usr/bin/podman").exists(), "podman is not installed (scripts/setup.sh installs it)");
+    // podman raises RLIMIT_NOFILE and RLIMIT_NPROC by default, which needs CAP_SYS_RESOURCE: keep the host's.
+    let hard_nofile = String::from_utf8(Command::new("sh").args(["-c", "ulimit -Hn"]).output()?.stdout)?;
+    let nofile = format!("nofile={0}:{0}", hard_nofile.trim());
+    let common = |extra: &[&str]| -> Vec<String> {
+        let mut v: Vec<String> =
+            ["podman", "--runtime", "/usr/sbin/runc", "--cgroup-manager", "cgroupfs"].map(String::from).to_vec();
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    };
+    let rootfs = rootfs.to_string_lossy().into_owned();
+    let run_args = ["run", "--network", "none", "--ulimit", &nofile, "--ulimit", "nproc=4096:4096", "--rootfs"];
+    let mut runs_t = Vec::new();
+    for i in 0..runs + 1 {
+        let mut argv = common(&run_args);
+        argv.extend(["--rm".into(), rootfs.clone(), "/bin/true".into()]);
+        let t = Instant::now();
+        run_quiet(&argv)?;
+        if i > 0 {
+            runs_t.push(t.elapsed());
+        }
+    }
+    let _ = run_quiet(&common(&["rm", "-f", "bench-idle"]));
+    let mut argv = common(&run_args);
+    argv.extend(["-d".into(), "--name".into(), "bench-idle".into(), rootfs, "sleep".into(), "infinity".into()]);
+    run_quiet(&argv)?;
+    let mut exec_t = Vec::new();
+    for i in 0..runs * 2 + 1 {
+        let t = Instant::now();
+        run_quiet(&common(&["exec", "bench-idle", "true"]))?;
+        if i > 0 {
+            exec_t.push(t.elapsed());
+        }
+    }
+    let _ = run_quiet(&common(&["rm", "-f", "-t", "0", "bench-idle"]));
+    Ok((p50_p99_ms(&mut runs_t), p50_p99_ms(&mut exec_t)))
+}
+
 fn main() -> anyhow::Result<()> {
     let runs = arg("--runs", 20);
     let idle = arg("--idle", 100);
@@ -229,6 +270,8 @@ fn main() -> anyhow::Result<()> {
         &work,
         runs,
     );
+    eprintln!("measuring podman...");
+    let podman = measure_podman(&rootfs, runs);
     let _ = std::fs::remove_dir_all(&work);
 
     println!("bench/sandbox: image {IMAGE}, {runs} starts and {} execs per backend (ms)", runs * 10);
@@ -263,6 +306,15 @@ fn main() -> anyhow::Result<()> {
             }
         }
         Err(e) => println!("runsc: not measured: {e}"),
+    }
+    match &podman {
+        Ok((run, exec)) => {
+            row("podman run --rm (true), same rootfs, runc", *run);
+            row("podman exec (true)", *exec);
+            println!("ratio native start / podman run (p50): {:.2}x", native.start_server.0 / run.0);
+            println!("ratio native exec / podman exec (p50): {:.2}x", native.exec.0 / exec.0);
+        }
+        Err(e) => println!("podman: not measured: {e}"),
     }
     println!(
         "native idle sandboxes running at once: {} (asked {idle}); memory per idle sandbox: {:.1} MiB",

@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use compute_store::{Client, Environment, SigningKey, Store};
-use rand::RngCore;
+use rand::TryRng;
 
 use crate::token::{self, Claims};
 use crate::{ids, secret_hash, AuthError, ControlError};
@@ -255,7 +255,7 @@ fn dummy_hash() -> &'static str {
 
 fn new_signing_key() -> SigningKey {
     let mut secret = vec![0u8; 32];
-    rand::rngs::OsRng.fill_bytes(&mut secret);
+    rand::rngs::SysRng.try_fill_bytes(&mut secret).expect("the OS random number generator works");
     SigningKey {
         kid: format!("k-{}", ids::random_token(10)),
         secret,

@@ -1,6 +1,6 @@
 //! Identifiers and the name rules shared by every resource.
 
-use rand::Rng;
+use rand::RngExt;
 
 use crate::ControlError;
 
@@ -8,8 +8,8 @@ const ALPHABET: &[u8] = b"0123456789abcdefghijklmnopqrstuvwxyz";
 
 /// `len` random characters from `[0-9a-z]`.
 pub fn random_token(len: usize) -> String {
-    let mut rng = rand::thread_rng();
-    (0..len).map(|_| ALPHABET[rng.gen_range(0..ALPHABET.len())] as char).collect()
+    let mut rng = rand::rng();
+    (0..len).map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char).collect()
 }
 
 /// A new environment id.

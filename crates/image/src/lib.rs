@@ -229,7 +229,11 @@ impl ImageStore {
         for p in &self.providers {
             let route = match p {
                 Provider::Debian => BaseRef::parse(target).map(Route::Debian),
-                Provider::Registry => ImageName::parse(target).map(Route::Registry),
+                // A name whose registry has no endpoint (a Docker Hub name with no configured mirror) is refused
+                // here, so a workload naming it fails at once.
+                Provider::Registry => {
+                    ImageName::parse(target).and_then(|n| self.registry.endpoints(&n).map(|_| n)).map(Route::Registry)
+                }
             };
             match route {
                 Ok(r) => routes.push(r),

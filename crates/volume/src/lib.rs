@@ -201,9 +201,9 @@ impl VolumeStore {
             r.volumes().server_secret(
                 SIGNING_SECRET,
                 || {
-                    use rand::RngCore;
+                    use rand::TryRng;
                     let mut s = vec![0u8; 32];
-                    rand::rngs::OsRng.fill_bytes(&mut s);
+                    rand::rngs::SysRng.try_fill_bytes(&mut s).expect("the OS random number generator works");
                     s
                 },
                 now_millis(),
@@ -786,8 +786,7 @@ fn validate_ref_name(name: &str) -> Result<(), VolumeError> {
 }
 
 fn new_id() -> String {
-    use rand::Rng;
-    let n: u64 = rand::thread_rng().gen();
+    let n: u64 = rand::random();
     format!("vol-{n:016x}")
 }
 

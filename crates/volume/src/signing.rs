@@ -1,7 +1,7 @@
 //! Signed blob URLs: the only credential the SDK's native client presents when it PUTs or GETs an object, so the
 //! signature binds the operation, the environment, the object and the expiry. HMAC-SHA256 with a server secret.
 
-use hmac::{Hmac, Mac};
+use hmac::{Hmac, KeyInit, Mac};
 use sha2::Sha256;
 
 use crate::key::ObjectKey;

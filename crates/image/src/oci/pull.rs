@@ -144,9 +144,19 @@ impl Source<'_> {
                 let path = layout_blob(dir, &desc.digest)?;
                 let path2 = path.clone();
                 let got = tokio::task::spawn_blocking(move || -> std::io::Result<(String, u64)> {
+                    use std::io::Read;
                     let mut f = std::fs::File::open(&path2)?;
                     let mut h = Sha256::new();
-                    let n = std::io::copy(&mut f, &mut h)?;
+                    let mut buf = vec![0u8; 1 << 20];
+                    let mut n = 0u64;
+                    loop {
+                        let k = f.read(&mut buf)?;
+                        if k == 0 {
+                            break;
+                        }
+                        h.update(&buf[..k]);
+                        n += k as u64;
+                    }
                     Ok((hex(&h.finalize()), n))
                 })
                 .await
