@@ -49,6 +49,11 @@ pub struct Builds {
     step_timeout: Duration,
 }
 
+/// Makes `uv` available: the SDK expects it in the base image; where it is missing (debian_slim), it is installed
+/// with pip first rather than failing. uv reads the proxy and CA bundle from the environment.
+const ENSURE_UV: &str = "command -v uv >/dev/null 2>&1 || python -m pip install --no-cache-dir \
+                         --disable-pip-version-check --root-user-action=ignore uv";
+
 /// What one build step runs: a shell script, as root or as a user.
 struct Command<'a> {
     script: &'a str,
@@ -191,20 +196,38 @@ impl Builds {
                 Step::PipInstall(packages) | Step::UvPipInstall(packages) => {
                     let quoted: Vec<String> = packages.iter().map(|p| shell_quote(p)).collect();
                     let script = if matches!(step, Step::UvPipInstall(_)) {
-                        // The SDK expects uv in the base image; where it is missing (debian_slim), install it
-                        // with pip first rather than fail. uv reads the proxy and CA bundle from the environment.
-                        format!(
-                            "command -v uv >/dev/null 2>&1 || python -m pip install --no-cache-dir \
-                             --disable-pip-version-check --root-user-action=ignore uv\n\
-                             uv pip install --system --no-cache {}",
-                            quoted.join(" ")
-                        )
+                        format!("{ENSURE_UV}\nuv pip install --system --no-cache {}", quoted.join(" "))
                     } else {
                         format!(
                             "python -m pip install --no-cache-dir --disable-pip-version-check --root-user-action=ignore {}",
                             quoted.join(" ")
                         )
                     };
+                    self.run_step(build_id, i, &layers, &env, &scratch, Command { script: &script, user: None })
+                        .await
+                        .map_err(|e| format!("{what}: {e}"))?
+                }
+                Step::UvSync { pyproject, lock, extras, workdir } => {
+                    let dir = workdir.trim_end_matches('/');
+                    write_file(&scratch, &format!("{dir}/pyproject.toml"), pyproject, None)
+                        .map_err(|e| format!("{what}: {e}"))?;
+                    let mut export = vec!["uv export --no-hashes --no-emit-project".to_string()];
+                    if let Some(lock) = lock {
+                        write_file(&scratch, &format!("{dir}/uv.lock"), lock, None)
+                            .map_err(|e| format!("{what}: {e}"))?;
+                        // Exactly what the lock says, as `uv sync --frozen` would install.
+                        export.push("--frozen".into());
+                    }
+                    export.extend(extras.iter().map(|e| format!("--extra {}", shell_quote(e))));
+                    // The project's source is not sent, so only its dependencies are installed, into the image's
+                    // Python (as pip_install does).
+                    let script = format!(
+                        "set -e\n{ENSURE_UV}\ncd {}\n{} -o /tmp/uv-sync-requirements.txt\n\
+                         uv pip install --system --no-cache -r /tmp/uv-sync-requirements.txt\n\
+                         rm -f /tmp/uv-sync-requirements.txt",
+                        shell_quote(if dir.is_empty() { "/" } else { dir }),
+                        export.join(" ")
+                    );
                     self.run_step(build_id, i, &layers, &env, &scratch, Command { script: &script, user: None })
                         .await
                         .map_err(|e| format!("{what}: {e}"))?

@@ -20,6 +20,18 @@ pub enum Step {
     PipInstall(Vec<String>),
     /// `uv pip install --system` of these requirement specifiers (uv is installed first if the image lacks it).
     UvPipInstall(Vec<String>),
+    /// The locked dependencies of a uv project (its `pyproject.toml` and, when given, `uv.lock`) installed into the
+    /// image's Python; the project itself (whose source is not sent) is not installed.
+    UvSync {
+        /// `pyproject.toml`.
+        pyproject: Vec<u8>,
+        /// `uv.lock`, when given (then the install is exactly the lock's).
+        lock: Option<Vec<u8>>,
+        /// Optional dependency groups (`[project.optional-dependencies]`) to include.
+        extras: Vec<String>,
+        /// Where the project files are written (absolute).
+        workdir: String,
+    },
     /// A file with inline content.
     AddFile {
         /// Absolute destination path.
@@ -38,6 +50,7 @@ impl Step {
             Step::RunCommands(_) | Step::RunCommandsAs { .. } => "run_commands",
             Step::PipInstall(_) => "pip_install",
             Step::UvPipInstall(_) => "uv_pip_install",
+            Step::UvSync { .. } => "uv_sync",
             Step::AddFile { .. } => "add_file",
         }
     }

@@ -172,8 +172,34 @@ fn recipe(spec: ImageSpec) -> Result<Recipe, String> {
                 }
             }
             Some(WireStep::UvPipInstall(p)) => steps.push(Step::UvPipInstall(p.packages)),
-            Some(WireStep::UvSync(_)) => {
-                return Err(format!("build step {n} (uv_sync) is not supported by this server yet"))
+            Some(WireStep::UvSync(u)) => {
+                use compute_proto::chalk::sandbox::v1::uv_sync_step::{PyprojectToml, UvLock};
+                let field = |name: &str| format!("build step {n} (uv_sync): {name}");
+                let pyproject = match u.pyproject_toml {
+                    Some(PyprojectToml::PyprojectTomlLz4(b)) => {
+                        lz4(&b).map_err(|e| format!("{}: {e}", field("pyproject_toml_lz4")))?
+                    }
+                    None => return Err(format!("{} is required", field("pyproject_toml_lz4"))),
+                };
+                let lock = match u.uv_lock {
+                    Some(UvLock::UvLockLz4(b)) => Some(lz4(&b).map_err(|e| format!("{}: {e}", field("uv_lock_lz4")))?),
+                    None => None,
+                };
+                let workdir = u.workdir.filter(|w| !w.is_empty()).unwrap_or_else(|| "/app".into());
+                if !workdir.starts_with('/') {
+                    return Err(format!("{} {workdir:?} must be an absolute path", field("workdir")));
+                }
+                if let Some(bad) = u
+                    .extras
+                    .iter()
+                    .find(|e| e.is_empty() || !e.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)))
+                {
+                    return Err(format!(
+                        "{} {bad:?} is not an extra's name (letters, digits, '-', '_', '.')",
+                        field("extras")
+                    ));
+                }
+                steps.push(Step::UvSync { pyproject, lock, extras: u.extras, workdir })
             }
             None => return Err(format!("build step {n} is empty")),
         }
@@ -192,6 +218,31 @@ fn recipe(spec: ImageSpec) -> Result<Recipe, String> {
         cmd: spec.cmd,
         user: docker.user,
     })
+}
+
+/// Decompresses a uv_sync payload: an LZ4 frame, or an LZ4 block with its size prepended (what `lz4.block`
+/// writes by default).
+fn lz4(bytes: &[u8]) -> Result<Vec<u8>, String> {
+    const FRAME_MAGIC: [u8; 4] = [0x04, 0x22, 0x4d, 0x18];
+    const LIMIT: u64 = 64 << 20;
+    if bytes.starts_with(&FRAME_MAGIC) {
+        use std::io::Read;
+        let mut out = Vec::new();
+        lz4_flex::frame::FrameDecoder::new(bytes)
+            .take(LIMIT + 1)
+            .read_to_end(&mut out)
+            .map_err(|e| format!("not a valid LZ4 frame: {e}"))?;
+        if out.len() as u64 > LIMIT {
+            return Err(format!("decompresses to more than {LIMIT} bytes"));
+        }
+        return Ok(out);
+    }
+    let declared = bytes.get(..4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as u64).unwrap_or(0);
+    if declared > LIMIT {
+        return Err("not LZ4 data (neither a frame nor a size-prefixed block)".into());
+    }
+    lz4_flex::block::decompress_size_prepended(bytes)
+        .map_err(|e| format!("not LZ4 data (neither a frame nor a size-prefixed block): {e}"))
 }
 
 #[tonic::async_trait]
@@ -243,6 +294,19 @@ impl CustomImageService for ImageApi {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn uv_sync_payloads_are_lz4_frames_or_size_prefixed_blocks() {
+        use std::io::Write;
+        let text = b"[project]\nname = \"demo\"\n".repeat(50);
+        let mut frame = lz4_flex::frame::FrameEncoder::new(Vec::new());
+        frame.write_all(&text).unwrap();
+        assert_eq!(lz4(&frame.finish().unwrap()).unwrap(), text);
+        assert_eq!(lz4(&lz4_flex::block::compress_prepend_size(&text)).unwrap(), text);
+        assert!(lz4(b"plain text, not lz4").unwrap_err().contains("not LZ4"));
+        // A block claiming a huge size is refused before anything is allocated.
+        assert!(lz4(&[0xff, 0xff, 0xff, 0x7f, 0]).is_err());
+    }
 
     fn docker(lines: &[&str]) -> Result<Recipe, String> {
         recipe(ImageSpec {
