@@ -392,3 +392,61 @@ def test_uv_sync_installs_a_projects_locked_dependencies(builder):
         "baseImage": "python:3.13-slim-trixie", "steps": [{"uvSync": {"pyprojectTomlLz4": b64(b"plain text, not lz4")}}]}}, token)
     assert status == 200 and bad["status"] == "failed", bad
     assert bad["error"].startswith("build step 1 (uv_sync): pyproject_toml_lz4: not LZ4 data"), bad
+
+
+def test_the_seeds_chain_and_every_remaining_builder_method(builder, tmp_path):
+    if os.environ.get("COMPUTE_E2E_ISOLATION") == "gvisor":
+        pytest.skip("build steps run the same way under both backends; the native run covers these builders")
+    reqs = tmp_path / "requirements.txt"
+    reqs.write_text("six==1.16.0\n")
+    uv_reqs = tmp_path / "uv-requirements.txt"
+    uv_reqs.write_text("idna==3.10\n")
+    out = sdk(builder, f"""
+        # The seed's chain (its Python 3.12 through the operator alias; a lighter package than ffmpeg).
+        img = (
+            Image.debian_slim("3.12")
+            .pip_install(["six"])
+            .run_commands("apt-get update", "apt-get install -y --no-install-recommends jq")
+            .apt_install(["tree"])
+            .pip_install_from_requirements({str(reqs)!r})
+            .uv_pip_install_from_requirements({str(uv_reqs)!r})
+            .entrypoint(["/bin/sh", "-c"])
+            .cmd(["echo from-cmd"])
+        )
+        sb = Sandbox(image=img, name="chain").run()
+        print("JQ", sb.exec("sh", "-c", "echo '{{\\"a\\": 7}}' | jq .a").stdout_text.strip())
+        print("TREE", sb.exec("tree", "--version").exit_code)
+        print("PY", sb.exec("python", "-c", "import six, idna; print(six.__version__, idna.__version__)").stdout_text.strip())
+        sb.terminate()
+    """, timeout=900)
+    assert "JQ 7" in out and "TREE 0" in out and "PY 1.16.0 3.10" in out, out
+    listed = [line for line in builder.cli("sandbox", "ls", "--all").stdout.splitlines() if " chain " in f" {line} "]
+    ref = re.search(r"compute\.local/image@sha256:[0-9a-f]{64}", "\n".join(listed))
+    assert ref, listed
+    config = builder.cli("image", "inspect", ref.group(0)).stdout
+    assert '"entrypoint":["/bin/sh","-c"]' in config.replace(" ", "") and '"cmd":["echofrom-cmd"]' in config.replace(" ", ""), config
+    assert "operator alias python:3.12-slim-trixie -> python:3.13-slim-trixie" in config, config
+
+
+def test_identical_concurrent_builds_join_one(builder):
+    import concurrent.futures
+
+    token = builder.token()
+    fresh = os.urandom(6).hex()
+    spec = {"baseImage": "python:3.13-slim-trixie",
+            "steps": [{"runCommands": {"commands": [f"sleep 2; echo {fresh} > /joined.txt"]}}]}
+    before = layers_in_store()
+
+    def ask(_):
+        return builder.connect("chalk.sandbox.v1.CustomImageService/GetOrBuildCustomImage", {"imageSpec": spec}, token)
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(ask, range(8)))
+    assert all(status == 200 for status, _ in answers), answers
+    assert len({body["buildId"] for _, body in answers}) == 1, answers
+    assert all(body["status"] == "building" for _, body in answers), answers
+    status, done = build_raw(builder, token, spec)
+    assert done["status"] in ("succeeded", "exists"), done
+    assert len(layers_in_store() - before) == 1, "eight identical requests built one layer"
+    log = builder.cli("logs", answers[0][1]["buildId"]).stdout
+    assert log.count("step 1") <= 2, log  # one build's log, not eight
