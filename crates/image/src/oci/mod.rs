@@ -92,8 +92,8 @@ impl ImageStore {
             let top = match self.registry.manifest(&endpoint, &name.repository, name.manifest_reference()).await {
                 Ok(top) => top,
                 Err(e) => {
-                    tracing::info!(image = %name.canonical(), endpoint = %endpoint.base, error = %e.message, "endpoint could not serve the image");
-                    tried.push(e.message);
+                    tracing::info!(image = %name.canonical(), endpoint = %endpoint.base, error = %e, "endpoint could not serve the image");
+                    tried.push(e);
                     continue;
                 }
             };

@@ -125,7 +125,7 @@ impl Source<'_> {
     async fn manifest(&self, digest: &str) -> Result<(Vec<u8>, String), String> {
         match self {
             Source::Registry { registry, endpoint, repository } => {
-                registry.manifest(endpoint, repository, digest).await.map_err(|e| e.message)
+                registry.manifest(endpoint, repository, digest).await
             }
             Source::Layout(dir) => {
                 let bytes = tokio::fs::read(layout_blob(dir, digest)?)
@@ -166,7 +166,7 @@ impl Source<'_> {
                 Ok(path)
             }
             Source::Registry { registry, endpoint, repository } => {
-                let mut resp = registry.blob(endpoint, repository, &desc.digest).await.map_err(|e| e.message)?;
+                let mut resp = registry.blob(endpoint, repository, &desc.digest).await?;
                 let mut file = tokio::fs::File::create(scratch)
                     .await
                     .map_err(|e| format!("creating {}: {e}", scratch.display()))?;

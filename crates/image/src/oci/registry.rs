@@ -63,21 +63,6 @@ pub struct Registry {
     auth: Mutex<HashMap<String, String>>,
 }
 
-/// A failed registry read: the message, and whether another endpoint could do better.
-#[derive(Debug)]
-pub struct ReadError {
-    /// What went wrong.
-    pub message: String,
-    /// The registry said the thing does not exist (as opposed to being unreachable or refusing).
-    pub not_found: bool,
-}
-
-impl ReadError {
-    fn other(message: String) -> ReadError {
-        ReadError { message, not_found: false }
-    }
-}
-
 impl Registry {
     /// A client with `config`.
     pub fn new(config: RegistryConfig) -> Result<Registry, ImageError> {
@@ -122,7 +107,7 @@ impl Registry {
         ep: &Endpoint,
         repository: &str,
         reference: &str,
-    ) -> Result<(Vec<u8>, String), ReadError> {
+    ) -> Result<(Vec<u8>, String), String> {
         let accept = MANIFEST_TYPES.join(", ");
         let resp = self.read(ep, repository, &format!("manifests/{reference}"), Some(&accept)).await?;
         let media_type = resp
@@ -131,12 +116,12 @@ impl Registry {
             .and_then(|v| v.to_str().ok())
             .map(|v| v.split(';').next().unwrap_or(v).trim().to_string())
             .unwrap_or_default();
-        let bytes = resp.bytes(4 << 20).await.map_err(ReadError::other)?;
+        let bytes = resp.bytes(4 << 20).await?;
         Ok((bytes, media_type))
     }
 
     /// Starts reading the blob `digest` of `repository`.
-    pub async fn blob(&self, ep: &Endpoint, repository: &str, digest: &str) -> Result<Response, ReadError> {
+    pub async fn blob(&self, ep: &Endpoint, repository: &str, digest: &str) -> Result<Response, String> {
         self.read(ep, repository, &format!("blobs/{digest}"), None).await
     }
 
@@ -146,7 +131,7 @@ impl Registry {
         repository: &str,
         path: &str,
         accept: Option<&str>,
-    ) -> Result<Response, ReadError> {
+    ) -> Result<Response, String> {
         let url = format!("{}/v2/{repository}/{path}", ep.base);
         let cache_key = format!("{}/{repository}", ep.base);
         let mut tried_auth = false;
@@ -159,14 +144,16 @@ impl Registry {
             if let Some(auth) = cached {
                 headers.push((AUTHORIZATION, auth));
             }
-            let resp = self.http.get(&url, &headers).await.map_err(ReadError::other)?;
+            let resp = self.http.get(&url, &headers).await?;
             if resp.status == StatusCode::UNAUTHORIZED && !tried_auth {
                 tried_auth = true;
-                let challenge =
-                    resp.headers.get(WWW_AUTHENTICATE).and_then(|v| v.to_str().ok()).map(str::to_string).ok_or_else(
-                        || ReadError::other(format!("GET {url}: 401 without a WWW-Authenticate challenge")),
-                    )?;
-                let auth = self.authorize(ep, repository, &challenge).await.map_err(ReadError::other)?;
+                let challenge = resp
+                    .headers
+                    .get(WWW_AUTHENTICATE)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string)
+                    .ok_or_else(|| format!("GET {url}: 401 without a WWW-Authenticate challenge"))?;
+                let auth = self.authorize(ep, repository, &challenge).await?;
                 self.auth.lock().unwrap_or_else(|p| p.into_inner()).insert(cache_key.clone(), auth);
                 continue;
             }
@@ -185,7 +172,7 @@ impl Registry {
                 ),
                 _ => format!("{who}: GET /v2/{repository}/{path}: {status}: {detail}"),
             };
-            return Err(ReadError { message, not_found: status == StatusCode::NOT_FOUND });
+            return Err(message);
         }
     }
 
