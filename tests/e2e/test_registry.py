@@ -189,7 +189,7 @@ def test_a_build_on_a_pulled_base(registries):
     assert "BUILT built-on-pull 1" in out, out
 
 
-def test_import_an_oci_archive_and_run_it_with_no_registry(registries, tmp_path):
+def test_import_oci_and_docker_archives_and_run_them_with_no_registry(registries, tmp_path):
     server, _, _ = registries
     archive = tmp_path / "app.tar"
     digest = write_oci_archive(str(archive), "1", [busybox_layer([("imported.txt", "from an archive")])],
@@ -204,6 +204,20 @@ def test_import_an_oci_archive_and_run_it_with_no_registry(registries, tmp_path)
         sb.terminate()
     """)
     assert "IMPORTED from an archive" in out, out
+    # Docker's `docker save` format (written here by skopeo from the registry) imports under its own tag.
+    _, reg, _ = registries
+    reg.push_image("test/saved", "1", [busybox_layer([("saved.txt", "from docker save")])], env=["PATH=/bin"])
+    saved = tmp_path / "saved.tar"
+    subprocess.run(["skopeo", "copy", "--quiet", "--src-tls-verify=false", f"docker://{reg.host}/test/saved:1",
+                    f"docker-archive:{saved}:saved/app:2"], check=True)
+    out = server.cli("image", "import", str(saved)).stdout
+    assert "docker.io/saved/app:2" in out, out
+    out = sdk(server, """
+        sb = Sandbox(image="saved/app:2", name="from-docker-save").run()
+        print("SAVED", sb.exec("cat", "/saved.txt").stdout_text)
+        sb.terminate()
+    """)
+    assert "SAVED from docker save" in out, out
     bad = tmp_path / "bad.tar"
     bad.write_bytes(b"not a tar at all" * 100)
     r = server.cli("image", "import", str(bad), "--name", "x:1", check=False)

@@ -234,8 +234,9 @@ enum ImageCommand {
         #[command(flatten)]
         dir: DataDir,
     },
-    /// Import an image from an OCI archive (`skopeo copy … oci-archive:FILE`, a tar of an OCI layout) or an OCI
-    /// layout directory, for machines with no registry. Workloads then use it by its name.
+    /// Import an image from an OCI archive (a tar of an OCI layout, e.g. `skopeo copy … oci-archive:FILE`), a
+    /// `docker save` archive or an OCI layout directory, for machines with no registry. Workloads then use it by
+    /// its name.
     Import {
         /// The archive (tar or tar.gz) or layout directory.
         file: std::path::PathBuf,

@@ -2,6 +2,7 @@
 //! verified) and importing OCI archives for machines with no registry. Both store each layer once, keyed by its
 //! uncompressed digest, and record the image as a base: `base/<key>/oci.json`.
 
+mod docker_archive;
 mod http;
 mod layer;
 pub mod name;
@@ -147,9 +148,9 @@ impl ImageStore {
         })
     }
 
-    /// Imports the image in the OCI archive (a tar, optionally gzipped, of an OCI image layout) or OCI layout
-    /// directory at `path`, storing it as `name` (default: the name the archive gives it). A running workload can
-    /// then use it by that name with no registry at all.
+    /// Imports the image in the OCI archive (a tar, optionally gzipped, of an OCI image layout), `docker save`
+    /// archive or OCI layout directory at `path`, storing it as `name` (default: the name the archive gives it).
+    /// Workloads then use it by that name with no registry at all.
     pub async fn import(&self, path: &Path, name: Option<&str>) -> Result<Imported, ImageError> {
         let fail = |m: String| ImageError::Unavailable(format!("importing {}: {m}", path.display()));
         let meta = std::fs::metadata(path).map_err(|e| fail(format!("cannot read it: {e}")))?;
@@ -166,6 +167,17 @@ impl ImageStore {
             )?;
             (dir.clone(), Some(dir))
         };
+        if extracted.is_some() && docker_archive::is_docker_archive(&layout) {
+            let dir = layout.clone();
+            let converted = tokio::task::spawn_blocking(move || docker_archive::to_oci_layout(&dir))
+                .await
+                .map_err(|e| fail(e.to_string()))
+                .and_then(|r| r.map_err(fail));
+            if let Err(e) = converted {
+                let _ = std::fs::remove_dir_all(&layout);
+                return Err(e);
+            }
+        }
         let result = self.import_layout(&layout, path, name).await.map_err(fail);
         if let Some(dir) = extracted {
             let _ = std::fs::remove_dir_all(dir);
@@ -176,8 +188,8 @@ impl ImageStore {
     async fn import_layout(&self, layout: &Path, origin: &Path, name: Option<&str>) -> Result<Imported, String> {
         if !layout.join("oci-layout").exists() {
             return Err(
-                "not an OCI image layout (no oci-layout file); Docker's `docker save` format can be converted \
-                 with `skopeo copy docker-archive:IN.tar oci-archive:OUT.tar`"
+                "neither an OCI image layout (no oci-layout file) nor a `docker save` archive (no manifest.json); \
+                 a directory must be an OCI layout"
                     .into(),
             );
         }

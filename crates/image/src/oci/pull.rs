@@ -143,25 +143,10 @@ impl Source<'_> {
             Source::Layout(dir) => {
                 let path = layout_blob(dir, &desc.digest)?;
                 let path2 = path.clone();
-                let got = tokio::task::spawn_blocking(move || -> std::io::Result<(String, u64)> {
-                    use std::io::Read;
-                    let mut f = std::fs::File::open(&path2)?;
-                    let mut h = Sha256::new();
-                    let mut buf = vec![0u8; 1 << 20];
-                    let mut n = 0u64;
-                    loop {
-                        let k = f.read(&mut buf)?;
-                        if k == 0 {
-                            break;
-                        }
-                        h.update(&buf[..k]);
-                        n += k as u64;
-                    }
-                    Ok((hex(&h.finalize()), n))
-                })
-                .await
-                .map_err(|e| e.to_string())?
-                .map_err(|e| format!("reading blob {} from the layout: {e}", desc.digest))?;
+                let got = tokio::task::spawn_blocking(move || sha256_file(&path2))
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .map_err(|e| format!("reading blob {} from the layout: {e}", desc.digest))?;
                 check(desc, &got.0, got.1)?;
                 Ok(path)
             }
@@ -201,6 +186,24 @@ impl Source<'_> {
         }
         bytes
     }
+}
+
+/// The lowercase hex SHA-256 of the file at `path`, and its size.
+pub fn sha256_file(path: &Path) -> std::io::Result<(String, u64)> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path)?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut n = 0u64;
+    loop {
+        let k = f.read(&mut buf)?;
+        if k == 0 {
+            break;
+        }
+        h.update(&buf[..k]);
+        n += k as u64;
+    }
+    Ok((hex(&h.finalize()), n))
 }
 
 fn digest_hex(digest: &str) -> Result<&str, String> {
