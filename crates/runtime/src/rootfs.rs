@@ -51,10 +51,85 @@ impl Rootfs {
         }
         let lower = layers.iter().map(|l| l.to_string_lossy().into_owned()).collect::<Vec<_>>().join(":");
         let opts = format!("lowerdir={lower},upperdir={},workdir={}", upper.display(), work.display());
-        mount(Some("overlay"), &self.merged, Some("overlay"), MsFlags::empty(), Some(opts.as_str()))
-            .map_err(|e| RuntimeError::io(format!("mounting the overlay root filesystem ({opts})"), e.into()))?;
+        if opts.len() < LEGACY_OPTIONS_MAX {
+            mount(Some("overlay"), &self.merged, Some("overlay"), MsFlags::empty(), Some(opts.as_str()))
+                .map_err(|e| RuntimeError::io(format!("mounting the overlay root filesystem ({opts})"), e.into()))?;
+        } else {
+            // Too many layers for mount(2)'s one page of options: the new mount API takes them one at a time.
+            mount_many_layers(layers, &upper, &work, &self.merged).map_err(|e| {
+                RuntimeError::io(
+                    format!(
+                        "mounting the overlay root filesystem of {} layers (kernel 6.8 or newer needed)",
+                        layers.len()
+                    ),
+                    e,
+                )
+            })?;
+        }
         Ok(())
     }
+}
+
+/// mount(2) copies its options into one page; longer layer lists go through `fsconfig`.
+const LEGACY_OPTIONS_MAX: usize = 4000;
+
+/// Mounts an overlay of `layers` (top first) at `target` with the new mount API, one `lowerdir+` per layer (Linux
+/// 6.8+), which has no limit on the length of the whole list.
+fn mount_many_layers(layers: &[PathBuf], upper: &Path, work: &Path, target: &Path) -> std::io::Result<()> {
+    use std::ffi::CString;
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    use std::os::unix::ffi::OsStrExt;
+    // From linux/mount.h.
+    const FSOPEN_CLOEXEC: libc::c_uint = 0x1;
+    const FSCONFIG_SET_STRING: libc::c_uint = 1;
+    const FSCONFIG_CMD_CREATE: libc::c_uint = 6;
+    const FSMOUNT_CLOEXEC: libc::c_uint = 0x1;
+    const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 0x4;
+    let c = |p: &Path| CString::new(p.as_os_str().as_bytes()).map_err(|_| std::io::Error::other("a path holds NUL"));
+    let check = |r: libc::c_long| if r < 0 { Err(std::io::Error::last_os_error()) } else { Ok(r) };
+    // SAFETY: fsopen reads a NUL-terminated string that outlives the call; the fd it returns is owned here.
+    let fs = unsafe {
+        OwnedFd::from_raw_fd(check(libc::syscall(libc::SYS_fsopen, c"overlay".as_ptr(), FSOPEN_CLOEXEC))? as i32)
+    };
+    let set = |key: &std::ffi::CStr, value: &CString| {
+        // SAFETY: fsconfig reads two NUL-terminated strings that outlive the call, on an fd we own.
+        check(unsafe {
+            libc::syscall(libc::SYS_fsconfig, fs.as_raw_fd(), FSCONFIG_SET_STRING, key.as_ptr(), value.as_ptr(), 0)
+        })
+    };
+    for layer in layers {
+        set(c"lowerdir+", &c(layer)?)?;
+    }
+    set(c"upperdir", &c(upper)?)?;
+    set(c"workdir", &c(work)?)?;
+    // SAFETY: FSCONFIG_CMD_CREATE takes no pointers.
+    check(unsafe {
+        libc::syscall(
+            libc::SYS_fsconfig,
+            fs.as_raw_fd(),
+            FSCONFIG_CMD_CREATE,
+            std::ptr::null::<libc::c_char>(),
+            std::ptr::null::<libc::c_void>(),
+            0,
+        )
+    })?;
+    // SAFETY: fsmount takes our fs context fd and returns a mount fd, owned here.
+    let mnt = unsafe {
+        OwnedFd::from_raw_fd(check(libc::syscall(libc::SYS_fsmount, fs.as_raw_fd(), FSMOUNT_CLOEXEC, 0))? as i32)
+    };
+    let target = c(target)?;
+    // SAFETY: move_mount reads two NUL-terminated strings that outlive the call; the fds are ours.
+    check(unsafe {
+        libc::syscall(
+            libc::SYS_move_mount,
+            mnt.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_FDCWD,
+            target.as_ptr(),
+            MOVE_MOUNT_F_EMPTY_PATH,
+        )
+    })?;
+    Ok(())
 }
 
 /// Unmounts every mount at or below `path` (deepest first).
@@ -96,4 +171,38 @@ fn unescape(s: &str) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn more_layers_than_one_page_of_mount_options_still_mount() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("SKIPPED: mounting an overlay needs root");
+            return;
+        }
+        let dir = std::env::temp_dir().join(format!("compute-rootfs-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        // 80 layers with store-like names: far more than 4096 bytes of lowerdir.
+        let layers: Vec<PathBuf> = (0..80)
+            .map(|i| {
+                let d = dir.join("layers").join(format!("oci-{i:064x}")).join("diff");
+                std::fs::create_dir_all(&d).unwrap();
+                std::fs::write(d.join(format!("f{i}")), b"x").unwrap();
+                std::fs::write(d.join("shared"), format!("{i}")).unwrap();
+                d
+            })
+            .collect();
+        let rootfs = Rootfs::under(&dir.join("sandbox"));
+        rootfs.mount(&layers, 16 << 20, None).unwrap();
+        let seen = (0..80).filter(|i| rootfs.merged.join(format!("f{i}")).exists()).count();
+        let top = std::fs::read_to_string(rootfs.merged.join("shared")).unwrap();
+        unmount_all(&dir.join("sandbox")).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(seen, 80, "every layer is visible");
+        assert_eq!(top, "0", "the first layer is the top one");
+    }
 }
