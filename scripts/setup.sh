@@ -18,6 +18,8 @@ installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install o
 
 missing=()
 for p in "${need_pkgs[@]}"; do installed "$p" || missing+=("$p"); done
+# Node.js and npm for the e2e suite's Azure storage emulator (tests/e2e/package.json), unless already there.
+command -v npm >/dev/null 2>&1 || missing+=(nodejs npm)
 
 # gVisor: bookworm's own runsc (2022) lacks the systrap platform; the bookworm-backports build has it.
 want_runsc=0

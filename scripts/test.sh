@@ -16,6 +16,13 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== SDK virtualenv" >&2
 python=$(scripts/sdk-venv.sh)
 
+echo "== e2e tools from npm (Azurite)" >&2
+lock_sum=$(sha256sum tests/e2e/package-lock.json | cut -d' ' -f1)
+if [ "$(cat tests/e2e/node_modules/.compute-lock.sha256 2>/dev/null)" != "$lock_sum" ]; then
+  (cd tests/e2e && npm ci --no-audit --no-fund --loglevel=error >&2)
+  echo "$lock_sum" > tests/e2e/node_modules/.compute-lock.sha256
+fi
+
 echo "== unit, integration and conformance tests" >&2
 COMPUTE_SDK_PYTHON=$python cargo test --workspace --locked
 
