@@ -368,7 +368,7 @@ pub struct VisibleLimits {
     pub cpu_quota_us: Option<u64>,
     /// `cpu.cfs_period_us`.
     pub cpu_period_us: u64,
-    /// `pids.max`.
+    /// The sandbox's pids limit (enforced on the host; not written inside, see the agent's `limits`).
     pub pids_max: u64,
 }
 

@@ -8,9 +8,13 @@ use compute_agent_protocol::VisibleLimits;
 
 const ROOT: &str = "/sys/fs/cgroup";
 
-/// Writes `limits` into the cgroup v1 files under `/sys/fs/cgroup` that exist; a failure is reported, not fatal.
+/// Writes the memory and cpu `limits` into the cgroup v1 files under `/sys/fs/cgroup` that exist; a failure is
+/// reported, not fatal.
 pub fn show(limits: &VisibleLimits) {
-    let mut writes: Vec<(&str, String)> = vec![("pids/pids.max", limits.pids_max.to_string())];
+    // pids.max is left alone: gVisor enforces it on everything in the cgroup, the agent included, which would let a
+    // fork bomb starve the agent of the threads it serves the sandbox with (the host's pids limit does not count
+    // the sandbox's processes, only the Sentry's threads; memory bounds a fork bomb there).
+    let mut writes: Vec<(&str, String)> = Vec::new();
     if let Some(m) = limits.memory_bytes {
         writes.push(("memory/memory.limit_in_bytes", m.to_string()));
     }
