@@ -171,12 +171,15 @@ impl ImageStore {
         let name_of = |p: &Path| p.parent().and_then(Path::file_name).map(|n| n.to_string_lossy().into_owned());
         let mut report = ImageGcReport::default();
         let live_names: HashSet<String> = live.iter().filter_map(|p| name_of(p)).collect();
-        let built: Vec<StoredImage> = self.list()?.into_iter().filter(|i| i.kind == "built").collect();
-        let built_names: HashSet<String> =
-            built.iter().flat_map(|i| i.layers.iter().filter_map(|p| name_of(p))).collect();
+        // One listing serves every decision below (listing measures every layer on disk).
+        let stored = self.list()?;
+        let layer_names = |kind: &str| -> HashSet<String> {
+            stored.iter().filter(|i| i.kind == kind).flat_map(|i| i.layers.iter().filter_map(|p| name_of(p))).collect()
+        };
+        let built_names = layer_names("built");
         // Bases built from the Debian archive are a cache: unused ones go. Pulled and imported images stay until
         // `compute image rm` (an imported one could not be had again).
-        for img in self.list()?.into_iter().filter(|i| i.kind == "base") {
+        for img in stored.iter().filter(|i| i.kind == "base") {
             let Some(dir) = &img.base_dir else { continue };
             let names: Vec<String> = img.layers.iter().filter_map(|p| name_of(p)).collect();
             let in_use = names.iter().any(|n| live_names.contains(n) || built_names.contains(n));
@@ -189,9 +192,7 @@ impl ImageStore {
         }
         let mut used = live_names;
         used.extend(built_names);
-        for img in self.list()?.into_iter().filter(|i| i.kind == "pulled") {
-            used.extend(img.layers.iter().filter_map(|p| name_of(p)));
-        }
+        used.extend(layer_names("pulled"));
         // Leftovers of pulls and builds a crash interrupted (a pull or build in progress is younger than a day).
         let stale = |p: &Path| now.saturating_sub(mtime(p).max(0) as u64) > grace_secs.max(24 * 3600);
         let layers = self.dir.join("layers");
