@@ -158,6 +158,10 @@ def test_a_tampered_blob_an_unknown_image_and_a_malformed_name_fail_clearly(regi
         f.write(bytes([byte[0] ^ 0xFF]))
     r = server.cli("image", "pull", f"{reg.host}/test/tampered:1", check=False)
     assert r.returncode != 0 and "failed verification" in r.stderr, r.stderr
+    from conftest import image_dir
+
+    leftovers = [n for n in os.listdir(os.path.join(image_dir(), "layers")) if n.endswith(".blob")]
+    assert leftovers == [], f"a refused download was left behind: {leftovers}"
     assert not any("tampered" in line for line in server.cli("image", "ls").stdout.splitlines())
     r = server.cli("image", "pull", f"{reg.host}/test/nosuch:1", check=False)
     assert r.returncode != 0 and "MANIFEST_UNKNOWN" in r.stderr or "NAME_UNKNOWN" in r.stderr, r.stderr

@@ -151,28 +151,40 @@ impl Source<'_> {
                 Ok(path)
             }
             Source::Registry { registry, endpoint, repository } => {
-                let mut resp = registry.blob(endpoint, repository, &desc.digest).await?;
-                let mut file = tokio::fs::File::create(scratch)
-                    .await
-                    .map_err(|e| format!("creating {}: {e}", scratch.display()))?;
-                let mut h = Sha256::new();
-                let mut n = 0u64;
-                while let Some(chunk) = resp.chunk().await? {
-                    n += chunk.len() as u64;
-                    if desc.size > 0 && n > desc.size {
-                        return Err(format!(
-                            "blob {} is larger than the {} bytes its descriptor says",
-                            desc.digest, desc.size
-                        ));
-                    }
-                    h.update(&chunk);
-                    file.write_all(&chunk).await.map_err(|e| format!("writing {}: {e}", scratch.display()))?;
+                let downloaded = Self::download(registry, endpoint, repository, desc, scratch).await;
+                if downloaded.is_err() {
+                    // A partial download is nobody's.
+                    let _ = tokio::fs::remove_file(scratch).await;
                 }
-                file.flush().await.map_err(|e| format!("writing {}: {e}", scratch.display()))?;
-                check(desc, &hex(&h.finalize()), n)?;
-                Ok(scratch.to_path_buf())
+                downloaded
             }
         }
+    }
+
+    /// Downloads the blob `desc` to `scratch`, checking its size as it arrives and its digest at the end.
+    async fn download(
+        registry: &Registry,
+        endpoint: &Endpoint,
+        repository: &str,
+        desc: &Descriptor,
+        scratch: &Path,
+    ) -> Result<PathBuf, String> {
+        let mut resp = registry.blob(endpoint, repository, &desc.digest).await?;
+        let mut file =
+            tokio::fs::File::create(scratch).await.map_err(|e| format!("creating {}: {e}", scratch.display()))?;
+        let mut h = Sha256::new();
+        let mut n = 0u64;
+        while let Some(chunk) = resp.chunk().await? {
+            n += chunk.len() as u64;
+            if desc.size > 0 && n > desc.size {
+                return Err(format!("blob {} is larger than the {} bytes its descriptor says", desc.digest, desc.size));
+            }
+            h.update(&chunk);
+            file.write_all(&chunk).await.map_err(|e| format!("writing {}: {e}", scratch.display()))?;
+        }
+        file.flush().await.map_err(|e| format!("writing {}: {e}", scratch.display()))?;
+        check(desc, &hex(&h.finalize()), n)?;
+        Ok(scratch.to_path_buf())
     }
 
     async fn json_blob(&self, desc: &Descriptor, scratch: &Path) -> Result<Vec<u8>, String> {
@@ -181,10 +193,15 @@ impl Source<'_> {
         }
         let path = self.blob(desc, scratch).await?;
         let bytes = tokio::fs::read(&path).await.map_err(|e| format!("reading {}: {e}", path.display()));
-        if matches!(self, Source::Registry { .. }) {
-            let _ = tokio::fs::remove_file(&path).await;
-        }
+        self.release(&path).await;
         bytes
+    }
+
+    /// Done with a file `blob` gave: a download is removed; a layout's own blob stays.
+    async fn release(&self, path: &Path) {
+        if matches!(self, Source::Registry { .. }) {
+            let _ = tokio::fs::remove_file(path).await;
+        }
     }
 }
 
@@ -347,27 +364,22 @@ pub async fn assemble(
             if store.has_layer(&key) {
                 return Ok::<_, String>((key, 0, true));
             }
-            let blob_path = source.blob(&desc, &scratch_blob(&key)).await;
-            let blob_path = match blob_path {
-                Ok(p) => p,
-                Err(e) => {
-                    let _ = std::fs::remove_file(scratch_blob(&key));
-                    return Err(e);
+            let blob_path = source.blob(&desc, &scratch_blob(&key)).await?;
+            let unpacked = async {
+                let scratch = store.scratch(&key).map_err(|e| e.to_string())?;
+                let (b, s, d) = (blob_path.clone(), scratch.clone(), diff_id.clone());
+                let done = tokio::task::spawn_blocking(move || super::layer::unpack(&b, Some(&d), &s))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                if let Err(e) = done {
+                    let _ = std::fs::remove_dir_all(&scratch);
+                    return Err(format!("layer {}: {e}", desc.digest));
                 }
-            };
-            let scratch = store.scratch(&key).map_err(|e| e.to_string())?;
-            let (b, s, d) = (blob_path.clone(), scratch.clone(), diff_id.clone());
-            let unpacked = tokio::task::spawn_blocking(move || super::layer::unpack(&b, Some(&d), &s))
-                .await
-                .map_err(|e| e.to_string())?;
-            if matches!(source, Source::Registry { .. }) {
-                let _ = std::fs::remove_file(&blob_path);
+                Ok(scratch)
             }
-            if let Err(e) = unpacked {
-                let _ = std::fs::remove_dir_all(&scratch);
-                return Err(format!("layer {}: {e}", desc.digest));
-            }
-            store.commit_layer(&key, &scratch).map_err(|e| e.to_string())?;
+            .await;
+            source.release(&blob_path).await;
+            store.commit_layer(&key, &unpacked?).map_err(|e| e.to_string())?;
             Ok((key, desc.size, false))
         }))
         .buffered(PARALLEL_LAYERS)
