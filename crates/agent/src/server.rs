@@ -232,16 +232,16 @@ fn start(sandbox: &Arc<Sandbox>, sessions: &Sessions, out: &Out, ch: u32, spec: 
         }
     }
     let path_var = env.iter().find(|(k, _)| k == "PATH").map(|(_, v)| v.clone()).unwrap_or_default();
-    let (resolved, args) = match process::resolve(&spec.command, &path_var, &workdir) {
+    let resolved = match process::resolve(&spec.command, &path_var, &workdir) {
         // The SDK keeps sandboxes alive with `sleep infinity`; an image without `sleep` (distroless, a lone static
-        // binary) gets the agent's own equivalent instead of a sandbox that cannot start.
-        Err(_) if spec.command == "sleep" && spec.args == ["infinity"] => {
-            (Ok(std::path::PathBuf::new()), spec.args.clone())
-        }
-        other => (other, spec.args.clone()),
+        // binary) gets the agent's own equivalent (an empty program: see `process::spawn`) instead of a sandbox
+        // that cannot start.
+        Err(_) if spec.command == "sleep" && spec.args == ["infinity"] => Ok(std::path::PathBuf::new()),
+        other => other,
     };
-    let started = resolved
-        .and_then(|program| process::spawn(&program, &spec.command, &args, &env, &workdir, spec.pty, creds.as_ref()));
+    let started = resolved.and_then(|program| {
+        process::spawn(&program, &spec.command, &spec.args, &env, &workdir, spec.pty, creds.as_ref())
+    });
     let started = match started {
         Ok(s) => s,
         Err(e) => {

@@ -376,7 +376,6 @@ impl ImageStore {
             let key = route.key();
             let lock = self.lock_for(&key);
             let _guard = lock.lock().await;
-            let target = self.dir.join("base").join(&key);
             match route {
                 Route::Registry(name) => {
                     if let Some(record) = self.oci_record(&name) {
@@ -388,6 +387,7 @@ impl ImageStore {
                     }
                 }
                 Route::Debian(base) => {
+                    let target = self.dir.join("base").join(&key);
                     if !target.join("rootfs").is_dir() {
                         let built = match &self.mirror {
                             Some(mirror) => debian::build(&base, mirror, &target).await,
