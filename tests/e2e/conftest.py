@@ -4,6 +4,7 @@ import json
 import os
 import pathlib
 import signal
+import socket
 import subprocess
 import textwrap
 import sys
@@ -156,6 +157,13 @@ def shared_server(tmp_path_factory):
     s = Server(tmp_path_factory.mktemp("shared") / "data")
     yield s
     s.stop()
+
+
+def free_port():
+    """A TCP port on loopback that nothing listens on right now (for a server a test starts)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def require_root():

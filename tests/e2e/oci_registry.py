@@ -11,6 +11,8 @@ import tarfile
 import time
 import urllib.request
 
+from conftest import free_port
+
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
@@ -82,12 +84,6 @@ def index_blob(manifests):
         "manifests": [{"mediaType": OCI_MANIFEST, "digest": sha256(m), "size": len(m),
                        "platform": {"architecture": a, "os": "linux"}} for m, a in manifests],
     }).encode()
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class LocalRegistry:

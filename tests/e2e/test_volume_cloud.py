@@ -9,7 +9,6 @@ import hashlib
 import hmac
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -18,19 +17,13 @@ from email.utils import formatdate
 
 import pytest
 
-from conftest import Server, require_root, sdk_ok
+from conftest import Server, free_port, require_root, sdk_ok
 
 CONTAINER = "compute-volumes"
 HERE = os.path.dirname(os.path.abspath(__file__))
 # Azurite's well-known development account.
 AZ_ACCOUNT = "devstoreaccount1"
 AZ_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_until(ready, proc, what):
