@@ -39,7 +39,7 @@ def test_built_image_has_its_steps_and_config(builder):
         img = (
             Image.debian_slim("3.13")
             .pip_install(["six"])
-            .run_commands("echo built > /built.txt", "mkdir -p /work")
+            .run_commands("echo built > /built.txt", "mkdir -p /work", "touch /work/.owners", "chown -R 1000:1000 /work")
             .env({"GREETING": "hello"})
             .workdir("/work")
         )
@@ -48,9 +48,21 @@ def test_built_image_has_its_steps_and_config(builder):
         print("FILE", sb.exec("cat", "/built.txt").stdout_text.strip())
         print("ENV", sb.exec("sh", "-c", "echo $GREETING").stdout_text.strip())
         print("PWD", sb.exec("pwd").stdout_text.strip())
+        print("OWNERS", sb.exec("stat", "-c", "%n=%u:%g", "/built.txt", "/work").stdout_text.split())
         sb.terminate()
     """)
     assert "SIX six" in out and "FILE built" in out and "ENV hello" in out and "PWD /work" in out, out
+    assert "OWNERS ['/built.txt=0:0', '/work=1000:1000']" in out, out
+    # On disk, a built layer holds the ids the build saw, whatever user namespace its steps ran in.
+    from conftest import image_dir
+
+    layers = os.path.join(image_dir(), "layers")
+    built = [os.path.join(layers, d, "diff") for d in os.listdir(layers)]
+    built = [d for d in built if os.path.exists(os.path.join(d, "work", ".owners"))]
+    assert built, f"no layer holds /work/.owners under {layers}"
+    for diff in built:
+        ids = [(s.st_uid, s.st_gid) for s in (os.stat(os.path.join(diff, p)) for p in ("built.txt", "work", "work/.owners"))]
+        assert ids == [(0, 0), (1000, 1000), (1000, 1000)], f"{diff}: {ids}"
 
 
 def test_uv_pip_install_brings_uv_when_the_base_lacks_it(builder):

@@ -1,6 +1,7 @@
 """Sandboxes and containers against the official SDK: programs (a) and (g) verbatim, exec sessions, stdin,
 signals, PTYs, timeouts, files, limits, isolation and bad input."""
 import hashlib
+import json
 import os
 import re
 import signal
@@ -347,6 +348,91 @@ def test_sandbox_cannot_reach_the_servers_host(shared_server):
         assert "HOST 1 False" in out, out
     finally:
         listener.close()
+
+
+@pytest.mark.skipif(
+    os.environ.get("COMPUTE_E2E_ISOLATION") == "gvisor",
+    reason="native backend only: gVisor's sandboxed processes are not host processes (runsc maps its own ids)",
+)
+def test_native_sandboxes_run_in_their_own_user_namespaces(shared_server):
+    """Root in a native sandbox is an unprivileged host user, a different one per sandbox; inside, the image's files,
+    the runtime's /etc files, binds and volumes are root's, root can chown, bind port 80 and edit /etc/hosts."""
+    out = sdk(shared_server, """
+        from chalkcompute import Volume
+        Volume("userns-vol").put_file("seed.txt", b"seed")
+        a = Sandbox(image=Image.debian_slim(), name="userns-a").mount_volume("userns-vol", "/vol").run()
+        b = Sandbox(image=Image.debian_slim(), name="userns-b").run()
+        for name, sb in (("A", a), ("B", b)):
+            print(name, "MAP", " ".join(sb.exec("cat", "/proc/self/uid_map").stdout_text.split()))
+            sb.exec("sh", "-c", f"python3 -c 'import time; time.sleep(3600)' userns-marker-{name} >/dev/null 2>&1 &")
+        print("ID", a.exec("id", "-u").stdout_text.strip())
+        owners = "stat -c '%n %u:%g' /etc/passwd /etc/hosts /etc/ssl/certs/ca-certificates.crt /vol /vol/seed.txt"
+        print(a.exec("sh", "-c", owners).stdout_text.strip())
+        print("HOSTS", a.exec("sh", "-c", "echo '10.1.2.3 extra' >> /etc/hosts && grep -c extra /etc/hosts").stdout_text.strip())
+        print("CHOWN", a.exec("sh", "-c", "touch /tmp/owned && chown 1000:1000 /tmp/owned && stat -c %u:%g /tmp/owned").stdout_text.strip())
+        print("VOLWRITE", a.exec("sh", "-c", "echo hi > /vol/new.txt && stat -c %u:%g /vol/new.txt").stdout_text.strip())
+        bind = "import socket; s = socket.socket(); s.bind(('0.0.0.0', 80)); print('bound')"
+        print("PORT80", a.exec("python3", "-c", bind).stdout_text.strip())
+        print("HOSTMOUNT", a.exec("sh", "-c", "mount -t tmpfs x /mnt 2>&1; echo $?").stdout_text.strip().splitlines()[-1])
+        import json, os, glob
+        ids = {}
+        for pid in os.listdir("/proc"):
+            try:
+                cmd = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\\0")
+                status = open(f"/proc/{pid}/status").read()
+            except OSError:
+                continue
+            for name in ("A", "B"):
+                if f"userns-marker-{name}".encode() in cmd:
+                    uid = [l.split()[1] for l in status.splitlines() if l.startswith("Uid:")][0]
+                    ids[name] = int(uid)
+        print("HOSTUIDS", json.dumps(ids))
+        upper = glob.glob(os.path.join("DATA_DIR", "sandboxes", "*", "rw", "upper", "tmp", "owned"))
+        print("UPPER", [os.stat(p).st_uid for p in upper])
+        a.terminate(); b.terminate()
+    """.replace("DATA_DIR", str(shared_server.data_dir)))
+    maps = dict(re.findall(r"^([AB]) MAP (.*)$", out, re.M))
+    assert set(maps) == {"A", "B"}, out
+    for m in maps.values():
+        inside, host, count = (int(x) for x in m.split())
+        assert (inside, count) == (0, 65536) and host >= 1 << 30, out
+    assert maps["A"] != maps["B"], f"two sandboxes share an id range: {out}"
+    host_uids = json.loads(re.search(r"HOSTUIDS (.*)", out).group(1))
+    assert host_uids == {n: int(maps[n].split()[1]) for n in "AB"}, f"sandbox root on the host: {out}"
+    assert "ID 0" in out, out
+    for path in ("/etc/passwd", "/etc/hosts", "/etc/ssl/certs/ca-certificates.crt", "/vol", "/vol/seed.txt"):
+        assert f"{path} 0:0" in out, out
+    assert "HOSTS 1" in out and "CHOWN 1000:1000" in out and "VOLWRITE 0:0" in out, out
+    assert "PORT80 bound" in out, out
+    assert "HOSTMOUNT 0" not in out, out
+    a_base = int(maps["A"].split()[1])
+    assert f"UPPER [{a_base + 1000}]" in out, f"the writable layer holds shifted ids: {out}"
+
+
+@pytest.mark.skipif(
+    os.environ.get("COMPUTE_E2E_ISOLATION") == "gvisor", reason="native backend only: the setting is the native backend's"
+)
+def test_native_sandboxes_without_a_user_namespace(tmp_path):
+    """`--user-namespace false` keeps the host's ids (root inside is host root): the same sandbox still works."""
+    from conftest import Server
+
+    server = Server(tmp_path / "no-userns", ["--user-namespace", "false"])
+    try:
+        out = sdk(server, """
+            from chalkcompute import Volume
+            Volume("plain-vol").put_file("seed.txt", b"seed")
+            sb = Sandbox(image=Image.debian_slim(), name="no-userns").mount_volume("plain-vol", "/vol").run()
+            print("MAP", " ".join(sb.exec("cat", "/proc/self/uid_map").stdout_text.split()))
+            print(sb.exec("sh", "-c", "stat -c '%n %u:%g' /etc/hosts /vol/seed.txt").stdout_text.strip())
+            print("VOLWRITE", sb.exec("sh", "-c", "echo hi > /vol/new.txt && cat /vol/new.txt").stdout_text.strip())
+            print("MOUNT", sb.exec("sh", "-c", "mount -t tmpfs x /mnt 2>&1; echo $?").stdout_text.strip().splitlines()[-1])
+            sb.terminate()
+        """)
+    finally:
+        server.stop()
+    assert "MAP 0 0 4294967295" in out, out
+    assert "/etc/hosts 0:0" in out and "/vol/seed.txt 0:0" in out and "VOLWRITE hi" in out, out
+    assert "MOUNT 0" not in out, out
 
 
 def test_container_sessions_detach_and_reattach(shared_server):

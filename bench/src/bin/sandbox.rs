@@ -43,14 +43,14 @@ struct BackendFigures {
 
 async fn measure_backend(
     isolation: &str,
+    extra_flags: &[&str],
     image_dir: &Path,
     runs: usize,
     idle: usize,
 ) -> anyhow::Result<BackendFigures> {
-    let server = Server::start(
-        &format!("sandbox-{isolation}"),
-        &["--isolation", isolation, "--image-dir", image_dir.to_str().unwrap_or_default()],
-    )?;
+    let mut flags = vec!["--isolation", isolation, "--image-dir", image_dir.to_str().unwrap_or_default()];
+    flags.extend_from_slice(extra_flags);
+    let server = Server::start(&format!("sandbox-{isolation}"), &flags)?;
     let result = async {
         let api = Api::connect(&server).await?;
         // Warm the image (built once, cached) and the code paths.
@@ -254,10 +254,12 @@ fn main() -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
 
     eprintln!("measuring compute (native)...");
-    let native = rt.block_on(measure_backend("native", &image_dir, runs, idle))?;
+    let native = rt.block_on(measure_backend("native", &[], &image_dir, runs, idle))?;
     eprintln!("native: start {:?} ms, exec {:?} ms, {} idle", native.start_server, native.exec, native.idle_count);
+    eprintln!("measuring compute (native, no user namespace)...");
+    let shared_ids = rt.block_on(measure_backend("native", &["--user-namespace", "false"], &image_dir, runs, 0));
     eprintln!("measuring compute (gvisor)...");
-    let gvisor = rt.block_on(measure_backend("gvisor", &image_dir, runs, idle.min(50)));
+    let gvisor = rt.block_on(measure_backend("gvisor", &[], &image_dir, runs, idle.min(50)));
     eprintln!("measuring runc and runsc...");
     let rootfs = image_dir.join("base/python-3.13-trixie/rootfs");
     let runc = measure_peer(&Peer { name: "runc", argv: vec!["runc".into()] }, &rootfs, &work, runs);
@@ -275,11 +277,18 @@ fn main() -> anyhow::Result<()> {
     let _ = std::fs::remove_dir_all(&work);
 
     println!("bench/sandbox: image {IMAGE}, {runs} starts and {} execs per backend (ms)", runs * 10);
-    println!("{:<44} {:>9} {:>9}", "", "p50", "p99");
-    let row = |label: &str, (a, b): (f64, f64)| println!("{label:<44} {a:>9.1} {b:>9.1}");
+    println!("{:<64} {:>9} {:>9}", "", "p50", "p99");
+    let row = |label: &str, (a, b): (f64, f64)| println!("{label:<64} {a:>9.1} {b:>9.1}");
     row("compute native: create -> first exec (SDK polling)", native.start);
     row("compute native: create -> first exec (1 ms polling)", native.start_server);
     row("compute native: exec round trip", native.exec);
+    match &shared_ids {
+        Ok(n) => {
+            row("compute native, no user namespace: create -> first exec (1 ms)", n.start_server);
+            println!("cost of the user namespace on start (p50): {:+.1} ms", native.start_server.0 - n.start_server.0);
+        }
+        Err(e) => println!("compute native without a user namespace: not measured: {e}"),
+    }
     if let Ok(g) = &gvisor {
         row("compute gvisor: create -> first exec (SDK polling)", g.start);
         row("compute gvisor: create -> first exec (1 ms polling)", g.start_server);

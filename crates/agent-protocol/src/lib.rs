@@ -328,6 +328,13 @@ pub struct BootConfig {
     pub workload_cgroup_procs: Vec<String>,
     /// Extra bind mounts: (host source, path inside the sandbox, read-only).
     pub binds: Vec<(String, String, bool)>,
+    /// Inherited descriptors of ready-made detached mounts (id-mapped, read-only as asked) for `binds`, in the
+    /// same order; a bind without one is bound from its host path.
+    #[serde(default)]
+    pub bind_fds: Vec<Option<i32>>,
+    /// An inherited descriptor of the user namespace the sandbox runs in, as its root; none runs it as host root.
+    #[serde(default)]
+    pub userns_fd: Option<i32>,
     /// Apply the seccomp deny-list and drop capabilities (disable only to debug).
     pub harden: bool,
     /// The sandbox's environment for every process (image env, then spec env).

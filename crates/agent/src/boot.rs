@@ -1,6 +1,7 @@
 //! `compute-agent init`: turn a host process into the PID 1 of a new sandbox (native backend).
 
 use std::fs::File;
+use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
 use compute_agent_protocol::BootConfig;
@@ -49,6 +50,20 @@ pub fn init(config_path: &str) -> std::io::Result<u8> {
         }
         None => unshare(CloneFlags::CLONE_NEWNET).map_err(|e| io_err("creating a network namespace", e))?,
     }
+    // Enter the root filesystem while its host path is still searchable: the working directory follows into the
+    // namespaces made below, where the sandbox's root may not be allowed to walk that path.
+    std::env::set_current_dir(&cfg.rootfs).map_err(|e| io_err(format!("entering {}", cfg.rootfs), e))?;
+    // SAFETY: the runtime passed these descriptors for this process alone to own (see `bind_fds`, `userns_fd`).
+    let take = |fd: i32| unsafe { OwnedFd::from_raw_fd(fd) };
+    let userns = cfg.userns_fd.map(take);
+    let mut prepared = Prepared { sysfs: None, binds: cfg.bind_fds.iter().map(|fd| fd.map(take)).collect() };
+    if let Some(ns) = &userns {
+        // Everything that needs host root happens before the sandbox becomes its own user namespace's root.
+        open_network_to_root();
+        prepared.sysfs = Some(detached_sysfs()?);
+        become_root_of(ns)?;
+    }
+    drop(userns);
     let flags = CloneFlags::CLONE_NEWNS
         | CloneFlags::CLONE_NEWUTS
         | CloneFlags::CLONE_NEWIPC
@@ -59,6 +74,7 @@ pub fn init(config_path: &str) -> std::io::Result<u8> {
     // SAFETY: single-threaded so far (no thread has been spawned in this process), so fork is sound.
     match unsafe { fork() }.map_err(|e| io_err("fork", e))? {
         ForkResult::Parent { child } => {
+            drop(prepared);
             let _ = join(&outer);
             // Stage 0 stays outside the PID namespace only to report PID 1's exit to the runtime.
             loop {
@@ -76,7 +92,7 @@ pub fn init(config_path: &str) -> std::io::Result<u8> {
                 std::process::exit(125);
             }
             drop(outer);
-            if let Err(e) = enter_root(&cfg) {
+            if let Err(e) = enter_root(&cfg, prepared) {
                 eprintln!("compute-agent: setting up the sandbox: {e}");
                 std::process::exit(125);
             }
@@ -164,18 +180,85 @@ fn mount_cgroups(target: &Path) {
     let _ = mount(None::<&str>, target, None::<&str>, MsFlags::MS_REMOUNT | MsFlags::MS_BIND | ro, None::<&str>);
 }
 
+/// Mounts made on the host side for a sandbox in a user namespace, whose root may not make them itself.
+struct Prepared {
+    /// A read-only sysfs of the sandbox's network namespace (owned by the host's user namespace).
+    sysfs: Option<OwnedFd>,
+    /// An id-mapped clone per bind, where the runtime could make one.
+    binds: Vec<Option<OwnedFd>>,
+}
+
+/// Joins user namespace `ns` as its root (uid and gid 0, no supplementary groups): from here on this process
+/// and its children are an unprivileged user on the host, with capabilities only over their own namespaces.
+fn become_root_of(ns: &OwnedFd) -> std::io::Result<()> {
+    setns(ns, CloneFlags::CLONE_NEWUSER).map_err(|e| io_err("joining the user namespace", e))?;
+    nix::unistd::setgroups(&[]).map_err(|e| io_err("clearing supplementary groups", e))?;
+    let root_gid = nix::unistd::Gid::from_raw(0);
+    nix::unistd::setresgid(root_gid, root_gid, root_gid).map_err(|e| io_err("becoming gid 0", e))?;
+    let root = nix::unistd::Uid::from_raw(0);
+    nix::unistd::setresuid(root, root, root).map_err(|e| io_err("becoming uid 0", e))
+}
+
+/// Lets the sandbox's root bind ports below 1024 and open ICMP sockets. The network namespace belongs to the
+/// host's user namespace, where the sandbox's root holds no capability: these per-namespace settings grant what
+/// CAP_NET_BIND_SERVICE and CAP_NET_RAW would (container engines set the same).
+fn open_network_to_root() {
+    for (file, value) in [("ip_unprivileged_port_start", "0"), ("ping_group_range", "0 2147483647")] {
+        let path = format!("/proc/sys/net/ipv4/{file}");
+        if let Err(e) = std::fs::write(&path, value) {
+            eprintln!("compute-agent: setting {path}: {e}");
+        }
+    }
+}
+
+/// A sysfs of the current network namespace, mounted read-only and not yet attached anywhere. Mounting sysfs
+/// needs privilege over the network namespace's owner, which the sandbox's root lacks.
+fn detached_sysfs() -> std::io::Result<OwnedFd> {
+    use rustix::mount::{fsconfig_create, fsmount, fsopen, FsMountFlags, FsOpenFlags, MountAttrFlags};
+    let fs = fsopen("sysfs", FsOpenFlags::FSOPEN_CLOEXEC).map_err(|e| io_err("opening sysfs", e))?;
+    fsconfig_create(&fs).map_err(|e| io_err("creating sysfs", e))?;
+    let attrs = MountAttrFlags::MOUNT_ATTR_RDONLY
+        | MountAttrFlags::MOUNT_ATTR_NOSUID
+        | MountAttrFlags::MOUNT_ATTR_NODEV
+        | MountAttrFlags::MOUNT_ATTR_NOEXEC;
+    fsmount(&fs, FsMountFlags::FSMOUNT_CLOEXEC, attrs).map_err(|e| io_err("mounting sysfs", e))
+}
+
+/// Attaches detached mount `tree` at `target`.
+fn attach(tree: OwnedFd, target: &Path) -> std::io::Result<()> {
+    use rustix::mount::{move_mount, MoveMountFlags};
+    move_mount(&tree, "", rustix::fs::CWD, target, MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH)
+        .map_err(|e| io_err(format!("attaching a mount at {}", target.display()), e))
+}
+
 /// Mounts the sandbox's pseudo filesystems and binds, then pivots into the root filesystem.
-fn enter_root(cfg: &BootConfig) -> std::io::Result<()> {
-    let root = PathBuf::from(&cfg.rootfs);
+fn enter_root(cfg: &BootConfig, prepared: Prepared) -> std::io::Result<()> {
     // Nothing we mount from here on propagates back to the host.
     m(None, Path::new("/"), None, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None)?;
-    m(Some(&cfg.rootfs), &root, None, MsFlags::MS_BIND | MsFlags::MS_REC, None)?;
+    // The working directory is the root filesystem (see `init`). Bind it on itself, because pivot_root refuses a
+    // mount copied from a more privileged namespace, and step into the new mount through its descriptor.
+    {
+        use rustix::mount::{move_mount, open_tree, MoveMountFlags, OpenTreeFlags};
+        let tree = open_tree(
+            rustix::fs::CWD,
+            ".",
+            OpenTreeFlags::OPEN_TREE_CLONE | OpenTreeFlags::OPEN_TREE_CLOEXEC | OpenTreeFlags::AT_RECURSIVE,
+        )
+        .map_err(|e| io_err("cloning the root filesystem's mount", e))?;
+        move_mount(&tree, "", rustix::fs::CWD, ".", MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH)
+            .map_err(|e| io_err("binding the root filesystem on itself", e))?;
+        nix::unistd::fchdir(&tree).map_err(|e| io_err("entering the root filesystem", e))?;
+    }
+    let root = PathBuf::from(".");
 
     let nosuid_nodev_noexec = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
     mkdirs(&root.join("proc"))?;
     m(Some("proc"), &root.join("proc"), Some("proc"), nosuid_nodev_noexec, None)?;
     mkdirs(&root.join("sys"))?;
-    m(Some("sysfs"), &root.join("sys"), Some("sysfs"), nosuid_nodev_noexec | MsFlags::MS_RDONLY, None)?;
+    match prepared.sysfs {
+        Some(sysfs) => attach(sysfs, &root.join("sys"))?,
+        None => m(Some("sysfs"), &root.join("sys"), Some("sysfs"), nosuid_nodev_noexec | MsFlags::MS_RDONLY, None)?,
+    }
     mount_cgroups(&root.join("sys/fs/cgroup"));
 
     let dev = root.join("dev");
@@ -208,9 +291,18 @@ fn enter_root(cfg: &BootConfig) -> std::io::Result<()> {
         std::os::unix::fs::symlink(target, dev.join(link))?;
     }
 
+    let mut ready = prepared.binds.into_iter();
     for (src, dst, read_only) in &cfg.binds {
         let target = root.join(dst.trim_start_matches('/'));
-        if Path::new(src).is_dir() {
+        let tree = ready.next().flatten();
+        // A ready-made mount says what it is: in a user namespace the host path may not be reachable.
+        let is_dir = match &tree {
+            Some(t) => nix::sys::stat::fstat(t)
+                .map(|st| st.st_mode & libc::S_IFMT == libc::S_IFDIR)
+                .map_err(|e| io_err(format!("inspecting the mount for {dst}"), e))?,
+            None => Path::new(src).is_dir(),
+        };
+        if is_dir {
             mkdirs(&target)?;
         } else {
             if let Some(p) = target.parent() {
@@ -219,6 +311,10 @@ fn enter_root(cfg: &BootConfig) -> std::io::Result<()> {
             if !target.exists() {
                 File::create(&target).map_err(|e| io_err(format!("creating {}", target.display()), e))?;
             }
+        }
+        if let Some(tree) = tree {
+            attach(tree, &target)?;
+            continue;
         }
         m(Some(src), &target, None, MsFlags::MS_BIND | MsFlags::MS_REC, None)?;
         if *read_only {

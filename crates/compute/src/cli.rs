@@ -56,6 +56,10 @@ struct ServeFlags {
     /// Sandbox isolation: native (namespaces, cgroups, seccomp) or gvisor (runsc, systrap).
     #[arg(long, env = "COMPUTE_ISOLATION")]
     isolation: Option<String>,
+    /// Native sandboxes in user namespaces (root inside is an unprivileged host user) where the host supports
+    /// them [default: true].
+    #[arg(long, env = "COMPUTE_USER_NAMESPACE")]
+    user_namespace: Option<bool>,
     /// Image store directory [default: DATA_DIR/images].
     #[arg(long, env = "COMPUTE_IMAGE_DIR")]
     image_dir: Option<PathBuf>,
@@ -92,6 +96,7 @@ impl ServeFlags {
             max_message_size: self.max_message_size.clone(),
             token_ttl: self.token_ttl.clone(),
             isolation: self.isolation.clone(),
+            user_namespace: self.user_namespace,
             image_dir: self.image_dir.clone(),
             agent_bin: self.agent_bin.clone(),
             default_memory: self.default_memory.clone(),

@@ -146,12 +146,20 @@ async fn start_workloads(
             runsc_bin,
             cgroup_parent: format!("compute-{}", short_hash(data_dir)),
             network: NetworkConfig::default(),
+            user_namespace: settings.user_namespace,
         })
         .map_err(|e| e.to_string())
     };
     match &runtime {
         Ok(rt) => {
-            tracing::info!(isolation = %rt.isolation(), reason, cgroups = ?rt.cgroup_version(), "sandbox runtime ready")
+            tracing::info!(isolation = %rt.isolation(), reason, cgroups = ?rt.cgroup_version(), "sandbox runtime ready");
+            match rt.user_namespace() {
+                Ok(()) => tracing::info!(
+                    "native sandboxes run in user namespaces: root inside is an unprivileged host user, each sandbox \
+                     its own id range"
+                ),
+                Err(why) => tracing::info!(reason = why, "sandboxes run without a user namespace of ours"),
+            }
         }
         Err(why) => tracing::warn!("sandboxes are unavailable on this server: {why}"),
     }

@@ -29,6 +29,8 @@ pub struct Layer {
     pub token_ttl: Option<String>,
     /// `native` or `gvisor`.
     pub isolation: Option<String>,
+    /// Run native sandboxes in their own user namespaces where the host can (default true).
+    pub user_namespace: Option<bool>,
     /// Where base images and layers are kept (shared between data directories if you like).
     pub image_dir: Option<PathBuf>,
     /// The `compute-agent` binary.
@@ -76,6 +78,7 @@ impl Layer {
             max_message_size: self.max_message_size.or(below.max_message_size),
             token_ttl: self.token_ttl.or(below.token_ttl),
             isolation: self.isolation.or(below.isolation),
+            user_namespace: self.user_namespace.or(below.user_namespace),
             image_dir: self.image_dir.or(below.image_dir),
             agent_bin: self.agent_bin.or(below.agent_bin),
             default_memory: self.default_memory.or(below.default_memory),
@@ -121,6 +124,8 @@ pub struct Settings {
     pub token_ttl: Duration,
     /// Isolation backend, when chosen explicitly.
     pub isolation: Option<compute_runtime::Isolation>,
+    /// Native sandboxes get user namespaces where the host supports them.
+    pub user_namespace: bool,
     /// Image store directory, when set (default: DATA_DIR/images).
     pub image_dir: Option<PathBuf>,
     /// Agent binary, when set (default: next to the `compute` binary).
@@ -210,6 +215,7 @@ impl Settings {
             max_message_bytes,
             token_ttl,
             isolation,
+            user_namespace: layer.user_namespace.unwrap_or(true),
             image_dir: layer.image_dir,
             agent_bin: layer.agent_bin,
             default_memory,

@@ -14,6 +14,7 @@ mod network;
 mod rootfs;
 mod sandbox;
 mod session;
+mod userns;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -72,6 +73,8 @@ pub struct RuntimeConfig {
     pub cgroup_parent: String,
     /// Sandbox networking.
     pub network: NetworkConfig,
+    /// Run native sandboxes in user namespaces (their root an unprivileged host user) where the host can.
+    pub user_namespace: bool,
 }
 
 /// The node runtime.
@@ -81,6 +84,8 @@ pub struct Runtime {
     cgroups: CgroupVersion,
     sandboxes: Mutex<HashMap<String, Arc<Sandbox>>>,
     net: network::Allocator,
+    /// Id ranges for native sandboxes' user namespaces; `Err` says why they run without one.
+    ids: Result<userns::IdAllocator, String>,
 }
 
 impl Runtime {
@@ -94,7 +99,14 @@ impl Runtime {
         let backend = backend::for_isolation(config.isolation);
         backend.check(&config)?;
         let net = network::Allocator::new(&config.network);
-        Ok(Arc::new(Self { config, backend, cgroups, sandboxes: Mutex::new(HashMap::new()), net }))
+        let ids = match config.isolation {
+            Isolation::Gvisor => Err("gVisor sandboxes get their own user namespace from runsc".to_string()),
+            Isolation::Native if !config.user_namespace => Err("turned off by configuration".to_string()),
+            Isolation::Native => userns::probe(&config.state_dir.join(".userns-probe"))
+                .map(|()| userns::IdAllocator::default())
+                .map_err(|why| format!("this host cannot give sandboxes one: {why}")),
+        };
+        Ok(Arc::new(Self { config, backend, cgroups, sandboxes: Mutex::new(HashMap::new()), net, ids }))
     }
 
     /// The isolation backend in use.
@@ -104,6 +116,15 @@ impl Runtime {
 
     pub(crate) fn backend(&self) -> &dyn backend::Backend {
         self.backend.as_ref()
+    }
+
+    /// Whether native sandboxes run in user namespaces, or why not.
+    pub fn user_namespace(&self) -> Result<(), &str> {
+        self.ids.as_ref().map(|_| ()).map_err(String::as_str)
+    }
+
+    pub(crate) fn id_ranges(&self) -> Option<&userns::IdAllocator> {
+        self.ids.as_ref().ok()
     }
 
     /// The cgroup flavour the node uses.
@@ -145,7 +166,8 @@ impl Runtime {
         };
         for entry in entries.flatten() {
             let id = entry.file_name().to_string_lossy().to_string();
-            if !entry.path().is_dir() || keep.contains(&id) || self.get(&id).is_some() {
+            // Dot-directories are the runtime's own scratch (the user namespace probe), not sandboxes.
+            if id.starts_with('.') || !entry.path().is_dir() || keep.contains(&id) || self.get(&id).is_some() {
                 continue;
             }
             if let Err(e) = self.teardown_leftover(&id).await {

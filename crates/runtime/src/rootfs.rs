@@ -2,10 +2,12 @@
 //! lives on a size-capped tmpfs (so a disk-filling loop hits the cap, and the pages count against the
 //! sandbox's memory limit), all removed with the sandbox.
 
+use std::os::fd::{AsFd, BorrowedFd};
 use std::path::{Path, PathBuf};
 
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 
+use crate::userns::UserNs;
 use crate::RuntimeError;
 
 /// Paths of one sandbox's root filesystem.
@@ -23,8 +25,15 @@ impl Rootfs {
         Self { rw: dir.join("rw"), merged: dir.join("rootfs") }
     }
 
-    /// Mounts `layers` (top first) with a writable layer capped at `disk_bytes`.
-    pub fn mount(&self, layers: &[PathBuf], disk_bytes: u64, keep_upper: Option<&Path>) -> Result<(), RuntimeError> {
+    /// Mounts `layers` (top first) with a writable layer capped at `disk_bytes`. With `userns`, the layers are
+    /// seen through its id map (see [`crate::userns`]) and the writable layer's root belongs to its root.
+    pub fn mount(
+        &self,
+        layers: &[PathBuf],
+        disk_bytes: u64,
+        keep_upper: Option<&Path>,
+        userns: Option<&UserNs>,
+    ) -> Result<(), RuntimeError> {
         if layers.is_empty() {
             return Err(RuntimeError::Unsupported("an image needs at least one layer".into()));
         }
@@ -49,6 +58,20 @@ impl Rootfs {
         for d in [&upper, &work] {
             std::fs::create_dir_all(d).map_err(|e| RuntimeError::io(format!("creating {}", d.display()), e))?;
         }
+        // The root directory's owner is the writable layer's: the sandbox's root must own it to create in `/`.
+        crate::userns::give_to_root(&upper, userns.map(UserNs::map))?;
+        let many = || format!("mounting the overlay root filesystem of {} layers", layers.len());
+        if let Some(ns) = userns {
+            let mapped = layers
+                .iter()
+                .map(|l| {
+                    ns.idmapped_clone(l, true)
+                        .map_err(|e| RuntimeError::io(format!("id-mapping image layer {}", l.display()), e))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            let lowers: Vec<Lower<'_>> = mapped.iter().map(|fd| Lower::Mount(fd.as_fd())).collect();
+            return mount_overlay(&lowers, &upper, &work, &self.merged).map_err(|e| RuntimeError::io(many(), e));
+        }
         let lower = layers.iter().map(|l| l.to_string_lossy().into_owned()).collect::<Vec<_>>().join(":");
         let opts = format!("lowerdir={lower},upperdir={},workdir={}", upper.display(), work.display());
         if opts.len() < LEGACY_OPTIONS_MAX {
@@ -56,15 +79,9 @@ impl Rootfs {
                 .map_err(|e| RuntimeError::io(format!("mounting the overlay root filesystem ({opts})"), e.into()))?;
         } else {
             // Too many layers for mount(2)'s one page of options: the new mount API takes them one at a time.
-            mount_many_layers(layers, &upper, &work, &self.merged).map_err(|e| {
-                RuntimeError::io(
-                    format!(
-                        "mounting the overlay root filesystem of {} layers (kernel 6.8 or newer needed)",
-                        layers.len()
-                    ),
-                    e,
-                )
-            })?;
+            let lowers: Vec<Lower<'_>> = layers.iter().map(|l| Lower::Path(l)).collect();
+            mount_overlay(&lowers, &upper, &work, &self.merged)
+                .map_err(|e| RuntimeError::io(format!("{} (kernel 6.8 or newer needed)", many()), e))?;
         }
         Ok(())
     }
@@ -73,62 +90,33 @@ impl Rootfs {
 /// mount(2) copies its options into one page; longer layer lists go through `fsconfig`.
 const LEGACY_OPTIONS_MAX: usize = 4000;
 
-/// Mounts an overlay of `layers` (top first) at `target` with the new mount API, one `lowerdir+` per layer (Linux
-/// 6.8+), which has no limit on the length of the whole list.
-fn mount_many_layers(layers: &[PathBuf], upper: &Path, work: &Path, target: &Path) -> std::io::Result<()> {
-    use std::ffi::CString;
-    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-    use std::os::unix::ffi::OsStrExt;
-    // From linux/mount.h.
-    const FSOPEN_CLOEXEC: libc::c_uint = 0x1;
-    const FSCONFIG_SET_STRING: libc::c_uint = 1;
-    const FSCONFIG_CMD_CREATE: libc::c_uint = 6;
-    const FSMOUNT_CLOEXEC: libc::c_uint = 0x1;
-    const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 0x4;
-    let c = |p: &Path| CString::new(p.as_os_str().as_bytes()).map_err(|_| std::io::Error::other("a path holds NUL"));
-    let check = |r: libc::c_long| if r < 0 { Err(std::io::Error::last_os_error()) } else { Ok(r) };
-    // SAFETY: fsopen reads a NUL-terminated string that outlives the call; the fd it returns is owned here.
-    let fs = unsafe {
-        OwnedFd::from_raw_fd(check(libc::syscall(libc::SYS_fsopen, c"overlay".as_ptr(), FSOPEN_CLOEXEC))? as i32)
+/// One read-only layer of an overlay.
+pub(crate) enum Lower<'a> {
+    /// A directory.
+    Path(&'a Path),
+    /// A detached mount (an id-mapped clone of a layer).
+    Mount(BorrowedFd<'a>),
+}
+
+/// Mounts an overlay of `lowers` (top first) at `target` with the new mount API, one `lowerdir+` per layer (Linux
+/// 6.8+), which has no limit on the length of the whole list and takes layers by descriptor (Linux 6.13+).
+pub(crate) fn mount_overlay(lowers: &[Lower<'_>], upper: &Path, work: &Path, target: &Path) -> std::io::Result<()> {
+    use rustix::mount::{
+        fsconfig_create, fsconfig_set_fd, fsconfig_set_string, fsmount, fsopen, move_mount, FsMountFlags, FsOpenFlags,
+        MountAttrFlags, MoveMountFlags,
     };
-    let set = |key: &std::ffi::CStr, value: &CString| {
-        // SAFETY: fsconfig reads two NUL-terminated strings that outlive the call, on an fd we own.
-        check(unsafe {
-            libc::syscall(libc::SYS_fsconfig, fs.as_raw_fd(), FSCONFIG_SET_STRING, key.as_ptr(), value.as_ptr(), 0)
-        })
-    };
-    for layer in layers {
-        set(c"lowerdir+", &c(layer)?)?;
+    let fs = fsopen("overlay", FsOpenFlags::FSOPEN_CLOEXEC)?;
+    for lower in lowers {
+        match lower {
+            Lower::Path(p) => fsconfig_set_string(&fs, "lowerdir+", *p)?,
+            Lower::Mount(fd) => fsconfig_set_fd(&fs, "lowerdir+", fd)?,
+        }
     }
-    set(c"upperdir", &c(upper)?)?;
-    set(c"workdir", &c(work)?)?;
-    // SAFETY: FSCONFIG_CMD_CREATE takes no pointers.
-    check(unsafe {
-        libc::syscall(
-            libc::SYS_fsconfig,
-            fs.as_raw_fd(),
-            FSCONFIG_CMD_CREATE,
-            std::ptr::null::<libc::c_char>(),
-            std::ptr::null::<libc::c_void>(),
-            0,
-        )
-    })?;
-    // SAFETY: fsmount takes our fs context fd and returns a mount fd, owned here.
-    let mnt = unsafe {
-        OwnedFd::from_raw_fd(check(libc::syscall(libc::SYS_fsmount, fs.as_raw_fd(), FSMOUNT_CLOEXEC, 0))? as i32)
-    };
-    let target = c(target)?;
-    // SAFETY: move_mount reads two NUL-terminated strings that outlive the call; the fds are ours.
-    check(unsafe {
-        libc::syscall(
-            libc::SYS_move_mount,
-            mnt.as_raw_fd(),
-            c"".as_ptr(),
-            libc::AT_FDCWD,
-            target.as_ptr(),
-            MOVE_MOUNT_F_EMPTY_PATH,
-        )
-    })?;
+    fsconfig_set_string(&fs, "upperdir", upper)?;
+    fsconfig_set_string(&fs, "workdir", work)?;
+    fsconfig_create(&fs)?;
+    let mnt = fsmount(&fs, FsMountFlags::FSMOUNT_CLOEXEC, MountAttrFlags::empty())?;
+    move_mount(&mnt, "", rustix::fs::CWD, target, MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH)?;
     Ok(())
 }
 
@@ -197,7 +185,7 @@ mod tests {
             })
             .collect();
         let rootfs = Rootfs::under(&dir.join("sandbox"));
-        rootfs.mount(&layers, 16 << 20, None).unwrap();
+        rootfs.mount(&layers, 16 << 20, None, None).unwrap();
         let seen = (0..80).filter(|i| rootfs.merged.join(format!("f{i}")).exists()).count();
         let top = std::fs::read_to_string(rootfs.merged.join("shared")).unwrap();
         unmount_all(&dir.join("sandbox")).unwrap();

@@ -11,6 +11,7 @@ use crate::cgroup::{Cgroup, Limits};
 use crate::network::SandboxNet;
 use crate::rootfs::{unmount_all, Rootfs};
 use crate::session::ExecSpec;
+use crate::userns::{give_to_root, IdMap, UserNs};
 use crate::{Isolation, Runtime, RuntimeError};
 
 /// Host CA bundle made available in every sandbox (registries here sit behind a TLS-intercepting proxy).
@@ -76,6 +77,10 @@ pub struct Sandbox {
     child: tokio::sync::Mutex<Option<tokio::process::Child>>,
     cgroup: Cgroup,
     net: Option<SandboxNet>,
+    /// Its user namespace's id range, when it has one.
+    ids: Option<IdMap>,
+    /// An image build's writable layer, to shift back to the sandbox's own ids once it stopped.
+    keep_upper: Option<PathBuf>,
     runtime: Arc<Runtime>,
 }
 
@@ -118,15 +123,35 @@ impl Sandbox {
         child.take();
         drop(child);
         self.runtime.forget(&self.id);
-        teardown(&self.runtime, &self.id).await
+        let result = teardown(&self.runtime, &self.id).await;
+        if let Some(map) = self.ids {
+            if let Some(upper) = &self.keep_upper {
+                let upper = upper.clone();
+                tokio::task::spawn_blocking(move || crate::userns::unshift_tree(&upper, map))
+                    .await
+                    .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+                    .map_err(|e| RuntimeError::io("shifting the built layer's ids back", e))?;
+            }
+            if let Some(alloc) = self.runtime.id_ranges() {
+                alloc.release(map);
+            }
+        }
+        result
     }
 }
 
 /// Starts a sandbox; on failure removes whatever was made.
 pub async fn start(runtime: Arc<Runtime>, spec: SandboxSpec) -> Result<Arc<Sandbox>, RuntimeError> {
-    match build(runtime.clone(), &spec).await {
+    let ids = match runtime.id_ranges() {
+        Some(alloc) if runtime.isolation() == Isolation::Native => Some(alloc.take()?),
+        _ => None,
+    };
+    match build(runtime.clone(), &spec, ids).await {
         Ok(s) => Ok(s),
         Err(e) => {
+            if let (Some(map), Some(alloc)) = (ids, runtime.id_ranges()) {
+                alloc.release(map);
+            }
             if let Err(te) = teardown(&runtime, &spec.id).await {
                 tracing::warn!(sandbox = %spec.id, error = %te, "cleanup after a failed start was incomplete");
             }
@@ -135,7 +160,7 @@ pub async fn start(runtime: Arc<Runtime>, spec: SandboxSpec) -> Result<Arc<Sandb
     }
 }
 
-async fn build(runtime: Arc<Runtime>, spec: &SandboxSpec) -> Result<Arc<Sandbox>, RuntimeError> {
+async fn build(runtime: Arc<Runtime>, spec: &SandboxSpec, ids: Option<IdMap>) -> Result<Arc<Sandbox>, RuntimeError> {
     let cfg = runtime.config();
     let dir = cfg.state_dir.join(&spec.id);
     std::fs::create_dir_all(&dir).map_err(|e| RuntimeError::io(format!("creating {}", dir.display()), e))?;
@@ -161,8 +186,9 @@ async fn build(runtime: Arc<Runtime>, spec: &SandboxSpec) -> Result<Arc<Sandbox>
         Some(m) => spec.resources.disk_bytes.min(m / 2),
         None => spec.resources.disk_bytes,
     };
-    rootfs.mount(&spec.layers, disk, spec.keep_upper.as_deref())?;
-    write_etc(&rootfs.merged, &spec.hostname)?;
+    let userns = ids.map(UserNs::create).transpose()?;
+    rootfs.mount(&spec.layers, disk, spec.keep_upper.as_deref(), userns.as_ref())?;
+    write_etc(&rootfs.merged, &spec.hostname, ids)?;
     let mut binds: Vec<(String, String, bool)> =
         spec.binds.iter().map(|(h, s, ro)| (h.to_string_lossy().into_owned(), s.clone(), *ro)).collect();
     if Path::new(HOST_CA_BUNDLE).exists() {
@@ -181,8 +207,11 @@ async fn build(runtime: Arc<Runtime>, spec: &SandboxSpec) -> Result<Arc<Sandbox>
         entrypoint,
         limits,
         cgroup: &cgroup,
+        userns: userns.as_ref(),
         stderr,
     })?;
+    // The agent holds the namespace now.
+    drop(userns);
     let stdin = child.stdin.take().expect("piped stdin");
     let stdout = child.stdout.take().expect("piped stdout");
     let conn = match AgentConn::start(&spec.id, stdout, stdin, spec.log_path.clone()).await {
@@ -201,6 +230,8 @@ async fn build(runtime: Arc<Runtime>, spec: &SandboxSpec) -> Result<Arc<Sandbox>
         child: tokio::sync::Mutex::new(Some(child)),
         cgroup,
         net: Some(net),
+        ids,
+        keep_upper: spec.keep_upper.clone(),
         runtime,
     }))
 }
@@ -212,14 +243,18 @@ fn write_meta(dir: &Path, meta: &Meta) -> Result<(), RuntimeError> {
     std::fs::rename(&tmp, dir.join("meta.json")).map_err(|e| RuntimeError::io("writing meta.json", e))
 }
 
-fn write_etc(root: &Path, hostname: &str) -> Result<(), RuntimeError> {
+fn write_etc(root: &Path, hostname: &str, ids: Option<IdMap>) -> Result<(), RuntimeError> {
     let etc = root.join("etc");
-    std::fs::create_dir_all(&etc).map_err(|e| RuntimeError::io("creating /etc", e))?;
+    if !etc.exists() {
+        std::fs::create_dir_all(&etc).map_err(|e| RuntimeError::io("creating /etc", e))?;
+        give_to_root(&etc, ids)?;
+    }
     let w = |name: &str, text: String| {
         let p = etc.join(name);
         // A symlink (e.g. resolv.conf -> ../run/...) must not lead the write outside the sandbox.
         let _ = std::fs::remove_file(&p);
-        std::fs::write(&p, text).map_err(|e| RuntimeError::io(format!("writing /etc/{name}"), e))
+        std::fs::write(&p, text).map_err(|e| RuntimeError::io(format!("writing /etc/{name}"), e))?;
+        give_to_root(&p, ids)
     };
     w("hostname", format!("{hostname}\n"))?;
     w("hosts", format!("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{hostname}\n"))?;

@@ -160,16 +160,17 @@ impl Blocks {
         });
     }
 
-    /// `len` bytes at `offset` of a file (short at its end).
-    pub(crate) fn read_file(&self, e: &Entry, offset: u64, len: u64) -> Result<Vec<u8>, crate::VolumeError> {
+    /// `len` bytes at `offset` of a file (short at its end). A range inside one cached block is a view of it,
+    /// not a copy: the kernel's reads (1 MiB) mostly are.
+    pub(crate) fn read_file(&self, e: &Entry, offset: u64, len: u64) -> Result<bytes::Bytes, crate::VolumeError> {
         let end = offset.saturating_add(len).min(e.size);
         if offset >= end {
-            return Ok(Vec::new());
+            return Ok(bytes::Bytes::new());
         }
         if e.extents.is_empty() {
-            return Ok(e.inline[offset as usize..end as usize].to_vec());
+            return Ok(bytes::Bytes::copy_from_slice(&e.inline[offset as usize..end as usize]));
         }
-        let mut out = Vec::with_capacity((end - offset) as usize);
+        let mut pieces = Vec::new();
         for (x, range) in e.object_ranges(offset, end) {
             let (mut from, to) = (range.start, range.end);
             while from < to {
@@ -180,7 +181,7 @@ impl Blocks {
                 if take == 0 {
                     return Err(crate::VolumeError::Storage(format!("object {} is shorter than its extent", x.object)));
                 }
-                out.extend_from_slice(&block[at..at + take]);
+                pieces.push(block.slice(at..at + take));
                 from += take as u64;
             }
         }
@@ -192,7 +193,14 @@ impl Blocks {
             }
             self.prefetch(e, pos);
         }
-        Ok(out)
+        if pieces.len() == 1 {
+            return Ok(pieces.pop().expect("one piece"));
+        }
+        let mut out = bytes::BytesMut::with_capacity((end - offset) as usize);
+        for piece in pieces {
+            out.extend_from_slice(&piece);
+        }
+        Ok(out.freeze())
     }
 }
 
@@ -231,6 +239,9 @@ pub(crate) fn configure_kernel(config: &mut KernelConfig) {
         InitFlags::FUSE_READDIRPLUS_AUTO,
         InitFlags::FUSE_PARALLEL_DIROPS,
         InitFlags::FUSE_CACHE_SYMLINKS,
+        // Lets a sandbox in a user namespace see the volume through an id-mapped bind (Linux 6.12+), so that
+        // files keep the ids the sandbox gives them. The kernel checks permissions itself (default_permissions).
+        InitFlags::FUSE_ALLOW_IDMAP,
     ] {
         let _ = config.add_capabilities(cap);
     }

@@ -96,7 +96,7 @@ fn runsc_root(cfg: &RuntimeConfig) -> String {
 
 /// Writes the bundle and starts `runsc run` with the agent's protocol on its stdio.
 fn spawn(l: Launch<'_>) -> Result<tokio::process::Child, RuntimeError> {
-    let Launch { config: cfg, spec, dir, rootfs, net, binds, entrypoint, limits, cgroup, stderr } = l;
+    let Launch { config: cfg, spec, dir, rootfs, net, binds, entrypoint, limits, cgroup, stderr, userns: _ } = l;
     let serve = ServeConfig {
         env: spec.env.clone(),
         workdir: spec.workdir.clone(),

@@ -12,6 +12,7 @@ use crate::cgroup::{Cgroup, Limits};
 use crate::network::SandboxNet;
 use crate::rootfs::Rootfs;
 use crate::sandbox::SandboxSpec;
+use crate::userns::UserNs;
 use crate::{Isolation, RuntimeConfig, RuntimeError};
 
 pub use gvisor::Gvisor;
@@ -37,6 +38,8 @@ pub struct Launch<'a> {
     pub limits: Limits,
     /// Its cgroup (already created by [`Backend::create_cgroup`]).
     pub cgroup: &'a Cgroup,
+    /// Its user namespace (native sandboxes, where the host supports it).
+    pub userns: Option<&'a UserNs>,
     /// Where the launcher's own diagnostics go.
     pub stderr: std::fs::File,
 }
