@@ -292,10 +292,13 @@ def test_fork_bomb_is_contained(tmp_path):
         """)
     finally:
         server.stop()
-    if isolation() == "native":
-        m = re.search(r"BOMB (\d+) (\d+)", out)
-        assert m and int(m.group(1)) < 128 and m.group(2) == "11", f"the fork bomb was not stopped by EAGAIN: {out}"
-        assert "DURING still-serving" in out, out
+    # Both backends: natively the host's pids cgroup stops it; under gVisor, gVisor's own pids cgroup around the
+    # workload (the agent outside it keeps serving). gVisor's controller admits a few more than pids.max (144 of
+    # 128 measured with runsc 2024-07), so it gets a margin.
+    m = re.search(r"BOMB (\d+) (\d+)", out)
+    most = 128 if isolation() == "native" else 2 * 128
+    assert m and int(m.group(1)) < most and m.group(2) == "11", f"the fork bomb was not stopped by EAGAIN: {out}"
+    assert "DURING still-serving" in out, out
     assert "OTHER fine" in out, out
 
 

@@ -375,7 +375,7 @@ pub struct VisibleLimits {
     pub cpu_quota_us: Option<u64>,
     /// `cpu.cfs_period_us`.
     pub cpu_period_us: u64,
-    /// The sandbox's pids limit (enforced on the host; not written inside, see the agent's `limits`).
+    /// The sandbox's pids limit (enforced inside, on the workload's processes only: see the agent's `limits`).
     pub pids_max: u64,
 }
 

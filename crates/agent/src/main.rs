@@ -27,6 +27,9 @@ fn main() -> ExitCode {
         (Some("serve"), Some(config)) => read_config(config).and_then(|c: compute_agent_protocol::ServeConfig| {
             if let Some(limits) = &c.visible_limits {
                 limits::show(limits);
+                if let Some(procs) = limits::workload_pids(limits.pids_max) {
+                    process::set_workload_cgroups(vec![procs]);
+                }
             }
             server::serve(server::Sandbox { env: c.env, workdir: c.workdir, entrypoint: c.entrypoint, user: c.user })
         }),
