@@ -58,8 +58,13 @@ impl Rootfs {
         for d in [&upper, &work] {
             std::fs::create_dir_all(d).map_err(|e| RuntimeError::io(format!("creating {}", d.display()), e))?;
         }
-        // The root directory's owner is the writable layer's: the sandbox's root must own it to create in `/`.
-        crate::userns::give_to_root(&upper, userns.map(UserNs::map))?;
+        // The writable layer's ids are stored shifted (see `userns`): the root directory's owner is the layer's, so
+        // the sandbox's root must own it to create in `/`, and what a build step put there beforehand (uv_sync's
+        // project files) must be the sandbox's too. Shifted back when a build's layer is kept.
+        if let Some(ns) = userns {
+            crate::userns::shift_tree(&upper, ns.map())
+                .map_err(|e| RuntimeError::io("giving the writable layer to the sandbox's root", e))?;
+        }
         let many = || format!("mounting the overlay root filesystem of {} layers", layers.len());
         if let Some(ns) = userns {
             let mapped = layers

@@ -198,22 +198,31 @@ pub fn give_to_root(path: &Path, map: Option<IdMap>) -> Result<(), RuntimeError>
 /// the sandbox saw, so that a layer written by a sandbox in a user namespace is like one written without.
 /// Ids outside the range (entries the host itself made) are left alone.
 pub fn unshift_tree(dir: &Path, map: IdMap) -> std::io::Result<()> {
+    remap_tree(dir, &|id| map.to_inner(id))
+}
+
+/// Shifts the ids of everything under `dir` (itself included) into the sandbox's host range: what the host wrote
+/// into a writable layer before the sandbox starts must be the sandbox's to use.
+pub fn shift_tree(dir: &Path, map: IdMap) -> std::io::Result<()> {
+    remap_tree(dir, &|id| (id < IDS_PER_SANDBOX).then(|| map.host_base + id))
+}
+
+/// Changes each uid and gid under `dir` for which `to` gives a new one, keeping set-id bits.
+fn remap_tree(dir: &Path, to: &dyn Fn(u32) -> Option<u32>) -> std::io::Result<()> {
     use std::os::unix::fs::MetadataExt;
     let meta = std::fs::symlink_metadata(dir)?;
-    let (uid, gid) = (map.to_inner(meta.uid()), map.to_inner(meta.gid()));
+    let (uid, gid) = (to(meta.uid()), to(meta.gid()));
     if uid.is_some() || gid.is_some() {
         std::os::unix::fs::lchown(dir, uid, gid)?;
-        if !meta.file_type().is_symlink() {
-            // chown clears set-id bits on files; they were the sandbox's to set.
-            let mode = meta.mode() & 0o7777;
-            if mode & 0o6000 != 0 && meta.is_file() {
-                std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(mode))?;
-            }
+        // chown clears set-id bits on files; they were the sandbox's to set.
+        let mode = meta.mode() & 0o7777;
+        if mode & 0o6000 != 0 && meta.is_file() {
+            std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(mode))?;
         }
     }
     if meta.is_dir() {
         for entry in std::fs::read_dir(dir)? {
-            unshift_tree(&entry?.path(), map)?;
+            remap_tree(&entry?.path(), to)?;
         }
     }
     Ok(())
@@ -273,7 +282,7 @@ mod tests {
     }
 
     #[test]
-    fn an_idmapped_layer_shows_shifted_ids_and_unshift_restores_them() {
+    fn an_idmapped_layer_shows_shifted_ids_and_layers_shift_both_ways() {
         // SAFETY: geteuid has no preconditions.
         if unsafe { libc::geteuid() } != 0 {
             eprintln!("SKIPPED: user namespaces with id maps need root");
@@ -292,6 +301,9 @@ mod tests {
         }
         std::os::unix::fs::lchown(tree.join("sub/file"), Some(0), Some(map.host_base)).unwrap();
         unshift_tree(&tree, map).unwrap();
+        shift_tree(&tree, map).unwrap();
+        let shifted = std::fs::symlink_metadata(tree.join("sub/file")).map(|m| (m.uid(), m.gid())).unwrap();
+        unshift_tree(&tree, map).unwrap();
         use std::os::unix::fs::MetadataExt;
         let ids = |p: &str| {
             let m = std::fs::symlink_metadata(tree.join(p)).unwrap();
@@ -300,5 +312,6 @@ mod tests {
         let got = (ids(""), ids("sub"), ids("sub/file"), ids("sub/link"));
         std::fs::remove_dir_all(&dir).unwrap();
         assert_eq!(got, ((1000, 1000), (1000, 1000), (0, 0), (1000, 1000)));
+        assert_eq!(shifted, (map.host_base, map.host_base), "ids the host wrote are shifted in whole");
     }
 }
