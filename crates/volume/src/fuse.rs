@@ -49,8 +49,8 @@ fn fetch(
     let obj = crate::ObjectKey::from_hash(object, "object")?;
     let objects = store.objects();
     let start = index * BLOCK;
-    match objects.read_local(env, &obj, start, BLOCK as usize) {
-        Some(read) => Ok(bytes::Bytes::from(read.map_err(|e| crate::VolumeError::Storage(e.to_string()))?)),
+    match objects.map_local(env, &obj, start, BLOCK as usize) {
+        Some(read) => read.map_err(|e| crate::VolumeError::Storage(format!("reading object {object}: {e}"))),
         None => {
             let (objects, env) = (objects.clone(), env.to_string());
             runtime.block_on(async move { objects.read_bytes(&env, &obj, start..start + BLOCK).await })
