@@ -181,7 +181,9 @@ impl Objects {
             );
             // SAFETY: the mapping is only ever read, and the file under it never changes: objects are content
             // addressed, written whole to a temporary file and renamed into place, and never rewritten or
-            // truncated; deleting one (GC) unlinks its name and leaves the inode mapped here intact.
+            // truncated; deleting one (GC) unlinks its name and leaves the inode mapped here intact. What a
+            // mapping cannot turn into an error is a disk failing under it (SIGBUS instead of EIO): a trade made
+            // for reads that copy nothing, on a disk the server's own database lives on too.
             let map = unsafe { memmap2::MmapOptions::new().offset(offset).len(len).populate().map(&file)? };
             Ok(Bytes::from_owner(map))
         })())
