@@ -35,7 +35,8 @@ impl Server {
             .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
             .arg(&data_dir)
             .args(extra)
-            .env("COMPUTE_LOG", "warn")
+            // Quiet unless asked otherwise (e.g. COMPUTE_LOG=warn,compute_runtime=debug for start phases).
+            .env("COMPUTE_LOG", std::env::var("COMPUTE_LOG").unwrap_or_else(|_| "warn".into()))
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()?;

@@ -162,6 +162,7 @@ pub async fn start(runtime: Arc<Runtime>, spec: SandboxSpec) -> Result<Arc<Sandb
 
 async fn build(runtime: Arc<Runtime>, spec: &SandboxSpec, ids: Option<IdMap>) -> Result<Arc<Sandbox>, RuntimeError> {
     let cfg = runtime.config();
+    let mut phases = Phases::new();
     let dir = cfg.state_dir.join(&spec.id);
     std::fs::create_dir_all(&dir).map_err(|e| RuntimeError::io(format!("creating {}", dir.display()), e))?;
     // Record what we are about to create first, so that a crash at any point below can be cleaned up.
@@ -176,8 +177,10 @@ async fn build(runtime: Arc<Runtime>, spec: &SandboxSpec, ids: Option<IdMap>) ->
         pids: spec.resources.pids,
     };
     runtime.backend().create_cgroup(&cgroup, &limits)?;
+    phases.mark("cgroup");
     let net = SandboxNet::create(&spec.id, &cfg.network, runtime.net()).await?;
     write_meta(&dir, &Meta { isolation: cfg.isolation, net: Some(net.clone()) })?;
+    phases.mark("network");
 
     let rootfs = Rootfs::under(&dir);
     // The writable layer is a tmpfs whose pages count against the sandbox's memory; capping it at half the
@@ -187,8 +190,10 @@ async fn build(runtime: Arc<Runtime>, spec: &SandboxSpec, ids: Option<IdMap>) ->
         None => spec.resources.disk_bytes,
     };
     let userns = ids.map(UserNs::create).transpose()?;
+    phases.mark("user_namespace");
     rootfs.mount(&spec.layers, disk, spec.keep_upper.as_deref(), userns.as_ref())?;
     write_etc(&rootfs.merged, &spec.hostname, ids)?;
+    phases.mark("rootfs");
     let mut binds: Vec<(String, String, bool)> =
         spec.binds.iter().map(|(h, s, ro)| (h.to_string_lossy().into_owned(), s.clone(), *ro)).collect();
     if Path::new(HOST_CA_BUNDLE).exists() {
@@ -212,6 +217,7 @@ async fn build(runtime: Arc<Runtime>, spec: &SandboxSpec, ids: Option<IdMap>) ->
     })?;
     // The agent holds the namespace now.
     drop(userns);
+    phases.mark("launch");
     let stdin = child.stdin.take().expect("piped stdin");
     let stdout = child.stdout.take().expect("piped stdout");
     let conn = match AgentConn::start(&spec.id, stdout, stdin, spec.log_path.clone()).await {
@@ -224,6 +230,8 @@ async fn build(runtime: Arc<Runtime>, spec: &SandboxSpec, ids: Option<IdMap>) ->
             return Err(RuntimeError::Agent(if last.is_empty() { e.to_string() } else { format!("{e}: {last}") }));
         }
     };
+    phases.mark("agent");
+    tracing::debug!(sandbox = %spec.id, phases = %phases, "sandbox started");
     Ok(Arc::new(Sandbox {
         id: spec.id.clone(),
         conn,
@@ -234,6 +242,34 @@ async fn build(runtime: Arc<Runtime>, spec: &SandboxSpec, ids: Option<IdMap>) ->
         keep_upper: spec.keep_upper.clone(),
         runtime,
     }))
+}
+
+/// How long each step of a start took, for the debug log (`COMPUTE_LOG=compute_runtime=debug`).
+struct Phases {
+    last: std::time::Instant,
+    done: Vec<(&'static str, Duration)>,
+}
+
+impl Phases {
+    fn new() -> Self {
+        Self { last: std::time::Instant::now(), done: Vec::new() }
+    }
+
+    fn mark(&mut self, phase: &'static str) {
+        let now = std::time::Instant::now();
+        self.done.push((phase, now - self.last));
+        self.last = now;
+    }
+}
+
+impl std::fmt::Display for Phases {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, (phase, took)) in self.done.iter().enumerate() {
+            let sep = if i == 0 { "" } else { " " };
+            write!(f, "{sep}{phase}={:.1}ms", took.as_secs_f64() * 1e3)?;
+        }
+        Ok(())
+    }
 }
 
 fn write_meta(dir: &Path, meta: &Meta) -> Result<(), RuntimeError> {

@@ -76,35 +76,60 @@ pub struct UserNs {
     map: IdMap,
 }
 
+/// Stack of the namespace holder, which makes two system calls and nothing else.
+const HOLDER_STACK: usize = 64 * 1024;
+
+/// The namespace holder: says it is ready on descriptor `fd` (its argument, a number, not a pointer), then blocks
+/// until it is killed. Raw system calls only: it shares the server's memory and must not touch it.
+extern "C" fn hold(fd: *mut libc::c_void) -> libc::c_int {
+    // SAFETY: system calls on a descriptor number the child inherited and on a static message; ppoll with no
+    // descriptors and no timeout waits for a signal, and every signal but SIGKILL is blocked.
+    unsafe {
+        libc::syscall(libc::SYS_write, fd as usize as libc::c_int, b"r".as_ptr(), 1usize);
+        loop {
+            libc::syscall(
+                libc::SYS_ppoll,
+                std::ptr::null_mut::<libc::pollfd>(),
+                0usize,
+                std::ptr::null::<libc::timespec>(),
+                std::ptr::null::<libc::sigset_t>(),
+                0usize,
+            );
+        }
+    }
+}
+
 impl UserNs {
     /// Creates a user namespace mapping ids 0..65536 to `map`'s host range (uids and gids alike).
     pub fn create(map: IdMap) -> Result<Self, RuntimeError> {
         let io = |what: &str, e: std::io::Error| RuntimeError::io(format!("creating a user namespace: {what}"), e);
         let (ready_r, ready_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| io("pipe", e.into()))?;
-        // SAFETY: clone without CLONE_VM is fork into a new user namespace. The server is multithreaded, so the
-        // child only makes async-signal-safe system calls (write, pause) and never returns from this block: it
-        // waits to be killed once the namespace is set up and opened.
+        // The holder shares the server's memory (CLONE_VM) instead of copying its page tables as a fork would, and
+        // runs on a stack of its own that outlives it (it is reaped below, before the stack is freed).
+        let mut stack = vec![0u8; HOLDER_STACK];
+        // With every signal blocked the holder never stops waiting and never runs one of the server's signal
+        // handlers; SIGKILL, which ends it, cannot be blocked. The mask is the calling thread's and is restored.
+        let all = nix::sys::signal::SigSet::all();
+        let mut old = nix::sys::signal::SigSet::empty();
+        nix::sys::signal::pthread_sigmask(nix::sys::signal::SigmaskHow::SIG_SETMASK, Some(&all), Some(&mut old))
+            .map_err(|e| io("blocking signals", e.into()))?;
+        // SAFETY: glibc's clone runs `hold` on `stack` (its top, 16-byte aligned) in a child that shares this
+        // process's memory. `hold` touches no memory: it gets the descriptor number as its argument and only
+        // makes the write and ppoll system calls. The stack stays allocated until the child has been reaped.
         let pid = unsafe {
-            libc::syscall(
-                libc::SYS_clone,
-                (libc::CLONE_NEWUSER | libc::SIGCHLD) as libc::c_ulong,
-                0usize,
-                0usize,
-                0usize,
-                0usize,
+            let top = stack.as_mut_ptr().add(HOLDER_STACK);
+            let top = top.sub(top as usize % 16);
+            libc::clone(
+                hold,
+                top.cast(),
+                libc::CLONE_VM | libc::CLONE_NEWUSER | libc::SIGCHLD,
+                ready_w.as_raw_fd() as usize as *mut libc::c_void,
             )
         };
-        if pid == 0 {
-            // SAFETY: async-signal-safe calls on a descriptor the child inherited.
-            unsafe {
-                libc::write(ready_w.as_raw_fd(), b"r".as_ptr().cast(), 1);
-                loop {
-                    libc::pause();
-                }
-            }
-        }
+        let clone_error = std::io::Error::last_os_error();
+        let _ = nix::sys::signal::pthread_sigmask(nix::sys::signal::SigmaskHow::SIG_SETMASK, Some(&old), None);
         if pid < 0 {
-            return Err(io("clone", std::io::Error::last_os_error()));
+            return Err(io("clone", clone_error));
         }
         let pid = nix::unistd::Pid::from_raw(pid as i32);
         drop(ready_w);
@@ -119,6 +144,7 @@ impl UserNs {
         })();
         let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
         let _ = nix::sys::wait::waitpid(pid, None);
+        drop(stack);
         Ok(Self { fd: result?, map })
     }
 
