@@ -125,16 +125,18 @@ impl Sandbox {
         self.runtime.forget(&self.id);
         let result = teardown(&self.runtime, &self.id).await;
         if let Some(map) = self.ids {
-            if let Some(upper) = &self.keep_upper {
-                let upper = upper.clone();
-                tokio::task::spawn_blocking(move || crate::userns::unshift_tree(&upper, map))
+            let unshifted = match self.keep_upper.clone() {
+                Some(upper) => tokio::task::spawn_blocking(move || crate::userns::unshift_tree(&upper, map))
                     .await
                     .unwrap_or_else(|e| Err(std::io::Error::other(e)))
-                    .map_err(|e| RuntimeError::io("shifting the built layer's ids back", e))?;
-            }
+                    .map_err(|e| RuntimeError::io("shifting the built layer's ids back", e)),
+                None => Ok(()),
+            };
+            // The range is free whatever became of the layer: no process of the sandbox is left to use it.
             if let Some(alloc) = self.runtime.id_ranges() {
                 alloc.release(map);
             }
+            unshifted?;
         }
         result
     }
