@@ -61,12 +61,10 @@ impl Rootfs {
         // The writable layer's ids are stored shifted (see `userns`): the root directory's owner is the layer's, so
         // the sandbox's root must own it to create in `/`, and what a build step put there beforehand (uv_sync's
         // project files) must be the sandbox's too. Shifted back when a build's layer is kept.
+        let many = || format!("mounting the overlay root filesystem of {} layers", layers.len());
         if let Some(ns) = userns {
             crate::userns::shift_tree(&upper, ns.map())
                 .map_err(|e| RuntimeError::io("giving the writable layer to the sandbox's root", e))?;
-        }
-        let many = || format!("mounting the overlay root filesystem of {} layers", layers.len());
-        if let Some(ns) = userns {
             let mapped = layers
                 .iter()
                 .map(|l| {

@@ -144,10 +144,8 @@ impl Sandbox {
 
 /// Starts a sandbox; on failure removes whatever was made.
 pub async fn start(runtime: Arc<Runtime>, spec: SandboxSpec) -> Result<Arc<Sandbox>, RuntimeError> {
-    let ids = match runtime.id_ranges() {
-        Some(alloc) if runtime.isolation() == Isolation::Native => Some(alloc.take()?),
-        _ => None,
-    };
+    // Only native runtimes have an allocator (see `Runtime::new`).
+    let ids = runtime.id_ranges().map(crate::userns::IdAllocator::take).transpose()?;
     match build(runtime.clone(), &spec, ids).await {
         Ok(s) => Ok(s),
         Err(e) => {

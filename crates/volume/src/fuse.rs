@@ -193,14 +193,7 @@ impl Blocks {
             }
             self.prefetch(e, pos);
         }
-        if pieces.len() == 1 {
-            return Ok(pieces.pop().expect("one piece"));
-        }
-        let mut out = bytes::BytesMut::with_capacity((end - offset) as usize);
-        for piece in pieces {
-            out.extend_from_slice(&piece);
-        }
-        Ok(out.freeze())
+        Ok(if pieces.len() == 1 { pieces.pop().expect("one piece") } else { bytes::Bytes::from(pieces.concat()) })
     }
 }
 
