@@ -117,9 +117,9 @@ def test_wrong_secret_is_a_clear_auth_error(server):
 
 
 UNIMPLEMENTED_CALL = """
-from chalkcompute import ScalingGroup
+from chalkcompute import RemoteFunction
 try:
-    ScalingGroup.from_name("not-served-yet")
+    RemoteFunction.from_name("not-served-yet")
     print("RESULT: ran")
 except Exception as e:
     print("RESULT:", type(e).__name__, e)
@@ -130,7 +130,7 @@ def test_unimplemented_method_fails_promptly(server):
     started = time.time()
     out = result(run_sdk(UNIMPLEMENTED_CALL, server.sdk_env()))
     elapsed = time.time() - started
-    assert "ScalingGroupManagerService/GetScalingGroup is not implemented by this Compute server yet" in out, out
+    assert "ExternalFunctionCatalogService/GetExternalFunction is not implemented by this Compute server yet" in out, out
     assert elapsed < 30, f"took {elapsed:.1f}s: an unimplemented method must fail fast, not hang"
 
 

@@ -33,6 +33,7 @@ pub struct Shared {
     pub volumes: Arc<VolumeStore>,
     pub workloads: Arc<compute_control::Workloads>,
     pub public_url: Option<String>,
+    pub ingress: Arc<compute_ingress::Ingress>,
 }
 
 /// The front door service; cheap to clone (one per connection).
@@ -72,6 +73,10 @@ async fn route(shared: Arc<Shared>, tls: bool, mut req: Request<Incoming>) -> Re
     if let Some(rest) = path.strip_prefix(crate::blobs::PREFIX) {
         let rest = rest.to_string();
         return crate::blobs::serve(&shared.volumes, &rest, req, &shared.metrics).await;
+    }
+    if let Some(rest) = path.strip_prefix(compute_ingress::PREFIX) {
+        let rest = rest.to_string();
+        return scaling_group(&shared, &rest, req).await;
     }
     if let Some(op) = path.strip_prefix("/v1/admin/") {
         let op = op.to_string();
@@ -217,6 +222,45 @@ fn public_base<B>(shared: &Shared, tls: bool, req: &Request<B>) -> PublicBase {
         .or_else(|| req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_string))
         .unwrap_or_else(|| "localhost".into());
     PublicBase(format!("{}://{host}", if tls { "https" } else { "http" }))
+}
+
+/// A request to a scaling group: authenticated when the group asks for it, then proxied by the ingress.
+async fn scaling_group(shared: &Shared, rest: &str, req: Request<Incoming>) -> Response<Body> {
+    let group = rest.splitn(3, '/').take(2).collect::<Vec<_>>().join("/");
+    let Some((route, upstream_path)) = shared.ingress.lookup(rest) else {
+        return full(
+            StatusCode::NOT_FOUND,
+            "text/plain; charset=utf-8",
+            format!("no scaling group is served at {}{group}: check the group's web_url\n", compute_ingress::PREFIX),
+        );
+    };
+    if route.settings().authenticated {
+        match authenticate(shared, &req) {
+            Ok(p) if p.environment_id == route.environment_id() => {}
+            Ok(_) => {
+                return full(
+                    StatusCode::FORBIDDEN,
+                    "text/plain; charset=utf-8",
+                    "this scaling group belongs to another environment than the token's\n",
+                )
+            }
+            Err(status) => {
+                let mut resp = full(
+                    StatusCode::UNAUTHORIZED,
+                    "text/plain; charset=utf-8",
+                    format!("this scaling group is authenticated: {}\n", status.message()),
+                );
+                resp.headers_mut().insert(header::WWW_AUTHENTICATE, http::HeaderValue::from_static("Bearer"));
+                return resp;
+            }
+        }
+    }
+    let path_and_query = match req.uri().query() {
+        Some(q) => format!("{upstream_path}?{q}"),
+        None => upstream_path,
+    };
+    let prefix = format!("{}{group}", compute_ingress::PREFIX);
+    shared.ingress.proxy(&route, &prefix, &path_and_query, req).await.map(Body::new)
 }
 
 fn who_am_i(shared: &Shared, req: &Request<Incoming>) -> Response<Body> {

@@ -38,6 +38,13 @@ const IMPLEMENTED: &[&str] = &[
     "/chalk.volume.v2.VolumeService/RequestUploadURLs",
     "/chalk.volume.v2.VolumeService/ListFiles",
     "/chalk.volume.v2.VolumeService/GetFile",
+    "/chalk.scalinggroup.v1.ScalingGroupManagerService/CreateScalingGroup",
+    "/chalk.scalinggroup.v1.ScalingGroupManagerService/UpdateScalingGroup",
+    "/chalk.scalinggroup.v1.ScalingGroupManagerService/GetScalingGroup",
+    "/chalk.scalinggroup.v1.ScalingGroupManagerService/ListScalingGroups",
+    "/chalk.scalinggroup.v1.ScalingGroupManagerService/DeleteScalingGroup",
+    "/chalk.scalinggroup.v1.ScalingGroupManagerService/GetScalingGroupRevision",
+    "/chalk.scalinggroup.v1.ScalingGroupManagerService/ListScalingGroupRevisions",
 ];
 
 /// Methods callable without a token.

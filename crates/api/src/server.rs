@@ -89,6 +89,7 @@ impl Server {
         workloads: Arc<compute_control::Workloads>,
         builds: Arc<compute_control::Builds>,
         volumes: Arc<compute_control::volume::VolumeStore>,
+        scaling: Arc<compute_control::ScalingGroups>,
     ) -> Result<Self, ServeError> {
         let tls = config.tls.as_ref().map(load_tls).transpose()?;
         let listener = TcpListener::bind(config.listen)
@@ -100,8 +101,10 @@ impl Server {
                 workloads.clone(),
                 builds,
                 volumes.clone(),
+                scaling.clone(),
                 config.max_message_bytes,
             ),
+            ingress: scaling.ingress().clone(),
             volumes,
             workloads,
             public_url: config.public_url.clone(),

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use compute_api::{ApiConfig, Server, TlsConfig};
 use compute_control::volume::{Objects, VolumeConfig, VolumeStore};
-use compute_control::{Builds, Control, ControlConfig, WorkloadConfig, Workloads};
+use compute_control::{Builds, Control, ControlConfig, ScalingConfig, ScalingGroups, WorkloadConfig, Workloads};
 use compute_image::ImageStore;
 use compute_runtime::{Isolation, NetworkConfig, Runtime, RuntimeConfig};
 
@@ -57,6 +57,19 @@ pub async fn run(data_dir: &Path, settings: Settings) -> anyhow::Result<()> {
             }
         }
     });
+    // Scaling groups recorded before a restart are served again; their old replicas were reconciled away above.
+    let scaling = ScalingGroups::new(
+        control.store().clone(),
+        workloads.clone(),
+        Arc::new(compute_ingress::Ingress::new()),
+        compute_api::parse_scaling_group_spec,
+        ScalingConfig::default(),
+    );
+    match scaling.resume() {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(count = n, "serving the scaling groups of the previous run again"),
+        Err(e) => tracing::error!(error = %e, "resuming scaling groups failed"),
+    }
     let config = ApiConfig {
         listen: settings.listen,
         tls: settings.tls.clone().map(|(cert_path, key_path)| TlsConfig { cert_path, key_path }),
@@ -64,7 +77,7 @@ pub async fn run(data_dir: &Path, settings: Settings) -> anyhow::Result<()> {
         public_url: settings.public_url.clone(),
         ..ApiConfig::default()
     };
-    let server = Server::bind(config, control.clone(), workloads.clone(), builds, volumes).await?;
+    let server = Server::bind(config, control.clone(), workloads.clone(), builds, volumes, scaling.clone()).await?;
     let addr = server.local_addr();
     let url = runtime_file::client_url(addr);
     let info = ServerInfo {
@@ -88,6 +101,8 @@ pub async fn run(data_dir: &Path, settings: Settings) -> anyhow::Result<()> {
     }
 
     server.run(shutdown_signal()).await;
+    // Supervisors first, so none starts a replica while the workloads stop.
+    scaling.shutdown().await;
     workloads.stop_all("the server shut down").await;
     let _ = std::fs::remove_file(&info_path);
     tracing::info!("compute stopped");

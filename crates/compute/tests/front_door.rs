@@ -150,13 +150,16 @@ fn unimplemented_methods_answer_promptly_naming_themselves() {
         let token = token(&server).await;
         let mut grpc = tonic::client::Grpc::new(channel(&server).await);
         grpc.ready().await.unwrap();
-        let mut req = tonic::Request::new(compute_proto::chalk::scalinggroup::v1::GetScalingGroupRequest::default());
+        let mut req = tonic::Request::new(
+            compute_proto::chalk::externalfunctioncatalog::v1::GetExternalFunctionRequest::default(),
+        );
         req.metadata_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
-        let path =
-            http::uri::PathAndQuery::from_static("/chalk.scalinggroup.v1.ScalingGroupManagerService/GetScalingGroup");
+        let path = http::uri::PathAndQuery::from_static(
+            "/chalk.externalfunctioncatalog.v1.ExternalFunctionCatalogService/GetExternalFunction",
+        );
         let started = std::time::Instant::now();
         let err = grpc
-            .unary::<_, compute_proto::chalk::scalinggroup::v1::GetScalingGroupResponse, _>(
+            .unary::<_, compute_proto::chalk::externalfunctioncatalog::v1::GetExternalFunctionResponse, _>(
                 req,
                 path,
                 tonic_prost::ProstCodec::default(),
@@ -165,7 +168,8 @@ fn unimplemented_methods_answer_promptly_naming_themselves() {
             .unwrap_err();
         assert_eq!(err.code(), Code::Unimplemented);
         assert!(
-            err.message().contains("chalk.scalinggroup.v1.ScalingGroupManagerService/GetScalingGroup"),
+            err.message()
+                .contains("chalk.externalfunctioncatalog.v1.ExternalFunctionCatalogService/GetExternalFunction"),
             "{}",
             err.message()
         );
@@ -250,7 +254,7 @@ fn connect_unary_over_http1_proto_and_json() {
 
     let resp = connect_post(
         &server,
-        "/chalk.scalinggroup.v1.ScalingGroupManagerService/GetScalingGroup",
+        "/chalk.externalfunctioncatalog.v1.ExternalFunctionCatalogService/GetExternalFunction",
         "application/proto",
         b"",
         &auth,
@@ -258,7 +262,7 @@ fn connect_unary_over_http1_proto_and_json() {
     assert!(resp.starts_with("HTTP/1.1 501"), "{resp}");
     let v: serde_json::Value = serde_json::from_str(body_of(&resp)).unwrap();
     assert_eq!(v["code"], "unimplemented");
-    assert!(v["message"].as_str().unwrap().contains("ScalingGroupManagerService/GetScalingGroup"));
+    assert!(v["message"].as_str().unwrap().contains("ExternalFunctionCatalogService/GetExternalFunction"));
 
     let resp = connect_post(&server, "/chalk.server.v1.TeamService/GetEnv", "application/json", b"{not json", &auth);
     assert!(resp.starts_with("HTTP/1.1 400"), "{resp}");

@@ -10,6 +10,7 @@ pub mod builds;
 mod error;
 pub mod ids;
 pub mod quantity;
+pub mod scaling;
 pub mod secret_hash;
 pub mod token;
 pub mod workloads;
@@ -23,6 +24,7 @@ use compute_store::{Environment, Store};
 pub use auth::{Auth, IssuedToken, NewClientCredentials, Principal};
 pub use builds::{BuildAnswer, BuildStatus, Builds};
 pub use error::{AuthError, ControlError};
+pub use scaling::{GroupSpec, GroupState, GroupView, ScalingConfig, ScalingGroups, SpecParser};
 pub use workloads::{WorkloadConfig, WorkloadKind, WorkloadRequest, Workloads};
 
 /// Volumes: versioned copy-on-write trees over an object store.

@@ -26,6 +26,8 @@ pub enum WorkloadKind {
     Sandbox,
     /// `ContainerService`.
     Container,
+    /// A replica of a scaling group (started by the group's supervisor, listed with the group).
+    Replica,
 }
 
 impl WorkloadKind {
@@ -33,6 +35,7 @@ impl WorkloadKind {
         match self {
             WorkloadKind::Sandbox => "sandbox",
             WorkloadKind::Container => "container",
+            WorkloadKind::Replica => "replica",
         }
     }
 }
@@ -212,9 +215,9 @@ impl Workloads {
         Ok(live.len())
     }
 
-    /// Records a new workload and starts it in the background; returns the Pending record.
-    pub fn create(self: &Arc<Self>, who: &Principal, req: WorkloadRequest) -> Result<SandboxRecord, ControlError> {
-        let runtime = self.runtime()?.clone();
+    /// Checks a request without starting anything: resources, image reference, environment, lifetime, and that
+    /// its volumes exist. Returns the parsed cpu (millicores) and memory (bytes) limits.
+    pub fn check(&self, who: &Principal, req: &WorkloadRequest) -> Result<(Option<u64>, Option<u64>), ControlError> {
         let cpu =
             req.cpu.as_deref().filter(|s| !s.trim().is_empty()).map(|c| parse_cpu("resources.cpu", c)).transpose()?;
         let memory = req
@@ -229,13 +232,6 @@ impl Workloads {
             ));
         }
         self.images.check(&req.image).map_err(|e| ControlError::InvalidArgument(format!("spec.image: {e}")))?;
-        let prefix = match req.kind {
-            WorkloadKind::Sandbox => "sandbox",
-            WorkloadKind::Container => "container",
-        };
-        let name =
-            if req.name.trim().is_empty() { format!("{prefix}-{}", ids::random_token(8)) } else { req.name.clone() };
-        ids::validate_name("spec.name", &name)?;
         for (k, _) in &req.env {
             if k.is_empty() || k.contains('=') || k.contains('\0') {
                 return Err(ControlError::InvalidArgument(format!(
@@ -258,6 +254,19 @@ impl Workloads {
                 other => ControlError::Internal(other.to_string()),
             })?;
         }
+        Ok((cpu, memory))
+    }
+
+    /// Records a new workload and starts it in the background; returns the Pending record.
+    pub fn create(self: &Arc<Self>, who: &Principal, req: WorkloadRequest) -> Result<SandboxRecord, ControlError> {
+        let runtime = self.runtime()?.clone();
+        let (cpu, memory) = self.check(who, &req)?;
+        let name = if req.name.trim().is_empty() {
+            format!("{}-{}", req.kind.as_str(), ids::random_token(8))
+        } else {
+            req.name.clone()
+        };
+        ids::validate_name("spec.name", &name)?;
         let rec = SandboxRecord {
             id: format!("sbx-{}", ids::random_token(16)),
             environment_id: who.environment_id.clone(),
@@ -473,7 +482,9 @@ impl Workloads {
         self.terminate_with(&who.environment_id, id, grace, &format!("terminated by {}", who.client_id)).await
     }
 
-    async fn terminate_with(
+    /// Stops a workload of environment `env` with `why` as its reason (for the control plane's own reasons:
+    /// a lifetime, a scaling group shrinking).
+    pub(crate) async fn terminate_with(
         &self,
         env: &str,
         id: &str,
@@ -504,6 +515,16 @@ impl Workloads {
         for rec in live {
             let _ = self.terminate_with(&rec.environment_id, &rec.id, Duration::from_secs(2), why).await;
         }
+    }
+
+    /// The address a running workload listens on inside its network namespace.
+    pub fn address(&self, id: &str) -> Option<std::net::Ipv4Addr> {
+        self.runtime.as_ref().ok()?.get(id)?.address()
+    }
+
+    /// A workload of environment `env` by id.
+    pub(crate) fn record(&self, env: &str, id: &str) -> Result<Option<SandboxRecord>, ControlError> {
+        Ok(self.store.read(|r| r.sandboxes().get(env, id))?)
     }
 
     fn running(&self, who: &Principal, id: &str) -> Result<Arc<compute_runtime::Sandbox>, ControlError> {

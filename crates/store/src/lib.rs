@@ -11,6 +11,7 @@ mod environments;
 mod error;
 mod migrations;
 mod sandboxes;
+mod scaling_groups;
 mod signing_keys;
 mod volumes;
 
@@ -25,6 +26,7 @@ pub use environments::{Environment, Environments};
 pub use error::StoreError;
 pub use migrations::SCHEMA_VERSION;
 pub use sandboxes::{SandboxRecord, SandboxStatus, Sandboxes};
+pub use scaling_groups::{RevisionRecord, ScalingGroupRecord, ScalingGroups};
 pub use signing_keys::{SigningKey, SigningKeys};
 pub use volumes::{RefRecord, VersionRecord, VolumeRecord, Volumes};
 
@@ -115,6 +117,11 @@ impl<'c> Repos<'c> {
     /// Sandboxes and containers.
     pub fn sandboxes(&self) -> Sandboxes<'c> {
         Sandboxes::new(self.conn)
+    }
+
+    /// Scaling groups and their revisions.
+    pub fn scaling_groups(&self) -> ScalingGroups<'c> {
+        ScalingGroups::new(self.conn)
     }
 
     /// Token signing keys.

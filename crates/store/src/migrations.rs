@@ -98,6 +98,54 @@ const MIGRATIONS: &[&str] = &[
         created_at  INTEGER NOT NULL
     );
     "#,
+    // 4: scaling groups: a group's immutable spec revisions and which one it serves; its replicas are sandboxes
+    // of kind 'replica' (SQLite cannot widen a CHECK, so the sandboxes table is rebuilt with the same rows).
+    r#"
+    CREATE TABLE sandboxes_v4 (
+        id              TEXT PRIMARY KEY,
+        environment_id  TEXT NOT NULL REFERENCES environments(id),
+        kind            TEXT NOT NULL CHECK (kind IN ('sandbox', 'container', 'replica')),
+        name            TEXT NOT NULL,
+        image           TEXT NOT NULL,
+        spec            BLOB NOT NULL,
+        status          TEXT NOT NULL,
+        status_message  TEXT,
+        status_details  TEXT,
+        exit_code       INTEGER,
+        created_by      TEXT NOT NULL,
+        created_at      INTEGER NOT NULL,
+        started_at      INTEGER,
+        finished_at     INTEGER
+    );
+    INSERT INTO sandboxes_v4 SELECT id, environment_id, kind, name, image, spec, status, status_message,
+        status_details, exit_code, created_by, created_at, started_at, finished_at FROM sandboxes;
+    DROP TABLE sandboxes;
+    ALTER TABLE sandboxes_v4 RENAME TO sandboxes;
+    CREATE INDEX sandboxes_by_env ON sandboxes (environment_id, created_at);
+    CREATE UNIQUE INDEX sandboxes_live_name ON sandboxes (environment_id, name)
+        WHERE status IN ('pending', 'running');
+    CREATE TABLE scaling_groups (
+        id              TEXT PRIMARY KEY,
+        environment_id  TEXT NOT NULL REFERENCES environments(id),
+        name            TEXT NOT NULL,
+        revision_id     TEXT NOT NULL,
+        created_by      TEXT NOT NULL,
+        created_at      INTEGER NOT NULL,
+        updated_at      INTEGER NOT NULL,
+        deleted_at      INTEGER
+    );
+    CREATE UNIQUE INDEX scaling_groups_live_name ON scaling_groups (environment_id, name)
+        WHERE deleted_at IS NULL;
+    CREATE TABLE scaling_group_revisions (
+        id              TEXT PRIMARY KEY,
+        group_id        TEXT NOT NULL REFERENCES scaling_groups(id),
+        number          INTEGER NOT NULL,
+        spec            BLOB NOT NULL,
+        created_by      TEXT NOT NULL,
+        created_at      INTEGER NOT NULL,
+        UNIQUE (group_id, number)
+    );
+    "#,
 ];
 
 /// The schema version this binary migrates to.

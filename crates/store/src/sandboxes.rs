@@ -52,7 +52,7 @@ pub struct SandboxRecord {
     pub id: String,
     /// Environment it belongs to.
     pub environment_id: String,
-    /// `sandbox` or `container`: which API created it (and lists it).
+    /// `sandbox` or `container`: which API created it (and lists it); `replica` for a scaling group's.
     pub kind: String,
     /// Name, unique among the environment's live workloads.
     pub name: String,

@@ -6,6 +6,7 @@ mod filesystem;
 mod images;
 mod process;
 mod sandbox;
+mod scaling;
 mod team;
 mod volume;
 mod workload;
@@ -13,7 +14,7 @@ mod workload;
 use std::sync::Arc;
 
 use compute_control::volume::VolumeStore;
-use compute_control::{Builds, Control, Principal, Workloads};
+use compute_control::{Builds, Control, Principal, ScalingGroups, Workloads};
 use compute_proto::chalk;
 use tonic::codec::CompressionEncoding;
 use tonic::service::Routes;
@@ -24,6 +25,7 @@ pub use filesystem::FilesystemApi;
 pub use images::ImageApi;
 pub use process::ProcessApi;
 pub use sandbox::SandboxApi;
+pub use scaling::{parse_spec, ScalingApi};
 pub use team::TeamApi;
 pub use volume::VolumeApi;
 
@@ -37,8 +39,6 @@ impl chalk::server::v1::environment_secrets_service_server::EnvironmentSecretsSe
 #[tonic::async_trait]
 impl chalk::sandbox::v1::sandbox_runtime_service_server::SandboxRuntimeService for NotYet {}
 #[tonic::async_trait]
-impl chalk::scalinggroup::v1::scaling_group_manager_service_server::ScalingGroupManagerService for NotYet {}
-#[tonic::async_trait]
 impl chalk::externalfunctioncatalog::v1::external_function_catalog_service_server::ExternalFunctionCatalogService
     for NotYet
 {
@@ -50,6 +50,7 @@ pub fn routes(
     workloads: Arc<Workloads>,
     builds: Arc<Builds>,
     volumes: Arc<VolumeStore>,
+    scaling: Arc<ScalingGroups>,
     max_message_bytes: usize,
 ) -> Routes {
     macro_rules! svc {
@@ -89,8 +90,8 @@ pub fn routes(
             FilesystemApi::new(workloads.clone())
         ))
         .add_service(svc!(
-            scalinggroup::v1::scaling_group_manager_service_server::ScalingGroupManagerServiceServer<NotYet>,
-            NotYet
+            scalinggroup::v1::scaling_group_manager_service_server::ScalingGroupManagerServiceServer<ScalingApi>,
+            ScalingApi::new(scaling)
         ))
         .add_service(svc!(volume::v2::volume_service_server::VolumeServiceServer<VolumeApi>, VolumeApi::new(volumes)))
         .add_service(svc!(

@@ -1,0 +1,444 @@
+//! `chalk.scalinggroup.v1.ScalingGroupManagerService`: scaling groups, their revisions, and the spec's reading.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use compute_control::scaling::ProbeSpec;
+use compute_control::{ControlError, GroupSpec, GroupView, ScalingGroups, WorkloadKind};
+use compute_ingress::{Ingress, UpstreamProtocol};
+use compute_proto::chalk::container::v1::{readiness_probe, startup_probe};
+use compute_proto::chalk::scalinggroup::v1::scaling_group_manager_service_server::ScalingGroupManagerService;
+use compute_proto::chalk::scalinggroup::v1::*;
+use compute_store::RevisionRecord;
+use prost::Message;
+use tonic::{Request, Response, Status};
+
+use super::principal;
+use super::workload::{page, request, timestamp};
+use crate::status::from_control;
+use crate::PublicBase;
+
+/// The ScalingGroupManagerService handler.
+pub struct ScalingApi {
+    groups: Arc<ScalingGroups>,
+}
+
+impl ScalingApi {
+    /// A handler over `groups`.
+    pub fn new(groups: Arc<ScalingGroups>) -> Self {
+        Self { groups }
+    }
+}
+
+/// Reads a stored `ScalingGroupSpec` (the [`compute_control::SpecParser`] the control plane is given).
+pub fn parse_spec(wire: &[u8]) -> Result<GroupSpec, ControlError> {
+    let spec = ScalingGroupSpec::decode(wire)
+        .map_err(|e| ControlError::InvalidArgument(format!("spec: not a ScalingGroupSpec: {e}")))?;
+    group_spec(spec).map_err(|s| ControlError::InvalidArgument(s.message().to_string()))
+}
+
+fn invalid(msg: impl Into<String>) -> Status {
+    Status::invalid_argument(msg)
+}
+
+fn group_spec(spec: ScalingGroupSpec) -> Result<GroupSpec, Status> {
+    let container = spec.container_spec.ok_or_else(|| invalid("spec.container_spec is required"))?;
+    if container.name.is_empty() {
+        return Err(invalid("spec.container_spec.name is required: it names the scaling group"));
+    }
+    let port = match container.port {
+        Some(p) if (1..=65535).contains(&p) => p as u16,
+        Some(p) => return Err(invalid(format!("spec.container_spec.port {p} is not a TCP port (1-65535)"))),
+        None => return Err(invalid("spec.container_spec.port is required: the port replicas serve HTTP on")),
+    };
+    let protocol = match container.protocol.as_deref().unwrap_or("").to_ascii_lowercase().as_str() {
+        "" | "http" | "http1" | "https" => UpstreamProtocol::Http1,
+        "grpc" | "h2c" | "http2" => UpstreamProtocol::H2c,
+        other => {
+            return Err(invalid(format!(
+                "spec.container_spec.protocol {other:?} is not supported: use \"http\" (HTTP/1.1) or \"grpc\"/\"h2c\" \
+                 (HTTP/2 with prior knowledge)"
+            )))
+        }
+    };
+    let authenticated = match container.authentication.as_deref().unwrap_or("").to_ascii_uppercase().as_str() {
+        "" | "PUBLIC" | "UNAUTHENTICATED" | "NONE" => false,
+        "AUTHENTICATED" => true,
+        other => {
+            return Err(invalid(format!(
+                "spec.container_spec.authentication {other:?} is not supported: use \"AUTHENTICATED\" or leave it \
+                 unset (public)"
+            )))
+        }
+    };
+    if container.lifetime.is_some() {
+        return Err(invalid(
+            "spec.container_spec.lifetime: replicas of a scaling group run until the group is deleted; a lifetime \
+             is for containers and sandboxes",
+        ));
+    }
+    let probe = probe_spec(&container)?;
+    let scaling = spec.scaling_spec.unwrap_or(ScalingSpec { min_replicas: 1, max_replicas: 1, ..Default::default() });
+    if scaling.min_replicas < 0 {
+        return Err(invalid(format!("spec.scaling_spec.min_replicas {} must be 0 or more", scaling.min_replicas)));
+    }
+    if scaling.max_replicas < 1 || scaling.max_replicas < scaling.min_replicas {
+        return Err(invalid(format!(
+            "spec.scaling_spec.max_replicas {} must be at least 1 and at least min_replicas ({})",
+            scaling.max_replicas, scaling.min_replicas
+        )));
+    }
+    let unsupported = [
+        (
+            scaling.target_cpu_utilization_percentage.is_some(),
+            "target_cpu_utilization_percentage (CPU-based autoscaling)",
+        ),
+        (scaling.function_queue_depth_trigger.is_some(), "function_queue_depth_trigger"),
+        (scaling.gpu_utilization_trigger.is_some(), "gpu_utilization_trigger"),
+        (scaling.cron_scaling_trigger.is_some(), "cron_scaling_trigger"),
+        (scaling.task_queue_trigger.is_some(), "task_queue_trigger"),
+    ];
+    if let Some((_, what)) = unsupported.iter().find(|(set, _)| *set) {
+        return Err(Status::unimplemented(format!(
+            "spec.scaling_spec.{what} is not implemented by this server yet: groups scale on the requests in flight \
+             through the ingress, between min_replicas and max_replicas"
+        )));
+    }
+    let seconds = |field: &str, v: Option<i32>| -> Result<Option<Duration>, Status> {
+        match v {
+            None => Ok(None),
+            Some(s) if s >= 0 => Ok(Some(Duration::from_secs(s as u64))),
+            Some(s) => Err(invalid(format!("spec.scaling_spec.{field} {s} must be 0 or more"))),
+        }
+    };
+    let window = seconds("window_seconds", scaling.window_seconds)?.map(|d| d.max(Duration::from_secs(1)));
+    let shutdown_delay = seconds("shutdown_delay_seconds", scaling.shutdown_delay_seconds)?;
+    let hold_requests = scaling.scale_from_zero_request_policy() != ScaleFromZeroRequestPolicy::Error;
+    let name = container.name.clone();
+    let replica = request(WorkloadKind::Replica, container)?;
+    Ok(GroupSpec {
+        name,
+        replica,
+        port,
+        protocol,
+        authenticated,
+        min_replicas: scaling.min_replicas as u32,
+        max_replicas: scaling.max_replicas as u32,
+        window,
+        shutdown_delay,
+        hold_requests,
+        probe,
+    })
+}
+
+fn probe_spec(container: &compute_proto::chalk::container::v1::ChalkContainerSpec) -> Result<ProbeSpec, Status> {
+    let mut probe = ProbeSpec::default();
+    let http_path = |p: &Option<String>| p.clone().filter(|p| !p.is_empty()).unwrap_or_else(|| "/".into());
+    if let Some(startup) = &container.startup_probe {
+        if let Some(startup_probe::Check::Http(h)) = &startup.check {
+            probe.http_path = Some(http_path(&h.path));
+        }
+    }
+    if let Some(ready) = &container.readiness_probe {
+        if let Some(readiness_probe::Check::Http(h)) = &ready.check {
+            probe.http_path = Some(http_path(&h.path));
+        }
+        if let Some(p) = ready.period_seconds {
+            if p < 1 {
+                return Err(invalid(format!(
+                    "spec.container_spec.readiness_probe.period_seconds {p} must be 1 or more"
+                )));
+            }
+            probe.period = Duration::from_secs(p as u64);
+        }
+        if let Some(t) = ready.timeout_seconds {
+            if t < 1 {
+                return Err(invalid(format!(
+                    "spec.container_spec.readiness_probe.timeout_seconds {t} must be 1 or more"
+                )));
+            }
+            probe.timeout = Duration::from_secs(t as u64);
+        }
+        if let Some(f) = ready.failure_threshold {
+            if f < 1 {
+                return Err(invalid(format!(
+                    "spec.container_spec.readiness_probe.failure_threshold {f} must be 1 or more"
+                )));
+            }
+            probe.failure_threshold = f as u32;
+        }
+    }
+    if let Some(path) = &probe.http_path {
+        if !path.starts_with('/') || path.bytes().any(|b| b.is_ascii_whitespace() || b.is_ascii_control()) {
+            return Err(invalid(format!(
+                "spec.container_spec readiness/startup probe path {path:?} must start with '/' and hold no spaces"
+            )));
+        }
+    }
+    Ok(probe)
+}
+
+fn base_url<T>(req: &Request<T>) -> String {
+    req.extensions().get::<PublicBase>().map(|b| b.0.clone()).unwrap_or_default()
+}
+
+fn spec_of(rev: &RevisionRecord) -> Option<ScalingGroupSpec> {
+    ScalingGroupSpec::decode(rev.spec.as_slice()).ok()
+}
+
+fn response(view: &GroupView, base: &str) -> ScalingGroupResponse {
+    let state = &view.state;
+    let deleted = view.group.deleted_at.is_some();
+    ScalingGroupResponse {
+        id: view.group.id.clone(),
+        name: view.group.name.clone(),
+        revision_id: view.revision.id.clone(),
+        status: state.status.clone(),
+        status_message: state.message.clone(),
+        spec: spec_of(&view.revision),
+        created_at: Some(timestamp(view.group.created_at)),
+        updated_at: Some(timestamp(view.group.updated_at)),
+        deleted_at: view.group.deleted_at.map(timestamp),
+        web_url: (!deleted).then(|| format!("{base}{}", Ingress::path_of(&view.environment_name, &view.group.name))),
+        ready_replicas: state.ready as i32,
+        available_replicas: state.ready as i32,
+        metadata: [("desired_replicas", state.desired as f64), ("running_replicas", state.running as f64)]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), prost_types::Value { kind: Some(prost_types::value::Kind::NumberValue(v)) }))
+            .chain(std::iter::once((
+                "replicas".to_string(),
+                prost_types::Value {
+                    kind: Some(prost_types::value::Kind::ListValue(prost_types::ListValue {
+                        values: state
+                            .replicas
+                            .iter()
+                            .map(|id| prost_types::Value {
+                                kind: Some(prost_types::value::Kind::StringValue(id.clone())),
+                            })
+                            .collect(),
+                    })),
+                },
+            )))
+            .collect(),
+        status_details: state.details.clone(),
+        created_by: Some(view.group.created_by.clone()),
+        cluster_id: "local".into(),
+    }
+}
+
+fn revision_response(group: &compute_store::ScalingGroupRecord, rev: &RevisionRecord) -> ScalingGroupRevisionResponse {
+    let latest = group.revision_id == rev.id;
+    let status = match (group.deleted_at.is_some(), latest) {
+        (true, _) => "Deleted",
+        (false, true) => "Active",
+        (false, false) => "Superseded",
+    };
+    ScalingGroupRevisionResponse {
+        id: rev.id.clone(),
+        scaling_group_id: group.id.clone(),
+        scaling_group_name: group.name.clone(),
+        status: status.into(),
+        status_message: None,
+        spec: spec_of(rev),
+        created_at: Some(timestamp(rev.created_at)),
+        metadata: [(
+            "revision_number".to_string(),
+            prost_types::Value { kind: Some(prost_types::value::Kind::NumberValue(rev.number as f64)) },
+        )]
+        .into_iter()
+        .collect(),
+        latest,
+        deleted_at: group.deleted_at.map(timestamp),
+        status_details: None,
+        created_by: Some(rev.created_by.clone()),
+    }
+}
+
+/// The revision a traffic update sends every request to (`None`: the latest). Splits are not served.
+fn one_target(traffic: &ScalingGroupTraffic) -> Result<Option<String>, Status> {
+    use scaling_group_traffic_target::RevisionTarget;
+    let [target] = traffic.targets.as_slice() else {
+        return Err(Status::unimplemented(
+            "traffic: splitting traffic between revisions is not implemented by this server yet; give one target \
+             with percent 100",
+        ));
+    };
+    if target.percent != 100 {
+        return Err(Status::unimplemented(format!(
+            "traffic.targets[0].percent {}: splitting traffic between revisions is not implemented by this server \
+             yet; give one target with percent 100",
+            target.percent
+        )));
+    }
+    match &target.revision_target {
+        Some(RevisionTarget::ScalingGroupRevisionId(id)) if !id.is_empty() => Ok(Some(id.clone())),
+        Some(RevisionTarget::LatestRevision(_)) => Ok(None),
+        _ => Err(invalid("traffic.targets[0] needs scaling_group_revision_id or latest_revision")),
+    }
+}
+
+/// Checks a spec on the way in, so a bad one is refused with the field's name before anything is recorded.
+fn checked_wire(spec: Option<ScalingGroupSpec>) -> Result<Vec<u8>, Status> {
+    let spec = spec.ok_or_else(|| invalid("spec is required"))?;
+    let wire = spec.encode_to_vec();
+    group_spec(spec)?;
+    Ok(wire)
+}
+
+fn group_key(key: Option<&get_scaling_group_revision_request::ScalingGroupKey>) -> (Option<String>, Option<String>) {
+    use get_scaling_group_revision_request::ScalingGroupKey as K;
+    match key {
+        Some(K::ScalingGroupId(id)) => (Some(id.clone()), None),
+        Some(K::ScalingGroupName(n)) => (None, Some(n.clone())),
+        None => (None, None),
+    }
+}
+
+#[tonic::async_trait]
+impl ScalingGroupManagerService for ScalingApi {
+    async fn create_scaling_group(
+        &self,
+        req: Request<CreateScalingGroupRequest>,
+    ) -> Result<Response<CreateScalingGroupResponse>, Status> {
+        let who = principal(&req)?.clone();
+        let base = base_url(&req);
+        let wire = checked_wire(req.into_inner().spec)?;
+        let view = self.groups.create(&who, wire).map_err(from_control)?;
+        Ok(Response::new(CreateScalingGroupResponse { scaling_group: Some(response(&view, &base)) }))
+    }
+
+    async fn update_scaling_group(
+        &self,
+        req: Request<UpdateScalingGroupRequest>,
+    ) -> Result<Response<UpdateScalingGroupResponse>, Status> {
+        let who = principal(&req)?.clone();
+        let base = base_url(&req);
+        let r = req.into_inner();
+        if r.scaling_group_id.is_empty() {
+            return Err(invalid("scaling_group_id is required"));
+        }
+        let paths: Vec<&str> =
+            r.update_mask.as_ref().map(|m| m.paths.iter().map(String::as_str).collect()).unwrap_or_default();
+        if let Some(p) = paths.iter().find(|p| !matches!(**p, "spec" | "traffic")) {
+            return Err(invalid(format!(
+                "update_mask path {p:?} is not supported: update the whole \"spec\", or select a revision with \"traffic\""
+            )));
+        }
+        let traffic = r.traffic.filter(|t| !t.targets.is_empty());
+        let wants_traffic = paths.contains(&"traffic") || (paths.is_empty() && traffic.is_some());
+        let wants_spec = paths.contains(&"spec") || (paths.is_empty() && r.spec.is_some());
+        if wants_traffic && wants_spec {
+            return Err(invalid("update either the spec or the traffic in one call, not both"));
+        }
+        if wants_traffic {
+            let traffic = traffic.ok_or_else(|| invalid("traffic.targets is required with update_mask \"traffic\""))?;
+            let revision = one_target(&traffic)?;
+            let view =
+                self.groups.select_revision(&who, &r.scaling_group_id, revision.as_deref()).map_err(from_control)?;
+            return Ok(Response::new(UpdateScalingGroupResponse { scaling_group: Some(response(&view, &base)) }));
+        }
+        let wire = checked_wire(r.spec)?;
+        let view = self.groups.update(&who, &r.scaling_group_id, wire).map_err(from_control)?;
+        Ok(Response::new(UpdateScalingGroupResponse { scaling_group: Some(response(&view, &base)) }))
+    }
+
+    async fn get_scaling_group(
+        &self,
+        req: Request<GetScalingGroupRequest>,
+    ) -> Result<Response<GetScalingGroupResponse>, Status> {
+        let who = principal(&req)?.clone();
+        let base = base_url(&req);
+        let r = req.into_inner();
+        let view = self
+            .groups
+            .get(&who, r.id.as_deref(), r.name.as_deref(), r.include_deleted.unwrap_or(false))
+            .map_err(from_control)?;
+        Ok(Response::new(GetScalingGroupResponse { scaling_group: Some(response(&view, &base)) }))
+    }
+
+    async fn list_scaling_groups(
+        &self,
+        req: Request<ListScalingGroupsRequest>,
+    ) -> Result<Response<ListScalingGroupsResponse>, Status> {
+        let who = principal(&req)?.clone();
+        let base = base_url(&req);
+        let r = req.into_inner();
+        let (limit, offset) = page(r.limit, r.cursor.as_deref())?;
+        let views =
+            self.groups.list(&who, r.include_deleted.unwrap_or(false), limit + 1, offset).map_err(from_control)?;
+        let more = views.len() > limit as usize;
+        let filters = r.filters.unwrap_or_default();
+        let scaling_groups = views
+            .iter()
+            .take(limit as usize)
+            .filter(|v| {
+                filters.statuses.is_empty() || filters.statuses.iter().any(|s| s.eq_ignore_ascii_case(&v.state.status))
+            })
+            .filter(|v| filters.created_by.is_empty() || filters.created_by.contains(&v.group.created_by))
+            .filter(|v| {
+                filters.images.is_empty()
+                    || spec_of(&v.revision)
+                        .and_then(|s| s.container_spec)
+                        .is_some_and(|c| filters.images.contains(&c.image))
+            })
+            .filter(|v| r.search.is_empty() || v.group.name.contains(&r.search) || v.group.id.contains(&r.search))
+            .map(|v| response(v, &base))
+            .collect();
+        Ok(Response::new(ListScalingGroupsResponse {
+            scaling_groups,
+            next_cursor: more.then(|| (offset + limit).to_string()),
+        }))
+    }
+
+    async fn delete_scaling_group(
+        &self,
+        req: Request<DeleteScalingGroupRequest>,
+    ) -> Result<Response<DeleteScalingGroupResponse>, Status> {
+        let who = principal(&req)?.clone();
+        let base = base_url(&req);
+        let r = req.into_inner();
+        let view = self.groups.delete(&who, r.id.as_deref(), r.name.as_deref()).await.map_err(from_control)?;
+        Ok(Response::new(DeleteScalingGroupResponse { scaling_group: Some(response(&view, &base)) }))
+    }
+
+    async fn get_scaling_group_revision(
+        &self,
+        req: Request<GetScalingGroupRevisionRequest>,
+    ) -> Result<Response<GetScalingGroupRevisionResponse>, Status> {
+        let who = principal(&req)?.clone();
+        let r = req.into_inner();
+        if r.revision_id.is_empty() {
+            return Err(invalid("revision_id is required"));
+        }
+        let (id, name) = group_key(r.scaling_group_key.as_ref());
+        let (group, rev) = self
+            .groups
+            .revision(&who, id.as_deref(), name.as_deref(), &r.revision_id, r.include_deleted.unwrap_or(false))
+            .map_err(from_control)?;
+        Ok(Response::new(GetScalingGroupRevisionResponse { revision: Some(revision_response(&group, &rev)) }))
+    }
+
+    async fn list_scaling_group_revisions(
+        &self,
+        req: Request<ListScalingGroupRevisionsRequest>,
+    ) -> Result<Response<ListScalingGroupRevisionsResponse>, Status> {
+        use list_scaling_group_revisions_request::ScalingGroupKey as K;
+        let who = principal(&req)?.clone();
+        let r = req.into_inner();
+        let (id, name) = match r.scaling_group_key {
+            Some(K::ScalingGroupId(id)) => (Some(id), None),
+            Some(K::ScalingGroupName(n)) => (None, Some(n)),
+            None => (None, None),
+        };
+        let (limit, offset) = page(r.limit, r.cursor.as_deref())?;
+        let (group, revs) = self
+            .groups
+            .revisions(&who, id.as_deref(), name.as_deref(), r.include_deleted.unwrap_or(false), limit + 1, offset)
+            .map_err(from_control)?;
+        let more = revs.len() > limit as usize;
+        Ok(Response::new(ListScalingGroupRevisionsResponse {
+            revisions: revs.iter().take(limit as usize).map(|rev| revision_response(&group, rev)).collect(),
+            next_cursor: more.then(|| (offset + limit).to_string()),
+        }))
+    }
+}

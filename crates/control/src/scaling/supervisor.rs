@@ -1,0 +1,434 @@
+//! One group's supervisor: a loop that reads the group's record and revision, follows its replicas' records,
+//! checks their readiness, asks the autoscaler for a count, starts and stops replicas to match (rolling onto a new
+//! revision once its replicas are ready), and publishes the ready ones to the ingress and the state to readers.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use compute_ingress::{ColdPolicy, GroupRoute, RouteSettings};
+use compute_store::{SandboxStatus, ScalingGroupRecord};
+use futures_util::future::join_all;
+use tokio::sync::{watch, Notify};
+
+use super::autoscale::{Autoscaler, Bounds};
+use super::{probe, GroupSpec, GroupState, ScalingGroups};
+use crate::{ids, Principal};
+
+/// Failures of a revision's replicas in a row, none of them ever ready, after which the group reports Failed.
+const FAILED_AFTER: u32 = 3;
+/// Longest wait between restarts of a failing replica.
+const MAX_BACKOFF: Duration = Duration::from_secs(60);
+/// How often a replica that is not ready yet is checked.
+const STARTUP_PROBE_EVERY: Duration = Duration::from_millis(100);
+
+struct Replica {
+    id: String,
+    revision_id: String,
+    addr: Option<SocketAddr>,
+    ready: bool,
+    ever_ready: bool,
+    failed_probes: u32,
+    next_probe: Instant,
+    last_probe_error: Option<String>,
+    /// Asked to stop (the group shrank or rolled over); it leaves the route at once.
+    stopping: bool,
+}
+
+struct Supervisor {
+    groups: Arc<ScalingGroups>,
+    group: ScalingGroupRecord,
+    principal: Principal,
+    route: Arc<GroupRoute>,
+    replicas: Vec<Replica>,
+    specs: HashMap<String, Arc<GroupSpec>>,
+    autoscaler: Autoscaler,
+    /// Replica failures of the current revision in a row (reset when one becomes ready).
+    failures: u32,
+    last_failure: Option<(String, Option<String>)>,
+    next_start: Instant,
+}
+
+pub(super) async fn run(
+    groups: Arc<ScalingGroups>,
+    group: ScalingGroupRecord,
+    wake: Arc<Notify>,
+    state: watch::Sender<GroupState>,
+) {
+    let principal = Principal {
+        client_id: group.created_by.clone(),
+        environment_id: group.environment_id.clone(),
+        expires_at: i64::MAX,
+    };
+    let env_name = groups
+        .store
+        .read(|r| r.environments().get(&group.environment_id))
+        .ok()
+        .flatten()
+        .map(|e| e.name)
+        .unwrap_or_else(|| group.environment_id.clone());
+    let route = GroupRoute::new(
+        group.environment_id.clone(),
+        RouteSettings {
+            protocol: compute_ingress::UpstreamProtocol::Http1,
+            authenticated: true,
+            cold: ColdPolicy::Hold(groups.config.hold),
+        },
+    );
+    let mut sup = Supervisor {
+        groups: groups.clone(),
+        group: group.clone(),
+        principal,
+        route: route.clone(),
+        replicas: Vec::new(),
+        specs: HashMap::new(),
+        autoscaler: Autoscaler::default(),
+        failures: 0,
+        last_failure: None,
+        next_start: Instant::now(),
+    };
+    // Settings first, so the route never serves with defaults the spec does not have.
+    if let Some(spec) = sup.spec(&group.revision_id) {
+        route.set_settings(sup.route_settings(&spec));
+    }
+    groups.ingress.insert(&env_name, &group.name, route.clone());
+    let mut stopping = groups.stopping.subscribe();
+    let mut tick = tokio::time::interval(groups.config.tick);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = route.demanded() => {}
+            () = wake.notified() => {}
+            _ = stopping.wait_for(|s| *s) => {
+                groups.ingress.remove(&env_name, &group.name, &route);
+                return;
+            }
+        }
+        let record = match groups.store.read(|r| r.scaling_groups().get(&group.environment_id, &group.id)) {
+            Ok(Some(r)) => r,
+            Ok(None) => break,
+            Err(e) => {
+                tracing::error!(group = %group.id, error = %e, "reading a scaling group failed");
+                continue;
+            }
+        };
+        if record.deleted_at.is_some() {
+            break;
+        }
+        sup.group = record;
+        state.send_replace(sup.step().await);
+    }
+    groups.ingress.remove(&env_name, &group.name, &route);
+    sup.stop_all("its scaling group was deleted").await;
+    state.send_replace(GroupState {
+        status: "Deleted".into(),
+        message: Some("the group was deleted".into()),
+        ..GroupState::default()
+    });
+}
+
+impl Supervisor {
+    fn spec(&mut self, revision_id: &str) -> Option<Arc<GroupSpec>> {
+        if let Some(s) = self.specs.get(revision_id) {
+            return Some(s.clone());
+        }
+        let rev = self.groups.store.read(|r| r.scaling_groups().revision(&self.group.id, revision_id)).ok()??;
+        match (self.groups.parse)(&rev.spec) {
+            Ok(spec) => {
+                let spec = Arc::new(spec);
+                self.specs.insert(revision_id.to_string(), spec.clone());
+                Some(spec)
+            }
+            Err(e) => {
+                tracing::error!(group = %self.group.id, revision = revision_id, error = %e, "a stored revision does not parse");
+                None
+            }
+        }
+    }
+
+    fn route_settings(&self, spec: &GroupSpec) -> RouteSettings {
+        RouteSettings {
+            protocol: spec.protocol,
+            authenticated: spec.authenticated,
+            cold: if spec.hold_requests { ColdPolicy::Hold(self.groups.config.hold) } else { ColdPolicy::Error },
+        }
+    }
+
+    /// One pass: follow, check, scale, publish. Returns the state to show.
+    async fn step(&mut self) -> GroupState {
+        let revision_id = self.group.revision_id.clone();
+        let Some(spec) = self.spec(&revision_id) else {
+            return GroupState {
+                status: "Failed".into(),
+                message: Some(format!("revision {revision_id} of this group cannot be read; update the group")),
+                ..GroupState::default()
+            };
+        };
+        self.route.set_settings(self.route_settings(&spec));
+        self.follow(&revision_id);
+        self.check_readiness(&spec).await;
+
+        let config = &self.groups.config;
+        let bounds = Bounds {
+            min: spec.min_replicas,
+            max: spec.max_replicas,
+            target_concurrency: config.target_concurrency,
+            window: spec.window.unwrap_or(config.default_window),
+            shutdown_delay: spec.shutdown_delay.unwrap_or(config.default_shutdown_delay),
+        };
+        let desired = self.autoscaler.desired(
+            Instant::now(),
+            self.route.in_flight(),
+            self.route.served(),
+            self.route.take_starved(),
+            bounds,
+        );
+        self.converge(desired, &revision_id, &spec).await;
+
+        let ready: Vec<(String, SocketAddr)> = self
+            .replicas
+            .iter()
+            .filter(|r| r.ready && !r.stopping)
+            .filter_map(|r| r.addr.map(|a| (r.id.clone(), a)))
+            .collect();
+        let ready_count = ready.len() as u32;
+        if ready.len() != self.route.replicas().len()
+            || ready.iter().zip(self.route.replicas()).any(|((id, _), u)| *id != u.id)
+        {
+            self.route.set_replicas(ready);
+        }
+        self.state(desired, ready_count)
+    }
+
+    /// Updates each replica from its record; a finished one leaves (and counts as a failure of its revision if it
+    /// never became ready).
+    fn follow(&mut self, revision_id: &str) {
+        let mut ended = Vec::new();
+        for r in &mut self.replicas {
+            let rec = match self.groups.workloads.record(&self.group.environment_id, &r.id) {
+                Ok(Some(rec)) => rec,
+                Ok(None) => {
+                    ended.push((r.id.clone(), None));
+                    continue;
+                }
+                Err(_) => continue,
+            };
+            match rec.status {
+                SandboxStatus::Running if r.addr.is_none() => {
+                    // Its port, on its address in the sandbox network.
+                    if let Some(ip) = self.groups.workloads.address(&r.id) {
+                        r.addr = self.specs.get(&r.revision_id).map(|s| SocketAddr::from((ip, s.port)));
+                    }
+                }
+                SandboxStatus::Running | SandboxStatus::Pending => {}
+                _ => ended.push((r.id.clone(), Some(rec))),
+            }
+        }
+        for (id, rec) in ended {
+            let Some(pos) = self.replicas.iter().position(|r| r.id == id) else { continue };
+            let r = self.replicas.remove(pos);
+            if r.stopping || r.revision_id != revision_id {
+                continue;
+            }
+            let message =
+                rec.as_ref().and_then(|rec| rec.status_message.clone()).unwrap_or_else(|| "its record is gone".into());
+            tracing::warn!(group = %self.group.name, replica = %id, message, "replica ended");
+            if !r.ever_ready {
+                self.failures += 1;
+            }
+            let details = rec.and_then(|rec| rec.status_details);
+            self.last_failure = Some((format!("replica {id} ended: {message}"), details));
+            let backoff = Duration::from_secs(1 << self.failures.saturating_sub(1).min(6)).min(MAX_BACKOFF);
+            self.next_start = Instant::now() + if self.failures == 0 { Duration::ZERO } else { backoff };
+        }
+    }
+
+    /// Checks the replicas that are due, all at once.
+    async fn check_readiness(&mut self, spec: &GroupSpec) {
+        let now = Instant::now();
+        let due: Vec<(usize, SocketAddr, probe::ProbeSpec)> = self
+            .replicas
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| !r.stopping && r.next_probe <= now)
+            .filter_map(|(i, r)| {
+                let probe = self.specs.get(&r.revision_id).map(|s| s.probe.clone()).unwrap_or(spec.probe.clone());
+                r.addr.map(|a| (i, a, probe))
+            })
+            .collect();
+        if due.is_empty() {
+            return;
+        }
+        let results = join_all(due.iter().map(|(_, addr, p)| probe::check(*addr, p))).await;
+        let current = self.group.revision_id.clone();
+        for ((i, _, p), result) in due.into_iter().zip(results) {
+            let r = &mut self.replicas[i];
+            match result {
+                Ok(()) => {
+                    if !r.ready {
+                        tracing::info!(group = %self.group.name, replica = %r.id, "replica ready");
+                        if r.revision_id == current {
+                            self.failures = 0;
+                        }
+                    }
+                    r.ready = true;
+                    r.ever_ready = true;
+                    r.failed_probes = 0;
+                    r.last_probe_error = None;
+                }
+                Err(e) => {
+                    r.failed_probes += 1;
+                    if r.ready && r.failed_probes >= p.failure_threshold {
+                        tracing::warn!(group = %self.group.name, replica = %r.id, error = %e, "replica not ready");
+                        r.ready = false;
+                    }
+                    r.last_probe_error = Some(e);
+                }
+            }
+            r.next_probe = Instant::now() + if r.ready { p.period } else { STARTUP_PROBE_EVERY };
+        }
+    }
+
+    /// Starts and stops replicas so the current revision has `desired`, and retires the old revision's once the
+    /// current one serves.
+    async fn converge(&mut self, desired: u32, revision_id: &str, spec: &Arc<GroupSpec>) {
+        let current: Vec<usize> = (0..self.replicas.len())
+            .filter(|&i| self.replicas[i].revision_id == revision_id && !self.replicas[i].stopping)
+            .collect();
+        let have = current.len() as u32;
+        if have < desired && Instant::now() >= self.next_start {
+            for _ in have..desired {
+                if !self.start(revision_id, spec) {
+                    break;
+                }
+            }
+        }
+        let mut to_stop: Vec<String> = Vec::new();
+        if have > desired {
+            // Not-ready ones first, then the newest.
+            let mut extra: Vec<&Replica> = current.iter().map(|&i| &self.replicas[i]).collect();
+            extra.sort_by_key(|r| r.ready);
+            to_stop.extend(extra.iter().take((have - desired) as usize).map(|r| r.id.clone()));
+        }
+        let ready_current = self.replicas.iter().filter(|r| r.revision_id == revision_id && r.ready).count() as u32;
+        let rolled_over = ready_current >= desired.min(have.max(1)) || desired == 0;
+        for r in &self.replicas {
+            if r.revision_id != revision_id && !r.stopping && (rolled_over || !r.ready) {
+                to_stop.push(r.id.clone());
+            }
+        }
+        if !to_stop.is_empty() {
+            self.stop(&to_stop, "its scaling group no longer needs it");
+        }
+    }
+
+    /// Starts one replica of the current revision; false when it could not be created.
+    fn start(&mut self, revision_id: &str, spec: &Arc<GroupSpec>) -> bool {
+        let mut req = spec.replica.clone();
+        let number = self
+            .groups
+            .store
+            .read(|r| r.scaling_groups().revision(&self.group.id, revision_id))
+            .ok()
+            .flatten()
+            .map(|r| r.number)
+            .unwrap_or(0);
+        let suffix = format!("-r{number}-{}", ids::random_token(6));
+        let base: String = self.group.name.chars().take(63 - suffix.len()).collect();
+        req.name = format!("{}{suffix}", base.trim_end_matches('-'));
+        match self.groups.workloads.create(&self.principal, req) {
+            Ok(rec) => {
+                tracing::info!(group = %self.group.name, replica = %rec.id, name = %rec.name, "replica starting");
+                self.replicas.push(Replica {
+                    id: rec.id,
+                    revision_id: revision_id.to_string(),
+                    addr: None,
+                    ready: false,
+                    ever_ready: false,
+                    failed_probes: 0,
+                    next_probe: Instant::now(),
+                    last_probe_error: None,
+                    stopping: false,
+                });
+                true
+            }
+            Err(e) => {
+                self.failures += 1;
+                self.last_failure = Some((format!("starting a replica failed: {e}"), None));
+                let backoff = Duration::from_secs(1 << self.failures.saturating_sub(1).min(6)).min(MAX_BACKOFF);
+                self.next_start = Instant::now() + backoff;
+                false
+            }
+        }
+    }
+
+    /// Takes replicas out of the route and stops them in the background (their volumes are synced).
+    fn stop(&mut self, ids: &[String], why: &'static str) {
+        for r in self.replicas.iter_mut().filter(|r| ids.contains(&r.id)) {
+            r.stopping = true;
+            r.ready = false;
+            tracing::info!(group = %self.group.name, replica = %r.id, why, "replica stopping");
+            let workloads = self.groups.workloads.clone();
+            let env = self.group.environment_id.clone();
+            let id = r.id.clone();
+            tokio::spawn(async move {
+                if let Err(e) = workloads.terminate_with(&env, &id, Duration::from_secs(10), why).await {
+                    tracing::warn!(replica = %id, error = %e, "stopping a replica failed");
+                }
+            });
+        }
+    }
+
+    /// Stops every replica and waits for them (the group was deleted).
+    async fn stop_all(&mut self, why: &'static str) {
+        let workloads = self.groups.workloads.clone();
+        let env = self.group.environment_id.clone();
+        let stops = self.replicas.drain(..).map(|r| {
+            let workloads = workloads.clone();
+            let env = env.clone();
+            async move {
+                if let Err(e) = workloads.terminate_with(&env, &r.id, Duration::from_secs(10), why).await {
+                    tracing::warn!(replica = %r.id, error = %e, "stopping a replica failed");
+                }
+            }
+        });
+        join_all(stops).await;
+    }
+
+    fn state(&self, desired: u32, ready: u32) -> GroupState {
+        let live: Vec<&Replica> = self.replicas.iter().filter(|r| !r.stopping).collect();
+        let running = live.iter().filter(|r| r.addr.is_some()).count() as u32;
+        let replicas = live.iter().map(|r| r.id.clone()).collect();
+        let (status, message, details) = if ready > 0 {
+            let msg = if ready < desired {
+                format!("{ready} of {desired} replicas ready")
+            } else {
+                format!("{ready} replica{} ready", if ready == 1 { "" } else { "s" })
+            };
+            ("Running", Some(msg), None)
+        } else if self.failures >= FAILED_AFTER {
+            let (msg, details) = self.last_failure.clone().unwrap_or_default();
+            (
+                "Failed",
+                Some(format!(
+                    "replicas keep failing before they become ready ({} in a row); last: {msg}",
+                    self.failures
+                )),
+                details,
+            )
+        } else if desired == 0 && live.is_empty() {
+            ("ScaledToZero", Some("no replicas: a request starts one".to_string()), None)
+        } else {
+            let waiting = live.iter().find_map(|r| {
+                r.last_probe_error.clone().map(|e| format!("waiting for replica {} to be ready: {e}", r.id))
+            });
+            let msg = waiting
+                .or_else(|| self.last_failure.as_ref().map(|(m, _)| format!("retrying: {m}")))
+                .unwrap_or_else(|| format!("starting {desired} replica{}", if desired == 1 { "" } else { "s" }));
+            ("Pending", Some(msg), None)
+        };
+        GroupState { status: status.into(), message, details, ready, running, desired, replicas }
+    }
+}

@@ -1,0 +1,89 @@
+//! Compute's ingress: the HTTP router in front of scaling groups.
+//!
+//! A group is reached at `/sg/<environment>/<group>/…` on the API listener, over HTTP/1.1 or HTTP/2 (the SDK's
+//! `ScalingGroup.call` speaks only HTTP/2). Each request goes to the ready replica with the fewest requests in
+//! flight; while none is ready it is held (scaling up from zero) or answered 503, as the group's spec says. The
+//! per-group in-flight count is the autoscaler's concurrency signal. Which replicas are ready is decided by the
+//! control plane, which keeps each group's [`GroupRoute`] up to date.
+
+#![warn(missing_docs)]
+
+mod body;
+mod proxy;
+mod route;
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+pub use body::IngressBody;
+pub use route::{ColdPolicy, GroupRoute, RouteSettings, Upstream, UpstreamProtocol};
+
+/// The path prefix groups are served under.
+pub const PREFIX: &str = "/sg/";
+
+/// The routes of every live scaling group, and the HTTP clients that reach their replicas.
+pub struct Ingress {
+    routes: RwLock<HashMap<String, Arc<GroupRoute>>>,
+    clients: proxy::Clients,
+}
+
+impl Default for Ingress {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Ingress {
+    /// An ingress with no routes.
+    pub fn new() -> Self {
+        Self { routes: RwLock::default(), clients: proxy::Clients::new() }
+    }
+
+    /// The path under which a group is served (`/sg/<environment>/<group>`), without a trailing slash.
+    pub fn path_of(environment: &str, group: &str) -> String {
+        format!("{PREFIX}{environment}/{group}")
+    }
+
+    /// Serves a group at `/sg/<environment>/<group>`, replacing any route there.
+    pub fn insert(&self, environment: &str, group: &str, route: Arc<GroupRoute>) {
+        self.routes.write().unwrap_or_else(|p| p.into_inner()).insert(format!("{environment}/{group}"), route);
+    }
+
+    /// Stops serving a group (only if `route` is still the one there) and closes its route.
+    pub fn remove(&self, environment: &str, group: &str, route: &Arc<GroupRoute>) {
+        let mut routes = self.routes.write().unwrap_or_else(|p| p.into_inner());
+        let key = format!("{environment}/{group}");
+        if routes.get(&key).is_some_and(|r| Arc::ptr_eq(r, route)) {
+            routes.remove(&key);
+        }
+        route.close();
+    }
+
+    /// The route a path under [`PREFIX`] names, and the rest of the path to send to the replica (`/` at least).
+    /// `None` when no group is served there.
+    pub fn lookup(&self, path_after_prefix: &str) -> Option<(Arc<GroupRoute>, String)> {
+        let mut parts = path_after_prefix.splitn(3, '/');
+        let environment = parts.next()?;
+        let group = parts.next()?;
+        let rest = format!("/{}", parts.next().unwrap_or(""));
+        let route =
+            self.routes.read().unwrap_or_else(|p| p.into_inner()).get(&format!("{environment}/{group}")).cloned()?;
+        Some((route, rest))
+    }
+
+    /// Proxies `req` to one of the route's replicas, as `rest` (path and query) on the replica. `prefix` is the
+    /// path the group is served under (sent as `x-forwarded-prefix`).
+    pub async fn proxy<B>(
+        &self,
+        route: &Arc<GroupRoute>,
+        prefix: &str,
+        rest: &str,
+        req: http::Request<B>,
+    ) -> http::Response<IngressBody>
+    where
+        B: http_body::Body<Data = bytes::Bytes> + Send + Unpin + 'static,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        proxy::forward(&self.clients, route, prefix, rest, req).await
+    }
+}

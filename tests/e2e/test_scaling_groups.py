@@ -1,0 +1,350 @@
+"""Scaling groups against the official SDK: program (c) verbatim, replicas behind the HTTP/2 ingress, volume mounts,
+autoscaling up and down (and to zero), rolling updates and rollbacks, failures that say why, authentication, a
+server restart, and bad specs refused naming the field."""
+import json
+import os
+import textwrap
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from conftest import PROGRAMS, Server, require_root, run_program, sdk_ok
+
+ALIASES = '[image_aliases]\n"python:3.12-slim-trixie" = "python:3.13-slim-trixie"\n'
+IMAGE = "python:3.13-slim-trixie"
+SG = "chalk.scalinggroup.v1.ScalingGroupManagerService"
+
+# A replica: answers on 8080 with its own id, a file's content, a write into a mounted volume, or a slow answer.
+APP = textwrap.dedent('''
+    import http.server, os, socket, sys, time, urllib.parse
+    class H(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+        def do_GET(self):
+            u = urllib.parse.urlparse(self.path); q = dict(urllib.parse.parse_qsl(u.query))
+            if u.path == "/health":
+                body = b"ok"
+            elif u.path == "/whoami":
+                body = (socket.gethostname() + " " + os.environ.get("VERSION", "")).encode()
+            elif u.path == "/file":
+                body = open(q["p"], "rb").read()
+            elif u.path == "/write":
+                with open(q["p"], "w") as f:
+                    f.write(socket.gethostname())
+                body = b"written"
+            elif u.path == "/slow":
+                time.sleep(float(q.get("s", "2"))); body = b"slow"
+            elif u.path == "/headers":
+                body = "\\n".join(f"{k.lower()}: {v}" for k, v in self.headers.items()).encode()
+            else:
+                self.send_response(404); self.send_header("content-length", "0"); self.end_headers(); return
+            self.send_response(200); self.send_header("content-length", str(len(body))); self.end_headers()
+            self.wfile.write(body)
+        def log_message(self, *a):
+            pass
+    http.server.ThreadingHTTPServer(("0.0.0.0", 8080), H).serve_forever()
+''')
+ENTRY = ["python", "-c", APP]
+
+
+@pytest.fixture(scope="module")
+def srv(tmp_path_factory):
+    s = Server(tmp_path_factory.mktemp("sg") / "data", config=ALIASES)
+    yield s
+    s.stop()
+
+
+def sdk(server, body, timeout=600):
+    prelude = f"from chalkcompute import ScalingGroup, Volume\nIMAGE = {IMAGE!r}\nENTRY = {ENTRY!r}\n"
+    return sdk_ok(server, prelude, body, timeout).stdout
+
+
+def rpc(server, method, body, code=200):
+    status, out = server.connect(f"{SG}/{method}", body, token=server.token())
+    assert status == code, (status, out)
+    return out
+
+
+def group(server, name):
+    return rpc(server, "GetScalingGroup", {"name": name})["scalingGroup"]
+
+
+def wait_for(what, check, timeout=90):
+    deadline = time.time() + timeout
+    last = None
+    while time.time() < deadline:
+        ok, last = check()
+        if ok:
+            return last
+        time.sleep(0.25)
+    raise AssertionError(f"timed out waiting for {what}; last: {last}")
+
+
+def live_sandboxes(server):
+    """Sandboxes the server's runtime holds now (each has a working directory until it is torn down)."""
+    d = server.data_dir / "sandboxes"
+    return sorted(p.name for p in d.iterdir() if p.name.startswith("sbx-")) if d.exists() else []
+
+
+def http_get(url, token=None, timeout=30):
+    req = urllib.request.Request(url)
+    if token:
+        req.add_header("authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def test_program_c_verbatim_through_an_operator_alias(srv):
+    require_root()
+    proc = run_program(PROGRAMS / "c_scaling_group.py", srv.sdk_env())
+    assert proc.returncode == 0, proc.stderr
+    assert "WEB_URL: http://" in proc.stdout and "/sg/default/hello-api" in proc.stdout, proc.stdout
+    assert "CALL: 200" in proc.stdout and '"ok":true' in proc.stdout.replace(" ", ""), proc.stdout
+    # Deleting waits for the replicas, so none is left and the group reads as deleted.
+    assert rpc(srv, "GetScalingGroup", {"name": "hello-api"}, code=404)
+    deleted = rpc(srv, "GetScalingGroup", {"name": "hello-api", "includeDeleted": True})["scalingGroup"]
+    assert deleted["status"] == "Deleted" and "webUrl" not in deleted, deleted
+    assert not live_sandboxes(srv)
+
+
+def test_replicas_serve_a_mounted_volume_and_their_writes_become_versions(srv):
+    require_root()
+    out = sdk(srv, """
+        vol = Volume("sg-data")
+        vol.put_file("greeting.txt", b"hello from the volume")
+        before = vol.latest_version().id
+        sg = ScalingGroup(image=IMAGE, name="vol-api", entrypoint=ENTRY, port=8080, min_replicas=2,
+                          max_replicas=2, volumes=[("sg-data", "/data")]).deploy().wait_ready()
+        r = sg.call("/file?p=/data/greeting.txt", method="GET")
+        print("READ", r.status, bytes(r.content))
+        hosts = set()
+        for i in range(40):
+            hosts.add(bytes(sg.call("/whoami", method="GET").content).decode().split()[0])
+            if len(hosts) == 2:
+                break
+        print("HOSTS", len(hosts))
+        for i in range(8):
+            sg.call(f"/write?p=/data/out-{i}.txt", method="GET")
+        sg.delete()
+        vol = Volume("sg-data")
+        files = sorted(f.path for f in vol.listdir() if f.path.startswith("out-"))
+        print("FILES", files)
+        print("WRITERS", sorted({vol.read_file(f).decode() for f in files}) == sorted(hosts))
+        print("NEWER", vol.latest_version().id > before)
+    """)
+    assert "READ 200 b'hello from the volume'" in out, out
+    assert "HOSTS 2" in out, out
+    assert "FILES ['out-0.txt', 'out-1.txt', 'out-2.txt', 'out-3.txt', 'out-4.txt', 'out-5.txt', 'out-6.txt', " \
+           "'out-7.txt']" in out, out
+    assert "WRITERS True" in out and "NEWER True" in out, out
+
+
+def test_scales_up_under_load_and_back_down_after_the_delay(srv):
+    require_root()
+    sdk(srv, """
+        ScalingGroup(image=IMAGE, name="busy-api", entrypoint=ENTRY, port=8080, min_replicas=1, max_replicas=3,
+                     scaling_interval_seconds=1, shutdown_delay_seconds=4).deploy().wait_ready()
+    """)
+    g = group(srv, "busy-api")
+    assert g.get("readyReplicas", 0) == 1, g
+    url = g["webUrl"]
+    results = []
+
+    def hit():
+        results.append(http_get(f"{url}/slow?s=3", timeout=120))
+
+    # 40 requests in flight at 8 per replica want 5 replicas: capped at 3.
+    threads = [threading.Thread(target=hit) for _ in range(40)]
+    for t in threads:
+        t.start()
+    peak = wait_for("3 ready replicas", lambda: ((g := group(srv, "busy-api")).get("readyReplicas", 0) == 3, g))
+    assert peak["metadata"]["desired_replicas"] == 3, peak
+    for t in threads:
+        t.join()
+    assert all(r == (200, "slow") for r in results), results
+    wait_for("back to 1 replica", lambda: ((g := group(srv, "busy-api")).get("readyReplicas", 0) == 1
+                                           and g["metadata"]["running_replicas"] == 1, g))
+    rpc(srv, "DeleteScalingGroup", {"name": "busy-api"})
+
+
+def test_scales_to_zero_and_a_request_starts_a_replica(srv):
+    require_root()
+    sdk(srv, """
+        sg = ScalingGroup(image=IMAGE, name="lazy-api", entrypoint=ENTRY, port=8080, min_replicas=0, max_replicas=1,
+                          shutdown_delay_seconds=2).deploy()
+        print("DEPLOYED", sg.info.status)
+    """)
+    assert group(srv, "lazy-api")["status"] == "ScaledToZero"
+    out = sdk(srv, """
+        sg = ScalingGroup.from_name("lazy-api")
+        r = sg.call("/health", method="GET")
+        print("CALL", r.status, bytes(r.content))
+    """)
+    assert "CALL 200 b'ok'" in out, out
+    wait_for("scaled to zero again", lambda: ((g := group(srv, "lazy-api"))["status"] == "ScaledToZero", g))
+    assert not live_sandboxes(srv)
+    rpc(srv, "DeleteScalingGroup", {"name": "lazy-api"})
+
+
+def test_an_update_rolls_replicas_over_and_a_rollback_returns(srv):
+    require_root()
+    sdk(srv, """
+        ScalingGroup(image=IMAGE, name="roll-api", entrypoint=ENTRY, port=8080, env={"VERSION": "v1"},
+                     min_replicas=2, max_replicas=2).deploy().wait_ready()
+    """)
+    g = group(srv, "roll-api")
+    first_revision = g["revisionId"]
+    url = g["webUrl"]
+    stop = threading.Event()
+    answers = []
+
+    def poll():
+        while not stop.is_set():
+            try:
+                answers.append(http_get(f"{url}/whoami"))
+            except OSError as e:
+                answers.append((0, repr(e)))
+
+    poller = threading.Thread(target=poll)
+    poller.start()
+    try:
+        roll(srv, g, first_revision, answers)
+    finally:
+        stop.set()
+        poller.join()
+    # Every request during both roll-overs was served.
+    assert all(status == 200 for status, _ in answers), [a for a in answers if a[0] != 200][:5]
+    rpc(srv, "DeleteScalingGroup", {"id": g["id"]})
+
+
+def roll(srv, g, first_revision, answers):
+    spec = g["spec"]
+    spec["containerSpec"]["envVars"] = {"VERSION": "v2"}
+    updated = rpc(srv, "UpdateScalingGroup", {"scalingGroupId": g["id"], "spec": spec, "updateMask": "spec"})
+    assert updated["scalingGroup"]["revisionId"] != first_revision
+    wait_for("v2 everywhere", lambda: (all(a[1].endswith(" v2") for a in answers[-10:]) and len(answers) > 10,
+                                       answers[-3:]))
+    revisions = rpc(srv, "ListScalingGroupRevisions", {"scalingGroupId": g["id"], "includeDeleted": True})
+    assert [r.get("latest", False) for r in revisions["revisions"]] == [True, False], revisions
+    back = rpc(srv, "UpdateScalingGroup", {
+        "scalingGroupId": g["id"], "updateMask": "traffic",
+        "traffic": {"targets": [{"scalingGroupRevisionId": first_revision, "percent": 100}]},
+    })
+    assert back["scalingGroup"]["revisionId"] == first_revision
+    n = len(answers)
+    wait_for("v1 again", lambda: (len(answers) > n + 10 and all(a[1].endswith(" v1") for a in answers[-10:]),
+                                  answers[-3:]))
+
+
+def test_a_crashing_replica_fails_the_group_with_its_output(srv):
+    require_root()
+    spec = {
+        "containerSpec": {"name": "crash-api", "image": IMAGE, "port": 8080,
+                          "entrypoint": ["python", "-c", "import sys; print('boom: no config'); sys.exit(3)"]},
+        "scalingSpec": {"minReplicas": 1, "maxReplicas": 1},
+    }
+    rpc(srv, "CreateScalingGroup", {"spec": spec})
+    g = wait_for("Failed", lambda: ((g := group(srv, "crash-api"))["status"] == "Failed", g), timeout=120)
+    assert "exited with code 3" in g["statusMessage"], g
+    assert "boom: no config" in g["statusDetails"], g
+    rpc(srv, "DeleteScalingGroup", {"name": "crash-api"})
+
+
+def test_authenticated_groups_want_a_token_and_http1_works_too(srv):
+    require_root()
+    out = sdk(srv, """
+        sg = ScalingGroup(image=IMAGE, name="private-api", entrypoint=ENTRY, port=8080,
+                          authenticated=True).deploy().wait_ready()
+        r = sg.call("/health", method="GET")
+        print("SDK", r.status, bytes(r.content))
+    """)
+    assert "SDK 200 b'ok'" in out, out
+    url = group(srv, "private-api")["webUrl"]
+    status, body = http_get(f"{url}/health")
+    assert status == 401 and "authenticated" in body, (status, body)
+    status, body = http_get(f"{url}/health", token="not-a-token")
+    assert status == 401, (status, body)
+    status, body = http_get(f"{url}/headers?x=1", token=srv.token())
+    assert status == 200, body
+    assert "x-forwarded-prefix: /sg/default/private-api" in body, body
+    status, body = http_get(f"{url}/nothing-here", token=srv.token())
+    assert status == 404, (status, body)
+    status, body = http_get(url.replace("private-api", "no-such-group") + "/health")
+    assert status == 404 and "no scaling group" in body, (status, body)
+    rpc(srv, "DeleteScalingGroup", {"name": "private-api"})
+
+
+def test_bad_specs_are_refused_naming_the_field(srv):
+    def spec(**container):
+        c = {"name": "bad-api", "image": IMAGE, "port": 8080}
+        c.update(container)
+        return {"containerSpec": c, "scalingSpec": {"minReplicas": 1, "maxReplicas": 2}}
+
+    def refused(body, code, http_code, *words):
+        status, out = srv.connect(f"{SG}/CreateScalingGroup", body, token=srv.token())
+        assert status == http_code and out["code"] == code, (status, out)
+        for w in words:
+            assert w in out["message"], out
+
+    refused({}, "invalid_argument", 400, "spec is required")
+    no_port = spec()
+    del no_port["containerSpec"]["port"]
+    refused({"spec": no_port}, "invalid_argument", 400, "port is required")
+    refused({"spec": spec(port=70000)}, "invalid_argument", 400, "70000", "1-65535")
+    refused({"spec": spec(protocol="ftp")}, "invalid_argument", 400, "protocol", "ftp")
+    refused({"spec": spec(name="Bad_Name")}, "invalid_argument", 400, "Bad_Name")
+    refused({"spec": spec(image="")}, "invalid_argument", 400, "spec.image is required")
+    bounds = spec()
+    bounds["scalingSpec"] = {"minReplicas": 3, "maxReplicas": 2}
+    refused({"spec": bounds}, "invalid_argument", 400, "max_replicas 2", "min_replicas (3)")
+    cpu = spec()
+    cpu["scalingSpec"]["targetCpuUtilizationPercentage"] = 70
+    refused({"spec": cpu}, "unimplemented", 501, "target_cpu_utilization_percentage")
+    vol = spec(volumes=[{"name": "no-such-volume", "mountPath": "/data", "type": "versioned_chalkfs"}])
+    refused({"spec": vol}, "not_found", 404, "no-such-volume")
+    refused({"spec": spec(lifetime="60s")}, "invalid_argument", 400, "lifetime")
+    status, out = srv.connect(f"{SG}/GetScalingGroup", {"name": "never-made"}, token=srv.token())
+    assert status == 404 and "never-made" in out["message"], out
+    status, out = srv.connect(f"{SG}/DeleteScalingGroup", {}, token=srv.token())
+    assert status == 400 and "id or name" in out["message"], out
+    # A second group of the same name, and renaming through an update.
+    made = rpc(srv, "CreateScalingGroup", {"spec": spec(entrypoint=ENTRY)})["scalingGroup"]
+    status, out = srv.connect(f"{SG}/CreateScalingGroup", {"spec": spec(entrypoint=ENTRY)}, token=srv.token())
+    assert status == 409 and "bad-api" in out["message"], out
+    status, out = srv.connect(f"{SG}/UpdateScalingGroup",
+                              {"scalingGroupId": made["id"], "spec": spec(name="other-api"), "updateMask": "spec"},
+                              token=srv.token())
+    assert status == 400 and "cannot be renamed" in out["message"], out
+    split = {"scalingGroupId": made["id"], "updateMask": "traffic",
+             "traffic": {"targets": [{"latestRevision": {}, "percent": 50}]}}
+    status, out = srv.connect(f"{SG}/UpdateScalingGroup", split, token=srv.token())
+    assert status == 501 and "splitting traffic" in out["message"], out
+    listed = rpc(srv, "ListScalingGroups", {})
+    assert "bad-api" in [g["name"] for g in listed["scalingGroups"]], listed
+    rpc(srv, "DeleteScalingGroup", {"id": made["id"]})
+
+
+def test_groups_are_served_again_after_a_restart(tmp_path):
+    require_root()
+    s = Server(tmp_path / "data")
+    try:
+        sdk(s, """
+            ScalingGroup(image=IMAGE, name="durable-api", entrypoint=ENTRY, port=8080).deploy().wait_ready()
+        """)
+        before = group(s, "durable-api")
+        s.stop()
+        s.start()
+        after = wait_for("ready after the restart", lambda: ((g := group(s, "durable-api")).get("readyReplicas", 0) == 1, g))
+        assert after["id"] == before["id"] and after["revisionId"] == before["revisionId"]
+        assert after["metadata"]["replicas"] != before["metadata"]["replicas"], "new replicas after the restart"
+        status, body = http_get(f"{after['webUrl']}/health")
+        assert (status, body) == (200, "ok")
+        rpc(s, "DeleteScalingGroup", {"name": "durable-api"})
+        assert not live_sandboxes(s)
+    finally:
+        s.stop()
