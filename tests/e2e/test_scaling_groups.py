@@ -252,7 +252,11 @@ def test_a_crashing_replica_fails_the_group_with_its_output(srv):
     g = wait_for("Failed", lambda: ((g := group(srv, "crash-api"))["status"] == "Failed", g), timeout=120)
     assert "exited with code 3" in g["statusMessage"], g
     assert "boom: no config" in g["statusDetails"], g
-    rpc(srv, "DeleteScalingGroup", {"name": "crash-api"})
+    inspect = srv.cli("scaling-group", "inspect", "crash-api").stdout
+    assert "Failed" in inspect and "boom: no config" in inspect and "* sgr-" in inspect, inspect
+    srv.cli("sg", "rm", "crash-api")
+    assert "crash-api" not in srv.cli("sg", "ls").stdout
+    assert "Deleted" in srv.cli("sg", "ls", "--all").stdout
 
 
 def test_authenticated_groups_want_a_token_and_http1_works_too(srv):
@@ -276,6 +280,11 @@ def test_authenticated_groups_want_a_token_and_http1_works_too(srv):
     assert status == 404, (status, body)
     status, body = http_get(url.replace("private-api", "no-such-group") + "/health")
     assert status == 404 and "no scaling group" in body, (status, body)
+    listed = srv.cli("sg", "ls").stdout
+    assert "private-api" in listed and "Running" in listed and url in listed, listed
+    replica = group(srv, "private-api")["metadata"]["replicas"][0]
+    assert f"compute logs {replica}" in srv.cli("sg", "inspect", "private-api").stdout
+    srv.cli("logs", replica)
     rpc(srv, "DeleteScalingGroup", {"name": "private-api"})
 
 

@@ -157,6 +157,9 @@ enum Command {
     /// Inspect and manage the node's images: built images, bases, layers.
     #[command(subcommand)]
     Image(ImageCommand),
+    /// Inspect and delete scaling groups (of the default environment): state, replicas, revisions.
+    #[command(subcommand, name = "scaling-group", alias = "sg")]
+    ScalingGroup(ScalingGroupCommand),
     /// Print a workload's entrypoint output, or an image build's step output (`build-…`).
     Logs {
         /// Sandbox or container id or name, or an image build id.
@@ -199,6 +202,32 @@ enum SandboxCommand {
         /// Seconds between SIGTERM and SIGKILL.
         #[arg(long, default_value_t = 10)]
         grace: u64,
+        #[command(flatten)]
+        dir: DataDir,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ScalingGroupCommand {
+    /// List scaling groups with their status, ready and wanted replicas, and URL.
+    Ls {
+        /// Include deleted ones.
+        #[arg(short, long)]
+        all: bool,
+        #[command(flatten)]
+        dir: DataDir,
+    },
+    /// A group's state, replicas (their logs are `compute logs REPLICA`) and revisions.
+    Inspect {
+        /// Group name.
+        group: String,
+        #[command(flatten)]
+        dir: DataDir,
+    },
+    /// Delete a group: it stops serving and its replicas stop.
+    Rm {
+        /// Group name.
+        group: String,
         #[command(flatten)]
         dir: DataDir,
     },
@@ -495,6 +524,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     ApiClient::connect(&dir.path()).await?.volume_sync(&sandbox).await
                 }
                 VolumeCommand::Gc { grace, dir } => ApiClient::connect(&dir.path()).await?.volume_gc(grace).await,
+            }
+        }),
+        Command::ScalingGroup(c) => block_on(async {
+            match c {
+                ScalingGroupCommand::Ls { all, dir } => {
+                    ApiClient::connect(&dir.path()).await?.scaling_group_ls(all).await
+                }
+                ScalingGroupCommand::Inspect { group, dir } => {
+                    ApiClient::connect(&dir.path()).await?.scaling_group_inspect(&group).await
+                }
+                ScalingGroupCommand::Rm { group, dir } => {
+                    ApiClient::connect(&dir.path()).await?.scaling_group_rm(&group).await
+                }
             }
         }),
         Command::Image(c) => block_on(async {

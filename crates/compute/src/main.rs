@@ -4,6 +4,7 @@ mod cli;
 mod client;
 mod image_cli;
 mod runtime_file;
+mod scaling_cli;
 mod serve;
 mod settings;
 mod volume_cli;

@@ -183,6 +183,11 @@ impl Workloads {
         let _ = std::fs::remove_dir(self.config.mounts_dir.join(id));
     }
 
+    /// Whether this server can run workloads at all (Unavailable, saying why, when it cannot).
+    pub fn can_run(&self) -> Result<(), ControlError> {
+        self.runtime().map(|_| ())
+    }
+
     fn runtime(&self) -> Result<&Arc<Runtime>, ControlError> {
         self.runtime
             .as_ref()

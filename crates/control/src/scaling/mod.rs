@@ -161,6 +161,7 @@ impl ScalingGroups {
     }
 
     fn validate(&self, who: &Principal, wire: &[u8]) -> Result<GroupSpec, ControlError> {
+        self.workloads.can_run()?;
         let spec = (self.parse)(wire)?;
         ids::validate_name("spec.container_spec.name", &spec.name)?;
         if spec.max_replicas > self.config.max_replicas {
