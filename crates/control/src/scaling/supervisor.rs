@@ -22,6 +22,10 @@ const FAILED_AFTER: u32 = 3;
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
 /// How often a replica that is not ready yet is checked.
 const STARTUP_PROBE_EVERY: Duration = Duration::from_millis(100);
+/// How long a replica taken out of service may take to finish the requests it is serving.
+const DRAIN_GRACE: Duration = Duration::from_secs(30);
+/// Wait before replacing a replica that ended after it had served (a crash loop must not spin).
+const RESTART_DELAY: Duration = Duration::from_secs(1);
 
 struct Replica {
     id: String,
@@ -44,6 +48,8 @@ struct Supervisor {
     replicas: Vec<Replica>,
     specs: HashMap<String, Arc<GroupSpec>>,
     autoscaler: Autoscaler,
+    /// Replicas taken out of service this pass, stopped once the route no longer lists them.
+    retiring: Vec<String>,
     /// Replica failures of the current revision in a row (reset when one becomes ready).
     failures: u32,
     last_failure: Option<(String, Option<String>)>,
@@ -84,6 +90,7 @@ pub(super) async fn run(
         replicas: Vec::new(),
         specs: HashMap::new(),
         autoscaler: Autoscaler::default(),
+        retiring: Vec::new(),
         failures: 0,
         last_failure: None,
         next_start: Instant::now(),
@@ -197,7 +204,13 @@ impl Supervisor {
         if ready.len() != self.route.replicas().len()
             || ready.iter().zip(self.route.replicas()).any(|((id, _), u)| *id != u.id)
         {
+            // The replicas that are about to stop still hold their in-flight requests.
+            let draining: Vec<Arc<compute_ingress::Upstream>> =
+                self.route.replicas().into_iter().filter(|u| self.retiring.contains(&u.id)).collect();
             self.route.set_replicas(ready);
+            self.retire(draining);
+        } else {
+            self.retire(Vec::new());
         }
         self.state(desired, ready_count)
     }
@@ -241,7 +254,7 @@ impl Supervisor {
             let details = rec.and_then(|rec| rec.status_details);
             self.last_failure = Some((format!("replica {id} ended: {message}"), details));
             let backoff = Duration::from_secs(1 << self.failures.saturating_sub(1).min(6)).min(MAX_BACKOFF);
-            self.next_start = Instant::now() + if self.failures == 0 { Duration::ZERO } else { backoff };
+            self.next_start = Instant::now() + if self.failures == 0 { RESTART_DELAY } else { backoff };
         }
     }
 
@@ -308,7 +321,7 @@ impl Supervisor {
         let mut to_stop: Vec<String> = Vec::new();
         if have > desired {
             // Not-ready ones first, then the newest.
-            let mut extra: Vec<&Replica> = current.iter().map(|&i| &self.replicas[i]).collect();
+            let mut extra: Vec<&Replica> = current.iter().rev().map(|&i| &self.replicas[i]).collect();
             extra.sort_by_key(|r| r.ready);
             to_stop.extend(extra.iter().take((have - desired) as usize).map(|r| r.id.clone()));
         }
@@ -320,7 +333,7 @@ impl Supervisor {
             }
         }
         if !to_stop.is_empty() {
-            self.stop(&to_stop, "its scaling group no longer needs it");
+            self.stop(&to_stop, "the group shrank or rolled over to another revision");
         }
     }
 
@@ -364,16 +377,29 @@ impl Supervisor {
         }
     }
 
-    /// Takes replicas out of the route and stops them in the background (their volumes are synced).
+    /// Takes replicas out of service; they stop once the route no longer lists them (see [`Supervisor::retire`]).
     fn stop(&mut self, ids: &[String], why: &'static str) {
-        for r in self.replicas.iter_mut().filter(|r| ids.contains(&r.id)) {
+        for r in self.replicas.iter_mut().filter(|r| ids.contains(&r.id) && !r.stopping) {
             r.stopping = true;
             r.ready = false;
             tracing::info!(group = %self.group.name, replica = %r.id, why, "replica stopping");
+            self.retiring.push(r.id.clone());
+        }
+    }
+
+    /// Stops the replicas taken out of service, in the background: each first finishes the requests it is serving
+    /// (up to the grace period), then gets SIGTERM (its volumes are synced as it stops).
+    fn retire(&mut self, draining: Vec<Arc<compute_ingress::Upstream>>) {
+        for id in self.retiring.drain(..) {
+            let upstream = draining.iter().find(|u| u.id == id).cloned();
             let workloads = self.groups.workloads.clone();
             let env = self.group.environment_id.clone();
-            let id = r.id.clone();
             tokio::spawn(async move {
+                let deadline = tokio::time::Instant::now() + DRAIN_GRACE;
+                while upstream.as_ref().is_some_and(|u| u.in_flight() > 0) && tokio::time::Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                let why = "its scaling group no longer needs it";
                 if let Err(e) = workloads.terminate_with(&env, &id, Duration::from_secs(10), why).await {
                     tracing::warn!(replica = %id, error = %e, "stopping a replica failed");
                 }
