@@ -1,8 +1,7 @@
 """Scaling groups against the official SDK: program (c) verbatim, replicas behind the HTTP/2 ingress, volume mounts,
 autoscaling up and down (and to zero), rolling updates and rollbacks, failures that say why, authentication, a
 server restart, and bad specs refused naming the field."""
-import json
-import os
+import re
 import textwrap
 import threading
 import time
@@ -273,6 +272,12 @@ def test_authenticated_groups_want_a_token_and_http1_works_too(srv):
     assert status == 401 and "authenticated" in body, (status, body)
     status, body = http_get(f"{url}/health", token="not-a-token")
     assert status == 401, (status, body)
+    srv.cli("environment", "create", "staging")
+    created = srv.cli("client", "create", "stager", "--environment", "staging").stdout
+    cid = re.search(r"client_id:\s+(\S+)", created).group(1)
+    secret = re.search(r"client_secret:\s+(\S+)", created).group(1)
+    status, body = http_get(f"{url}/health", token=srv.token(cid, secret))
+    assert status == 403 and "another environment" in body, (status, body)
     status, body = http_get(f"{url}/headers?x=1", token=srv.token())
     assert status == 200, body
     assert "x-forwarded-prefix: /sg/default/private-api" in body, body
@@ -280,6 +285,9 @@ def test_authenticated_groups_want_a_token_and_http1_works_too(srv):
     assert status == 404, (status, body)
     status, body = http_get(url.replace("private-api", "no-such-group") + "/health")
     assert status == 404 and "no scaling group" in body, (status, body)
+    metrics = srv.metrics()
+    assert 'compute_api_ingress_requests_total{group="default/private-api",code="401"}' in metrics, metrics
+    assert 'compute_api_ingress_requests_total{group="default/private-api",code="200"}' in metrics, metrics
     listed = srv.cli("sg", "ls").stdout
     assert "private-api" in listed and "Running" in listed and url in listed, listed
     replica = group(srv, "private-api")["metadata"]["replicas"][0]

@@ -224,7 +224,8 @@ fn public_base<B>(shared: &Shared, tls: bool, req: &Request<B>) -> PublicBase {
     PublicBase(format!("{}://{host}", if tls { "https" } else { "http" }))
 }
 
-/// A request to a scaling group: authenticated when the group asks for it, then proxied by the ingress.
+/// A request to a scaling group: authenticated when the group asks for it, then proxied by the ingress. Counted
+/// per group once the group is known (unknown paths are not, so they cannot grow the metrics without bound).
 async fn scaling_group(shared: &Shared, rest: &str, req: Request<Incoming>) -> Response<Body> {
     let group = rest.splitn(3, '/').take(2).collect::<Vec<_>>().join("/");
     let Some((route, upstream_path)) = shared.ingress.lookup(rest) else {
@@ -234,33 +235,44 @@ async fn scaling_group(shared: &Shared, rest: &str, req: Request<Incoming>) -> R
             format!("no scaling group is served at {}{group}: check the group's web_url\n", compute_ingress::PREFIX),
         );
     };
-    if route.settings().authenticated {
-        match authenticate(shared, &req) {
-            Ok(p) if p.environment_id == route.environment_id() => {}
-            Ok(_) => {
-                return full(
-                    StatusCode::FORBIDDEN,
-                    "text/plain; charset=utf-8",
-                    "this scaling group belongs to another environment than the token's\n",
-                )
-            }
-            Err(status) => {
-                let mut resp = full(
-                    StatusCode::UNAUTHORIZED,
-                    "text/plain; charset=utf-8",
-                    format!("this scaling group is authenticated: {}\n", status.message()),
-                );
-                resp.headers_mut().insert(header::WWW_AUTHENTICATE, http::HeaderValue::from_static("Bearer"));
-                return resp;
-            }
+    let started = std::time::Instant::now();
+    let resp = match refusal(shared, &route, &req) {
+        Some(refused) => refused,
+        None => {
+            let path_and_query = match req.uri().query() {
+                Some(q) => format!("{upstream_path}?{q}"),
+                None => upstream_path,
+            };
+            let prefix = format!("{}{group}", compute_ingress::PREFIX);
+            shared.ingress.proxy(&route, &prefix, &path_and_query, req).await.map(Body::new)
+        }
+    };
+    shared.metrics.record_ingress(&group, resp.status().as_u16(), started.elapsed());
+    resp
+}
+
+/// The answer to a request an authenticated group refuses: one without a token of the group's environment.
+fn refusal(shared: &Shared, route: &compute_ingress::GroupRoute, req: &Request<Incoming>) -> Option<Response<Body>> {
+    if !route.settings().authenticated {
+        return None;
+    }
+    match authenticate(shared, req) {
+        Ok(p) if p.environment_id == route.environment_id() => None,
+        Ok(_) => Some(full(
+            StatusCode::FORBIDDEN,
+            "text/plain; charset=utf-8",
+            "this scaling group belongs to another environment than the token's\n",
+        )),
+        Err(status) => {
+            let mut resp = full(
+                StatusCode::UNAUTHORIZED,
+                "text/plain; charset=utf-8",
+                format!("this scaling group is authenticated: {}\n", status.message()),
+            );
+            resp.headers_mut().insert(header::WWW_AUTHENTICATE, http::HeaderValue::from_static("Bearer"));
+            Some(resp)
         }
     }
-    let path_and_query = match req.uri().query() {
-        Some(q) => format!("{upstream_path}?{q}"),
-        None => upstream_path,
-    };
-    let prefix = format!("{}{group}", compute_ingress::PREFIX);
-    shared.ingress.proxy(&route, &prefix, &path_and_query, req).await.map(Body::new)
 }
 
 fn who_am_i(shared: &Shared, req: &Request<Incoming>) -> Response<Body> {

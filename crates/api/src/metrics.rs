@@ -29,12 +29,25 @@ struct MethodLabel {
     method: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct GroupCode {
+    group: String,
+    code: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct GroupLabel {
+    group: String,
+}
+
 /// The metric families, shared by every connection.
 pub struct Metrics {
     registry: Registry,
     requests: Family<MethodCode, Counter>,
     latency: Family<MethodLabel, Histogram>,
     in_flight: Gauge,
+    ingress_requests: Family<GroupCode, Counter>,
+    ingress_latency: Family<GroupLabel, Histogram>,
 }
 
 impl Metrics {
@@ -58,7 +71,27 @@ impl Metrics {
             latency.clone(),
         );
         registry.register("in_flight_requests", "RPCs currently being handled", in_flight.clone());
-        Arc::new(Self { registry, requests, latency, in_flight })
+        let ingress_requests = Family::<GroupCode, Counter>::default();
+        let ingress_latency = Family::<GroupLabel, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.00005, 2.0, 21))
+        });
+        registry.register(
+            "ingress_requests",
+            "Requests to scaling groups through the ingress, by group (environment/name) and HTTP status",
+            ingress_requests.clone(),
+        );
+        registry.register(
+            "ingress_response_seconds",
+            "Time from a request to a scaling group until its response headers, by group",
+            ingress_latency.clone(),
+        );
+        Arc::new(Self { registry, requests, latency, in_flight, ingress_requests, ingress_latency })
+    }
+
+    /// Records one request to a scaling group.
+    pub fn record_ingress(&self, group: &str, status: u16, elapsed: std::time::Duration) {
+        self.ingress_requests.get_or_create(&GroupCode { group: group.to_string(), code: status }).inc();
+        self.ingress_latency.get_or_create(&GroupLabel { group: group.to_string() }).observe(elapsed.as_secs_f64());
     }
 
     /// Starts timing one request; the returned guard records it when finished or dropped.
