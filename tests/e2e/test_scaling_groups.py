@@ -33,6 +33,11 @@ APP = textwrap.dedent('''
                 with open(q["p"], "w") as f:
                     f.write(socket.gethostname())
                 body = b"written"
+            elif u.path == "/burn":
+                end = time.time() + float(q.get("s", "5"))
+                while time.time() < end:
+                    pass
+                body = b"burnt"
             elif u.path == "/slow":
                 time.sleep(float(q.get("s", "2"))); body = b"slow"
             elif u.path == "/headers":
@@ -169,6 +174,25 @@ def test_scales_up_under_load_and_back_down_after_the_delay(srv):
     wait_for("back to 1 replica", lambda: ((g := group(srv, "busy-api")).get("readyReplicas", 0) == 1
                                            and g["metadata"]["running_replicas"] == 1, g))
     rpc(srv, "DeleteScalingGroup", {"name": "busy-api"})
+
+
+def test_a_cpu_target_scales_on_cpu_use(srv):
+    require_root()
+    sdk(srv, """
+        ScalingGroup(image=IMAGE, name="cpu-api", entrypoint=ENTRY, port=8080, cpu="0.5", min_replicas=1,
+                     max_replicas=2, target_cpu_utilization_percentage=50, scaling_interval_seconds=2,
+                     shutdown_delay_seconds=4).deploy().wait_ready()
+    """)
+    url = group(srv, "cpu-api")["webUrl"]
+    # One request in flight is far below the concurrency target: only its CPU use (its half core, all of it, twice
+    # the 50 % target) can ask for a second replica.
+    burner = threading.Thread(target=lambda: http_get(f"{url}/burn?s=8", timeout=60))
+    burner.start()
+    wait_for("a second replica", lambda: ((g := group(srv, "cpu-api")).get("readyReplicas", 0) == 2, g), timeout=60)
+    burner.join()
+    wait_for("back to one", lambda: ((g := group(srv, "cpu-api")).get("readyReplicas", 0) == 1
+                                     and g["metadata"]["running_replicas"] == 1, g), timeout=60)
+    rpc(srv, "DeleteScalingGroup", {"name": "cpu-api"})
 
 
 def test_scales_to_zero_and_a_request_starts_a_replica(srv):
@@ -320,8 +344,11 @@ def test_bad_specs_are_refused_naming_the_field(srv):
     bounds["scalingSpec"] = {"minReplicas": 3, "maxReplicas": 2}
     refused({"spec": bounds}, "invalid_argument", 400, "max_replicas 2", "min_replicas (3)")
     cpu = spec()
-    cpu["scalingSpec"]["targetCpuUtilizationPercentage"] = 70
-    refused({"spec": cpu}, "unimplemented", 501, "target_cpu_utilization_percentage")
+    cpu["scalingSpec"]["targetCpuUtilizationPercentage"] = 0
+    refused({"spec": cpu}, "invalid_argument", 400, "target_cpu_utilization_percentage 0")
+    cron = spec()
+    cron["scalingSpec"]["cronScalingTrigger"] = {"timezone": "UTC"}
+    refused({"spec": cron}, "unimplemented", 501, "cron_scaling_trigger")
     vol = spec(volumes=[{"name": "no-such-volume", "mountPath": "/data", "type": "versioned_chalkfs"}])
     refused({"spec": vol}, "not_found", 404, "no-such-volume")
     refused({"spec": spec(lifetime="60s")}, "invalid_argument", 400, "lifetime")

@@ -527,6 +527,11 @@ impl Workloads {
         self.runtime.as_ref().ok()?.get(id)?.address()
     }
 
+    /// CPU time a running workload used so far.
+    pub fn cpu_time(&self, id: &str) -> Option<Duration> {
+        Some(self.runtime.as_ref().ok()?.get(id)?.cpu_time())
+    }
+
     /// A workload of environment `env` by id.
     pub(crate) fn record(&self, env: &str, id: &str) -> Result<Option<SandboxRecord>, ControlError> {
         Ok(self.store.read(|r| r.sandboxes().get(env, id))?)

@@ -181,6 +181,26 @@ impl Cgroup {
         std::fs::read_to_string(file).ok()?.trim().parse().ok()
     }
 
+    /// CPU time used by the processes in this cgroup and its workload cgroup, and by the children they reaped.
+    ///
+    /// Read from `/proc/PID/stat` rather than `cpuacct`, which v1 hosts often mount apart from `cpu` (this one
+    /// does) and which gVisor's host processes would report the same way: the sandbox's own processes are what
+    /// run its workload under both backends. Processes that exited unreaped by a member are not counted.
+    pub fn cpu_time(&self) -> Duration {
+        // SAFETY: sysconf only reads a configuration value.
+        let ticks_per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+        let mut pids = self.pids();
+        pids.extend(self.workload().pids());
+        pids.sort_unstable();
+        pids.dedup();
+        let ticks: u64 = pids
+            .iter()
+            .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/stat")).ok())
+            .map(|stat| process_ticks(&stat))
+            .sum();
+        Duration::from_nanos(ticks.saturating_mul(1_000_000_000 / ticks_per_second))
+    }
+
     fn pids(&self) -> Vec<i32> {
         let mut out = Vec::new();
         for d in &self.dirs {
@@ -241,5 +261,26 @@ impl Cgroup {
     /// Whether any of this cgroup's directories exist.
     pub fn exists(&self) -> bool {
         self.dirs.iter().any(|d| d.exists())
+    }
+}
+
+/// utime + stime + cutime + cstime of one `/proc/PID/stat` line, in clock ticks. The command name (field 2) may
+/// hold spaces and parentheses, so fields are counted after its last ')'.
+fn process_ticks(stat: &str) -> u64 {
+    let Some((_, rest)) = stat.rsplit_once(')') else { return 0 };
+    rest.split_whitespace().skip(11).take(4).filter_map(|f| f.parse::<i64>().ok()).map(|t| t.max(0) as u64).sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn process_ticks_counts_own_and_reaped_time_past_a_tricky_name() {
+        let stat = "42 (a) b) S 1 42 42 0 -1 4194560 100 0 0 0 7 3 11 5 20 0 1 0 100 1000 10";
+        assert_eq!(process_ticks(stat), 7 + 3 + 11 + 5);
+        assert_eq!(process_ticks("garbage"), 0);
+        let own = std::fs::read_to_string("/proc/self/stat").unwrap();
+        assert!(own.rsplit_once(')').unwrap().1.split_whitespace().count() > 15);
     }
 }

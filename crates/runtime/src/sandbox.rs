@@ -110,6 +110,11 @@ impl Sandbox {
         self.cgroup.memory_usage()
     }
 
+    /// CPU time its processes used so far (its own and the children they reaped), from `/proc`.
+    pub fn cpu_time(&self) -> Duration {
+        self.cgroup.cpu_time()
+    }
+
     /// Stops it and removes every trace of it.
     pub async fn stop(&self, grace: Duration) -> Result<(), RuntimeError> {
         self.conn.shutdown(grace.as_millis() as u64).await;

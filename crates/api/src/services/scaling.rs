@@ -89,10 +89,6 @@ fn group_spec(spec: ScalingGroupSpec) -> Result<GroupSpec, Status> {
         )));
     }
     let unsupported = [
-        (
-            scaling.target_cpu_utilization_percentage.is_some(),
-            "target_cpu_utilization_percentage (CPU-based autoscaling)",
-        ),
         (scaling.function_queue_depth_trigger.is_some(), "function_queue_depth_trigger"),
         (scaling.gpu_utilization_trigger.is_some(), "gpu_utilization_trigger"),
         (scaling.cron_scaling_trigger.is_some(), "cron_scaling_trigger"),
@@ -101,7 +97,7 @@ fn group_spec(spec: ScalingGroupSpec) -> Result<GroupSpec, Status> {
     if let Some((_, what)) = unsupported.iter().find(|(set, _)| *set) {
         return Err(Status::unimplemented(format!(
             "spec.scaling_spec.{what} is not implemented by this server yet: groups scale on the requests in flight \
-             through the ingress, between min_replicas and max_replicas"
+             through the ingress and, with target_cpu_utilization_percentage, on CPU use"
         )));
     }
     let seconds = |field: &str, v: Option<i32>| -> Result<Option<Duration>, Status> {
@@ -113,6 +109,16 @@ fn group_spec(spec: ScalingGroupSpec) -> Result<GroupSpec, Status> {
     };
     let window = seconds("window_seconds", scaling.window_seconds)?.map(|d| d.max(Duration::from_secs(1)));
     let shutdown_delay = seconds("shutdown_delay_seconds", scaling.shutdown_delay_seconds)?;
+    let target_cpu_percent = match scaling.target_cpu_utilization_percentage {
+        None => None,
+        Some(p) if (1..=1000).contains(&p) => Some(p as u32),
+        Some(p) => {
+            return Err(invalid(format!(
+                "spec.scaling_spec.target_cpu_utilization_percentage {p} must be between 1 and 1000 (percent of each \
+                 replica's resources.cpu, one core when unset)"
+            )))
+        }
+    };
     let hold_requests = scaling.scale_from_zero_request_policy() != ScaleFromZeroRequestPolicy::Error;
     let name = container.name.clone();
     let replica = request(WorkloadKind::Replica, container)?;
@@ -126,6 +132,7 @@ fn group_spec(spec: ScalingGroupSpec) -> Result<GroupSpec, Status> {
         max_replicas: scaling.max_replicas as u32,
         window,
         shutdown_delay,
+        target_cpu_percent,
         hold_requests,
         probe,
     })

@@ -42,6 +42,9 @@ pub struct GroupSpec {
     pub window: Option<Duration>,
     /// How long load must stay lower before replicas stop (`scaling_spec.shutdown_delay_seconds`).
     pub shutdown_delay: Option<Duration>,
+    /// Average CPU use, in percent of each replica's `resources.cpu` (one core when unset), that the group
+    /// scales to keep (`scaling_spec.target_cpu_utilization_percentage`); `None`: requests in flight alone.
+    pub target_cpu_percent: Option<u32>,
     /// Whether a request that finds no ready replica waits for one (else it gets 503 at once).
     pub hold_requests: bool,
     /// Readiness checks.

@@ -2,7 +2,7 @@
 //! checks their readiness, asks the autoscaler for a count, starts and stops replicas to match (rolling onto a new
 //! revision once its replicas are ready), and publishes the ready ones to the ingress and the state to readers.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -12,7 +12,7 @@ use compute_store::{SandboxStatus, ScalingGroupRecord};
 use futures_util::future::join_all;
 use tokio::sync::{watch, Notify};
 
-use super::autoscale::{Autoscaler, Bounds};
+use super::autoscale::{by_cpu, Autoscaler, Bounds};
 use super::{probe, GroupSpec, GroupState, ScalingGroups};
 use crate::{ids, Principal};
 
@@ -38,6 +38,8 @@ struct Replica {
     last_probe_error: Option<String>,
     /// Asked to stop (the group shrank or rolled over); it leaves the route at once.
     stopping: bool,
+    /// (when, CPU time used so far) samples over the autoscaling window, when the spec has a CPU target.
+    cpu: VecDeque<(Instant, Duration)>,
 }
 
 struct Supervisor {
@@ -185,11 +187,13 @@ impl Supervisor {
             window: spec.window.unwrap_or(config.default_window),
             shutdown_delay: spec.shutdown_delay.unwrap_or(config.default_shutdown_delay),
         };
+        let cpu_wants = spec.target_cpu_percent.map(|pct| self.cpu_wants(&spec, &revision_id, bounds.window, pct));
         let desired = self.autoscaler.desired(
             Instant::now(),
             self.route.in_flight(),
             self.route.served(),
             self.route.take_starved(),
+            cpu_wants,
             bounds,
         );
         self.converge(desired, &revision_id, &spec).await;
@@ -213,6 +217,41 @@ impl Supervisor {
             self.retire(Vec::new());
         }
         self.state(desired, ready_count)
+    }
+
+    /// Samples the CPU time of the current revision's ready replicas and returns what the CPU target wants: their
+    /// count scaled by their average use over `window` against the target.
+    fn cpu_wants(&mut self, spec: &GroupSpec, revision_id: &str, window: Duration, target_percent: u32) -> u32 {
+        let cores = spec
+            .replica
+            .cpu
+            .as_deref()
+            .and_then(|c| crate::quantity::parse_cpu("resources.cpu", c).ok())
+            .map(|millis| millis as f64 / 1000.0)
+            .unwrap_or(1.0);
+        let now = Instant::now();
+        let mut ready = 0u32;
+        let mut used = Vec::new();
+        for r in self.replicas.iter_mut().filter(|r| r.ready && !r.stopping && r.revision_id == revision_id) {
+            ready += 1;
+            let Some(cpu) = self.groups.workloads.cpu_time(&r.id) else { continue };
+            r.cpu.push_back((now, cpu));
+            while r.cpu.len() > 2 && r.cpu.front().is_some_and(|(t, _)| now.duration_since(*t) > window) {
+                r.cpu.pop_front();
+            }
+            if let (Some((t0, c0)), Some((t1, c1))) = (r.cpu.front(), r.cpu.back()) {
+                let span = t1.duration_since(*t0).as_secs_f64();
+                // Clock ticks are 10 ms: a shorter span says little.
+                if span >= 0.5 {
+                    used.push(c1.saturating_sub(*c0).as_secs_f64() / span / cores);
+                }
+            }
+        }
+        if used.is_empty() {
+            return ready;
+        }
+        let utilisation = used.iter().sum::<f64>() / used.len() as f64;
+        by_cpu(ready, utilisation, target_percent as f64 / 100.0)
     }
 
     /// Updates each replica from its record; a finished one leaves (and counts as a failure of its revision if it
@@ -364,6 +403,7 @@ impl Supervisor {
                     next_probe: Instant::now(),
                     last_probe_error: None,
                     stopping: false,
+                    cpu: VecDeque::new(),
                 });
                 true
             }
