@@ -170,3 +170,61 @@ pub(crate) fn migrate(conn: &mut Connection) -> Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn migration_4_keeps_every_workload_and_allows_replicas() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        conn.pragma_update(None, "foreign_keys", "ON").unwrap();
+        for sql in &MIGRATIONS[..3] {
+            conn.execute_batch(sql).unwrap();
+        }
+        conn.pragma_update(None, "user_version", 3).unwrap();
+        conn.execute_batch(
+            "INSERT INTO environments VALUES ('e1', 'default', 1);
+             INSERT INTO sandboxes VALUES ('sbx-1', 'e1', 'container', 'web', 'img', x'0a01', 'running', 'ok',
+                 NULL, NULL, 'c1', 10, 11, NULL);
+             INSERT INTO sandboxes VALUES ('sbx-2', 'e1', 'sandbox', 'old', 'img', x'', 'failed', 'boom', 'tail',
+                 3, 'c1', 5, 6, 7);",
+        )
+        .unwrap();
+        migrate(&mut conn).unwrap();
+        let rows: Vec<(String, String, String, Option<i64>)> = conn
+            .prepare("SELECT id, kind, status, exit_code FROM sandboxes ORDER BY id")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        assert_eq!(
+            rows,
+            vec![
+                ("sbx-1".into(), "container".into(), "running".into(), None),
+                ("sbx-2".into(), "sandbox".into(), "failed".into(), Some(3)),
+            ]
+        );
+        conn.execute(
+            "INSERT INTO sandboxes VALUES ('sbx-3', 'e1', 'replica', 'web-r1-abc', 'img', x'', 'pending', NULL, NULL,
+                 NULL, 'c1', 12, NULL, NULL)",
+            [],
+        )
+        .unwrap();
+        // The live-name index came back with the table.
+        let dup = conn.execute(
+            "INSERT INTO sandboxes VALUES ('sbx-4', 'e1', 'container', 'web', 'img', x'', 'pending', NULL, NULL, NULL,
+                 'c1', 13, NULL, NULL)",
+            [],
+        );
+        assert!(dup.is_err(), "two live workloads named web");
+        assert!(conn
+            .execute(
+                "INSERT INTO sandboxes (id, environment_id, kind, name, image, spec, status, created_by, \
+                              created_at) VALUES ('sbx-5', 'e1', 'bogus', 'x', 'i', x'', 'pending', 'c', 1)",
+                []
+            )
+            .is_err());
+    }
+}

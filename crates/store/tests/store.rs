@@ -149,3 +149,51 @@ fn killed_writer_leaves_a_consistent_store() {
     let n = Store::open(&path).unwrap().read(|r| r.environments().list()).unwrap().len();
     assert!(n > 0, "the child never committed anything, so the test proved nothing");
 }
+
+#[test]
+fn scaling_groups_keep_revisions_and_free_their_name_when_deleted() {
+    use compute_store::{RevisionRecord, ScalingGroupRecord};
+    let store = Store::open(temp_db("groups")).unwrap();
+    store.write(|r| r.environments().insert(&env("e1", "default"))).unwrap();
+    let group = |id: &str| ScalingGroupRecord {
+        id: id.into(),
+        environment_id: "e1".into(),
+        name: "api".into(),
+        revision_id: format!("{id}-r1"),
+        created_by: "c1".into(),
+        created_at: 1,
+        updated_at: 1,
+        deleted_at: None,
+    };
+    let rev = |group: &str, n: i64| RevisionRecord {
+        id: format!("{group}-r{n}"),
+        group_id: group.into(),
+        number: n,
+        spec: vec![n as u8],
+        created_by: "c1".into(),
+        created_at: n,
+    };
+    store.write(|r| r.scaling_groups().insert(&group("g1"), &rev("g1", 1))).unwrap();
+    let taken = store.write(|r| r.scaling_groups().insert(&group("g2"), &rev("g2", 1))).unwrap_err();
+    assert!(matches!(taken, StoreError::AlreadyExists { .. }), "{taken}");
+
+    store.write(|r| r.scaling_groups().add_revision(&rev("g1", 2))).unwrap();
+    let g = store.read(|r| r.scaling_groups().get_by_name("e1", "api", false)).unwrap().unwrap();
+    assert_eq!((g.revision_id.as_str(), g.updated_at), ("g1-r2", 2));
+    assert_eq!(store.read(|r| r.scaling_groups().last_revision_number("g1")).unwrap(), 2);
+    let revs = store.read(|r| r.scaling_groups().revisions("g1", 10, 0)).unwrap();
+    assert_eq!(revs.iter().map(|r| r.number).collect::<Vec<_>>(), vec![2, 1], "newest first");
+    store.write(|r| r.scaling_groups().select("g1", "g1-r1", 3)).unwrap();
+    assert_eq!(store.read(|r| r.scaling_groups().get("e1", "g1")).unwrap().unwrap().revision_id, "g1-r1");
+    assert!(store.read(|r| r.scaling_groups().get("other-env", "g1")).unwrap().is_none());
+
+    assert!(store.write(|r| r.scaling_groups().delete("g1", 4)).unwrap());
+    assert!(!store.write(|r| r.scaling_groups().delete("g1", 5)).unwrap(), "deleted once");
+    assert!(store.read(|r| r.scaling_groups().get_by_name("e1", "api", false)).unwrap().is_none());
+    assert!(store.read(|r| r.scaling_groups().live()).unwrap().is_empty());
+    // The name is free again; the deleted group stays for history.
+    store.write(|r| r.scaling_groups().insert(&group("g2"), &rev("g2", 1))).unwrap();
+    assert_eq!(store.read(|r| r.scaling_groups().get_by_name("e1", "api", true)).unwrap().unwrap().id, "g2");
+    assert_eq!(store.read(|r| r.scaling_groups().list("e1", true, 10, 0)).unwrap().len(), 2);
+    assert_eq!(store.read(|r| r.scaling_groups().list("e1", false, 10, 0)).unwrap().len(), 1);
+}
