@@ -1,6 +1,7 @@
 """Operating a server: the CLI over live workloads, and restart safety (kill -9, then start again)."""
 import glob
 import os
+import pathlib
 import re
 import signal
 import subprocess
@@ -77,14 +78,25 @@ def test_kill_9_then_restart_leaves_nothing_behind(tmp_path):
         server.stop()
 
 
+def parent_cgroup_of(sandbox_id):
+    """The per-server parent cgroup (`compute-<hash of the data directory>`) a sandbox lives under."""
+    for root in (pathlib.Path("/sys/fs/cgroup/pids"), pathlib.Path("/sys/fs/cgroup")):
+        found = [p for p in root.glob(f"compute-*/{sandbox_id}") if p.is_dir()]
+        if found:
+            return found[0].parent
+    raise AssertionError(f"no cgroup for sandbox {sandbox_id}")
+
+
 def test_clean_shutdown_stops_every_sandbox(tmp_path):
     server = Server(tmp_path / "data")
     proc = run_sdk(START_THREE, server.sdk_env())
     assert proc.returncode == 0, proc.stderr
     ids = re.search(r"IDS (.*)", proc.stdout).group(1).split()
+    parent = parent_cgroup_of(ids[0])
     server.stop()
     assert server.proc.returncode == 0
     assert leftovers(ids, server.data_dir) == []
+    assert not parent.exists(), "a clean shutdown removes the server's parent cgroup"
 
 
 def test_cli_over_live_workloads(tmp_path):

@@ -2,6 +2,7 @@
 autoscaling up and down (and to zero), rolling updates and rollbacks, failures that say why, authentication, a
 server restart, and bad specs refused naming the field."""
 import re
+import signal
 import textwrap
 import threading
 import time
@@ -114,6 +115,11 @@ def test_program_c_verbatim_through_an_operator_alias(srv):
     deleted = rpc(srv, "GetScalingGroup", {"name": "hello-api", "includeDeleted": True})["scalingGroup"]
     assert deleted["status"] == "Deleted" and "webUrl" not in deleted, deleted
     assert not live_sandboxes(srv)
+    # app.py reached the replicas as an SDK-owned volume mounted into the group (add_local_file's default); the SDK
+    # found it through ListScalingGroupRevisions and deleted it after the group.
+    mounts = deleted["spec"]["containerSpec"].get("volumes", [])
+    assert [m["mountPath"] for m in mounts if m["name"].startswith("chalkcompute-sg-files")], deleted["spec"]
+    assert "chalkcompute-sg-files" not in srv.cli("volume", "ls").stdout
 
 
 def test_replicas_serve_a_mounted_volume_and_their_writes_become_versions(srv):
@@ -374,21 +380,31 @@ def test_bad_specs_are_refused_naming_the_field(srv):
     rpc(srv, "DeleteScalingGroup", {"id": made["id"]})
 
 
-def test_groups_are_served_again_after_a_restart(tmp_path):
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])
+def test_groups_are_served_again_after_a_restart(tmp_path, how):
     require_root()
     s = Server(tmp_path / "data")
     try:
-        sdk(s, """
-            ScalingGroup(image=IMAGE, name="durable-api", entrypoint=ENTRY, port=8080).deploy().wait_ready()
+        out = sdk(s, """
+            vol = Volume("durable-data")
+            vol.put_file("f.txt", b"kept")
+            sg = ScalingGroup(image=IMAGE, name="durable-api", entrypoint=ENTRY, port=8080,
+                              volumes=[("durable-data", "/data")]).deploy().wait_ready()
+            print("READ", bytes(sg.call("/file?p=/data/f.txt", method="GET").content))
         """)
+        assert "READ b'kept'" in out, out
         before = group(s, "durable-api")
-        s.stop()
+        old = live_sandboxes(s)
+        assert len(old) == 1, old
+        # A crash (SIGKILL) leaves the replica, its network and its FUSE mount behind: the restart removes them.
+        s.stop(getattr(signal, how))
         s.start()
+        wait_for("the old replica removed", lambda: (old[0] not in live_sandboxes(s), live_sandboxes(s)))
         after = wait_for("ready after the restart", lambda: ((g := group(s, "durable-api")).get("readyReplicas", 0) == 1, g))
         assert after["id"] == before["id"] and after["revisionId"] == before["revisionId"]
         assert after["metadata"]["replicas"] != before["metadata"]["replicas"], "new replicas after the restart"
-        status, body = http_get(f"{after['webUrl']}/health")
-        assert (status, body) == (200, "ok")
+        status, body = http_get(f"{after['webUrl']}/file?p=/data/f.txt")
+        assert (status, body) == (200, "kept")
         rpc(s, "DeleteScalingGroup", {"name": "durable-api"})
         assert not live_sandboxes(s)
     finally:

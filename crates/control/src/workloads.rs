@@ -514,11 +514,14 @@ impl Workloads {
             .ok_or_else(|| ControlError::NotFound(format!("sandbox {id:?} not found")))
     }
 
-    /// Stops every live workload (server shutdown).
+    /// Stops every live workload and releases the node's shared cgroups (server shutdown).
     pub async fn stop_all(&self, why: &str) {
         let live = self.store.read(|r| r.sandboxes().live()).unwrap_or_default();
         for rec in live {
             let _ = self.terminate_with(&rec.environment_id, &rec.id, Duration::from_secs(2), why).await;
+        }
+        if let Ok(rt) = &self.runtime {
+            rt.release();
         }
     }
 

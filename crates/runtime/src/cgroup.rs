@@ -58,6 +58,22 @@ pub fn prepare_parent(version: CgroupVersion, parent: &str) -> Result<(), Runtim
     Ok(())
 }
 
+/// Removes the parent cgroup(s) once no sandbox is left under them (a server's clean shutdown). A parent that
+/// still holds a cgroup (a sandbox still stopping) stays; the next start reuses it.
+pub fn remove_parent(version: CgroupVersion, parent: &str) {
+    let dirs: Vec<PathBuf> = match version {
+        CgroupVersion::V1 => V1_CONTROLLERS.iter().map(|c| Path::new(ROOT).join(c).join(parent)).collect(),
+        CgroupVersion::V2 => vec![Path::new(ROOT).join(parent)],
+    };
+    for dir in dirs {
+        if let Err(e) = std::fs::remove_dir(&dir) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::debug!(dir = %dir.display(), error = %e, "parent cgroup kept");
+            }
+        }
+    }
+}
+
 /// Limits for one sandbox.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Limits {

@@ -182,6 +182,14 @@ impl Runtime {
         sandbox::teardown(self, id).await
     }
 
+    /// Releases what the node holds for all sandboxes (the parent cgroups) once none is running: the last step of
+    /// a clean shutdown, so that servers that come and go leave no empty cgroups behind.
+    pub fn release(&self) {
+        if self.sandboxes.lock().unwrap_or_else(|p| p.into_inner()).is_empty() {
+            cgroup::remove_parent(self.cgroups, &self.config.cgroup_parent);
+        }
+    }
+
     /// Every running sandbox's id.
     pub fn ids(&self) -> Vec<String> {
         self.sandboxes.lock().unwrap_or_else(|p| p.into_inner()).keys().cloned().collect()
