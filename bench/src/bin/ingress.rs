@@ -7,7 +7,8 @@
 //! latency over the direct path and its throughput next to nginx's (`proxy_pass` with an upstream keepalive pool,
 //! one worker per core). nginx is optional: without it the bench says so and prints the other two.
 //!
-//! Usage: cargo run --release -p compute-bench --bin bench-ingress [-- --seconds 3 --rounds 3 --concurrency 32]
+//! Usage: cargo run --release -p compute-bench --bin bench-ingress [-- --seconds 3 --rounds 3 --concurrency 32
+//! --isolation native|gvisor]
 
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
@@ -57,7 +58,10 @@ fn main() -> anyhow::Result<()> {
     let concurrency: usize = arg("--concurrency", 32);
     let image: String = arg("--image", "python:3.13-slim-trixie".to_string());
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    let server = compute_bench::Server::start("ingress", &[])?;
+    // The server's default isolation unless `--isolation native|gvisor` says otherwise.
+    let isolation: String = arg("--isolation", String::new());
+    let flags: Vec<&str> = if isolation.is_empty() { vec![] } else { vec!["--isolation", &isolation] };
+    let server = compute_bench::Server::start("ingress", &flags)?;
     let result = rt.block_on(run(&server, &image, seconds, rounds, concurrency));
     server.stop();
     result

@@ -67,16 +67,16 @@ impl Service<Request<Incoming>> for FrontDoor {
 }
 
 async fn route(shared: Arc<Shared>, tls: bool, mut req: Request<Incoming>) -> Response<Body> {
+    // Scaling groups first: the ingress is the hot path and needs nothing below.
+    if req.uri().path().starts_with(compute_ingress::PREFIX) {
+        return scaling_group(&shared, req).await;
+    }
     let path = req.uri().path().to_string();
     let base = public_base(&shared, tls, &req);
     req.extensions_mut().insert(base);
     if let Some(rest) = path.strip_prefix(crate::blobs::PREFIX) {
         let rest = rest.to_string();
         return crate::blobs::serve(&shared.volumes, &rest, req, &shared.metrics).await;
-    }
-    if let Some(rest) = path.strip_prefix(compute_ingress::PREFIX) {
-        let rest = rest.to_string();
-        return scaling_group(&shared, &rest, req).await;
     }
     if let Some(op) = path.strip_prefix("/v1/admin/") {
         let op = op.to_string();
@@ -226,22 +226,26 @@ fn public_base<B>(shared: &Shared, tls: bool, req: &Request<B>) -> PublicBase {
 
 /// A request to a scaling group: authenticated when the group asks for it, then proxied by the ingress. Counted
 /// per group once the group is known (unknown paths are not, so they cannot grow the metrics without bound).
-async fn scaling_group(shared: &Shared, rest: &str, req: Request<Incoming>) -> Response<Body> {
-    let group = rest.splitn(3, '/').take(2).collect::<Vec<_>>().join("/");
-    let Some((route, upstream_path)) = shared.ingress.lookup(rest) else {
+async fn scaling_group(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
+    let path = req.uri().path();
+    let after = &path[compute_ingress::PREFIX.len()..];
+    let Some((route, group, rest)) = shared.ingress.lookup(after) else {
+        let group = after.splitn(3, '/').take(2).collect::<Vec<_>>().join("/");
         return full(
             StatusCode::NOT_FOUND,
             "text/plain; charset=utf-8",
             format!("no scaling group is served at {}{group}: check the group's web_url\n", compute_ingress::PREFIX),
         );
     };
+    let group = group.to_string();
     let started = std::time::Instant::now();
     let resp = match refusal(shared, &route, &req) {
         Some(refused) => refused,
         None => {
+            let rest = if rest.is_empty() { "/" } else { rest };
             let path_and_query = match req.uri().query() {
-                Some(q) => format!("{upstream_path}?{q}"),
-                None => upstream_path,
+                Some(q) => format!("{rest}?{q}"),
+                None => rest.to_string(),
             };
             let prefix = format!("{}{group}", compute_ingress::PREFIX);
             shared.ingress.proxy(&route, &prefix, &path_and_query, req).await.map(Body::new)

@@ -59,16 +59,17 @@ impl Ingress {
         route.close();
     }
 
-    /// The route a path under [`PREFIX`] names, and the rest of the path to send to the replica (`/` at least).
-    /// `None` when no group is served there.
-    pub fn lookup(&self, path_after_prefix: &str) -> Option<(Arc<GroupRoute>, String)> {
-        let mut parts = path_after_prefix.splitn(3, '/');
-        let environment = parts.next()?;
-        let group = parts.next()?;
-        let rest = format!("/{}", parts.next().unwrap_or(""));
-        let route =
-            self.routes.read().unwrap_or_else(|p| p.into_inner()).get(&format!("{environment}/{group}")).cloned()?;
-        Some((route, rest))
+    /// The route a path under [`PREFIX`] names (`<environment>/<group>/<rest>`), with its key
+    /// (`<environment>/<group>`) and the path to send to the replica (`/<rest>`, empty for `/`). `None` when no
+    /// group is served there.
+    pub fn lookup<'p>(&self, path_after_prefix: &'p str) -> Option<(Arc<GroupRoute>, &'p str, &'p str)> {
+        let first = path_after_prefix.find('/')?;
+        let (key, rest) = match path_after_prefix[first + 1..].find('/') {
+            Some(second) => path_after_prefix.split_at(first + 1 + second),
+            None => (path_after_prefix, ""),
+        };
+        let route = self.routes.read().unwrap_or_else(|p| p.into_inner()).get(key).cloned()?;
+        Some((route, key, rest))
     }
 
     /// Proxies `req` to one of the route's replicas, as `rest` (path and query) on the replica. `prefix` is the

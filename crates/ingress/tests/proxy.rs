@@ -87,10 +87,12 @@ async fn http1_replicas_get_the_path_forwarded_headers_and_no_hop_by_hop_ones() 
     let r = route(UpstreamProtocol::Http1, ColdPolicy::Error);
     ingress.insert("default", "api", r.clone());
     r.set_replicas(vec![("a".into(), upstream("a", false).await)]);
-    let (route, rest) = ingress.lookup("default/api/items/7").unwrap();
+    let (route, key, rest) = ingress.lookup("default/api/items/7").unwrap();
     assert!(Arc::ptr_eq(&route, &r));
-    assert_eq!(rest, "/items/7");
+    assert_eq!((key, rest), ("default/api", "/items/7"));
+    assert_eq!(ingress.lookup("default/api").map(|(_, k, r)| (k, r)), Some(("default/api", "")));
     assert!(ingress.lookup("default/other/x").is_none());
+    assert!(ingress.lookup("default").is_none());
 
     let resp = ingress.proxy(&r, "/sg/default/api", "/items/7?q=1", get("/items/7?q=1")).await;
     assert!(resp.headers().get("x-hop").is_none(), "a header the replica named in Connection stays behind");

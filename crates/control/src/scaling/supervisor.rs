@@ -22,6 +22,10 @@ const FAILED_AFTER: u32 = 3;
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
 /// How often a replica that is not ready yet is checked.
 const STARTUP_PROBE_EVERY: Duration = Duration::from_millis(100);
+/// Passes between reads of the group's record when nothing woke the supervisor.
+const RECORD_EVERY: u64 = 10;
+/// Passes between looks at the records of replicas that are running (starting and stopping ones: every pass).
+const SETTLED_EVERY: u64 = 5;
 /// How long a replica taken out of service may take to finish the requests it is serving.
 const DRAIN_GRACE: Duration = Duration::from_secs(30);
 /// Wait before replacing a replica that ended after it had served (a crash loop must not spin).
@@ -105,29 +109,35 @@ pub(super) async fn run(
     let mut stopping = groups.stopping.subscribe();
     let mut tick = tokio::time::interval(groups.config.tick);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut pass: u64 = 0;
     loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            () = route.demanded() => {}
-            () = wake.notified() => {}
+        let woken = tokio::select! {
+            _ = tick.tick() => false,
+            () = route.demanded() => false,
+            () = wake.notified() => true,
             _ = stopping.wait_for(|s| *s) => {
                 groups.ingress.remove(&env_name, &group.name, &route);
                 return;
             }
-        }
-        let record = match groups.store.read(|r| r.scaling_groups().get(&group.environment_id, &group.id)) {
-            Ok(Some(r)) => r,
-            Ok(None) => break,
-            Err(e) => {
-                tracing::error!(group = %group.id, error = %e, "reading a scaling group failed");
-                continue;
-            }
         };
-        if record.deleted_at.is_some() {
-            break;
+        // The record changes only through the manager, which wakes us; reading it every second as well keeps a
+        // missed wake from mattering without a store query per tick.
+        if woken || pass.is_multiple_of(RECORD_EVERY) {
+            let record = match groups.store.read(|r| r.scaling_groups().get(&group.environment_id, &group.id)) {
+                Ok(Some(r)) => r,
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::error!(group = %group.id, error = %e, "reading a scaling group failed");
+                    continue;
+                }
+            };
+            if record.deleted_at.is_some() {
+                break;
+            }
+            sup.group = record;
         }
-        sup.group = record;
-        state.send_replace(sup.step().await);
+        state.send_replace(sup.step(pass.is_multiple_of(SETTLED_EVERY)).await);
+        pass += 1;
     }
     groups.ingress.remove(&env_name, &group.name, &route);
     sup.stop_all("its scaling group was deleted").await;
@@ -165,8 +175,9 @@ impl Supervisor {
         }
     }
 
-    /// One pass: follow, check, scale, publish. Returns the state to show.
-    async fn step(&mut self) -> GroupState {
+    /// One pass: follow, check, scale, publish. Returns the state to show. `thorough`: look at the records of
+    /// running replicas too (they change only when one ends, which the readiness checks also notice).
+    async fn step(&mut self, thorough: bool) -> GroupState {
         let revision_id = self.group.revision_id.clone();
         let Some(spec) = self.spec(&revision_id) else {
             return GroupState {
@@ -176,7 +187,7 @@ impl Supervisor {
             };
         };
         self.route.set_settings(self.route_settings(&spec));
-        self.follow(&revision_id);
+        self.follow(&revision_id, thorough);
         self.check_readiness(&spec).await;
 
         let config = &self.groups.config;
@@ -256,9 +267,12 @@ impl Supervisor {
 
     /// Updates each replica from its record; a finished one leaves (and counts as a failure of its revision if it
     /// never became ready).
-    fn follow(&mut self, revision_id: &str) {
+    fn follow(&mut self, revision_id: &str, thorough: bool) {
         let mut ended = Vec::new();
         for r in &mut self.replicas {
+            if !thorough && r.addr.is_some() && !r.stopping {
+                continue;
+            }
             let rec = match self.groups.workloads.record(&self.group.environment_id, &r.id) {
                 Ok(Some(rec)) => rec,
                 Ok(None) => {
