@@ -3,6 +3,7 @@ autoscaling up and down (and to zero), rolling updates and rollbacks, failures t
 server restart, and bad specs refused naming the field."""
 import re
 import signal
+import socket
 import textwrap
 import threading
 import time
@@ -34,6 +35,20 @@ APP = textwrap.dedent('''
                 with open(q["p"], "w") as f:
                     f.write(socket.gethostname())
                 body = b"written"
+            elif u.path == "/ws":
+                # An upgrade to a byte echo, as a WebSocket server would switch protocols.
+                self.send_response(101)
+                self.send_header("Connection", "Upgrade")
+                self.send_header("Upgrade", self.headers.get("Upgrade", ""))
+                self.end_headers()
+                self.wfile.flush()
+                while True:
+                    data = self.connection.recv(65536)
+                    if not data:
+                        break
+                    self.connection.sendall(data)
+                self.close_connection = True
+                return
             elif u.path == "/burn":
                 end = time.time() + float(q.get("s", "5"))
                 while time.time() < end:
@@ -316,6 +331,22 @@ def test_authenticated_groups_want_a_token_and_http1_works_too(srv):
     assert status == 404, (status, body)
     status, body = http_get(url.replace("private-api", "no-such-group") + "/health")
     assert status == 404 and "no scaling group" in body, (status, body)
+    # An HTTP/1.1 upgrade (WebSocket's handshake) becomes a tunnel to the replica.
+    host, port = url.split("//")[1].split("/")[0].split(":")
+    path = "/" + url.split("//")[1].split("/", 1)[1] + "/ws"
+    with socket.create_connection((host, int(port)), timeout=30) as conn:
+        conn.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: Upgrade\r\nUpgrade: echo\r\n"
+                     f"Authorization: Bearer {srv.token()}\r\n\r\n".encode())
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += conn.recv(1)
+        assert head.startswith(b"HTTP/1.1 101"), head
+        for msg in [b"ping", b"x" * 100000]:
+            conn.sendall(msg)
+            back = b""
+            while len(back) < len(msg):
+                back += conn.recv(65536)
+            assert back == msg
     metrics = srv.metrics()
     assert 'compute_api_ingress_requests_total{group="default/private-api",code="401"}' in metrics, metrics
     assert 'compute_api_ingress_requests_total{group="default/private-api",code="200"}' in metrics, metrics

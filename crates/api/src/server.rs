@@ -164,7 +164,8 @@ impl Server {
                     Some(true) => match tls.expect("sniffed TLS only when configured").accept(stream).await {
                         Ok(tls_stream) => {
                             let service = TowerToHyperService::new(FrontDoor::new(shared, true));
-                            let conn = builder.serve_connection(TokioIo::new(tls_stream), service).into_owned();
+                            let conn =
+                                builder.serve_connection_with_upgrades(TokioIo::new(tls_stream), service).into_owned();
                             watcher.watch(conn).await
                         }
                         Err(e) => {
@@ -174,7 +175,7 @@ impl Server {
                     },
                     Some(false) => {
                         let service = TowerToHyperService::new(FrontDoor::new(shared, false));
-                        let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
+                        let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).into_owned();
                         watcher.watch(conn).await
                     }
                     None => return,

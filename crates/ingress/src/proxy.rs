@@ -8,10 +8,10 @@ use http::header::{self, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Uri, Version};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
 use crate::body::IngressBody;
-use crate::route::{ColdPolicy, GroupRoute, UpstreamProtocol};
+use crate::route::{ColdPolicy, GroupRoute, InFlight, UpstreamProtocol};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 type ProxyBody = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
@@ -45,12 +45,19 @@ pub(crate) async fn forward<B>(
     route: &Arc<GroupRoute>,
     prefix: &str,
     rest: &str,
-    req: Request<B>,
+    mut req: Request<B>,
 ) -> Response<IngressBody>
 where
     B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
     B::Error: Into<BoxError>,
 {
+    // An HTTP/1.1 upgrade (WebSocket and the like) to an HTTP/1.1 replica becomes a tunnel once the replica agrees.
+    let upgrade = match upgrade_protocol(req.headers()) {
+        Some(protocol) if route.settings().protocol == UpstreamProtocol::Http1 && req.version() == Version::HTTP_11 => {
+            Some((protocol, hyper::upgrade::on(&mut req)))
+        }
+        _ => None,
+    };
     let mut in_flight = route.enter();
     let Some(upstream) = route.acquire().await else {
         // The SDK retries a 503 whose body says "scaling up from zero" or "no healthy upstream".
@@ -83,6 +90,10 @@ where
     };
     parts.uri = uri;
     strip_hop_by_hop(&mut parts.headers);
+    if let Some((protocol, _)) = &upgrade {
+        parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        parts.headers.insert(header::UPGRADE, protocol.clone());
+    }
     parts.version = match settings.protocol {
         UpstreamProtocol::Http1 => Version::HTTP_11,
         UpstreamProtocol::H2c => Version::HTTP_2,
@@ -110,7 +121,16 @@ where
         UpstreamProtocol::H2c => &clients.h2c,
     };
     match client.request(req).await {
-        Ok(resp) => {
+        Ok(mut resp) => {
+            if let (StatusCode::SWITCHING_PROTOCOLS, Some((protocol, client))) = (resp.status(), upgrade) {
+                let replica = hyper::upgrade::on(&mut resp);
+                tokio::spawn(tunnel(client, replica, in_flight));
+                let (mut parts, _) = resp.into_parts();
+                strip_hop_by_hop(&mut parts.headers);
+                parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+                parts.headers.insert(header::UPGRADE, protocol);
+                return Response::from_parts(parts, IngressBody::text(String::new()));
+            }
             let (mut parts, body) = resp.into_parts();
             strip_hop_by_hop(&mut parts.headers);
             Response::from_parts(parts, IngressBody::new(body, Some(in_flight)))
@@ -127,6 +147,34 @@ where
             )
         }
     }
+}
+
+/// The protocol an HTTP/1.1 request asks to upgrade to (`Connection: upgrade` with an `Upgrade` header).
+fn upgrade_protocol(headers: &http::HeaderMap) -> Option<HeaderValue> {
+    let asks = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    asks.then(|| headers.get(header::UPGRADE).cloned()).flatten()
+}
+
+/// Copies bytes both ways between the caller's and the replica's upgraded connections until either side closes.
+/// The request counts as in flight (for balancing and autoscaling) for as long.
+async fn tunnel(client: hyper::upgrade::OnUpgrade, replica: hyper::upgrade::OnUpgrade, in_flight: InFlight) {
+    let (client, replica) = match tokio::try_join!(client, replica) {
+        Ok(both) => both,
+        Err(e) => {
+            tracing::debug!(error = %e, "an upgraded connection did not come up");
+            return;
+        }
+    };
+    let (mut client, mut replica) = (TokioIo::new(client), TokioIo::new(replica));
+    if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut replica).await {
+        tracing::debug!(error = %e, "an upgraded connection ended with an error");
+    }
+    drop(in_flight);
 }
 
 fn strip_hop_by_hop(headers: &mut http::HeaderMap) {

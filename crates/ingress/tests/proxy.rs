@@ -201,3 +201,93 @@ async fn no_replica_and_a_dead_replica_answer_the_503s_the_sdk_retries() {
     assert!(body.contains("deleted"), "{body}");
     assert!(ingress.lookup("default/closing/").is_none());
 }
+
+/// An HTTP/1.1 server that upgrades `/ws` to a byte echo.
+async fn upgrading_upstream() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let service = service_fn(|mut req: Request<Incoming>| async move {
+                let on = hyper::upgrade::on(&mut req);
+                tokio::spawn(async move {
+                    let mut io = TokioIo::new(on.await.unwrap());
+                    let mut buf = [0u8; 64];
+                    loop {
+                        let n = tokio::io::AsyncReadExt::read(&mut io, &mut buf).await.unwrap_or(0);
+                        if n == 0 {
+                            break;
+                        }
+                        tokio::io::AsyncWriteExt::write_all(&mut io, &buf[..n]).await.unwrap();
+                    }
+                });
+                Ok::<_, Infallible>(
+                    Response::builder()
+                        .status(StatusCode::SWITCHING_PROTOCOLS)
+                        .header("connection", "upgrade")
+                        .header("upgrade", req.headers()["upgrade"].clone())
+                        .body(Empty::<Bytes>::new())
+                        .unwrap(),
+                )
+            });
+            tokio::spawn(async move {
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .with_upgrades()
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn an_upgrade_becomes_a_tunnel_to_the_replica() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let ingress = Arc::new(Ingress::new());
+    let r = route(UpstreamProtocol::Http1, ColdPolicy::Error);
+    r.set_replicas(vec![("w".into(), upgrading_upstream().await)]);
+    // The front: a real HTTP/1.1 server (with upgrades) that hands every request to the ingress.
+    let front = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let front_addr = front.local_addr().unwrap();
+    {
+        let (ingress, r) = (ingress.clone(), r.clone());
+        tokio::spawn(async move {
+            let (stream, _) = front.accept().await.unwrap();
+            let service = service_fn(move |req: Request<Incoming>| {
+                let (ingress, r) = (ingress.clone(), r.clone());
+                async move { Ok::<_, Infallible>(ingress.proxy(&r, "/sg/default/ws", "/ws", req).await) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .with_upgrades()
+                .await;
+        });
+    }
+    let mut conn = tokio::net::TcpStream::connect(front_addr).await.unwrap();
+    conn.write_all(b"GET /sg/default/ws/ws HTTP/1.1\r\nHost: front\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n")
+        .await
+        .unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        conn.read_exact(&mut byte).await.unwrap();
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).to_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(head.contains("upgrade: echo"), "{head}");
+    assert_eq!(r.in_flight(), 1, "an open tunnel counts as a request in flight");
+    for msg in [&b"ping"[..], b"two way"] {
+        conn.write_all(msg).await.unwrap();
+        let mut back = vec![0u8; msg.len()];
+        conn.read_exact(&mut back).await.unwrap();
+        assert_eq!(back, msg);
+    }
+    drop(conn);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while r.in_flight() > 0 {
+        assert!(std::time::Instant::now() < deadline, "the tunnel's end was not noticed");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
