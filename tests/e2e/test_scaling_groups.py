@@ -4,6 +4,7 @@ server restart, and bad specs refused naming the field."""
 import re
 import signal
 import socket
+import subprocess
 import textwrap
 import threading
 import time
@@ -12,7 +13,7 @@ import urllib.request
 
 import pytest
 
-from conftest import PROGRAMS, Server, require_root, run_program, sdk_ok
+from conftest import PROGRAMS, Server, compute_bin, require_root, run_program, sdk_ok
 
 ALIASES = '[image_aliases]\n"python:3.12-slim-trixie" = "python:3.13-slim-trixie"\n'
 IMAGE = "python:3.13-slim-trixie"
@@ -440,3 +441,45 @@ def test_groups_are_served_again_after_a_restart(tmp_path, how):
         assert not live_sandboxes(s)
     finally:
         s.stop()
+
+
+def raw_get(port, host, path, token=None):
+    """GET over a plain socket to 127.0.0.1:port with this Host header (no DNS needed for a made-up domain)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as conn:
+        auth = f"Authorization: Bearer {token}\r\n" if token else ""
+        conn.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}\r\n{auth}Connection: close\r\n\r\n".encode())
+        data = b""
+        while chunk := conn.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body.decode()
+
+
+def test_groups_are_reached_by_host_name_under_an_ingress_domain(tmp_path):
+    require_root()
+    s = Server(tmp_path / "data", config='ingress_domain = "Apps.Test"\n')
+    try:
+        sdk(s, """
+            ScalingGroup(image=IMAGE, name="host-api", entrypoint=ENTRY, port=8080).deploy()
+        """)
+        port = int(s.url.rsplit(":", 1)[1])
+        g = wait_for("ready", lambda: ((g := group(s, "host-api")).get("readyReplicas", 0) == 1, g))
+        assert g["webUrl"] == f"http://host-api.default.apps.test:{port}", g["webUrl"]
+        # The whole path reaches the replica: no prefix to strip, so apps with absolute links work.
+        status, body = raw_get(port, f"host-api.default.apps.test:{port}", "/headers?x=1")
+        assert status == 200 and f"host: host-api.default.apps.test:{port}" in body, body
+        assert "x-forwarded-prefix" not in body, body
+        assert raw_get(port, "host-api.apps.test", "/health") == (200, "ok"), "the default environment's short form"
+        status, body = raw_get(port, "nope.default.apps.test", "/health")
+        assert status == 404 and "nope" in body, body
+        # Paths keep working, and the API itself is not shadowed by the domain.
+        assert http_get(f"{s.url}/sg/default/host-api/health") == (200, "ok")
+        assert http_get(f"{s.url}/healthz")[0] == 200
+        rpc(s, "DeleteScalingGroup", {"name": "host-api"})
+    finally:
+        s.stop()
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "config.toml").write_text('ingress_domain = "http://apps.test:80"\n')
+    out = subprocess.run([compute_bin(), "serve", "--listen", "127.0.0.1:0", "--data-dir", str(tmp_path / "bad")],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0 and "is not a DNS domain" in out.stderr, out

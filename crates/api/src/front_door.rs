@@ -34,6 +34,7 @@ pub struct Shared {
     pub workloads: Arc<compute_control::Workloads>,
     pub public_url: Option<String>,
     pub ingress: Arc<compute_ingress::Ingress>,
+    pub ingress_domain: Option<String>,
 }
 
 /// The front door service; cheap to clone (one per connection).
@@ -68,6 +69,27 @@ impl Service<Request<Incoming>> for FrontDoor {
 
 async fn route(shared: Arc<Shared>, tls: bool, mut req: Request<Incoming>) -> Response<Body> {
     // Scaling groups first: the ingress is the hot path and needs nothing below.
+    if let Some(domain) = &shared.ingress_domain {
+        let host = req
+            .uri()
+            .authority()
+            .map(|a| a.as_str())
+            .or_else(|| req.headers().get(header::HOST).and_then(|h| h.to_str().ok()));
+        if let Some((environment, group)) = host.and_then(|h| compute_ingress::Ingress::split_host(h, domain)) {
+            let key = format!("{environment}/{group}");
+            return match shared.ingress.route(environment, group) {
+                Some(route) => {
+                    let path_and_query = req.uri().path_and_query().map_or("/", |p| p.as_str()).to_string();
+                    serve_group(&shared, route, key, path_and_query, None, req).await
+                }
+                None => full(
+                    StatusCode::NOT_FOUND,
+                    "text/plain; charset=utf-8",
+                    format!("no scaling group {group:?} in environment {environment:?} is served here\n"),
+                ),
+            };
+        }
+    }
     if req.uri().path().starts_with(compute_ingress::PREFIX) {
         return scaling_group(&shared, req).await;
     }
@@ -238,20 +260,31 @@ async fn scaling_group(shared: &Shared, req: Request<Incoming>) -> Response<Body
         );
     };
     let group = group.to_string();
+    let rest = if rest.is_empty() { "/" } else { rest };
+    let path_and_query = match req.uri().query() {
+        Some(q) => format!("{rest}?{q}"),
+        None => rest.to_string(),
+    };
+    let prefix = format!("{}{group}", compute_ingress::PREFIX);
+    serve_group(shared, route, group, path_and_query, Some(prefix), req).await
+}
+
+/// Serves one request to a group (`key`: `<environment>/<group>`) as `path_and_query` on a replica; `prefix` is the
+/// path the group was reached under, if it was reached by path.
+async fn serve_group(
+    shared: &Shared,
+    route: Arc<compute_ingress::GroupRoute>,
+    key: String,
+    path_and_query: String,
+    prefix: Option<String>,
+    req: Request<Incoming>,
+) -> Response<Body> {
     let started = std::time::Instant::now();
     let resp = match refusal(shared, &route, &req) {
         Some(refused) => refused,
-        None => {
-            let rest = if rest.is_empty() { "/" } else { rest };
-            let path_and_query = match req.uri().query() {
-                Some(q) => format!("{rest}?{q}"),
-                None => rest.to_string(),
-            };
-            let prefix = format!("{}{group}", compute_ingress::PREFIX);
-            shared.ingress.proxy(&route, &prefix, &path_and_query, req).await.map(Body::new)
-        }
+        None => shared.ingress.proxy(&route, prefix.as_deref(), &path_and_query, req).await.map(Body::new),
     };
-    shared.metrics.record_ingress(&group, resp.status().as_u16(), started.elapsed());
+    shared.metrics.record_ingress(&key, resp.status().as_u16(), started.elapsed());
     resp
 }
 

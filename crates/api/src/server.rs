@@ -43,6 +43,9 @@ pub struct ApiConfig {
     /// The URL clients reach this server at, for the blob URLs it signs (`None`: the request's own scheme and
     /// host, which is right unless a proxy rewrites them).
     pub public_url: Option<String>,
+    /// A DNS domain whose subdomains reach scaling groups by host name (`<group>.<environment>.<domain>`); `None`:
+    /// groups are reached by path only.
+    pub ingress_domain: Option<String>,
 }
 
 impl Default for ApiConfig {
@@ -53,6 +56,7 @@ impl Default for ApiConfig {
             max_message_bytes: 16 * 1024 * 1024,
             shutdown_grace: Duration::from_secs(10),
             public_url: None,
+            ingress_domain: None,
         }
     }
 }
@@ -102,8 +106,10 @@ impl Server {
                 builds,
                 volumes.clone(),
                 scaling.clone(),
+                config.ingress_domain.clone(),
                 config.max_message_bytes,
             ),
+            ingress_domain: config.ingress_domain.clone(),
             ingress: scaling.ingress().clone(),
             volumes,
             workloads,

@@ -81,6 +81,9 @@ struct ServeFlags {
     /// URL clients reach this server at, for signed volume URLs [default: the request's own host].
     #[arg(long, env = "COMPUTE_PUBLIC_URL")]
     public_url: Option<String>,
+    /// DNS domain whose subdomains reach scaling groups: <group>.<environment>.<domain> [default: by path only].
+    #[arg(long, env = "COMPUTE_INGRESS_DOMAIN")]
+    ingress_domain: Option<String>,
     /// Longest run of one image build step, e.g. 30m [default: 30m].
     #[arg(long, env = "COMPUTE_BUILD_STEP_TIMEOUT")]
     build_step_timeout: Option<String>,
@@ -106,6 +109,7 @@ impl ServeFlags {
             volume_store_options: None,
             volume_retention: self.volume_retention.clone(),
             public_url: self.public_url.clone(),
+            ingress_domain: self.ingress_domain.clone(),
             volume_url_ttl: None,
             build_step_timeout: self.build_step_timeout.clone(),
             image_providers: None,

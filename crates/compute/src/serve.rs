@@ -75,6 +75,7 @@ pub async fn run(data_dir: &Path, settings: Settings) -> anyhow::Result<()> {
         tls: settings.tls.clone().map(|(cert_path, key_path)| TlsConfig { cert_path, key_path }),
         max_message_bytes: settings.max_message_bytes,
         public_url: settings.public_url.clone(),
+        ingress_domain: settings.ingress_domain.clone(),
         ..ApiConfig::default()
     };
     let server = Server::bind(config, control.clone(), workloads.clone(), builds, volumes, scaling.clone()).await?;

@@ -50,6 +50,9 @@ pub struct Layer {
     pub volume_retention: Option<String>,
     /// The URL clients reach this server at, for signed blob URLs (default: the request's own host).
     pub public_url: Option<String>,
+    /// A DNS domain whose subdomains reach scaling groups by host name: `<group>.<environment>.<domain>` (and
+    /// `<group>.<domain>` in the default environment). Unset: groups are reached by path (`/sg/<env>/<group>`).
+    pub ingress_domain: Option<String>,
     /// How long a signed volume URL stays valid, e.g. `1h` (the default).
     pub volume_url_ttl: Option<String>,
     /// How long one image build step may run, e.g. `30m` (the default).
@@ -88,6 +91,7 @@ impl Layer {
             volume_store_options: self.volume_store_options.or(below.volume_store_options),
             volume_retention: self.volume_retention.or(below.volume_retention),
             public_url: self.public_url.or(below.public_url),
+            ingress_domain: self.ingress_domain.or(below.ingress_domain),
             volume_url_ttl: self.volume_url_ttl.or(below.volume_url_ttl),
             build_step_timeout: self.build_step_timeout.or(below.build_step_timeout),
             image_providers: self.image_providers.or(below.image_providers),
@@ -144,6 +148,8 @@ pub struct Settings {
     pub volume_retention: Option<Duration>,
     /// Public URL for signed blob URLs.
     pub public_url: Option<String>,
+    /// The domain scaling groups are reached under by host name, if any.
+    pub ingress_domain: Option<String>,
     /// Lifetime of signed volume URLs.
     pub volume_url_ttl: Duration,
     /// Longest run of one image build step.
@@ -225,6 +231,7 @@ impl Settings {
             volume_store_options: layer.volume_store_options.unwrap_or_default().into_iter().collect(),
             volume_retention: layer.volume_retention.as_deref().map(parse_duration).transpose()?,
             public_url: layer.public_url,
+            ingress_domain: layer.ingress_domain.as_deref().map(parse_ingress_domain).transpose()?,
             volume_url_ttl: parse_duration(layer.volume_url_ttl.as_deref().unwrap_or("1h"))?,
             build_step_timeout: parse_duration(layer.build_step_timeout.as_deref().unwrap_or("30m"))?,
             image_providers,
@@ -283,6 +290,25 @@ pub fn default_data_dir() -> PathBuf {
     }
     let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/tmp"));
     home.join(".local/share/compute")
+}
+
+/// A DNS domain for host-based routing: lowercase labels of letters, digits and '-', no scheme, port or dots at
+/// either end.
+fn parse_ingress_domain(text: &str) -> anyhow::Result<String> {
+    let d = text.trim().trim_end_matches('.').to_ascii_lowercase();
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && l.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+    };
+    anyhow::ensure!(
+        !d.is_empty() && d.len() <= 200 && d.split('.').all(label_ok),
+        "ingress_domain {text:?} is not a DNS domain: give labels of letters, digits and '-' separated by dots, \
+         without a scheme or port (e.g. \"apps.example.com\")"
+    );
+    Ok(d)
 }
 
 #[cfg(test)]

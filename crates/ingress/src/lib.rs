@@ -59,6 +59,11 @@ impl Ingress {
         route.close();
     }
 
+    /// The route of a group, by environment name and group name.
+    pub fn route(&self, environment: &str, group: &str) -> Option<Arc<GroupRoute>> {
+        self.routes.read().unwrap_or_else(|p| p.into_inner()).get(&format!("{environment}/{group}")).cloned()
+    }
+
     /// The route a path under [`PREFIX`] names (`<environment>/<group>/<rest>`), with its key
     /// (`<environment>/<group>`) and the path to send to the replica (`/<rest>`, empty for `/`). `None` when no
     /// group is served there.
@@ -72,12 +77,32 @@ impl Ingress {
         Some((route, key, rest))
     }
 
+    /// The (environment, group) a request's host names under `domain`: `<group>.<environment>.<domain>`, or
+    /// `<group>.<domain>` for the default environment. The host may carry a port. `None` for any other host.
+    pub fn split_host<'h>(host: &'h str, domain: &str) -> Option<(&'h str, &'h str)> {
+        let host = match host.rsplit_once(':') {
+            Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
+            _ => host,
+        };
+        let host = host.trim_end_matches('.');
+        let labels = host.strip_suffix(domain)?.strip_suffix('.')?;
+        match labels.split_once('.') {
+            None if !labels.is_empty() => Some(("default", labels)),
+            Some((group, environment))
+                if !group.is_empty() && !environment.is_empty() && !environment.contains('.') =>
+            {
+                Some((environment, group))
+            }
+            _ => None,
+        }
+    }
+
     /// Proxies `req` to one of the route's replicas, as `rest` (path and query) on the replica. `prefix` is the
-    /// path the group is served under (sent as `x-forwarded-prefix`).
+    /// path the group was reached under, if it was reached by path (sent as `x-forwarded-prefix`).
     pub async fn proxy<B>(
         &self,
         route: &Arc<GroupRoute>,
-        prefix: &str,
+        prefix: Option<&str>,
         rest: &str,
         req: http::Request<B>,
     ) -> http::Response<IngressBody>
@@ -86,5 +111,29 @@ impl Ingress {
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
         proxy::forward(&self.clients, route, prefix, rest, req).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Ingress;
+
+    #[test]
+    fn hosts_name_a_group_and_its_environment_under_the_domain() {
+        let d = "apps.example.com";
+        assert_eq!(Ingress::split_host("api.staging.apps.example.com", d), Some(("staging", "api")));
+        assert_eq!(Ingress::split_host("api.staging.apps.example.com:8420", d), Some(("staging", "api")));
+        assert_eq!(Ingress::split_host("api.apps.example.com", d), Some(("default", "api")));
+        assert_eq!(Ingress::split_host("api.apps.example.com.", d), Some(("default", "api")));
+        for other in [
+            "apps.example.com",
+            "x.y.z.apps.example.com",
+            "api.otherapps.example.com",
+            "example.com",
+            ".apps.example.com",
+            "127.0.0.1:8420",
+        ] {
+            assert_eq!(Ingress::split_host(other, d), None, "{other}");
+        }
     }
 }

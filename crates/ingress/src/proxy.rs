@@ -43,7 +43,7 @@ const HOP_BY_HOP: &[&str] =
 pub(crate) async fn forward<B>(
     clients: &Clients,
     route: &Arc<GroupRoute>,
-    prefix: &str,
+    prefix: Option<&str>,
     rest: &str,
     mut req: Request<B>,
 ) -> Response<IngressBody>
@@ -112,7 +112,7 @@ where
     if let Ok(v) = HeaderValue::from_str(&scheme) {
         parts.headers.insert(HeaderName::from_static("x-forwarded-proto"), v);
     }
-    if let Ok(v) = HeaderValue::from_str(prefix) {
+    if let Some(v) = prefix.and_then(|p| HeaderValue::from_str(p).ok()) {
         parts.headers.insert(HeaderName::from_static("x-forwarded-prefix"), v);
     }
     let req = Request::from_parts(parts, ProxyBody::new(http_body_util::BodyExt::map_err(body, Into::into)));

@@ -94,7 +94,7 @@ async fn http1_replicas_get_the_path_forwarded_headers_and_no_hop_by_hop_ones() 
     assert!(ingress.lookup("default/other/x").is_none());
     assert!(ingress.lookup("default").is_none());
 
-    let resp = ingress.proxy(&r, "/sg/default/api", "/items/7?q=1", get("/items/7?q=1")).await;
+    let resp = ingress.proxy(&r, Some("/sg/default/api"), "/items/7?q=1", get("/items/7?q=1")).await;
     assert!(resp.headers().get("x-hop").is_none(), "a header the replica named in Connection stays behind");
     let (status, body) = text(resp).await;
     assert_eq!(status, StatusCode::OK);
@@ -127,7 +127,7 @@ async fn h2c_replicas_get_http2_and_their_trailers_come_back() {
         .header("content-type", "application/grpc")
         .body(Full::new(Bytes::from_static(b"\0\0\0\0\0")))
         .unwrap();
-    let resp = ingress.proxy(&r, "/sg/default/grpc", "/pkg.Svc/Call", req).await;
+    let resp = ingress.proxy(&r, Some("/sg/default/grpc"), "/pkg.Svc/Call", req).await;
     assert_eq!(resp.status(), StatusCode::OK);
     let collected = resp.into_body().collect().await.unwrap();
     let trailers = collected.trailers().cloned().expect("trailers pass through");
@@ -147,7 +147,9 @@ async fn requests_go_to_the_least_busy_replica() {
     let slow: Vec<_> = (0..4)
         .map(|_| {
             let (ingress, r) = (ingress.clone(), r.clone());
-            tokio::spawn(async move { text(ingress.proxy(&r, "/sg/default/api", "/slow", get("/slow")).await).await })
+            tokio::spawn(
+                async move { text(ingress.proxy(&r, Some("/sg/default/api"), "/slow", get("/slow")).await).await },
+            )
         })
         .collect();
     let mut by = std::collections::HashMap::new();
@@ -164,13 +166,13 @@ async fn requests_go_to_the_least_busy_replica() {
 async fn no_replica_and_a_dead_replica_answer_the_503s_the_sdk_retries() {
     let ingress = Ingress::new();
     let cold = route(UpstreamProtocol::Http1, ColdPolicy::Error);
-    let (status, body) = text(ingress.proxy(&cold, "/sg/default/api", "/", get("/")).await).await;
+    let (status, body) = text(ingress.proxy(&cold, Some("/sg/default/api"), "/", get("/")).await).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     assert!(body.contains("scaling up from zero"), "{body}");
     assert_eq!(cold.take_starved(), 1, "the supervisor hears of the demand");
 
     let held = route(UpstreamProtocol::Http1, ColdPolicy::Hold(Duration::from_millis(200)));
-    let (status, body) = text(ingress.proxy(&held, "/sg/default/api", "/", get("/")).await).await;
+    let (status, body) = text(ingress.proxy(&held, Some("/sg/default/api"), "/", get("/")).await).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     assert!(body.contains("no healthy upstream"), "{body}");
 
@@ -180,7 +182,7 @@ async fn no_replica_and_a_dead_replica_answer_the_503s_the_sdk_retries() {
     };
     let gone = route(UpstreamProtocol::Http1, ColdPolicy::Error);
     gone.set_replicas(vec![("d".into(), dead)]);
-    let (status, body) = text(ingress.proxy(&gone, "/sg/default/api", "/", get("/")).await).await;
+    let (status, body) = text(ingress.proxy(&gone, Some("/sg/default/api"), "/", get("/")).await).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     assert!(body.contains("upstream connect error") && body.contains("replica d"), "{body}");
 
@@ -191,7 +193,7 @@ async fn no_replica_and_a_dead_replica_answer_the_503s_the_sdk_retries() {
         let closing = closing.clone();
         tokio::spawn(async move {
             let ingress = Ingress::new();
-            text(ingress.proxy(&closing, "/sg/default/closing", "/", get("/")).await).await
+            text(ingress.proxy(&closing, Some("/sg/default/closing"), "/", get("/")).await).await
         })
     };
     tokio::time::sleep(Duration::from_millis(50)).await;
@@ -256,7 +258,7 @@ async fn an_upgrade_becomes_a_tunnel_to_the_replica() {
             let (stream, _) = front.accept().await.unwrap();
             let service = service_fn(move |req: Request<Incoming>| {
                 let (ingress, r) = (ingress.clone(), r.clone());
-                async move { Ok::<_, Infallible>(ingress.proxy(&r, "/sg/default/ws", "/ws", req).await) }
+                async move { Ok::<_, Infallible>(ingress.proxy(&r, Some("/sg/default/ws"), "/ws", req).await) }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)

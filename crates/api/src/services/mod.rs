@@ -51,6 +51,7 @@ pub fn routes(
     builds: Arc<Builds>,
     volumes: Arc<VolumeStore>,
     scaling: Arc<ScalingGroups>,
+    ingress_domain: Option<String>,
     max_message_bytes: usize,
 ) -> Routes {
     macro_rules! svc {
@@ -91,7 +92,7 @@ pub fn routes(
         ))
         .add_service(svc!(
             scalinggroup::v1::scaling_group_manager_service_server::ScalingGroupManagerServiceServer<ScalingApi>,
-            ScalingApi::new(scaling)
+            ScalingApi::new(scaling, ingress_domain)
         ))
         .add_service(svc!(volume::v2::volume_service_server::VolumeServiceServer<VolumeApi>, VolumeApi::new(volumes)))
         .add_service(svc!(

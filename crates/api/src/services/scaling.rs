@@ -21,12 +21,38 @@ use crate::PublicBase;
 /// The ScalingGroupManagerService handler.
 pub struct ScalingApi {
     groups: Arc<ScalingGroups>,
+    ingress_domain: Option<String>,
 }
 
 impl ScalingApi {
-    /// A handler over `groups`.
-    pub fn new(groups: Arc<ScalingGroups>) -> Self {
-        Self { groups }
+    /// A handler over `groups`; with `ingress_domain`, groups' URLs name them by host instead of by path.
+    pub fn new(groups: Arc<ScalingGroups>, ingress_domain: Option<String>) -> Self {
+        Self { groups, ingress_domain }
+    }
+
+    /// Where clients reach a group: `<scheme>://<group>.<environment>.<domain>[:port]` with an ingress domain,
+    /// else `<base>/sg/<environment>/<group>`.
+    fn web_url(&self, base: &str, view: &GroupView) -> String {
+        match &self.ingress_domain {
+            Some(domain) => {
+                let (scheme, authority) = base.split_once("://").unwrap_or(("http", base));
+                let port = authority.rsplit_once(':').map(|(_, p)| p).filter(|p| p.bytes().all(|b| b.is_ascii_digit()));
+                let host = format!("{}.{}.{domain}", view.group.name, view.environment_name);
+                match port {
+                    Some(p) => format!("{scheme}://{host}:{p}"),
+                    None => format!("{scheme}://{host}"),
+                }
+            }
+            None => format!("{base}{}", Ingress::path_of(&view.environment_name, &view.group.name)),
+        }
+    }
+
+    fn response(&self, view: &GroupView, base: &str) -> ScalingGroupResponse {
+        let mut r = response(view);
+        if view.group.deleted_at.is_none() {
+            r.web_url = Some(self.web_url(base, view));
+        }
+        r
     }
 }
 
@@ -193,9 +219,9 @@ fn spec_of(rev: &RevisionRecord) -> Option<ScalingGroupSpec> {
     ScalingGroupSpec::decode(rev.spec.as_slice()).ok()
 }
 
-fn response(view: &GroupView, base: &str) -> ScalingGroupResponse {
+/// A group as the wire shows it, without its URL (which depends on how the ingress is reached).
+fn response(view: &GroupView) -> ScalingGroupResponse {
     let state = &view.state;
-    let deleted = view.group.deleted_at.is_some();
     ScalingGroupResponse {
         id: view.group.id.clone(),
         name: view.group.name.clone(),
@@ -206,7 +232,7 @@ fn response(view: &GroupView, base: &str) -> ScalingGroupResponse {
         created_at: Some(timestamp(view.group.created_at)),
         updated_at: Some(timestamp(view.group.updated_at)),
         deleted_at: view.group.deleted_at.map(timestamp),
-        web_url: (!deleted).then(|| format!("{base}{}", Ingress::path_of(&view.environment_name, &view.group.name))),
+        web_url: None,
         ready_replicas: state.ready as i32,
         available_replicas: state.ready as i32,
         metadata: [("desired_replicas", state.desired as f64), ("running_replicas", state.running as f64)]
@@ -311,7 +337,7 @@ impl ScalingGroupManagerService for ScalingApi {
         let base = base_url(&req);
         let wire = checked_wire(req.into_inner().spec)?;
         let view = self.groups.create(&who, wire).map_err(from_control)?;
-        Ok(Response::new(CreateScalingGroupResponse { scaling_group: Some(response(&view, &base)) }))
+        Ok(Response::new(CreateScalingGroupResponse { scaling_group: Some(self.response(&view, &base)) }))
     }
 
     async fn update_scaling_group(
@@ -342,11 +368,11 @@ impl ScalingGroupManagerService for ScalingApi {
             let revision = one_target(&traffic)?;
             let view =
                 self.groups.select_revision(&who, &r.scaling_group_id, revision.as_deref()).map_err(from_control)?;
-            return Ok(Response::new(UpdateScalingGroupResponse { scaling_group: Some(response(&view, &base)) }));
+            return Ok(Response::new(UpdateScalingGroupResponse { scaling_group: Some(self.response(&view, &base)) }));
         }
         let wire = checked_wire(r.spec)?;
         let view = self.groups.update(&who, &r.scaling_group_id, wire).map_err(from_control)?;
-        Ok(Response::new(UpdateScalingGroupResponse { scaling_group: Some(response(&view, &base)) }))
+        Ok(Response::new(UpdateScalingGroupResponse { scaling_group: Some(self.response(&view, &base)) }))
     }
 
     async fn get_scaling_group(
@@ -360,7 +386,7 @@ impl ScalingGroupManagerService for ScalingApi {
             .groups
             .get(&who, r.id.as_deref(), r.name.as_deref(), r.include_deleted.unwrap_or(false))
             .map_err(from_control)?;
-        Ok(Response::new(GetScalingGroupResponse { scaling_group: Some(response(&view, &base)) }))
+        Ok(Response::new(GetScalingGroupResponse { scaling_group: Some(self.response(&view, &base)) }))
     }
 
     async fn list_scaling_groups(
@@ -389,7 +415,7 @@ impl ScalingGroupManagerService for ScalingApi {
                         .is_some_and(|c| filters.images.contains(&c.image))
             })
             .filter(|v| r.search.is_empty() || v.group.name.contains(&r.search) || v.group.id.contains(&r.search))
-            .map(|v| response(v, &base))
+            .map(|v| self.response(v, &base))
             .collect();
         Ok(Response::new(ListScalingGroupsResponse {
             scaling_groups,
@@ -405,7 +431,7 @@ impl ScalingGroupManagerService for ScalingApi {
         let base = base_url(&req);
         let r = req.into_inner();
         let view = self.groups.delete(&who, r.id.as_deref(), r.name.as_deref()).await.map_err(from_control)?;
-        Ok(Response::new(DeleteScalingGroupResponse { scaling_group: Some(response(&view, &base)) }))
+        Ok(Response::new(DeleteScalingGroupResponse { scaling_group: Some(self.response(&view, &base)) }))
     }
 
     async fn get_scaling_group_revision(
