@@ -207,7 +207,7 @@ impl Supervisor {
             cpu_wants,
             bounds,
         );
-        self.converge(desired, &revision_id, &spec).await;
+        self.converge(desired, &revision_id, &spec);
 
         let ready: Vec<(String, SocketAddr)> = self
             .replicas
@@ -359,7 +359,7 @@ impl Supervisor {
 
     /// Starts and stops replicas so the current revision has `desired`, and retires the old revision's once the
     /// current one serves.
-    async fn converge(&mut self, desired: u32, revision_id: &str, spec: &Arc<GroupSpec>) {
+    fn converge(&mut self, desired: u32, revision_id: &str, spec: &Arc<GroupSpec>) {
         let current: Vec<usize> = (0..self.replicas.len())
             .filter(|&i| self.replicas[i].revision_id == revision_id && !self.replicas[i].stopping)
             .collect();
