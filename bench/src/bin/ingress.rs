@@ -7,8 +7,12 @@
 //! latency over the direct path and its throughput next to nginx's (`proxy_pass` with an upstream keepalive pool,
 //! one worker per core). nginx is optional: without it the bench says so and prints the other two.
 //!
+//! Then a cold request: a group scaled to zero gets one request, and the time to its answer (a replica started
+//! from nothing, found ready, and the request held and proxied) is printed next to the same server started as a
+//! plain host process until it answers, over `--cold-runs` runs.
+//!
 //! Usage: cargo run --release -p compute-bench --bin bench-ingress [-- --seconds 3 --rounds 3 --concurrency 32
-//! --isolation native|gvisor]
+//! --isolation native|gvisor --cold-runs 5]
 
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
@@ -29,7 +33,7 @@ use hyper_util::rt::TokioExecutor;
 
 /// Answers every request on a kept-alive connection with a fixed 2-byte body; `/ip` answers its own address.
 const REPLICA: &str = r#"
-import asyncio
+import asyncio, os
 async def serve(reader, writer):
     me = writer.get_extra_info("sockname")[0].encode()
     try:
@@ -41,7 +45,8 @@ async def serve(reader, writer):
     except (asyncio.IncompleteReadError, ConnectionError):
         writer.close()
 async def main():
-    server = await asyncio.start_server(serve, "0.0.0.0", 8080, backlog=1024)
+    port = int(os.environ.get("PORT", "8080"))
+    server = await asyncio.start_server(serve, "0.0.0.0", port, backlog=1024)
     await server.serve_forever()
 asyncio.run(main())
 "#;
@@ -143,6 +148,10 @@ async fn run(
         ingress.1 - direct.1,
         ingress.0 / direct.0
     );
+    let cold_runs: usize = arg("--cold-runs", 5);
+    if cold_runs > 0 {
+        cold(&api, &client, &web_url, image, cold_runs).await?;
+    }
     match (medians.get(2), nginx) {
         (Some(ng), Some((mut child, _))) => {
             println!(
@@ -156,6 +165,98 @@ async fn run(
         _ => println!("nginx: not installed, so not measured (apt-get install nginx-light)"),
     }
     Ok(())
+}
+
+/// Cold requests through a group with `min_replicas = 0`, next to the same server started on the host.
+async fn cold<C>(
+    api: &Api,
+    client: &Client<C, Empty<Bytes>>,
+    warm_url: &str,
+    image: &str,
+    runs: usize,
+) -> anyhow::Result<()>
+where
+    C: hyper_util::client::legacy::connect::Connect + Clone + Send + Sync + 'static,
+{
+    let mut groups = ScalingGroupManagerServiceClient::new(api.ch.clone());
+    let spec = ScalingGroupSpec {
+        container_spec: Some(ChalkContainerSpec {
+            name: "bench-cold".into(),
+            image: image.into(),
+            entrypoint: vec!["python".into(), "-c".into(), REPLICA.into()],
+            port: Some(8080),
+            ..Default::default()
+        }),
+        scaling_spec: Some(ScalingSpec {
+            min_replicas: 0,
+            max_replicas: 1,
+            shutdown_delay_seconds: Some(1),
+            ..Default::default()
+        }),
+    };
+    groups.create_scaling_group(api.req(CreateScalingGroupRequest { spec: Some(spec) })).await?;
+    let url = warm_url.replace("bench-ingress", "bench-cold");
+    let mut compute = Vec::new();
+    let mut host = Vec::new();
+    for _ in 0..runs {
+        // Wait until the group is at zero again (the shutdown delay, then the replica's teardown).
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let g = groups
+                .get_scaling_group(
+                    api.req(GetScalingGroupRequest { name: Some("bench-cold".into()), ..Default::default() }),
+                )
+                .await?
+                .into_inner()
+                .scaling_group
+                .unwrap_or_default();
+            let running = match g.metadata.get("running_replicas").and_then(|v| v.kind.clone()) {
+                Some(prost_types::value::Kind::NumberValue(n)) => n,
+                _ => 0.0,
+            };
+            if g.status == "ScaledToZero" && running == 0.0 {
+                break;
+            }
+            anyhow::ensure!(Instant::now() < deadline, "bench-cold did not scale to zero: {:?}", g.status_message);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let t = Instant::now();
+        get(client, &format!("{url}/")).await?;
+        compute.push(t.elapsed());
+
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let t = Instant::now();
+        let mut child = Command::new(host_python())
+            .args(["-c", REPLICA])
+            .env("PORT", port.to_string())
+            .stdout(Stdio::null())
+            .spawn()?;
+        let direct = format!("http://127.0.0.1:{port}/");
+        while get(client, &direct).await.is_err() {
+            anyhow::ensure!(t.elapsed() < Duration::from_secs(30), "the host server did not answer");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        host.push(t.elapsed());
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    let (c50, c99) = p50_p99_ms(&mut compute);
+    let (h50, h99) = p50_p99_ms(&mut host);
+    println!(
+        "cold request (group at zero -> first answer), {runs} runs: compute p50 {c50:.0} ms (max {c99:.0}); the same \
+         server as a host process, start -> first answer: p50 {h50:.0} ms (max {h99:.0}); {:.2}x",
+        c50 / h50
+    );
+    Ok(())
+}
+
+/// The host's own Python (not a version manager's shim, whose start-up would count against the peer).
+fn host_python() -> &'static str {
+    ["/usr/bin/python3", "/usr/local/bin/python3"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
+        .unwrap_or("python3")
 }
 
 async fn get<C>(client: &Client<C, Empty<Bytes>>, url: &str) -> anyhow::Result<String>

@@ -20,8 +20,12 @@ use crate::{ids, Principal};
 const FAILED_AFTER: u32 = 3;
 /// Longest wait between restarts of a failing replica.
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
-/// How often a replica that is not ready yet is checked.
-const STARTUP_PROBE_EVERY: Duration = Duration::from_millis(100);
+/// How often a replica that is not ready yet is checked (and the supervisor looks) during its first
+/// `FAST_STARTUP`, so that a held request gets it as soon as it listens.
+const STARTUP_PROBE_EVERY: Duration = Duration::from_millis(20);
+const FAST_STARTUP: Duration = Duration::from_secs(10);
+/// How often it is checked after that: a replica that never listens must not keep its supervisor busy.
+const SLOW_STARTUP_PROBE_EVERY: Duration = Duration::from_millis(250);
 /// Passes between reads of the group's record when nothing woke the supervisor.
 const RECORD_EVERY: u64 = 10;
 /// Passes between looks at the records of replicas that are running (starting and stopping ones: every pass).
@@ -44,6 +48,8 @@ struct Replica {
     stopping: bool,
     /// (when, CPU time used so far) samples over the autoscaling window, when the spec has a CPU target.
     cpu: VecDeque<(Instant, Duration)>,
+    /// When it was asked for.
+    started: Instant,
 }
 
 struct Supervisor {
@@ -107,12 +113,10 @@ pub(super) async fn run(
     }
     groups.ingress.insert(&env_name, &group.name, route.clone());
     let mut stopping = groups.stopping.subscribe();
-    let mut tick = tokio::time::interval(groups.config.tick);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut pass: u64 = 0;
     loop {
         let woken = tokio::select! {
-            _ = tick.tick() => false,
+            () = tokio::time::sleep(sup.pause()) => false,
             () = route.demanded() => false,
             () = wake.notified() => true,
             _ = stopping.wait_for(|s| *s) => {
@@ -164,6 +168,15 @@ impl Supervisor {
                 tracing::error!(group = %self.group.id, revision = revision_id, error = %e, "a stored revision does not parse");
                 None
             }
+        }
+    }
+
+    /// How long to wait before the next pass: short while a replica is starting, so it serves as soon as it can.
+    fn pause(&self) -> Duration {
+        if self.replicas.iter().any(|r| !r.ready && !r.stopping && r.started.elapsed() < FAST_STARTUP) {
+            STARTUP_PROBE_EVERY
+        } else {
+            self.groups.config.tick
         }
     }
 
@@ -353,7 +366,12 @@ impl Supervisor {
                     r.last_probe_error = Some(e);
                 }
             }
-            r.next_probe = Instant::now() + if r.ready { p.period } else { STARTUP_PROBE_EVERY };
+            r.next_probe = Instant::now()
+                + match (r.ready, r.started.elapsed() < FAST_STARTUP) {
+                    (true, _) => p.period,
+                    (false, true) => STARTUP_PROBE_EVERY,
+                    (false, false) => SLOW_STARTUP_PROBE_EVERY,
+                };
         }
     }
 
@@ -418,6 +436,7 @@ impl Supervisor {
                     last_probe_error: None,
                     stopping: false,
                     cpu: VecDeque::new(),
+                    started: Instant::now(),
                 });
                 true
             }
