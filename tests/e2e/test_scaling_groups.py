@@ -234,6 +234,9 @@ def test_scales_to_zero_and_a_request_starts_a_replica(srv):
     wait_for("scaled to zero again", lambda: ((g := group(srv, "lazy-api"))["status"] == "ScaledToZero", g))
     # The replica left the group at once; its sandbox is torn down right after.
     wait_for("the replica's sandbox gone", lambda: (not live_sandboxes(srv), live_sandboxes(srv)), timeout=30)
+    # At zero replicas the group still needs its image: removing it is refused (and image gc keeps it).
+    out = srv.cli("image", "rm", IMAGE, check=False)
+    assert out.returncode != 0 and "scaling group" in out.stderr, out
     rpc(srv, "DeleteScalingGroup", {"name": "lazy-api"})
 
 

@@ -135,11 +135,11 @@ async fn handle(shared: &Shared, op: &str, req: Request<Incoming>) -> Result<ser
         }
         "images/rm" => {
             let r: ImageRef = parse(op, body)?;
-            let live = shared.workloads.live_image_layers().map_err(from_control)?;
+            let live = live_layers(shared)?;
             let (img, _) = images.inspect(&r.reference).map_err(image_err)?;
             if img.layers.iter().any(|l| live.contains(l)) {
                 return Err(Status::failed_precondition(format!(
-                    "image {} is used by a live workload; stop it first",
+                    "image {} is used by a live workload or scaling group; stop or delete it first",
                     img.reference
                 )));
             }
@@ -179,7 +179,7 @@ async fn handle(shared: &Shared, op: &str, req: Request<Incoming>) -> Result<ser
         }
         "images/gc" => {
             let r: ImageGc = parse(op, body)?;
-            let live = shared.workloads.live_image_layers().map_err(from_control)?;
+            let live = live_layers(shared)?;
             Ok(json!(images.gc(&live, r.grace_seconds.unwrap_or(3600)).map_err(image_err)?))
         }
         "volumes/sync" => {
@@ -225,4 +225,12 @@ async fn handle(shared: &Shared, op: &str, req: Request<Incoming>) -> Result<ser
         }
         other => Err(Status::not_found(format!("no endpoint {PREFIX}{other}: use sync, gc, diff, rollback or fork"))),
     }
+}
+
+/// Image layers in use: those of live workloads, and those live scaling groups start replicas from (a group at
+/// zero replicas still needs its image).
+fn live_layers(shared: &Shared) -> Result<std::collections::HashSet<std::path::PathBuf>, Status> {
+    let mut live = shared.workloads.live_image_layers().map_err(from_control)?;
+    live.extend(shared.scaling.image_layers_in_use().map_err(from_control)?);
+    Ok(live)
 }

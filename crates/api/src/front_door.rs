@@ -35,6 +35,7 @@ pub struct Shared {
     pub public_url: Option<String>,
     pub ingress: Arc<compute_ingress::Ingress>,
     pub ingress_domain: Option<String>,
+    pub scaling: Arc<compute_control::ScalingGroups>,
 }
 
 /// The front door service; cheap to clone (one per connection).

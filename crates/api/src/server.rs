@@ -111,6 +111,7 @@ impl Server {
             ),
             ingress_domain: config.ingress_domain.clone(),
             ingress: scaling.ingress().clone(),
+            scaling: scaling.clone(),
             volumes,
             workloads,
             public_url: config.public_url.clone(),

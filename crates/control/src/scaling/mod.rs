@@ -354,6 +354,21 @@ impl ScalingGroups {
         Ok((group, revs))
     }
 
+    /// The image layers live groups need to start a replica (their selected revisions' images), so that image
+    /// garbage collection keeps them even while a group is scaled to zero.
+    pub fn image_layers_in_use(&self) -> Result<std::collections::HashSet<std::path::PathBuf>, ControlError> {
+        let mut layers = std::collections::HashSet::new();
+        for g in self.store.read(|r| r.scaling_groups().live())? {
+            let Some(rev) = self.store.read(|r| r.scaling_groups().revision(&g.id, &g.revision_id))? else {
+                continue;
+            };
+            if let Ok(spec) = (self.parse)(&rev.spec) {
+                layers.extend(self.workloads.images().layers_of(&spec.replica.image).into_iter().flatten());
+            }
+        }
+        Ok(layers)
+    }
+
     /// Starts serving every group recorded as live (after a restart; their old replicas were reconciled away).
     pub fn resume(self: &Arc<Self>) -> Result<usize, ControlError> {
         let live = self.store.read(|r| r.scaling_groups().live())?;
