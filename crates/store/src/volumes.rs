@@ -187,13 +187,32 @@ impl<'c> Volumes<'c> {
         Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
     }
 
-    /// Deletes versions created before `cutoff` that no ref points at. Returns how many went.
-    pub fn prune_versions(&self, volume_id: &str, cutoff: i64) -> Result<usize> {
-        Ok(self.conn.execute(
-            "DELETE FROM volume_versions WHERE volume_id = ?1 AND created_at < ?2 AND version_id NOT IN \
-             (SELECT version_id FROM volume_refs WHERE volume_id = ?1)",
-            (volume_id, cutoff),
-        )?)
+    /// Deletes versions created before `cutoff` that no ref points at and whose root tree is not in `keep_roots`
+    /// (trees live mounts read from). Returns how many went.
+    pub fn prune_versions(
+        &self,
+        volume_id: &str,
+        cutoff: i64,
+        keep_roots: &std::collections::HashSet<String>,
+    ) -> Result<usize> {
+        let candidates: Vec<(i64, String)> = self
+            .conn
+            .prepare_cached(
+                "SELECT version_id, root_tree FROM volume_versions WHERE volume_id = ?1 AND created_at < ?2 AND \
+                 version_id NOT IN (SELECT version_id FROM volume_refs WHERE volume_id = ?1)",
+            )?
+            .query_map((volume_id, cutoff), |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<rusqlite::Result<_>>()?;
+        let mut pruned = 0;
+        for (version, root) in candidates {
+            if !keep_roots.contains(&root) {
+                pruned += self.conn.execute(
+                    "DELETE FROM volume_versions WHERE volume_id = ?1 AND version_id = ?2",
+                    (volume_id, version),
+                )?;
+            }
+        }
+        Ok(pruned)
     }
 
     /// One ref.

@@ -1,14 +1,15 @@
 //! Garbage collection: mark every tree and object reachable from a live version, then delete the rest that is
 //! older than the grace period. Commits wait while it runs, so nothing it sweeps can become referenced meanwhile;
-//! an object uploaded but not committed yet is protected by its age.
+//! an object uploaded but not committed yet is protected by its age, and a version a mount reads from by its hold.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use compute_store::now_millis;
 
 use crate::key::ObjectKey;
-use crate::{VolumeError, VolumeStore};
+use crate::{VolumeError, VolumeSel, VolumeStore};
 
 /// What a collection removed.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -25,7 +26,45 @@ pub struct GcReport {
     pub objects_kept: usize,
 }
 
+/// The version trees in use by mounts, by (environment, root tree hash), with how many mounts use each.
+pub(crate) type Held = Arc<Mutex<HashMap<(String, String), usize>>>;
+
+/// Keeps one version's tree, and every tree and object under it, from garbage collection while it lives, and that
+/// version from retention: a mount reads from it. Made by [`VolumeStore::hold_version`]; released on drop.
+#[derive(Debug)]
+pub struct TreeHold {
+    held: Held,
+    key: (String, String),
+}
+
+impl Drop for TreeHold {
+    fn drop(&mut self) {
+        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = held.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                held.remove(&self.key);
+            }
+        }
+    }
+}
+
 impl VolumeStore {
+    /// Holds the tree `root` of environment `env` (see [`TreeHold`]).
+    pub(crate) fn hold_tree(&self, env: &str, root: &str) -> TreeHold {
+        let key = (env.to_string(), root.to_string());
+        *self.held.lock().unwrap_or_else(|p| p.into_inner()).entry(key.clone()).or_insert(0) += 1;
+        TreeHold { held: self.held.clone(), key }
+    }
+
+    /// Holds a version of a volume against garbage collection and retention while the hold lives (what a mount
+    /// of it does).
+    pub fn hold_version(&self, env: &str, volume: &VolumeSel, version: u64) -> Result<TreeHold, VolumeError> {
+        let view = self.view(env, volume, &crate::Selector::Version(version))?;
+        let root = view.version.map(|v| v.root_tree).unwrap_or_else(crate::tree::empty_tree_hash);
+        Ok(self.hold_tree(env, &root))
+    }
+
     /// Collects garbage, treating everything younger than `grace` (the configured grace when `None`) as live.
     pub async fn gc(&self, grace: Option<Duration>) -> Result<GcReport, VolumeError> {
         let grace = grace.unwrap_or(self.config.gc_grace);
@@ -35,10 +74,14 @@ impl VolumeStore {
         let cutoff_ms = now_ms - grace.as_millis() as i64;
 
         let volumes = self.store.read(|r| r.volumes().all())?;
+        // Trees mounts read from stay, and so do their versions.
+        let held: Vec<(String, String)> = self.held.lock().unwrap_or_else(|p| p.into_inner()).keys().cloned().collect();
         if let Some(retention) = self.config.retention {
             let before = now_ms - retention.as_millis() as i64;
             for v in &volumes {
-                report.versions_pruned += self.store.write(|r| r.volumes().prune_versions(&v.id, before))?;
+                let keep: HashSet<String> =
+                    held.iter().filter(|(env, _)| *env == v.environment_id).map(|(_, root)| root.clone()).collect();
+                report.versions_pruned += self.store.write(|r| r.volumes().prune_versions(&v.id, before, &keep))?;
             }
         }
 
@@ -55,7 +98,7 @@ impl VolumeStore {
             }
             Ok(out)
         })?;
-        for (env, root) in versions_by_env {
+        for (env, root) in versions_by_env.into_iter().chain(held) {
             let objects = live_objects.entry(env.clone()).or_default();
             let mut stack = vec![root];
             while let Some(hash) = stack.pop() {

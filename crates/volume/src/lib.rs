@@ -32,7 +32,7 @@ use bytes::Bytes;
 use compute_store::{now_millis, RefRecord, Store, StoreError, VersionRecord, VolumeRecord};
 
 pub use edit::{Changes, FileContent, Metadata, NodeSpec, Remove, Upsert, WriteMode};
-pub use gc::GcReport;
+pub use gc::{GcReport, TreeHold};
 pub use key::ObjectKey;
 pub use mount::{cleanup_mounts, AttachedVolume, MountRequest, MountSyncer};
 pub use objects::Objects;
@@ -189,6 +189,8 @@ pub struct VolumeStore {
     /// Commits hold it shared; garbage collection exclusively, so it never sweeps what a commit is adding.
     gc_lock: tokio::sync::RwLock<()>,
     trees: Mutex<HashMap<String, Arc<Tree>>>,
+    /// Version trees live mounts read from (see [`TreeHold`]).
+    held: gc::Held,
 }
 
 const TREE_CACHE_MAX: usize = 16 * 1024;
@@ -219,6 +221,7 @@ impl VolumeStore {
             locks: Mutex::default(),
             gc_lock: tokio::sync::RwLock::new(()),
             trees: Mutex::default(),
+            held: gc::Held::default(),
         })
     }
 

@@ -58,6 +58,8 @@ pub struct AttachedVolume {
     pub mount_path: String,
     /// Whether the sandbox may write.
     pub read_only: bool,
+    /// Keeps the version the mount reads from out of garbage collection and retention until it is detached.
+    _hold: crate::TreeHold,
 }
 
 impl AttachedVolume {
@@ -132,6 +134,7 @@ impl VolumeStore {
         };
         let session = session.map_err(|e| io("mounting the FUSE filesystem", e))?;
         raise_readahead(&mnt);
+        let hold = self.hold_tree(env, &root);
         Ok(AttachedVolume {
             dir: dir.to_path_buf(),
             session: Some(session),
@@ -140,6 +143,7 @@ impl VolumeStore {
             host_path: mnt,
             mount_path: req.mount_path.clone(),
             read_only,
+            _hold: hold,
         })
     }
 

@@ -135,3 +135,34 @@ async fn gc_deletes_only_what_no_version_references() {
     assert!(matches!(f.data, FileData::Bytes(b) if b.as_ref() == [1u8; 5000]));
     assert!(report.trees_deleted >= 1, "the dropped volume's trees went too: {report:?}");
 }
+
+#[tokio::test]
+async fn retention_and_gc_keep_a_version_a_mount_holds() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(Store::open(dir.path().join("state.db")).unwrap());
+    store.write(|r| r.environments().insert(&Environment { id: ENV.into(), name: "test".into(), created_at: 0 })).ok();
+    let objects = Objects::local(&dir.path().join("objects")).unwrap();
+    let config = VolumeConfig { retention: Some(Duration::ZERO), ..VolumeConfig::default() };
+    let v = Arc::new(VolumeStore::open(store, objects, config).unwrap());
+    v.create(ENV, "data", "data").unwrap();
+    let old = object(&v, &[4u8; 5000]).await;
+    let new = object(&v, &[5u8; 5000]).await;
+    let v1 = commit(&v, "data", "a", Changes { upserts: vec![upsert("f", located(&old, 5000))], ..Default::default() })
+        .await;
+    let hold = v.hold_version(ENV, &sel("data"), v1).unwrap();
+    commit(&v, "data", "b", Changes { upserts: vec![upsert("f", located(&new, 5000))], ..Default::default() }).await;
+    std::thread::sleep(Duration::from_millis(1100));
+
+    // v1 is past retention and no ref points at it, but a mount reads from it.
+    let report = v.gc(Some(Duration::ZERO)).await.unwrap();
+    assert_eq!(report.versions_pruned, 0, "{report:?}");
+    assert!(v.has_object(ENV, &old).await.unwrap());
+    let f = v.get_file(ENV, &sel("data"), &Selector::Version(v1), "f", "http://h").await.unwrap();
+    assert!(matches!(f.data, FileData::Bytes(b) if b.as_ref() == [4u8; 5000]));
+
+    drop(hold);
+    let report = v.gc(Some(Duration::ZERO)).await.unwrap();
+    assert_eq!(report.versions_pruned, 1, "{report:?}");
+    assert!(!v.has_object(ENV, &old).await.unwrap());
+    assert!(v.has_object(ENV, &new).await.unwrap());
+}
