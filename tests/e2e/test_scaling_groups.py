@@ -268,7 +268,18 @@ def test_an_update_rolls_replicas_over_and_a_rollback_returns(srv):
         poller.join()
     # Every request during both roll-overs was served.
     assert all(status == 200 for status, _ in answers), [a for a in answers if a[0] != 200][:5]
+    # Deleting lets the requests in flight finish; new ones are refused at once.
+    slow = []
+    slow_thread = threading.Thread(target=lambda: slow.append(http_get(f"{url}/slow?s=2")))
+    slow_thread.start()
+    wait_for("the slow request in flight", lambda: (group(srv, "roll-api")["metadata"].get("running_replicas") == 2
+                                                     and slow_thread.is_alive(), None), timeout=10)
+    time.sleep(0.5)
     rpc(srv, "DeleteScalingGroup", {"id": g["id"]})
+    slow_thread.join()
+    assert slow == [(200, "slow")], slow
+    status, body = http_get(f"{url}/health")
+    assert status == 404, (status, body)
 
 
 def roll(srv, g, first_revision, answers):

@@ -32,6 +32,8 @@ const RECORD_EVERY: u64 = 10;
 const SETTLED_EVERY: u64 = 5;
 /// How long a replica taken out of service may take to finish the requests it is serving.
 const DRAIN_GRACE: Duration = Duration::from_secs(30);
+/// The same when the whole group is deleted (the caller of Delete waits for it, so it is shorter).
+const DELETE_DRAIN_GRACE: Duration = Duration::from_secs(15);
 /// Wait before replacing a replica that ended after it had served (a crash loop must not spin).
 const RESTART_DELAY: Duration = Duration::from_secs(1);
 
@@ -143,7 +145,13 @@ pub(super) async fn run(
         state.send_replace(sup.step(pass.is_multiple_of(SETTLED_EVERY)).await);
         pass += 1;
     }
+    // New requests get 503 from here on; the ones in flight finish (within the drain grace) before replicas stop.
+    let serving = route.replicas();
     groups.ingress.remove(&env_name, &group.name, &route);
+    let deadline = tokio::time::Instant::now() + DELETE_DRAIN_GRACE;
+    while serving.iter().any(|u| u.in_flight() > 0) && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     sup.stop_all("its scaling group was deleted").await;
     state.send_replace(GroupState {
         status: "Deleted".into(),
