@@ -78,7 +78,7 @@ async fn route(shared: Arc<Shared>, tls: bool, mut req: Request<Incoming>) -> Re
             .or_else(|| req.headers().get(header::HOST).and_then(|h| h.to_str().ok()));
         if let Some((environment, group)) = host.and_then(|h| compute_ingress::Ingress::split_host(h, domain)) {
             let key = format!("{environment}/{group}");
-            return match shared.ingress.route(environment, group) {
+            return match shared.ingress.route(&key) {
                 Some(route) => {
                     let path_and_query = req.uri().path_and_query().map_or("/", |p| p.as_str()).to_string();
                     serve_group(&shared, route, key, path_and_query, None, req).await

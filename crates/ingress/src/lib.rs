@@ -59,9 +59,9 @@ impl Ingress {
         route.close();
     }
 
-    /// The route of a group, by environment name and group name.
-    pub fn route(&self, environment: &str, group: &str) -> Option<Arc<GroupRoute>> {
-        self.routes.read().unwrap_or_else(|p| p.into_inner()).get(&format!("{environment}/{group}")).cloned()
+    /// The route of a group, by its key `<environment>/<group>`.
+    pub fn route(&self, key: &str) -> Option<Arc<GroupRoute>> {
+        self.routes.read().unwrap_or_else(|p| p.into_inner()).get(key).cloned()
     }
 
     /// The route a path under [`PREFIX`] names (`<environment>/<group>/<rest>`), with its key
@@ -73,8 +73,7 @@ impl Ingress {
             Some(second) => path_after_prefix.split_at(first + 1 + second),
             None => (path_after_prefix, ""),
         };
-        let route = self.routes.read().unwrap_or_else(|p| p.into_inner()).get(key).cloned()?;
-        Some((route, key, rest))
+        Some((self.route(key)?, key, rest))
     }
 
     /// The (environment, group) a request's host names under `domain`: `<group>.<environment>.<domain>`, or

@@ -110,3 +110,12 @@ pub fn principal<T>(req: &tonic::Request<T>) -> Result<&Principal, tonic::Status
         .get::<Principal>()
         .ok_or_else(|| tonic::Status::unauthenticated("this method requires an access token"))
 }
+
+/// Where the caller reached this server (`http://host:port`), as the front door recorded it, for the absolute
+/// URLs handlers hand out (signed blob URLs, scaling groups' `web_url`).
+pub(crate) fn base_url<T>(req: &tonic::Request<T>) -> Result<String, tonic::Status> {
+    req.extensions()
+        .get::<crate::PublicBase>()
+        .map(|b| b.0.clone())
+        .ok_or_else(|| tonic::Status::internal("the front door did not record the request's address"))
+}

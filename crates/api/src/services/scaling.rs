@@ -13,10 +13,9 @@ use compute_store::RevisionRecord;
 use prost::Message;
 use tonic::{Request, Response, Status};
 
-use super::principal;
 use super::workload::{page, request, timestamp};
+use super::{base_url, principal};
 use crate::status::from_control;
-use crate::PublicBase;
 
 /// The ScalingGroupManagerService handler.
 pub struct ScalingApi {
@@ -211,10 +210,6 @@ fn probe_spec(container: &compute_proto::chalk::container::v1::ChalkContainerSpe
     Ok(probe)
 }
 
-fn base_url<T>(req: &Request<T>) -> String {
-    req.extensions().get::<PublicBase>().map(|b| b.0.clone()).unwrap_or_default()
-}
-
 fn spec_of(rev: &RevisionRecord) -> Option<ScalingGroupSpec> {
     ScalingGroupSpec::decode(rev.spec.as_slice()).ok()
 }
@@ -334,7 +329,7 @@ impl ScalingGroupManagerService for ScalingApi {
         req: Request<CreateScalingGroupRequest>,
     ) -> Result<Response<CreateScalingGroupResponse>, Status> {
         let who = principal(&req)?.clone();
-        let base = base_url(&req);
+        let base = base_url(&req)?;
         let wire = checked_wire(req.into_inner().spec)?;
         let view = self.groups.create(&who, wire).map_err(from_control)?;
         Ok(Response::new(CreateScalingGroupResponse { scaling_group: Some(self.response(&view, &base)) }))
@@ -345,7 +340,7 @@ impl ScalingGroupManagerService for ScalingApi {
         req: Request<UpdateScalingGroupRequest>,
     ) -> Result<Response<UpdateScalingGroupResponse>, Status> {
         let who = principal(&req)?.clone();
-        let base = base_url(&req);
+        let base = base_url(&req)?;
         let r = req.into_inner();
         if r.scaling_group_id.is_empty() {
             return Err(invalid("scaling_group_id is required"));
@@ -380,7 +375,7 @@ impl ScalingGroupManagerService for ScalingApi {
         req: Request<GetScalingGroupRequest>,
     ) -> Result<Response<GetScalingGroupResponse>, Status> {
         let who = principal(&req)?.clone();
-        let base = base_url(&req);
+        let base = base_url(&req)?;
         let r = req.into_inner();
         let view = self
             .groups
@@ -394,7 +389,7 @@ impl ScalingGroupManagerService for ScalingApi {
         req: Request<ListScalingGroupsRequest>,
     ) -> Result<Response<ListScalingGroupsResponse>, Status> {
         let who = principal(&req)?.clone();
-        let base = base_url(&req);
+        let base = base_url(&req)?;
         let r = req.into_inner();
         let (limit, offset) = page(r.limit, r.cursor.as_deref())?;
         let views =
@@ -428,7 +423,7 @@ impl ScalingGroupManagerService for ScalingApi {
         req: Request<DeleteScalingGroupRequest>,
     ) -> Result<Response<DeleteScalingGroupResponse>, Status> {
         let who = principal(&req)?.clone();
-        let base = base_url(&req);
+        let base = base_url(&req)?;
         let r = req.into_inner();
         let view = self.groups.delete(&who, r.id.as_deref(), r.name.as_deref()).await.map_err(from_control)?;
         Ok(Response::new(DeleteScalingGroupResponse { scaling_group: Some(self.response(&view, &base)) }))

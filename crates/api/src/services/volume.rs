@@ -12,10 +12,9 @@ use compute_proto::chalk::volume::v2::*;
 use compute_store::{RefRecord, VersionRecord, VolumeRecord};
 use tonic::{Request, Response, Status};
 
-use super::principal;
 use super::workload::timestamp;
+use super::{base_url, principal};
 use crate::status::from_volume;
-use crate::PublicBase;
 
 /// The VolumeService handler.
 pub struct VolumeApi {
@@ -42,13 +41,6 @@ impl VolumeApi {
 
 fn env<T>(req: &Request<T>) -> Result<String, Status> {
     Ok(principal(req)?.environment_id.clone())
-}
-
-fn base_url<T>(req: &Request<T>) -> Result<String, Status> {
-    req.extensions()
-        .get::<PublicBase>()
-        .map(|b| b.0.clone())
-        .ok_or_else(|| Status::internal("the front door did not record the request's address"))
 }
 
 fn sel(r: Option<&VolumeRef>) -> Result<VolumeSel, Status> {

@@ -240,9 +240,7 @@ impl ScalingGroups {
             Ok(rev)
         })?;
         tracing::info!(group = %group.id, revision = revision.number, "scaling group updated");
-        if let Some(h) = self.supervisors.lock().unwrap_or_else(|p| p.into_inner()).get(&group.id) {
-            h.wake.notify_one();
-        }
+        self.wake(&group.id);
         let group = self.find(who, Some(id), None, false)?;
         self.view(group)
     }
@@ -269,9 +267,7 @@ impl ScalingGroups {
         if target.id != group.revision_id {
             self.store.write(|r| r.scaling_groups().select(&group.id, &target.id, now()))?;
             tracing::info!(group = %group.id, revision = target.number, "scaling group serves another revision");
-            if let Some(h) = self.supervisors.lock().unwrap_or_else(|p| p.into_inner()).get(&group.id) {
-                h.wake.notify_one();
-            }
+            self.wake(&group.id);
         }
         let group = self.find(who, Some(id), None, false)?;
         self.view(group)
@@ -387,6 +383,13 @@ impl ScalingGroups {
             self.supervisors.lock().unwrap_or_else(|p| p.into_inner()).values().map(|h| h.done.clone()).collect();
         for mut d in done {
             let _ = tokio::time::timeout(Duration::from_secs(5), d.wait_for(|d| *d)).await;
+        }
+    }
+
+    /// Tells a group's supervisor its record changed (a new or selected revision).
+    fn wake(&self, group_id: &str) {
+        if let Some(h) = self.supervisors.lock().unwrap_or_else(|p| p.into_inner()).get(group_id) {
+            h.wake.notify_one();
         }
     }
 

@@ -179,6 +179,11 @@ impl Supervisor {
         }
     }
 
+    /// The wait before replacing a failed replica: 1 s, doubling with each failure in a row, at most `MAX_BACKOFF`.
+    fn backoff(&self) -> Duration {
+        Duration::from_secs(1 << self.failures.saturating_sub(1).min(6)).min(MAX_BACKOFF)
+    }
+
     /// How long to wait before the next pass: short while a replica is starting, so it serves as soon as it can.
     fn pause(&self) -> Duration {
         if self.replicas.iter().any(|r| !r.ready && !r.stopping && r.started.elapsed() < FAST_STARTUP) {
@@ -237,12 +242,11 @@ impl Supervisor {
             .filter_map(|r| r.addr.map(|a| (r.id.clone(), a)))
             .collect();
         let ready_count = ready.len() as u32;
-        if ready.len() != self.route.replicas().len()
-            || ready.iter().zip(self.route.replicas()).any(|((id, _), u)| *id != u.id)
-        {
+        let routed = self.route.replicas();
+        if ready.len() != routed.len() || ready.iter().zip(&routed).any(|((id, _), u)| *id != u.id) {
             // The replicas that are about to stop still hold their in-flight requests.
             let draining: Vec<Arc<compute_ingress::Upstream>> =
-                self.route.replicas().into_iter().filter(|u| self.retiring.contains(&u.id)).collect();
+                routed.into_iter().filter(|u| self.retiring.contains(&u.id)).collect();
             self.route.set_replicas(ready);
             self.retire(draining);
         } else {
@@ -327,8 +331,7 @@ impl Supervisor {
             }
             let details = rec.and_then(|rec| rec.status_details);
             self.last_failure = Some((format!("replica {id} ended: {message}"), details));
-            let backoff = Duration::from_secs(1 << self.failures.saturating_sub(1).min(6)).min(MAX_BACKOFF);
-            self.next_start = Instant::now() + if self.failures == 0 { RESTART_DELAY } else { backoff };
+            self.next_start = Instant::now() + if self.failures == 0 { RESTART_DELAY } else { self.backoff() };
         }
     }
 
@@ -451,8 +454,7 @@ impl Supervisor {
             Err(e) => {
                 self.failures += 1;
                 self.last_failure = Some((format!("starting a replica failed: {e}"), None));
-                let backoff = Duration::from_secs(1 << self.failures.saturating_sub(1).min(6)).min(MAX_BACKOFF);
-                self.next_start = Instant::now() + backoff;
+                self.next_start = Instant::now() + self.backoff();
                 false
             }
         }
