@@ -18,6 +18,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_client(true)
         .build_server(true)
         .generate_default_stubs(true)
+        // Ordered maps encode in one order, so an unchanged spec (env vars, labels) encodes to the same bytes:
+        // that is how a redeploy that changes nothing is told from one that does.
+        .btree_map(".")
         .compile_fds(descriptors)?;
     Ok(())
 }

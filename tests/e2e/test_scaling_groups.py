@@ -13,7 +13,7 @@ import urllib.request
 
 import pytest
 
-from conftest import PROGRAMS, Server, compute_bin, require_root, run_program, sdk_ok
+from conftest import PROGRAMS, Server, compute_bin, require_root, run_program, run_sdk, sdk_ok
 
 ALIASES = '[image_aliases]\n"python:3.12-slim-trixie" = "python:3.13-slim-trixie"\n'
 IMAGE = "python:3.13-slim-trixie"
@@ -301,6 +301,37 @@ def roll(srv, g, first_revision, answers):
                                   answers[-3:]))
 
 
+def test_an_unchanged_deploy_run_again_keeps_the_group_and_a_changed_one_rolls_a_new_revision(srv):
+    require_root()
+    deploy = """
+        import os
+        sg = ScalingGroup(image=IMAGE, name="redeploy-api", entrypoint=ENTRY, port=8080, min_replicas=1,
+                          max_replicas=1, env={"VERSION": os.environ["V"], "B": "2", "A": "1"}).deploy().wait_ready()
+        print("ID", sg.id if hasattr(sg, "id") else "")
+        print("WHO", bytes(sg.call("/whoami", method="GET").content).decode())
+    """
+    def run(version):
+        prelude = f"from chalkcompute import ScalingGroup\nIMAGE = {IMAGE!r}\nENTRY = {ENTRY!r}\n"
+        proc = run_sdk(prelude + textwrap.dedent(deploy), srv.sdk_env(V=version), timeout=600)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        return proc.stdout
+    first = run("one")
+    assert first.rstrip().endswith(" one"), first
+    g1 = group(srv, "redeploy-api")
+    # The same script from a fresh process: the same group and revision (maps encode in one order).
+    run("one")
+    g2 = group(srv, "redeploy-api")
+    assert (g2["id"], g2["revisionId"]) == (g1["id"], g1["revisionId"]), (g1, g2)
+    # Changed: a new revision, rolled out as an update rolls it.
+    changed = run("two")
+    assert changed.rstrip().endswith(" two"), changed
+    g3 = group(srv, "redeploy-api")
+    assert g3["id"] == g1["id"] and g3["revisionId"] != g1["revisionId"], (g1, g3)
+    revs = rpc(srv, "ListScalingGroupRevisions", {"scalingGroupName": "redeploy-api"})["revisions"]
+    assert len(revs) == 2, revs
+    rpc(srv, "DeleteScalingGroup", {"name": "redeploy-api"})
+
+
 def test_a_crashing_replica_fails_the_group_with_its_output(srv):
     require_root()
     spec = {
@@ -409,10 +440,11 @@ def test_bad_specs_are_refused_naming_the_field(srv):
     assert status == 404 and "never-made" in out["message"], out
     status, out = srv.connect(f"{SG}/DeleteScalingGroup", {}, token=srv.token())
     assert status == 400 and "id or name" in out["message"], out
-    # A second group of the same name, and renaming through an update.
+    # Creating a group of a name that exists deploys it again (the same group, no new revision when unchanged);
+    # renaming through an update is refused.
     made = rpc(srv, "CreateScalingGroup", {"spec": spec(entrypoint=ENTRY)})["scalingGroup"]
-    status, out = srv.connect(f"{SG}/CreateScalingGroup", {"spec": spec(entrypoint=ENTRY)}, token=srv.token())
-    assert status == 409 and "bad-api" in out["message"], out
+    again = rpc(srv, "CreateScalingGroup", {"spec": spec(entrypoint=ENTRY)})["scalingGroup"]
+    assert again["id"] == made["id"] and again["revisionId"] == made["revisionId"], (made, again)
     status, out = srv.connect(f"{SG}/UpdateScalingGroup",
                               {"scalingGroupId": made["id"], "spec": spec(name="other-api"), "updateMask": "spec"},
                               token=srv.token())

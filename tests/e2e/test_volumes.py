@@ -392,3 +392,24 @@ def test_the_rest_of_the_sdk_surface(vols, tmp_path):
     assert "AT_REF b's' False" in out, out
     assert "DOWN from a path" in out, out
     assert "GONE False" in out, out
+
+
+def test_a_recursive_remove_of_the_root_replaces_the_tree_in_the_same_commit(vols):
+    # The SDK's redeploy of a source volume: "clear the volume" and the new files, in one intent.
+    sdk(vols, """
+        vol = Volume("src-redeploy")
+        vol.put_file("handler.py", b"old handler")
+        vol.put_file("stale/module.py", b"stale")
+    """)
+    token = vols.token()
+    status, body = vols.connect("chalk.volume.v2.VolumeService/CommitVersion", {"intent": {
+        "volume": {"name": "src-redeploy"}, "commitId": "redeploy-2", "ref": "main",
+        "pathDeltas": {"removes": [{"path": "/", "recursive": True}], "upserts": [
+            {"path": "handler.py", "node": {"file": {"content": {"inline": {"data": "bmV3"}}}}}]}}}, token=token)
+    assert status == 200 and body["status"]["result"] == "COMMIT_RESULT_COMMITTED", body
+    out = sdk(vols, """
+        vol = Volume("src-redeploy")
+        print("FILES", sorted(f.path for f in vol.listdir(recursive=True) if f.kind != "directory"))
+        print("HANDLER", vol.read_file("handler.py"))
+    """).stdout
+    assert "FILES ['handler.py']" in out and "HANDLER b'new'" in out, out

@@ -93,7 +93,17 @@ pub async fn read_request(
         }
     };
     let message = match codec {
-        Codec::Proto => raw,
+        // Checked here, so that bytes that are not the method's message are the caller's error (tonic would
+        // answer `internal` for a message its handler cannot decode).
+        Codec::Proto => {
+            DynamicMessage::decode(method.input.clone(), raw.clone()).map_err(|e| {
+                Status::invalid_argument(format!(
+                    "request is not a valid {} in protobuf: {e}",
+                    method.input.full_name()
+                ))
+            })?;
+            raw
+        }
         Codec::Json => {
             let mut de = serde_json::Deserializer::from_slice(if raw.is_empty() { b"{}" } else { &raw });
             let msg = DynamicMessage::deserialize(method.input.clone(), &mut de)

@@ -9,6 +9,10 @@ use prost_reflect::MessageDescriptor;
 const IMPLEMENTED: &[&str] = &[
     "/chalk.server.v1.AuthService/GetToken",
     "/chalk.server.v1.TeamService/GetEnv",
+    "/chalk.server.v1.EnvironmentSecretsService/ListSecrets",
+    "/chalk.server.v1.EnvironmentSecretsService/GetSecretValue",
+    "/chalk.server.v1.EnvironmentSecretsService/UpsertSecret",
+    "/chalk.server.v1.EnvironmentSecretsService/DeleteSecret",
     "/chalk.sandbox.v1.CustomImageService/GetOrBuildCustomImage",
     "/chalk.sandbox.v1.CustomImageService/GetCustomImage",
     "/chalk.container.v1.ContainerService/RunContainer",

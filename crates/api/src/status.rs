@@ -13,7 +13,10 @@ pub fn from_control(err: ControlError) -> Status {
         ControlError::FailedPrecondition(m) => Status::failed_precondition(m),
         ControlError::Unavailable(m) => Status::unavailable(m),
         ControlError::File { kind, message, errno } => filesystem_status(&kind, message, errno),
-        e @ (ControlError::Store(_) | ControlError::Internal(_) | ControlError::DataDir { .. }) => {
+        e @ (ControlError::Store(_)
+        | ControlError::Internal(_)
+        | ControlError::Secrets(_)
+        | ControlError::DataDir { .. }) => {
             tracing::error!(error = %e, "internal error");
             Status::internal(e.to_string())
         }

@@ -164,6 +164,20 @@ enum Command {
     /// Inspect and delete scaling groups (of the default environment): state, replicas, revisions.
     #[command(subcommand, name = "scaling-group", alias = "sg")]
     ScalingGroup(ScalingGroupCommand),
+    /// Manage secrets (sealed at rest; values never shown): set, ls, rm, rotate-key.
+    Secret {
+        #[command(subcommand)]
+        cmd: crate::secret_cli::SecretCommand,
+        #[command(flatten)]
+        dir: DataDir,
+    },
+    /// Manage integrations: named bundles of keys (postgres, mysql, redis, s3, openai, generic).
+    Integration {
+        #[command(subcommand)]
+        cmd: crate::secret_cli::IntegrationCommand,
+        #[command(flatten)]
+        dir: DataDir,
+    },
     /// Print a workload's entrypoint output, or an image build's step output (`build-…`).
     Logs {
         /// Sandbox or container id or name, or an image build id.
@@ -484,6 +498,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Env { dir } => env(&dir.path()),
         Command::Status { dir } => status(&dir.path()),
         Command::Client(c) => client(c),
+        Command::Secret { cmd, dir } => crate::secret_cli::secret(&open_control(&dir.path())?, cmd),
+        Command::Integration { cmd, dir } => crate::secret_cli::integration(&open_control(&dir.path())?, cmd),
         Command::Environment(c) => environment(c),
         Command::Sandbox(c) => block_on(async {
             match c {
@@ -679,7 +695,7 @@ fn open_control(data_dir: &std::path::Path) -> anyhow::Result<Control> {
             data_dir.display()
         );
     }
-    let (control, _) = Control::open(data_dir, ControlConfig::default())?;
+    let (control, _) = Control::open(data_dir, ControlConfig::from_env())?;
     Ok(control)
 }
 

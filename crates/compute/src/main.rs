@@ -5,6 +5,7 @@ mod client;
 mod image_cli;
 mod runtime_file;
 mod scaling_cli;
+mod secret_cli;
 mod serve;
 mod settings;
 mod volume_cli;

@@ -29,7 +29,8 @@ pub async fn run(data_dir: &Path, settings: Settings) -> anyhow::Result<()> {
         anyhow::bail!("another compute server is already running on data directory {}", data_dir.display());
     }
 
-    let (control, first) = Control::open(data_dir, ControlConfig { token_ttl: settings.token_ttl })?;
+    let (control, first) =
+        Control::open(data_dir, ControlConfig { token_ttl: settings.token_ttl, ..ControlConfig::from_env() })?;
     let control = Arc::new(control);
     let creds_path = runtime_file::credentials_path(data_dir);
     if let Some(admin) = &first.admin {
@@ -212,6 +213,7 @@ async fn start_workloads(
         runtime,
         images,
         volumes,
+        control.secrets().clone(),
         WorkloadConfig {
             log_dir: data_dir.join("logs"),
             default_memory: settings.default_memory,

@@ -317,6 +317,12 @@ fn bad_input_gets_protocol_errors_and_the_server_keeps_serving() {
         http1(&server, b"GET /chalk.server.v1.AuthService/GetToken HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
     assert!(resp.starts_with("HTTP/1.1 4") || resp.starts_with("HTTP/1.1 5"), "{resp}");
 
+    // Bytes that are not the method's message: the caller's error, not ours.
+    let resp =
+        connect_post(&server, "/chalk.server.v1.AuthService/GetToken", "application/proto", b"\xff\xff\xff\x0f", "");
+    assert!(resp.starts_with("HTTP/1.1 400"), "{resp}");
+    assert!(body_of(&resp).contains("invalid_argument") && body_of(&resp).contains("GetTokenRequest"), "{resp}");
+
     // Oversized Connect request.
     let big = vec![b'a'; 2 << 20];
     let resp = connect_post(&server, "/chalk.server.v1.AuthService/GetToken", "application/proto", &big, "");

@@ -46,6 +46,9 @@ pub enum ControlError {
     /// The store failed.
     #[error(transparent)]
     Store(StoreError),
+    /// Sealing or opening a secret failed.
+    #[error(transparent)]
+    Secrets(#[from] compute_secrets::SecretsError),
     /// Anything else that is our fault.
     #[error("internal error: {0}")]
     Internal(String),

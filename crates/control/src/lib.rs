@@ -12,6 +12,7 @@ pub mod ids;
 pub mod quantity;
 pub mod scaling;
 pub mod secret_hash;
+pub mod secrets;
 pub mod token;
 pub mod workloads;
 
@@ -23,8 +24,11 @@ use compute_store::{Environment, Store};
 
 pub use auth::{Auth, IssuedToken, NewClientCredentials, Principal};
 pub use builds::{BuildAnswer, BuildStatus, Builds};
+pub use compute_secrets::{RefSource, SecretRef};
+pub use compute_store::ScopeKind;
 pub use error::{AuthError, ControlError};
 pub use scaling::{GroupSpec, GroupState, GroupView, ScalingConfig, ScalingGroups, SpecParser};
+pub use secrets::{IntegrationView, Scope, Secrets};
 pub use workloads::{WorkloadConfig, WorkloadKind, WorkloadRequest, Workloads};
 
 /// Volumes: versioned copy-on-write trees over an object store.
@@ -38,11 +42,27 @@ pub const DEFAULT_ENVIRONMENT: &str = "default";
 pub struct ControlConfig {
     /// How long an issued access token stays valid. The SDK never refreshes tokens, so this is long by default.
     pub token_ttl: Duration,
+    /// The key that seals secrets (`COMPUTE_SECRETS_KEY`); `None`: `DATA_DIR/secrets.key`.
+    pub secrets_key: Option<String>,
+    /// The key a rotation of a given key moves to (`COMPUTE_SECRETS_KEY_NEXT`).
+    pub secrets_key_next: Option<String>,
 }
 
 impl Default for ControlConfig {
     fn default() -> Self {
-        Self { token_ttl: Duration::from_secs(365 * 24 * 3600) }
+        Self { token_ttl: Duration::from_secs(365 * 24 * 3600), secrets_key: None, secrets_key_next: None }
+    }
+}
+
+impl ControlConfig {
+    /// The defaults, with the secrets key taken from `COMPUTE_SECRETS_KEY` (and `COMPUTE_SECRETS_KEY_NEXT`).
+    pub fn from_env() -> Self {
+        let var = |k: &str| std::env::var(k).ok().filter(|v| !v.trim().is_empty());
+        Self {
+            secrets_key: var("COMPUTE_SECRETS_KEY"),
+            secrets_key_next: var("COMPUTE_SECRETS_KEY_NEXT"),
+            ..Self::default()
+        }
     }
 }
 
@@ -50,6 +70,7 @@ impl Default for ControlConfig {
 pub struct Control {
     store: Arc<Store>,
     auth: Auth,
+    secrets: Arc<Secrets>,
     data_dir: PathBuf,
 }
 
@@ -67,6 +88,12 @@ impl Control {
         std::fs::create_dir_all(data_dir).map_err(|source| ControlError::DataDir { path: data_dir.into(), source })?;
         let store = Arc::new(Store::open(data_dir.join("state.db"))?);
         let auth = Auth::new(store.clone(), config.token_ttl);
+        let secrets = Arc::new(Secrets::open(
+            store.clone(),
+            data_dir,
+            config.secrets_key.as_deref(),
+            config.secrets_key_next.as_deref(),
+        )?);
         let created_default = store.write(|r| {
             if r.environments().get_by_name(DEFAULT_ENVIRONMENT)?.is_some() {
                 return Ok(false);
@@ -84,12 +111,26 @@ impl Control {
             let creds = auth.create_client("admin", DEFAULT_ENVIRONMENT, true)?;
             first.admin = Some(creds);
         }
-        Ok((Self { store, auth, data_dir: data_dir.to_path_buf() }, first))
+        Ok((Self { store, auth, secrets, data_dir: data_dir.to_path_buf() }, first))
     }
 
     /// Identity: clients, tokens, environments.
     pub fn auth(&self) -> &Auth {
         &self.auth
+    }
+
+    /// Secrets and integrations.
+    pub fn secrets(&self) -> &Arc<Secrets> {
+        &self.secrets
+    }
+
+    /// The id of the environment named (or with the id) `name_or_id`.
+    pub fn environment_id(&self, name_or_id: &str) -> Result<String, ControlError> {
+        let envs = self.environments()?;
+        envs.iter()
+            .find(|e| e.name == name_or_id || e.id == name_or_id)
+            .map(|e| e.id.clone())
+            .ok_or_else(|| ControlError::NotFound(format!("no environment named {name_or_id:?}")))
     }
 
     /// The underlying store (read access for operator views).

@@ -17,7 +17,8 @@ use compute_volume::{AttachedVolume, MountRequest, VolumeError, VolumeSel, Volum
 use tokio::sync::mpsc;
 
 use crate::quantity::{parse_cpu, parse_memory};
-use crate::{ids, ControlError, Principal};
+use crate::{ids, ControlError, Principal, Scope, Secrets};
+use compute_secrets::SecretRef;
 
 /// Which API a workload was created through.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,6 +64,11 @@ pub struct WorkloadRequest {
     pub spec: Vec<u8>,
     /// Volumes to mount.
     pub volumes: Vec<MountRequest>,
+    /// Secrets and integrations that become environment variables at start (over `env`).
+    pub secret_refs: Vec<SecretRef>,
+    /// The scopes whose secrets this workload sees before the environment's, most specific first (its own
+    /// sandbox scope; a replica's scaling group, or function).
+    pub secret_scopes: Vec<Scope>,
 }
 
 /// Settings of the workload manager.
@@ -86,6 +92,7 @@ pub struct Workloads {
     runtime: Result<Arc<Runtime>, String>,
     images: Arc<ImageStore>,
     volumes: Arc<VolumeStore>,
+    secrets: Arc<Secrets>,
     config: WorkloadConfig,
     /// Volumes mounted for each live sandbox, detached (synced) once when it ends.
     attached: std::sync::Mutex<HashMap<String, Vec<AttachedVolume>>>,
@@ -102,10 +109,11 @@ impl Workloads {
         runtime: Result<Arc<Runtime>, String>,
         images: Arc<ImageStore>,
         volumes: Arc<VolumeStore>,
+        secrets: Arc<Secrets>,
         config: WorkloadConfig,
     ) -> Arc<Self> {
         let _ = std::fs::create_dir_all(&config.log_dir);
-        Arc::new(Self { store, runtime, images, volumes, config, attached: Default::default() })
+        Arc::new(Self { store, runtime, images, volumes, secrets, config, attached: Default::default() })
     }
 
     /// The image store.
@@ -237,10 +245,15 @@ impl Workloads {
             ));
         }
         self.images.check(&req.image).map_err(|e| ControlError::InvalidArgument(format!("spec.image: {e}")))?;
-        for (k, _) in &req.env {
+        for (k, v) in &req.env {
             if k.is_empty() || k.contains('=') || k.contains('\0') {
                 return Err(ControlError::InvalidArgument(format!(
                     "spec.env_vars: {k:?} is not a valid variable name"
+                )));
+            }
+            if v.contains('\0') {
+                return Err(ControlError::InvalidArgument(format!(
+                    "spec.env_vars[{k:?}]: the value holds a NUL byte, which no process environment can carry"
                 )));
             }
         }
@@ -259,6 +272,8 @@ impl Workloads {
                 other => ControlError::Internal(other.to_string()),
             })?;
         }
+        // Every reference must resolve now, so a missing secret is refused at create rather than at start.
+        self.secrets.resolve(&who.environment_id, &req.secret_scopes, &req.secret_refs)?;
         Ok((cpu, memory))
     }
 
@@ -320,8 +335,14 @@ impl Workloads {
                 return self.finish(&rec.id, SandboxStatus::Failed, &format!("image {}: {e}", rec.image), None, None)
             }
         };
+        let secret_env = match self.secrets.resolve(&rec.environment_id, &req.secret_scopes, &req.secret_refs) {
+            Ok(v) => v,
+            Err(e) => {
+                return self.finish(&rec.id, SandboxStatus::Failed, &format!("resolving secrets: {e}"), None, None)
+            }
+        };
         let mut env = image.config.env.clone();
-        for (k, v) in ca_env().into_iter().chain(req.env.iter().cloned()) {
+        for (k, v) in ca_env().into_iter().chain(req.env.iter().cloned()).chain(secret_env) {
             match env.iter_mut().find(|(ek, _)| *ek == k) {
                 Some(slot) => slot.1 = v,
                 None => env.push((k, v)),

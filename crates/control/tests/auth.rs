@@ -122,7 +122,8 @@ fn key_rotation_keeps_or_cuts_old_tokens() {
 fn short_ttl_tokens_expire() {
     let dir = std::env::temp_dir().join(format!("compute-control-ttl-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let (control, first) = Control::open(&dir, ControlConfig { token_ttl: Duration::from_secs(1) }).unwrap();
+    let (control, first) =
+        Control::open(&dir, ControlConfig { token_ttl: Duration::from_secs(1), ..ControlConfig::default() }).unwrap();
     let admin = first.admin.unwrap();
     let t = control.auth().get_token(&admin.client_id, &admin.client_secret, "", None).unwrap();
     assert_eq!(t.expires_in, 1);

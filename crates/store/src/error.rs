@@ -25,6 +25,9 @@ pub enum StoreError {
         /// What collided, for the message.
         what: String,
     },
+    /// The caller gave up on a transaction part-way (it was rolled back).
+    #[error("transaction rolled back: {0}")]
+    Aborted(String),
     /// Any other SQLite failure.
     #[error("state store: {0}")]
     Sqlite(#[from] rusqlite::Error),

@@ -12,6 +12,7 @@ mod error;
 mod migrations;
 mod sandboxes;
 mod scaling_groups;
+mod secrets;
 mod signing_keys;
 mod volumes;
 
@@ -27,6 +28,7 @@ pub use error::StoreError;
 pub use migrations::SCHEMA_VERSION;
 pub use sandboxes::{SandboxRecord, SandboxStatus, Sandboxes};
 pub use scaling_groups::{RevisionRecord, ScalingGroupRecord, ScalingGroups};
+pub use secrets::{IntegrationRecord, ScopeKind, SealedTable, SecretRecord, Secrets};
 pub use signing_keys::{SigningKey, SigningKeys};
 pub use volumes::{RefRecord, VersionRecord, VolumeRecord, Volumes};
 
@@ -59,6 +61,8 @@ impl Store {
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
+        // Freed and overwritten content is zeroed, so a rotated or deleted secret's ciphertext leaves the file.
+        conn.pragma_update(None, "secure_delete", "ON")?;
         migrations::migrate(&mut conn)?;
         Ok(Self { conn: Mutex::new(conn), path })
     }
@@ -89,6 +93,14 @@ impl Store {
         let mut stmt = conn.prepare("PRAGMA integrity_check")?;
         let rows = stmt.query_map([], |r| r.get::<_, String>(0))?.collect::<rusqlite::Result<Vec<_>>>()?;
         Ok(rows.into_iter().filter(|r| r != "ok").collect())
+    }
+
+    /// Copies the write-ahead log into the database file and truncates it, so no older page image (a secret's
+    /// previous ciphertext, say) is left in the log.
+    pub fn checkpoint(&self) -> Result<()> {
+        let conn = self.lock();
+        conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
+        Ok(())
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Connection> {
@@ -122,6 +134,11 @@ impl<'c> Repos<'c> {
     /// Scaling groups and their revisions.
     pub fn scaling_groups(&self) -> ScalingGroups<'c> {
         ScalingGroups::new(self.conn)
+    }
+
+    /// Secrets and integrations (sealed values).
+    pub fn secrets(&self) -> Secrets<'c> {
+        Secrets::new(self.conn)
     }
 
     /// Token signing keys.

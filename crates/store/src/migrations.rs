@@ -146,6 +146,36 @@ const MIGRATIONS: &[&str] = &[
         UNIQUE (group_id, number)
     );
     "#,
+    // 5: secrets (sealed values, environment-wide or scoped to one workload) and integrations (named, sealed
+    // bundles of keys of a kind). Values are ciphertext; only names, kinds and key names are in clear.
+    r#"
+    CREATE TABLE secrets (
+        id              TEXT PRIMARY KEY,
+        environment_id  TEXT NOT NULL REFERENCES environments(id),
+        name            TEXT NOT NULL,
+        scope_type      TEXT NOT NULL
+                        CHECK (scope_type IN ('environment', 'sandbox', 'scaling_group', 'function')),
+        scope_ref       TEXT NOT NULL,
+        key_id          TEXT NOT NULL,
+        sealed          BLOB NOT NULL,
+        created_by      TEXT NOT NULL,
+        created_at      INTEGER NOT NULL,
+        updated_at      INTEGER NOT NULL,
+        UNIQUE (environment_id, scope_type, scope_ref, name)
+    );
+    CREATE TABLE integrations (
+        id              TEXT PRIMARY KEY,
+        environment_id  TEXT NOT NULL REFERENCES environments(id),
+        name            TEXT NOT NULL,
+        kind            TEXT NOT NULL,
+        key_names       TEXT NOT NULL,
+        key_id          TEXT NOT NULL,
+        sealed          BLOB NOT NULL,
+        created_at      INTEGER NOT NULL,
+        updated_at      INTEGER NOT NULL,
+        UNIQUE (environment_id, name)
+    );
+    "#,
 ];
 
 /// The schema version this binary migrates to.

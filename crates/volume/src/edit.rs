@@ -166,7 +166,16 @@ impl<L: FnMut(&str) -> Result<Arc<Tree>, VolumeError>> Editor<L> {
     fn remove(&mut self, r: &Remove) -> Result<(), VolumeError> {
         let parts = components(&r.path, "removes[].path")?;
         let Some((name, parents)) = parts.split_last() else {
-            return Err(VolumeError::InvalidArgument("removes[].path is empty: the root cannot be removed".into()));
+            // The root itself: empty the volume (the SDK's "clear the source volume" intent before a redeploy's
+            // upserts, which then apply to the emptied tree in the same commit).
+            if !r.recursive && !self.root.entries.is_empty() {
+                return Err(VolumeError::FailedPrecondition(format!(
+                    "cannot remove {:?}: the volume's root is not empty (set recursive to empty the volume)",
+                    r.path
+                )));
+            }
+            self.root.entries.clear();
+            return Ok(());
         };
         let not_found = || VolumeError::NotFound(format!("cannot remove {:?}: no such file or directory", r.path));
         let dir = self.walk(parents, false, &r.path)?.ok_or_else(not_found)?;
@@ -388,6 +397,30 @@ mod tests {
         assert!(trees[&v2].entries.is_empty());
         let missing = Changes { removes: vec![Remove { path: "nope".into(), recursive: false }], ..Default::default() };
         assert!(matches!(commit(&mut trees, &v1, missing), Err(VolumeError::NotFound(_))));
+    }
+
+    #[test]
+    fn a_recursive_remove_of_the_root_empties_the_volume_before_the_upserts_of_the_same_commit() {
+        let (mut trees, root) = empty();
+        let v1 = commit(
+            &mut trees,
+            &root,
+            Changes { upserts: vec![file("old/f", b"1"), file("handler.py", b"0")], ..Default::default() },
+        )
+        .unwrap();
+        let not_recursive =
+            Changes { removes: vec![Remove { path: "/".into(), recursive: false }], ..Default::default() };
+        assert!(matches!(commit(&mut trees, &v1, not_recursive), Err(VolumeError::FailedPrecondition(_))));
+        let redeploy = Changes {
+            removes: vec![Remove { path: "/".into(), recursive: true }],
+            upserts: vec![file("handler.py", b"2"), file("user_module.py", b"3")],
+        };
+        let v2 = commit(&mut trees, &v1, redeploy).unwrap();
+        let names: Vec<&str> = trees[&v2].entries.iter().map(|e| e.name.as_str()).collect();
+        assert_eq!(names, ["handler.py", "user_module.py"]);
+        let clear = Changes { removes: vec![Remove { path: "".into(), recursive: true }], ..Default::default() };
+        let v3 = commit(&mut trees, &v2, clear).unwrap();
+        assert!(trees[&v3].entries.is_empty());
     }
 
     #[test]

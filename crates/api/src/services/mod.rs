@@ -7,6 +7,7 @@ mod images;
 mod process;
 mod sandbox;
 mod scaling;
+mod secrets;
 mod team;
 mod volume;
 mod workload;
@@ -26,6 +27,7 @@ pub use images::ImageApi;
 pub use process::ProcessApi;
 pub use sandbox::SandboxApi;
 pub use scaling::{parse_spec, ScalingApi};
+pub use secrets::SecretsApi;
 pub use team::TeamApi;
 pub use volume::VolumeApi;
 
@@ -34,8 +36,6 @@ pub use volume::VolumeApi;
 #[derive(Clone, Copy, Debug, Default)]
 pub struct NotYet;
 
-#[tonic::async_trait]
-impl chalk::server::v1::environment_secrets_service_server::EnvironmentSecretsService for NotYet {}
 #[tonic::async_trait]
 impl chalk::sandbox::v1::sandbox_runtime_service_server::SandboxRuntimeService for NotYet {}
 #[tonic::async_trait]
@@ -66,8 +66,8 @@ pub fn routes(
     Routes::new(svc!(server::v1::auth_service_server::AuthServiceServer<AuthApi>, AuthApi::new(control.clone())))
         .add_service(svc!(server::v1::team_service_server::TeamServiceServer<TeamApi>, TeamApi::new(control.clone())))
         .add_service(svc!(
-            server::v1::environment_secrets_service_server::EnvironmentSecretsServiceServer<NotYet>,
-            NotYet
+            server::v1::environment_secrets_service_server::EnvironmentSecretsServiceServer<SecretsApi>,
+            SecretsApi::new(control.secrets().clone())
         ))
         .add_service(svc!(
             sandbox::v1::custom_image_service_server::CustomImageServiceServer<ImageApi>,

@@ -42,10 +42,8 @@ fn duration_ms(d: &Option<prost_types::Duration>, field: &str) -> Result<Option<
     }
 }
 
-fn env_vec(map: std::collections::HashMap<String, String>) -> Vec<(String, String)> {
-    let mut v: Vec<_> = map.into_iter().collect();
-    v.sort();
-    v
+fn env_vec(map: std::collections::BTreeMap<String, String>) -> Vec<(String, String)> {
+    map.into_iter().collect()
 }
 
 fn pty_size(p: &Option<PtyInfo>) -> Option<(u16, u16)> {

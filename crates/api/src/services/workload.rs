@@ -1,8 +1,8 @@
 //! Shared translation between the container spec on the wire and the control plane's workload request.
 
 use compute_control::volume::MountRequest;
-use compute_control::{WorkloadKind, WorkloadRequest};
-use compute_proto::chalk::container::v1::ChalkContainerSpec;
+use compute_control::{RefSource, Scope, ScopeKind, SecretRef, WorkloadKind, WorkloadRequest};
+use compute_proto::chalk::container::v1::{secret_ref, ChalkContainerSpec};
 use compute_store::{SandboxRecord, SandboxStatus};
 use prost::Message;
 use tonic::Status;
@@ -38,9 +38,7 @@ pub fn request(kind: WorkloadKind, spec: ChalkContainerSpec) -> Result<WorkloadR
             ref_name: v.ref_name.clone().filter(|r| !r.is_empty()),
         });
     }
-    if !spec.secret_refs.is_empty() {
-        return Err(Status::unimplemented("spec.secret_refs: secrets are not implemented by this server yet"));
-    }
+    let secret_refs = secret_refs(&spec.secret_refs)?;
     if spec.restore_from_snapshot_id.as_deref().is_some_and(|s| !s.is_empty()) {
         return Err(Status::unimplemented(
             "spec.restore_from_snapshot_id: snapshots are not implemented by this server yet",
@@ -59,6 +57,11 @@ pub fn request(kind: WorkloadKind, spec: ChalkContainerSpec) -> Result<WorkloadR
     };
     let mut env: Vec<(String, String)> = spec.env_vars.clone().into_iter().collect();
     env.sort();
+    let own_scope = match kind {
+        WorkloadKind::Sandbox | WorkloadKind::Container => ScopeKind::Sandbox,
+        WorkloadKind::Replica => ScopeKind::ScalingGroup,
+    };
+    let secret_scopes = if spec.name.is_empty() { vec![] } else { vec![Scope::of(own_scope, &spec.name)] };
     Ok(WorkloadRequest {
         kind,
         name: spec.name.clone(),
@@ -70,7 +73,33 @@ pub fn request(kind: WorkloadKind, spec: ChalkContainerSpec) -> Result<WorkloadR
         lifetime,
         spec: spec.encode_to_vec(),
         volumes,
+        secret_refs,
+        secret_scopes,
     })
+}
+
+/// The spec's secret references, each naming a secret or an integration.
+fn secret_refs(refs: &[compute_proto::chalk::container::v1::SecretRef]) -> Result<Vec<SecretRef>, Status> {
+    refs.iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let source = match &r.source {
+                Some(secret_ref::Source::SecretName(n)) if !n.is_empty() => RefSource::Secret(n.clone()),
+                Some(secret_ref::Source::IntegrationName(n)) if !n.is_empty() => RefSource::Integration(n.clone()),
+                _ => {
+                    return Err(Status::invalid_argument(format!(
+                        "spec.secret_refs[{i}] needs secret_name or integration_name"
+                    )))
+                }
+            };
+            Ok(SecretRef {
+                source,
+                keys: r.keys.clone(),
+                aliases: r.aliases.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+                prefix: r.prefix.clone().filter(|p| !p.is_empty()),
+            })
+        })
+        .collect()
 }
 
 /// The spec a record was created with.

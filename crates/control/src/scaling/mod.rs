@@ -88,7 +88,9 @@ impl Default for ScalingConfig {
 /// A group's state as its supervisor last saw it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct GroupState {
-    /// `Pending`, `Running`, `ScaledToZero`, `Failed` or `Deleted` (the statuses the SDK reads).
+    /// `Pending`, `Running`, `Updating` (a roll-over to a new revision: older replicas serve, the new ones are
+    /// not ready yet), `ScaledToZero`, `Failed` or `Deleted` (the statuses the SDK reads; it waits while a group
+    /// is `Updating`, so a deploy's `wait_ready` returns once the new revision serves).
     pub status: String,
     /// Why, in a sentence.
     pub message: Option<String>,
@@ -102,6 +104,8 @@ pub struct GroupState {
     pub desired: u32,
     /// The replicas' sandbox ids.
     pub replicas: Vec<String>,
+    /// The revision this state describes (the group's, once its supervisor has seen a new one).
+    pub revision_id: String,
 }
 
 /// A group, its selected revision, and its live state.
@@ -177,9 +181,17 @@ impl ScalingGroups {
         Ok(spec)
     }
 
-    /// Records a new group and starts serving it; returns it as it is now (Pending).
+    /// Deploys a group by name: a new group is recorded and served (Pending at first); a group of that name that
+    /// is already there is updated as [`ScalingGroups::update`] does (a new revision rolled out, or nothing when
+    /// the spec is unchanged), so running an unchanged deploy script again is not an error.
     pub fn create(self: &Arc<Self>, who: &Principal, wire: Vec<u8>) -> Result<GroupView, ControlError> {
         let spec = self.validate(who, &wire)?;
+        if let Some(existing) =
+            self.store.read(|r| r.scaling_groups().get_by_name(&who.environment_id, &spec.name, false))?
+        {
+            tracing::info!(group = %existing.id, name = %existing.name, "scaling group deployed again: updating it");
+            return self.update(who, &existing.id, wire);
+        }
         let at = now();
         let group = ScalingGroupRecord {
             id: format!("sg-{}", ids::random_token(16)),
@@ -461,6 +473,19 @@ impl ScalingGroups {
                 .unwrap_or_else(|p| p.into_inner())
                 .get(&group.id)
                 .map(|h| h.state.borrow().clone())
+                .map(|st| {
+                    if st.revision_id == group.revision_id || st.status != "Running" {
+                        return st;
+                    }
+                    // Its supervisor has not looked since the group got another revision.
+                    GroupState {
+                        status: "Updating".into(),
+                        message: Some(format!("rolling out revision {}", group.revision_id)),
+                        ready: 0,
+                        revision_id: group.revision_id.clone(),
+                        ..st
+                    }
+                })
                 .unwrap_or_else(|| GroupState {
                     status: "Pending".into(),
                     message: Some("starting replicas".into()),

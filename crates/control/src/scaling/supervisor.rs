@@ -241,7 +241,9 @@ impl Supervisor {
             .filter(|r| r.ready && !r.stopping)
             .filter_map(|r| r.addr.map(|a| (r.id.clone(), a)))
             .collect();
-        let ready_count = ready.len() as u32;
+        let ready_count =
+            self.replicas.iter().filter(|r| r.ready && !r.stopping && r.revision_id == revision_id).count() as u32;
+        let serving = ready.len() as u32;
         let routed = self.route.replicas();
         if ready.len() != routed.len() || ready.iter().zip(&routed).any(|((id, _), u)| *id != u.id) {
             // The replicas that are about to stop still hold their in-flight requests.
@@ -252,7 +254,7 @@ impl Supervisor {
         } else {
             self.retire(Vec::new());
         }
-        self.state(desired, ready_count)
+        self.state(desired, ready_count, serving)
     }
 
     /// Samples the CPU time of the current revision's ready replicas and returns what the CPU target wants: their
@@ -506,10 +508,13 @@ impl Supervisor {
         join_all(stops).await;
     }
 
-    fn state(&self, desired: u32, ready: u32) -> GroupState {
+    /// The group's state: `ready` replicas of the revision it serves pass their checks, `serving` replicas of
+    /// any revision are in the route (older ones serve while a roll-over is under way).
+    fn state(&self, desired: u32, ready: u32, serving: u32) -> GroupState {
         let live: Vec<&Replica> = self.replicas.iter().filter(|r| !r.stopping).collect();
         let running = live.iter().filter(|r| r.addr.is_some()).count() as u32;
         let replicas = live.iter().map(|r| r.id.clone()).collect();
+        let revision_id = self.group.revision_id.clone();
         let (status, message, details) = if ready > 0 {
             let msg = if ready < desired {
                 format!("{ready} of {desired} replicas ready")
@@ -527,6 +532,17 @@ impl Supervisor {
                 )),
                 details,
             )
+        } else if serving > 0 {
+            (
+                "Updating",
+                Some(format!(
+                    "rolling out revision {revision_id}: {serving} replica{} of the previous revision serve{} until \
+                     the new ones are ready",
+                    if serving == 1 { "" } else { "s" },
+                    if serving == 1 { "s" } else { "" }
+                )),
+                None,
+            )
         } else if desired == 0 && live.is_empty() {
             ("ScaledToZero", Some("no replicas: a request starts one".to_string()), None)
         } else {
@@ -538,6 +554,6 @@ impl Supervisor {
                 .unwrap_or_else(|| format!("starting {desired} replica{}", if desired == 1 { "" } else { "s" }));
             ("Pending", Some(msg), None)
         };
-        GroupState { status: status.into(), message, details, ready, running, desired, replicas }
+        GroupState { status: status.into(), message, details, ready, running, desired, replicas, revision_id }
     }
 }
