@@ -84,6 +84,58 @@ pub fn p50_p99_ms(samples: &mut [Duration]) -> (f64, f64) {
     (pct(samples, 0.5).as_secs_f64() * 1e3, pct(samples, 0.99).as_secs_f64() * 1e3)
 }
 
+/// One option of a benchmark: its flag, the value it takes (empty for none) and what it does.
+pub type Opt = (&'static str, &'static str, &'static str);
+
+/// What is wrong with a benchmark's command line: `Ok(true)` when it asks for help, an error naming an option
+/// that is not one of `opts` (or lacks its value).
+pub fn check_args(args: &[String], opts: &[Opt]) -> Result<bool, String> {
+    let mut i = 0;
+    while i < args.len() {
+        let a = args[i].as_str();
+        if a == "--help" || a == "-h" {
+            return Ok(true);
+        }
+        match opts.iter().find(|(flag, _, _)| *flag == a) {
+            Some((_, value, _)) if !value.is_empty() => {
+                if args.get(i + 1).is_none() {
+                    return Err(format!("{a} needs a value ({value})"));
+                }
+                i += 2;
+            }
+            Some(_) => i += 1,
+            None => return Err(format!("unknown option {a:?} (--help lists the options)")),
+        }
+    }
+    Ok(false)
+}
+
+/// Reads the command line before a benchmark runs: prints `about` and the options and exits on `--help`/`-h`,
+/// and exits with status 2 naming a wrong option, so that no asking for help starts a measurement.
+pub fn usage(name: &str, about: &str, opts: &[Opt]) {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let text = || {
+        let mut t = format!("{name}: {about}\n\nUsage: {name} [OPTIONS]\n\nOptions:\n");
+        for (flag, value, help) in opts {
+            let left = if value.is_empty() { flag.to_string() } else { format!("{flag} {value}") };
+            t.push_str(&format!("  {left:<24} {help}\n"));
+        }
+        t.push_str(&format!("  {:<24} print this help\n", "-h, --help"));
+        t
+    };
+    match check_args(&args, opts) {
+        Ok(true) => {
+            print!("{}", text());
+            std::process::exit(0);
+        }
+        Ok(false) => {}
+        Err(e) => {
+            eprintln!("{name}: {e}\n\n{}", text());
+            std::process::exit(2);
+        }
+    }
+}
+
 /// The value of `--name VALUE` on the command line, or `default`.
 pub fn arg<T: std::str::FromStr>(name: &str, default: T) -> T {
     let args: Vec<String> = std::env::args().collect();
@@ -209,5 +261,24 @@ impl Api {
             )
             .await?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(a: &[&str]) -> Vec<String> {
+        a.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn help_is_asked_for_and_wrong_options_are_named() {
+        let opts: &[Opt] = &[("--runs", "N", "rounds"), ("--bare-server", "", "internal")];
+        assert_eq!(check_args(&args(&["--runs", "3", "--help"]), opts), Ok(true));
+        assert_eq!(check_args(&args(&["-h"]), opts), Ok(true));
+        assert_eq!(check_args(&args(&["--runs", "3", "--bare-server"]), opts), Ok(false));
+        assert!(check_args(&args(&["--runz", "3"]), opts).unwrap_err().contains("\"--runz\""));
+        assert!(check_args(&args(&["--runs"]), opts).unwrap_err().contains("needs a value"));
     }
 }

@@ -42,6 +42,15 @@ struct Figures {
 }
 
 fn main() -> anyhow::Result<()> {
+    compute_bench::usage(
+        "bench-api",
+        "unary RPC latency and throughput of Compute's front door next to a bare tonic server, same run",
+        &[
+            ("--seconds", "N", "seconds per measurement (default 5)"),
+            ("--concurrency", "N", "requests in flight (default 64)"),
+            ("--bare-server", "", "(internal) serve as the bare peer"),
+        ],
+    );
     if std::env::args().any(|a| a == "--bare-server") {
         return bare_server();
     }

@@ -292,6 +292,15 @@ fn pulls(image_dir: &str, runs: usize) -> anyhow::Result<()> {
 }
 
 fn main() -> anyhow::Result<()> {
+    compute_bench::usage(
+        "bench-images",
+        "cached GetOrBuild round trip, partial rebuild, layer assembly and pulls next to skopeo, same run",
+        &[
+            ("--runs", "N", "rounds of each build measurement (default 20)"),
+            ("--pulls", "N", "pulls measured (default 5)"),
+            ("--only", "pull", "measure pulls alone"),
+        ],
+    );
     let runs = arg("--runs", 20);
     let pull_runs = arg("--pulls", 5);
     let image_dir = std::env::var("COMPUTE_IMAGE_DIR")

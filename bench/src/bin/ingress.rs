@@ -58,6 +58,17 @@ struct Figures {
 }
 
 fn main() -> anyhow::Result<()> {
+    compute_bench::usage(
+        "bench-ingress",
+        "requests through a scaling group's ingress next to nginx proxy_pass and the direct path, same run",
+        &[
+            ("--seconds", "N", "seconds per round (default 3)"),
+            ("--rounds", "N", "alternating rounds (default 3)"),
+            ("--concurrency", "N", "keep-alive clients (default 32)"),
+            ("--image", "REF", "the replica's image (default python:3.13-slim-trixie)"),
+            ("--isolation", "native|gvisor", "the server's isolation (default: the server's own)"),
+        ],
+    );
     let seconds: u64 = arg("--seconds", 3);
     let rounds: usize = arg("--rounds", 3);
     let concurrency: usize = arg("--concurrency", 32);

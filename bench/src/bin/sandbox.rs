@@ -246,6 +246,11 @@ fn measure_podman(rootfs: &Path, runs: usize) -> anyhow::Result<((f64, f64), (f6
 }
 
 fn main() -> anyhow::Result<()> {
+    compute_bench::usage(
+        "bench-sandbox",
+        "sandbox start and exec, native and gVisor, next to runc and runsc, same run",
+        &[("--runs", "N", "starts and execs measured (default 20)"), ("--idle", "N", "idle sandboxes (default 100)")],
+    );
     let runs = arg("--runs", 20);
     let idle = arg("--idle", 100);
     let work = std::env::temp_dir().join(format!("compute-bench-sandbox-{}", std::process::id()));

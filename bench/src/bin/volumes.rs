@@ -361,6 +361,15 @@ async fn bench_read(
 }
 
 fn main() -> anyhow::Result<()> {
+    compute_bench::usage(
+        "bench-volumes",
+        "volume commit, fork, FUSE read and stat rates next to the plain disk, same run",
+        &[
+            ("--runs", "N", "rounds (default 10)"),
+            ("--read-mb", "N", "MiB read (default 1024, at least 8)"),
+            ("--only", "commit|fork|read|stat", "one measurement alone"),
+        ],
+    );
     let runs = arg("--runs", 10);
     let read_mb = arg("--read-mb", 1024usize).max(8);
     let only = arg("--only", String::new());
