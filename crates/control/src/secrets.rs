@@ -47,7 +47,7 @@ impl Scope {
 /// An integration as listed (no values).
 #[derive(Debug, Clone)]
 pub struct IntegrationView {
-    /// Its record (the sealed bytes are not shown to anyone).
+    /// Its name.
     pub name: String,
     /// Its kind.
     pub kind: String,
