@@ -44,6 +44,8 @@ SERVED = {
         "EnsureExternalFunction", "GetExternalFunction", "ListExternalFunctions", "DeleteExternalFunction",
         "CallExternalFunction", "GetExternalFunctionVersion", "ListExternalFunctionVersions",
     ],
+    "chalk.runtime.v1.RemoteCallService": ["CallFunction"],
+    "chalk.runtime.v1.AsyncRemoteCallService": ["EnqueueRemoteCall", "PollRemoteCall"],
 }
 
 # Types the server sends outside any method's request/response closure (e.g. in grpc-status-details-bin).

@@ -117,9 +117,12 @@ def test_wrong_secret_is_a_clear_auth_error(server):
 
 
 UNIMPLEMENTED_CALL = """
-from chalkcompute import RemoteFunction
+from chalkcompute._connect import ConnectClient
+from chalkcompute._gen.chalk.runtime.v1 import remote_python_call_connect as rc, remote_python_call_pb as pb
+client = ConnectClient()
+stub = client.stub(rc.AsyncRemoteCallServiceClientSync)
 try:
-    RemoteFunction.from_name("not-served-yet")
+    client.call(stub.poll_remote_call, pb.PollRemoteCallRequest())
     print("RESULT: ran")
 except Exception as e:
     print("RESULT:", type(e).__name__, e)
@@ -130,7 +133,7 @@ def test_unimplemented_method_fails_promptly(server):
     started = time.time()
     out = result(run_sdk(UNIMPLEMENTED_CALL, server.sdk_env()))
     elapsed = time.time() - started
-    assert "ExternalFunctionCatalogService/GetExternalFunction is not implemented by this Compute server yet" in out, out
+    assert "AsyncRemoteCallService/PollRemoteCall is not implemented by this Compute server yet" in out, out
     assert elapsed < 30, f"took {elapsed:.1f}s: an unimplemented method must fail fast, not hang"
 
 

@@ -68,9 +68,15 @@ impl Service<Request<Incoming>> for FrontDoor {
     }
 }
 
+/// The package of the `.remote()` call services, which the API serves whatever host the call names.
+const FUNCTION_CALLS: &str = "/chalk.runtime.v1.";
+
 async fn route(shared: Arc<Shared>, tls: bool, mut req: Request<Incoming>) -> Response<Body> {
-    // Scaling groups first: the ingress is the hot path and needs nothing below.
-    if let Some(domain) = &shared.ingress_domain {
+    // Scaling groups first: the ingress is the hot path and needs nothing below. A function's `.remote()` call
+    // may be addressed to its group's host name, but it goes through the API (which applies the function's
+    // concurrency, rate limit and retries) rather than straight to a replica.
+    let function_call = req.uri().path().starts_with(FUNCTION_CALLS);
+    if let Some(domain) = shared.ingress_domain.as_ref().filter(|_| !function_call) {
         let host = req
             .uri()
             .authority()

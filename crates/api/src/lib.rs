@@ -26,6 +26,7 @@ mod status;
 pub use methods::{MethodInfo, Methods};
 pub use server::{ApiConfig, ServeError, Server, TlsConfig};
 pub use services::parse_spec as parse_scaling_group_spec;
+pub use services::FUNCTION_CODEC;
 
 /// The scheme and authority clients reach this server at (e.g. `http://127.0.0.1:8420`), recorded on every
 /// request so handlers can hand out absolute URLs (signed blob URLs).

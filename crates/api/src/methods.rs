@@ -49,6 +49,14 @@ const IMPLEMENTED: &[&str] = &[
     "/chalk.scalinggroup.v1.ScalingGroupManagerService/DeleteScalingGroup",
     "/chalk.scalinggroup.v1.ScalingGroupManagerService/GetScalingGroupRevision",
     "/chalk.scalinggroup.v1.ScalingGroupManagerService/ListScalingGroupRevisions",
+    "/chalk.externalfunctioncatalog.v1.ExternalFunctionCatalogService/EnsureExternalFunction",
+    "/chalk.externalfunctioncatalog.v1.ExternalFunctionCatalogService/GetExternalFunction",
+    "/chalk.externalfunctioncatalog.v1.ExternalFunctionCatalogService/ListExternalFunctions",
+    "/chalk.externalfunctioncatalog.v1.ExternalFunctionCatalogService/DeleteExternalFunction",
+    "/chalk.externalfunctioncatalog.v1.ExternalFunctionCatalogService/CallExternalFunction",
+    "/chalk.externalfunctioncatalog.v1.ExternalFunctionCatalogService/GetExternalFunctionVersion",
+    "/chalk.externalfunctioncatalog.v1.ExternalFunctionCatalogService/ListExternalFunctionVersions",
+    "/chalk.runtime.v1.RemoteCallService/CallFunction",
 ];
 
 /// Methods callable without a token.

@@ -94,6 +94,7 @@ impl Server {
         builds: Arc<compute_control::Builds>,
         volumes: Arc<compute_control::volume::VolumeStore>,
         scaling: Arc<compute_control::ScalingGroups>,
+        functions: Arc<compute_control::Functions>,
     ) -> Result<Self, ServeError> {
         let tls = config.tls.as_ref().map(load_tls).transpose()?;
         let listener = TcpListener::bind(config.listen)
@@ -101,11 +102,14 @@ impl Server {
             .map_err(|source| ServeError::Bind { addr: config.listen, source })?;
         let shared = Arc::new(Shared {
             routes: crate::services::routes(
-                control.clone(),
-                workloads.clone(),
-                builds,
-                volumes.clone(),
-                scaling.clone(),
+                crate::services::Backends {
+                    control: control.clone(),
+                    workloads: workloads.clone(),
+                    builds,
+                    volumes: volumes.clone(),
+                    scaling: scaling.clone(),
+                    functions,
+                },
                 config.ingress_domain.clone(),
                 config.max_message_bytes,
             ),

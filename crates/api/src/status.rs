@@ -12,6 +12,13 @@ pub fn from_control(err: ControlError) -> Status {
         ControlError::Auth(a) => from_auth(a),
         ControlError::FailedPrecondition(m) => Status::failed_precondition(m),
         ControlError::Unavailable(m) => Status::unavailable(m),
+        ControlError::Unimplemented(m) => Status::unimplemented(m),
+        ControlError::DeadlineExceeded(m) => Status::deadline_exceeded(m),
+        ControlError::ResourceExhausted(m) => Status::resource_exhausted(m),
+        ControlError::FunctionFailed(s) => match s.details {
+            Some(d) => Status::with_details(tonic::Code::from_i32(s.code), s.message, d),
+            None => Status::new(tonic::Code::from_i32(s.code), s.message),
+        },
         ControlError::File { kind, message, errno } => filesystem_status(&kind, message, errno),
         e @ (ControlError::Store(_)
         | ControlError::Internal(_)

@@ -6,7 +6,9 @@ use std::sync::Arc;
 use anyhow::Context;
 use compute_api::{ApiConfig, Server, TlsConfig};
 use compute_control::volume::{Objects, VolumeConfig, VolumeStore};
-use compute_control::{Builds, Control, ControlConfig, ScalingConfig, ScalingGroups, WorkloadConfig, Workloads};
+use compute_control::{
+    Builds, Control, ControlConfig, Functions, ScalingConfig, ScalingGroups, WorkloadConfig, Workloads,
+};
 use compute_image::ImageStore;
 use compute_runtime::{Isolation, NetworkConfig, Runtime, RuntimeConfig};
 
@@ -79,7 +81,16 @@ pub async fn run(data_dir: &Path, settings: Settings) -> anyhow::Result<()> {
         ingress_domain: settings.ingress_domain.clone(),
         ..ApiConfig::default()
     };
-    let server = Server::bind(config, control.clone(), workloads.clone(), builds, volumes, scaling.clone()).await?;
+    let functions = Functions::new(
+        control.store().clone(),
+        scaling.clone(),
+        builds.clone(),
+        control.secrets().clone(),
+        compute_api::FUNCTION_CODEC,
+        settings.max_message_bytes,
+    );
+    let server =
+        Server::bind(config, control.clone(), workloads.clone(), builds, volumes, scaling.clone(), functions).await?;
     let addr = server.local_addr();
     let url = runtime_file::client_url(addr);
     let info = ServerInfo {

@@ -150,16 +150,12 @@ fn unimplemented_methods_answer_promptly_naming_themselves() {
         let token = token(&server).await;
         let mut grpc = tonic::client::Grpc::new(channel(&server).await);
         grpc.ready().await.unwrap();
-        let mut req = tonic::Request::new(
-            compute_proto::chalk::externalfunctioncatalog::v1::GetExternalFunctionRequest::default(),
-        );
+        let mut req = tonic::Request::new(compute_proto::chalk::runtime::v1::PollRemoteCallRequest::default());
         req.metadata_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
-        let path = http::uri::PathAndQuery::from_static(
-            "/chalk.externalfunctioncatalog.v1.ExternalFunctionCatalogService/GetExternalFunction",
-        );
+        let path = http::uri::PathAndQuery::from_static("/chalk.runtime.v1.AsyncRemoteCallService/PollRemoteCall");
         let started = std::time::Instant::now();
         let err = grpc
-            .unary::<_, compute_proto::chalk::externalfunctioncatalog::v1::GetExternalFunctionResponse, _>(
+            .unary::<_, compute_proto::chalk::runtime::v1::PollRemoteCallResponse, _>(
                 req,
                 path,
                 tonic_prost::ProstCodec::default(),
@@ -167,12 +163,7 @@ fn unimplemented_methods_answer_promptly_naming_themselves() {
             .await
             .unwrap_err();
         assert_eq!(err.code(), Code::Unimplemented);
-        assert!(
-            err.message()
-                .contains("chalk.externalfunctioncatalog.v1.ExternalFunctionCatalogService/GetExternalFunction"),
-            "{}",
-            err.message()
-        );
+        assert!(err.message().contains("chalk.runtime.v1.AsyncRemoteCallService/PollRemoteCall"), "{}", err.message());
         // Not a performance bound: a generous limit that only a hang would exceed.
         assert!(started.elapsed() < Duration::from_secs(30));
 
@@ -254,7 +245,7 @@ fn connect_unary_over_http1_proto_and_json() {
 
     let resp = connect_post(
         &server,
-        "/chalk.externalfunctioncatalog.v1.ExternalFunctionCatalogService/GetExternalFunction",
+        "/chalk.runtime.v1.AsyncRemoteCallService/PollRemoteCall",
         "application/proto",
         b"",
         &auth,
@@ -262,7 +253,7 @@ fn connect_unary_over_http1_proto_and_json() {
     assert!(resp.starts_with("HTTP/1.1 501"), "{resp}");
     let v: serde_json::Value = serde_json::from_str(body_of(&resp)).unwrap();
     assert_eq!(v["code"], "unimplemented");
-    assert!(v["message"].as_str().unwrap().contains("ExternalFunctionCatalogService/GetExternalFunction"));
+    assert!(v["message"].as_str().unwrap().contains("AsyncRemoteCallService/PollRemoteCall"));
 
     let resp = connect_post(&server, "/chalk.server.v1.TeamService/GetEnv", "application/json", b"{not json", &auth);
     assert!(resp.starts_with("HTTP/1.1 400"), "{resp}");

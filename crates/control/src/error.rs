@@ -43,6 +43,18 @@ pub enum ControlError {
         /// The POSIX errno, if known.
         errno: Option<i32>,
     },
+    /// The request asks for something this server does not do yet; the message says what.
+    #[error("{0}")]
+    Unimplemented(String),
+    /// A deadline passed before the operation finished (a function call's `grpc-timeout`).
+    #[error("{0}")]
+    DeadlineExceeded(String),
+    /// A limit was reached (a function's queue is full).
+    #[error("{0}")]
+    ResourceExhausted(String),
+    /// A function's replica answered a call with an error status (user code raised): passed to the caller as is.
+    #[error("{}", .0.message)]
+    FunctionFailed(compute_ingress::GrpcStatus),
     /// The store failed.
     #[error(transparent)]
     Store(StoreError),

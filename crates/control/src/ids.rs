@@ -41,9 +41,34 @@ pub fn validate_name(field: &str, name: &str) -> Result<(), ControlError> {
     Ok(())
 }
 
+/// Checks a function's name (the SDK's: a Python identifier, or an explicit name): 1-128 characters of letters,
+/// digits, '_', '-' and '.', starting with a letter or '_'.
+pub fn validate_function_name(field: &str, name: &str) -> Result<(), ControlError> {
+    let ok_chars = name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
+    let ok_start = name.bytes().next().is_some_and(|b| b.is_ascii_alphabetic() || b == b'_');
+    if name.len() > 128 || !ok_chars || !ok_start {
+        return Err(ControlError::InvalidArgument(format!(
+            "{field} {name:?} is not valid: use 1-128 characters of letters, digits, '_', '-' and '.', starting \
+             with a letter or '_'"
+        )));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn function_names_are_identifiers_or_dns_names() {
+        for good in ["normalize_name", "_private", "api-v2", "pkg.fn", "A1"] {
+            validate_function_name("function_name", good).unwrap();
+        }
+        for bad in ["", "1abc", "-a", "a b", "a/b", "a\0", &"x".repeat(129)] {
+            let err = validate_function_name("function_name", bad).unwrap_err().to_string();
+            assert!(err.contains("is not valid"), "{bad:?}: {err}");
+        }
+    }
 
     #[test]
     fn names() {

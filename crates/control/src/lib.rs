@@ -8,6 +8,7 @@
 pub mod auth;
 pub mod builds;
 mod error;
+pub mod functions;
 pub mod ids;
 pub mod quantity;
 pub mod scaling;
@@ -27,12 +28,19 @@ pub use builds::{BuildAnswer, BuildStatus, Builds};
 pub use compute_secrets::{RefSource, SecretRef};
 pub use compute_store::ScopeKind;
 pub use error::{AuthError, ControlError};
+pub use functions::{CallPolicy, EnsureRequest, Ensured, FunctionCodec, FunctionView, Functions};
 pub use scaling::{GroupSpec, GroupState, GroupView, ScalingConfig, ScalingGroups, SpecParser};
 pub use secrets::{IntegrationView, Scope, Secrets};
 pub use workloads::{WorkloadConfig, WorkloadKind, WorkloadRequest, Workloads};
 
 /// Volumes: versioned copy-on-write trees over an object store.
 pub use compute_volume as volume;
+
+/// Locks a mutex, recovering from poisoning: every mutex here guards plain data that a panicking holder leaves
+/// consistent (maps and counters updated in one step), so the data is still good to use.
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
 
 /// Name of the environment that exists on every server.
 pub const DEFAULT_ENVIRONMENT: &str = "default";

@@ -118,8 +118,10 @@ impl Secrets {
         value: &str,
     ) -> Result<SecretRecord, ControlError> {
         validate_secret_name("name", name)?;
-        if scope.kind != ScopeKind::Environment {
-            ids::validate_name("scope.ref", &scope.name)?;
+        match scope.kind {
+            ScopeKind::Environment => {}
+            ScopeKind::Function => ids::validate_function_name("scope.ref", &scope.name)?,
+            _ => ids::validate_name("scope.ref", &scope.name)?,
         }
         if value.contains('\0') {
             return Err(ControlError::InvalidArgument(format!(
@@ -144,6 +146,36 @@ impl Secrets {
         let stored = self.store.write(|r| r.secrets().upsert(&rec))?;
         tracing::info!(secret = %name, scope = %scope.describe(), "secret set");
         Ok(stored)
+    }
+
+    /// Sets a secret unless it already holds `value`; true when it changed (or was created).
+    pub fn set_if_changed(
+        &self,
+        who: &Principal,
+        name: &str,
+        scope: &Scope,
+        value: &str,
+    ) -> Result<bool, ControlError> {
+        let env = &who.environment_id;
+        if let Some(rec) = self.store.read(|r| r.secrets().get(env, scope.kind, &scope.name, name))? {
+            if self.open_secret(&rec)? == value {
+                return Ok(false);
+            }
+        }
+        self.upsert(who, name, scope, value)?;
+        Ok(true)
+    }
+
+    /// Deletes every secret of one workload scope (a deleted function's own secrets); returns how many.
+    pub fn delete_scope(&self, env: &str, scope: &Scope) -> Result<usize, ControlError> {
+        let recs = self.store.read(|r| r.secrets().list(env, true))?;
+        let mut n = 0;
+        for rec in recs.iter().filter(|r| r.scope == scope.kind && r.scope_ref == scope.name) {
+            if self.store.write(|r| r.secrets().delete(env, scope.kind, &scope.name, &rec.name))? {
+                n += 1;
+            }
+        }
+        Ok(n)
     }
 
     /// An environment's secrets (names and scopes; no values).

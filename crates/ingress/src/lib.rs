@@ -9,6 +9,7 @@
 #![warn(missing_docs)]
 
 mod body;
+mod grpc;
 mod proxy;
 mod route;
 
@@ -16,6 +17,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
 pub use body::IngressBody;
+pub use grpc::{frame, unframe, GrpcCallError, GrpcReply, GrpcStatus};
 pub use route::{ColdPolicy, GroupRoute, RouteSettings, Upstream, UpstreamProtocol};
 
 /// The path prefix groups are served under.

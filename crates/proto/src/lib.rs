@@ -38,6 +38,11 @@ pub mod chalk {
             package!("chalk.auth.v1");
         }
     }
+    pub mod common {
+        pub mod v1 {
+            package!("chalk.common.v1");
+        }
+    }
     pub mod container {
         pub mod v1 {
             package!("chalk.container.v1");

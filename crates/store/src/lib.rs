@@ -9,6 +9,7 @@
 mod clients;
 mod environments;
 mod error;
+mod functions;
 mod migrations;
 mod sandboxes;
 mod scaling_groups;
@@ -25,6 +26,7 @@ use rusqlite::{Connection, OpenFlags, TransactionBehavior};
 pub use clients::{Client, Clients, NewClient};
 pub use environments::{Environment, Environments};
 pub use error::StoreError;
+pub use functions::{FunctionRecord, FunctionVersionRecord, Functions};
 pub use migrations::SCHEMA_VERSION;
 pub use sandboxes::{SandboxRecord, SandboxStatus, Sandboxes};
 pub use scaling_groups::{RevisionRecord, ScalingGroupRecord, ScalingGroups};
@@ -134,6 +136,11 @@ impl<'c> Repos<'c> {
     /// Scaling groups and their revisions.
     pub fn scaling_groups(&self) -> ScalingGroups<'c> {
         ScalingGroups::new(self.conn)
+    }
+
+    /// Functions and their versions.
+    pub fn functions(&self) -> Functions<'c> {
+        Functions::new(self.conn)
     }
 
     /// Secrets and integrations (sealed values).

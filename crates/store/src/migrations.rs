@@ -176,6 +176,34 @@ const MIGRATIONS: &[&str] = &[
         UNIQUE (environment_id, name)
     );
     "#,
+    // 6: functions (a stable name served by one scaling group) and their immutable versions.
+    r#"
+    CREATE TABLE functions (
+        id              TEXT PRIMARY KEY,
+        environment_id  TEXT NOT NULL REFERENCES environments(id),
+        name            TEXT NOT NULL,
+        group_name      TEXT NOT NULL,
+        version_id      TEXT,
+        created_by      TEXT NOT NULL,
+        created_at      INTEGER NOT NULL,
+        updated_at      INTEGER NOT NULL,
+        deleted_at      INTEGER
+    );
+    CREATE UNIQUE INDEX functions_live_name ON functions (environment_id, name) WHERE deleted_at IS NULL;
+    CREATE TABLE function_versions (
+        id                  TEXT PRIMARY KEY,
+        function_id         TEXT NOT NULL REFERENCES functions(id),
+        number              INTEGER NOT NULL,
+        digest              TEXT NOT NULL,
+        spec                BLOB NOT NULL,
+        group_name          TEXT NOT NULL,
+        group_revision_id   TEXT NOT NULL,
+        created_by          TEXT NOT NULL,
+        created_at          INTEGER NOT NULL,
+        UNIQUE (function_id, number)
+    );
+    CREATE INDEX function_versions_by_digest ON function_versions (function_id, digest);
+    "#,
 ];
 
 /// The schema version this binary migrates to.

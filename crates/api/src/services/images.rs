@@ -93,7 +93,7 @@ fn assignments(rest: &str) -> Result<Vec<(String, String)>, String> {
 }
 
 /// The recipe of an image spec, or the message saying which step this server cannot build yet.
-fn recipe(spec: ImageSpec) -> Result<Recipe, String> {
+pub(crate) fn recipe(spec: ImageSpec) -> Result<Recipe, String> {
     let mut steps = Vec::new();
     let mut env: Vec<(String, String)> = Vec::new();
     let mut workdir = None;

@@ -3,6 +3,7 @@
 mod auth;
 mod container;
 mod filesystem;
+mod functions;
 mod images;
 mod process;
 mod sandbox;
@@ -15,7 +16,7 @@ mod workload;
 use std::sync::Arc;
 
 use compute_control::volume::VolumeStore;
-use compute_control::{Builds, Control, Principal, ScalingGroups, Workloads};
+use compute_control::{Builds, Control, Functions, Principal, ScalingGroups, Workloads};
 use compute_proto::chalk;
 use tonic::codec::CompressionEncoding;
 use tonic::service::Routes;
@@ -23,6 +24,7 @@ use tonic::service::Routes;
 pub use auth::AuthApi;
 pub use container::ContainerApi;
 pub use filesystem::FilesystemApi;
+pub use functions::{FunctionsApi, RemoteCallApi, CODEC as FUNCTION_CODEC};
 pub use images::ImageApi;
 pub use process::ProcessApi;
 pub use sandbox::SandboxApi;
@@ -39,21 +41,27 @@ pub struct NotYet;
 #[tonic::async_trait]
 impl chalk::sandbox::v1::sandbox_runtime_service_server::SandboxRuntimeService for NotYet {}
 #[tonic::async_trait]
-impl chalk::externalfunctioncatalog::v1::external_function_catalog_service_server::ExternalFunctionCatalogService
-    for NotYet
-{
+impl chalk::runtime::v1::async_remote_call_service_server::AsyncRemoteCallService for NotYet {}
+
+/// The control-plane parts the handlers call.
+pub struct Backends {
+    /// Environments, credentials, secrets.
+    pub control: Arc<Control>,
+    /// Sandboxes and containers.
+    pub workloads: Arc<Workloads>,
+    /// Image builds.
+    pub builds: Arc<Builds>,
+    /// Volumes.
+    pub volumes: Arc<VolumeStore>,
+    /// Scaling groups.
+    pub scaling: Arc<ScalingGroups>,
+    /// Functions.
+    pub functions: Arc<Functions>,
 }
 
 /// Every service in `proto/`, with gzip-compressed requests accepted and the message size limit applied.
-pub fn routes(
-    control: Arc<Control>,
-    workloads: Arc<Workloads>,
-    builds: Arc<Builds>,
-    volumes: Arc<VolumeStore>,
-    scaling: Arc<ScalingGroups>,
-    ingress_domain: Option<String>,
-    max_message_bytes: usize,
-) -> Routes {
+pub fn routes(backends: Backends, ingress_domain: Option<String>, max_message_bytes: usize) -> Routes {
+    let Backends { control, workloads, builds, volumes, scaling, functions } = backends;
     macro_rules! svc {
         ($server:ty, $imp:expr) => {
             <$server>::new($imp)
@@ -92,15 +100,20 @@ pub fn routes(
         ))
         .add_service(svc!(
             scalinggroup::v1::scaling_group_manager_service_server::ScalingGroupManagerServiceServer<ScalingApi>,
-            ScalingApi::new(scaling, ingress_domain)
+            ScalingApi::new(scaling.clone(), ingress_domain.clone())
         ))
         .add_service(svc!(volume::v2::volume_service_server::VolumeServiceServer<VolumeApi>, VolumeApi::new(volumes)))
         .add_service(svc!(
             externalfunctioncatalog::v1::external_function_catalog_service_server::ExternalFunctionCatalogServiceServer<
-                NotYet,
+                FunctionsApi,
             >,
-            NotYet
+            FunctionsApi::new(functions.clone(), scaling, ingress_domain)
         ))
+        .add_service(svc!(
+            runtime::v1::remote_call_service_server::RemoteCallServiceServer<RemoteCallApi>,
+            RemoteCallApi::new(functions)
+        ))
+        .add_service(svc!(runtime::v1::async_remote_call_service_server::AsyncRemoteCallServiceServer<NotYet>, NotYet))
         .prepare()
 }
 

@@ -46,7 +46,7 @@ impl ScalingApi {
         }
     }
 
-    fn response(&self, view: &GroupView, base: &str) -> ScalingGroupResponse {
+    pub(crate) fn response(&self, view: &GroupView, base: &str) -> ScalingGroupResponse {
         let mut r = response(view);
         if view.group.deleted_at.is_none() {
             r.web_url = Some(self.web_url(base, view));

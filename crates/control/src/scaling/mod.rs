@@ -169,7 +169,7 @@ impl ScalingGroups {
 
     fn validate(&self, who: &Principal, wire: &[u8]) -> Result<GroupSpec, ControlError> {
         self.workloads.can_run()?;
-        let spec = (self.parse)(wire)?;
+        let spec = self.parse_for(&who.environment_id, wire)?;
         ids::validate_name("spec.container_spec.name", &spec.name)?;
         if spec.max_replicas > self.config.max_replicas {
             return Err(ControlError::InvalidArgument(format!(
@@ -178,6 +178,16 @@ impl ScalingGroups {
             )));
         }
         self.workloads.check(who, &spec.replica)?;
+        Ok(spec)
+    }
+
+    /// Reads a revision's spec; the replicas of a group that serves a function also see the function's own
+    /// secrets (after the group's, before the environment's).
+    pub(crate) fn parse_for(&self, environment_id: &str, wire: &[u8]) -> Result<GroupSpec, ControlError> {
+        let mut spec = (self.parse)(wire)?;
+        if let Some(f) = self.store.read(|r| r.functions().by_group(environment_id, &spec.name))? {
+            spec.replica.secret_scopes.push(crate::functions::function_scope(&f.name));
+        }
         Ok(spec)
     }
 

@@ -166,7 +166,7 @@ impl Supervisor {
             return Some(s.clone());
         }
         let rev = self.groups.store.read(|r| r.scaling_groups().revision(&self.group.id, revision_id)).ok()??;
-        match (self.groups.parse)(&rev.spec) {
+        match self.groups.parse_for(&self.group.environment_id, &rev.spec) {
             Ok(spec) => {
                 let spec = Arc::new(spec);
                 self.specs.insert(revision_id.to_string(), spec.clone());
