@@ -31,7 +31,7 @@ export COMPUTE_E2E_IMAGE_DIR=${COMPUTE_E2E_IMAGE_DIR:-$PWD/target/e2e-images}
 export COMPUTE_BIN=$PWD/target/debug/compute
 
 echo "== end-to-end tests under gVisor isolation (sandbox suites)" >&2
-COMPUTE_E2E_ISOLATION=gvisor "$python" -m pytest tests/e2e/test_sandboxes.py tests/e2e/test_operations.py tests/e2e/test_images.py tests/e2e/test_registry.py tests/e2e/test_volume_mounts.py tests/e2e/test_scaling_groups.py tests/e2e/test_secrets.py -v -p no:cacheprovider
+COMPUTE_E2E_ISOLATION=gvisor "$python" -m pytest tests/e2e/test_sandboxes.py tests/e2e/test_operations.py tests/e2e/test_images.py tests/e2e/test_registry.py tests/e2e/test_volume_mounts.py tests/e2e/test_scaling_groups.py tests/e2e/test_secrets.py tests/e2e/test_functions.py -v -p no:cacheprovider
 
 echo "== end-to-end tests (chalkcompute SDK against compute serve, native isolation)" >&2
 COMPUTE_E2E_ISOLATION=native "$python" -m pytest tests/e2e -v -p no:cacheprovider

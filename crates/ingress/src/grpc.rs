@@ -181,6 +181,71 @@ impl Ingress {
     }
 }
 
+/// Asks `addr` over HTTP/2 (prior knowledge) for `grpc.health.v1.Health/Check` of `service` ("" is the server as a
+/// whole). Ready when it answers SERVING, or when it answers gRPC's UNIMPLEMENTED: the port speaks gRPC but keeps
+/// no health service (the SDK's function runtime is such a server), which is what a gRPC startup probe asks.
+pub async fn grpc_health(addr: std::net::SocketAddr, service: &str) -> Result<(), String> {
+    let stream = tokio::net::TcpStream::connect(addr).await.map_err(|e| format!("connecting to {addr}: {e}"))?;
+    let _ = stream.set_nodelay(true);
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .map_err(|e| format!("HTTP/2 handshake with {addr}: {e}"))?;
+    let driver = tokio::spawn(conn);
+    let result = async {
+        // HealthCheckRequest { service = 1 }.
+        let mut msg = BytesMut::new();
+        if !service.is_empty() {
+            msg.put_u8(0x0a);
+            put_varint(&mut msg, service.len() as u64);
+            msg.put_slice(service.as_bytes());
+        }
+        let req = Request::builder()
+            .method(Method::POST)
+            .uri(format!("http://{addr}/grpc.health.v1.Health/Check"))
+            .header(CONTENT_TYPE, "application/grpc")
+            .header("te", "trailers")
+            .body(Full::new(frame(&[msg.freeze()])))
+            .map_err(|e| e.to_string())?;
+        let resp = sender.send_request(req).await.map_err(|e| format!("gRPC health check of {addr}: {e}"))?;
+        let (parts, body) = resp.into_parts();
+        if parts.status != StatusCode::OK {
+            return Err(format!("gRPC health check of {addr} answered HTTP {}", parts.status));
+        }
+        let collected =
+            Limited::new(body, 64 * 1024).collect().await.map_err(|e| format!("reading the health answer: {e}"))?;
+        let trailers = collected.trailers().cloned().unwrap_or_default();
+        let status = status_of(&trailers).or_else(|| status_of(&parts.headers));
+        match status {
+            Some(s) if s.code == 12 => Ok(()),
+            Some(s) if s.code != 0 => Err(format!("gRPC health check answered code {}: {}", s.code, s.message)),
+            None => Err("the health answer ended without a grpc-status".into()),
+            Some(_) => {
+                let messages = unframe(collected.to_bytes())?;
+                // HealthCheckResponse { status = 1 }: SERVING is 1.
+                match messages.first().map(|m| m.as_ref()) {
+                    Some([0x08, 0x01]) => Ok(()),
+                    Some(other) => Err(format!("gRPC health check: not serving (answer {other:02x?})")),
+                    None => Err("gRPC health check: an empty answer".into()),
+                }
+            }
+        }
+    }
+    .await;
+    driver.abort();
+    result
+}
+
+fn put_varint(out: &mut BytesMut, mut v: u64) {
+    while v >= 0x80 {
+        out.put_u8((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.put_u8(v as u8);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -220,5 +285,45 @@ mod tests {
         ] {
             assert_eq!(forwarded(&HeaderName::from_static(name)), fwd, "{name}");
         }
+    }
+
+    /// An HTTP/2 server answering every request with `message` and `grpc-status: code` in the trailers.
+    async fn health_server(message: &'static [u8], code: &'static str) -> std::net::SocketAddr {
+        use http_body_util::StreamBody;
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = l.accept().await {
+                let svc = hyper::service::service_fn(move |_req| async move {
+                    let mut trailers = HeaderMap::new();
+                    trailers.insert("grpc-status", HeaderValue::from_static(code));
+                    let frames: Vec<Result<http_body::Frame<Bytes>, std::convert::Infallible>> = vec![
+                        Ok(http_body::Frame::data(frame(&[Bytes::from_static(message)]))),
+                        Ok(http_body::Frame::trailers(trailers)),
+                    ];
+                    let body = StreamBody::new(futures_util::stream::iter(frames));
+                    Ok::<_, std::convert::Infallible>(
+                        http::Response::builder().header(CONTENT_TYPE, "application/grpc").body(body).unwrap(),
+                    )
+                });
+                tokio::spawn(
+                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                        .serve_connection(hyper_util::rt::TokioIo::new(s), svc),
+                );
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn a_grpc_health_check_passes_when_serving_or_without_a_health_service() {
+        grpc_health(health_server(&[0x08, 0x01], "0").await, "").await.unwrap();
+        grpc_health(health_server(b"", "12").await, "").await.unwrap();
+        let err = grpc_health(health_server(&[0x08, 0x02], "0").await, "svc").await.unwrap_err();
+        assert!(err.contains("not serving"), "{err}");
+        let err = grpc_health(health_server(b"", "14").await, "").await.unwrap_err();
+        assert!(err.contains("code 14"), "{err}");
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        assert!(grpc_health(closed, "").await.unwrap_err().starts_with("connecting to"));
     }
 }

@@ -17,7 +17,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
 pub use body::IngressBody;
-pub use grpc::{frame, unframe, GrpcCallError, GrpcReply, GrpcStatus};
+pub use grpc::{frame, grpc_health, unframe, GrpcCallError, GrpcReply, GrpcStatus};
 pub use route::{ColdPolicy, GroupRoute, RouteSettings, Upstream, UpstreamProtocol};
 
 /// The path prefix groups are served under.

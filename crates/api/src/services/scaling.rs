@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use compute_control::scaling::ProbeSpec;
+use compute_control::scaling::{ProbeCheck, ProbeSpec};
 use compute_control::{ControlError, GroupSpec, GroupView, ScalingGroups, WorkloadKind};
 use compute_ingress::{Ingress, UpstreamProtocol};
 use compute_proto::chalk::container::v1::{readiness_probe, startup_probe};
@@ -167,13 +167,19 @@ fn probe_spec(container: &compute_proto::chalk::container::v1::ChalkContainerSpe
     let mut probe = ProbeSpec::default();
     let http_path = |p: &Option<String>| p.clone().filter(|p| !p.is_empty()).unwrap_or_else(|| "/".into());
     if let Some(startup) = &container.startup_probe {
-        if let Some(startup_probe::Check::Http(h)) = &startup.check {
-            probe.http_path = Some(http_path(&h.path));
-        }
+        probe.check = match &startup.check {
+            Some(startup_probe::Check::Http(h)) => ProbeCheck::Http(http_path(&h.path)),
+            Some(startup_probe::Check::Grpc(_)) => ProbeCheck::Grpc(String::new()),
+            None => ProbeCheck::Tcp,
+        };
     }
     if let Some(ready) = &container.readiness_probe {
-        if let Some(readiness_probe::Check::Http(h)) = &ready.check {
-            probe.http_path = Some(http_path(&h.path));
+        match &ready.check {
+            Some(readiness_probe::Check::Http(h)) => probe.check = ProbeCheck::Http(http_path(&h.path)),
+            Some(readiness_probe::Check::Grpc(g)) => {
+                probe.check = ProbeCheck::Grpc(g.service.clone().unwrap_or_default())
+            }
+            None => {}
         }
         if let Some(p) = ready.period_seconds {
             if p < 1 {
@@ -200,7 +206,7 @@ fn probe_spec(container: &compute_proto::chalk::container::v1::ChalkContainerSpe
             probe.failure_threshold = f as u32;
         }
     }
-    if let Some(path) = &probe.http_path {
+    if let ProbeCheck::Http(path) = &probe.check {
         if !path.starts_with('/') || path.bytes().any(|b| b.is_ascii_whitespace() || b.is_ascii_control()) {
             return Err(invalid(format!(
                 "spec.container_spec readiness/startup probe path {path:?} must start with '/' and hold no spaces"

@@ -17,7 +17,7 @@ use compute_ingress::{Ingress, UpstreamProtocol};
 use compute_store::{RevisionRecord, ScalingGroupRecord, Store};
 use tokio::sync::{watch, Notify};
 
-pub use probe::ProbeSpec;
+pub use probe::{ProbeCheck, ProbeSpec};
 
 use crate::{ids, ControlError, Principal, WorkloadRequest, Workloads};
 

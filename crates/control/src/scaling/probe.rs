@@ -1,5 +1,5 @@
-//! Readiness checks of a replica: an HTTP GET of the spec's path (any 2xx or 3xx passes, as in Kubernetes), or a
-//! TCP connect to its port when the spec names no path.
+//! Readiness checks of a replica: an HTTP GET of the spec's path (any 2xx or 3xx passes, as in Kubernetes), a gRPC
+//! health check, or a TCP connect to its port when the spec names neither.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -7,11 +7,23 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+/// What one check of a replica does.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum ProbeCheck {
+    /// A TCP connect to the replica's port.
+    #[default]
+    Tcp,
+    /// `GET` this path over HTTP/1.1.
+    Http(String),
+    /// `grpc.health.v1.Health/Check` of this service ("" for the whole server) over HTTP/2.
+    Grpc(String),
+}
+
 /// How a group's replicas are checked.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProbeSpec {
-    /// `GET` this path; `None`: a TCP connect.
-    pub http_path: Option<String>,
+    /// The check.
+    pub check: ProbeCheck,
     /// How often a ready replica is checked again.
     pub period: Duration,
     /// How long one check may take.
@@ -22,13 +34,25 @@ pub struct ProbeSpec {
 
 impl Default for ProbeSpec {
     fn default() -> Self {
-        Self { http_path: None, period: Duration::from_secs(10), timeout: Duration::from_secs(1), failure_threshold: 3 }
+        Self {
+            check: ProbeCheck::Tcp,
+            period: Duration::from_secs(10),
+            timeout: Duration::from_secs(1),
+            failure_threshold: 3,
+        }
     }
 }
 
 /// Checks once; the error says what failed.
 pub(crate) async fn check(addr: SocketAddr, spec: &ProbeSpec) -> Result<(), String> {
-    match tokio::time::timeout(spec.timeout, check_inner(addr, spec.http_path.as_deref())).await {
+    let checked = async {
+        match &spec.check {
+            ProbeCheck::Tcp => check_inner(addr, None).await,
+            ProbeCheck::Http(path) => check_inner(addr, Some(path)).await,
+            ProbeCheck::Grpc(service) => compute_ingress::grpc_health(addr, service).await,
+        }
+    };
+    match tokio::time::timeout(spec.timeout, checked).await {
         Ok(r) => r,
         Err(_) => Err(format!("no answer within {} ms", spec.timeout.as_millis())),
     }
@@ -81,7 +105,7 @@ mod tests {
     async fn http_and_tcp_checks() {
         let ok = server("HTTP/1.1 204 No Content\r\n\r\n").await;
         let bad = server("HTTP/1.1 503 Service Unavailable\r\n\r\n").await;
-        let http = |p: &str| ProbeSpec { http_path: Some(p.into()), ..ProbeSpec::default() };
+        let http = |p: &str| ProbeSpec { check: ProbeCheck::Http(p.into()), ..ProbeSpec::default() };
         check(ok, &http("/health")).await.unwrap();
         check(ok, &ProbeSpec::default()).await.unwrap();
         let err = check(bad, &http("/ready")).await.unwrap_err();
