@@ -45,7 +45,7 @@ SERVED = {
         "CallExternalFunction", "GetExternalFunctionVersion", "ListExternalFunctionVersions",
     ],
     "chalk.runtime.v1.RemoteCallService": ["CallFunction"],
-    "chalk.runtime.v1.AsyncRemoteCallService": ["EnqueueRemoteCall", "PollRemoteCall"],
+    "chalk.runtime.v1.AsyncRemoteCallService": ["EnqueueRemoteCall", "PollRemoteCall", "PurgeQueue"],
 }
 
 # Types the server sends outside any method's request/response closure (e.g. in grpc-status-details-bin).

@@ -118,11 +118,12 @@ def test_wrong_secret_is_a_clear_auth_error(server):
 
 UNIMPLEMENTED_CALL = """
 from chalkcompute._connect import ConnectClient
-from chalkcompute._gen.chalk.runtime.v1 import remote_python_call_connect as rc, remote_python_call_pb as pb
+from chalkcompute._gen.chalk.sandbox.v1 import runtime_service_connect as rs, runtime_service_pb as pb
 client = ConnectClient()
-stub = client.stub(rc.AsyncRemoteCallServiceClientSync)
+stub = client.stub(rs.SandboxRuntimeServiceClientSync)
 try:
-    client.call(stub.poll_remote_call, pb.PollRemoteCallRequest())
+    for _ in client.call(stub.execute_python, iter([pb.ExecutePythonRequest()])):
+        pass
     print("RESULT: ran")
 except Exception as e:
     print("RESULT:", type(e).__name__, e)
@@ -133,7 +134,7 @@ def test_unimplemented_method_fails_promptly(server):
     started = time.time()
     out = result(run_sdk(UNIMPLEMENTED_CALL, server.sdk_env()))
     elapsed = time.time() - started
-    assert "AsyncRemoteCallService/PollRemoteCall is not implemented by this Compute server yet" in out, out
+    assert "SandboxRuntimeService/ExecutePython is not implemented by this Compute server yet" in out, out
     assert elapsed < 30, f"took {elapsed:.1f}s: an unimplemented method must fail fast, not hang"
 
 

@@ -4,7 +4,9 @@ through the API (`CHALK_FUNCTION_CALL_VIA_API=1`), deletion, a server restart, a
 field. Every function runs in real replicas of `chalk-remote-call` built from the SDK's default image."""
 import json
 import shutil
+import signal
 import textwrap
+import time
 import uuid
 
 import pytest
@@ -88,12 +90,105 @@ VERSIONED = textwrap.dedent('''
 ''')
 
 
+# Deferred calls (`.defer()` / `.get()` / `.purge()`): the SDK reaches the queue only in web-identity mode, with the
+# variables `compute env --token-file` prints.
+DEFERRED = textwrap.dedent('''
+    import sys, time
+    import chalkcompute
+    from chalkcompute import QueuePolicy
+    from chalkcompute._function import FunctionCallHandle
+
+    @chalkcompute.function()
+    def square(x: int) -> int:
+        return x * x
+
+    @chalkcompute.function()
+    def nap(s: float) -> float:
+        import time
+        time.sleep(s)
+        return s
+
+    @chalkcompute.function(concurrency=1)
+    def single(s: float) -> float:
+        import time
+        time.sleep(s)
+        return s
+
+    @chalkcompute.function(queue_policy=QueuePolicy(max_items=2))
+    def tight(s: float) -> float:
+        import time
+        time.sleep(s)
+        return s
+
+    @chalkcompute.function()
+    def sour(x: int) -> int:
+        raise ValueError(f"deferred bad {x}")
+
+    if __name__ == "__main__":
+        which = sys.argv[1]
+        if which == "defer":
+            square.wait_ready()
+            handles = [square.defer(i) for i in range(8)]
+            print("RESULT:", [h.get(timeout=300) for h in handles])
+        elif which == "error":
+            sour.wait_ready()
+            try:
+                sour.defer(7).get(timeout=300); print("RESULT: no error")
+            except Exception as e:
+                print("RESULT:", type(e).__name__, e)
+        elif which == "full":
+            tight.wait_ready()
+            handles = [tight.defer(4.0), tight.defer(4.0)]
+            try:
+                tight.defer(4.0); print("RESULT: a third call was accepted")
+            except Exception as e:
+                print("RESULT:", type(e).__name__, e, "| then", [h.get(timeout=300) for h in handles])
+        elif which == "purge":
+            single.wait_ready()
+            handles = [single.defer(3.0) for _ in range(6)]
+            time.sleep(0.5)
+            dropped = single.purge()
+            first = handles[0].get(timeout=300)
+            try:
+                handles[-1].get(timeout=60); last = "answered"
+            except Exception as e:
+                last = f"{type(e).__name__}: {e}"
+            print("RESULT:", dropped, first, "|", last)
+        elif which == "enqueue":
+            nap.wait_ready()
+            print("RESULT:", ",".join(nap.defer(float(sys.argv[2])).call_id for _ in range(3)))
+        elif which == "collect":
+            print("RESULT:", [FunctionCallHandle(nap, c).get(timeout=600) for c in sys.argv[2].split(",")])
+''')
+
+
+def web_env(server):
+    """The SDK's environment in web-identity mode, from what `compute env --token-file` prints."""
+    token = server.workdir / "token"
+    out = server.cli("env", "--token-file", str(token)).stdout
+    exports = dict(l[len("export "):].split("=", 1) for l in out.splitlines() if l.startswith("export "))
+    assert set(exports) == {"CHALK_API_SERVER", "CHALK_WEB_IDENTITY_TOKEN_FILE", "CHALK_FUNCTION_QUEUE_ENDPOINT"}, out
+    assert "unset CHALK_CLIENT_ID CHALK_CLIENT_SECRET" in out, out
+    assert oct(token.stat().st_mode & 0o777) == "0o600"
+    env = server.sdk_env(**exports)
+    env.pop("CHALK_CLIENT_ID")
+    env.pop("CHALK_CLIENT_SECRET")
+    return env
+
+
+def deferred(server, *args):
+    proc = run_program_args(server.workdir / "deferred.py", web_env(server), args)
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    return line(proc.stdout, "RESULT:")
+
+
 @pytest.fixture(scope="module")
 def fns(tmp_path_factory):
     require_root()
     d = tmp_path_factory.mktemp("functions")
     s = Server(d / "data")
     (d / "policies.py").write_text(POLICIES)
+    (d / "deferred.py").write_text(DEFERRED)
     s.workdir = d
     yield s
     s.stop()
@@ -200,6 +295,40 @@ def test_bad_requests_name_the_field_and_unknown_functions_are_not_found(fns):
            "    print('RESULT: ran')\nexcept Exception as e:\n    print('RESULT:', type(e).__name__, e)\n"
     proc = run_sdk(code, fns.sdk_env())
     assert "no_such_fn" in proc.stdout and "RESULT: ran" not in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_deferred_calls_answer_each_in_turn_and_an_error_carries_its_traceback(fns):
+    assert deferred(fns, "defer") == str([i * i for i in range(8)])
+    out = deferred(fns, "error")
+    assert out.startswith("RemoteExecutionError"), out
+    proc = run_program_args(fns.workdir / "deferred.py", web_env(fns), ["error"])
+    assert "ValueError: deferred bad 7" in proc.stdout and 'raise ValueError(f"deferred bad {x}")' in proc.stdout, \
+        proc.stdout
+
+
+def test_a_full_queue_refuses_a_call_naming_max_items_and_the_accepted_ones_run(fns):
+    out = deferred(fns, "full")
+    assert "RESOURCE_EXHAUSTED" in out.upper() or "(8," in out, out
+    assert "max_items" in out and out.endswith("| then [4.0, 4.0]"), out
+
+
+def test_a_purge_drops_the_calls_not_started_and_the_running_one_finishes(fns):
+    # concurrency=1: one call runs at a time, so after half a second five of the six still wait.
+    dropped, rest = deferred(fns, "purge").split(" ", 1)
+    assert int(dropped) in (4, 5), rest
+    first, last = rest.split(" | ")
+    assert first == "3.0", rest
+    assert "no deferred call" in last and "purged" in last, last
+
+
+def test_deferred_calls_survive_a_kill_9_and_run_after_the_restart(fns):
+    ids = deferred(fns, "enqueue", "4")
+    time.sleep(1)  # they are running when the server dies
+    fns.stop(signal.SIGKILL)
+    fns.start()
+    assert deferred(fns, "collect", ids) == "[4.0, 4.0, 4.0]"
+    log = (fns.data_dir.parent / f"{fns.data_dir.name}.log").read_text(errors="replace")
+    assert "deferred calls left running by the last server run again" in log, log[-3000:]
 
 
 def test_a_function_serves_again_after_a_restart_and_a_deleted_one_is_gone(fns):

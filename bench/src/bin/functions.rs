@@ -103,6 +103,8 @@ fn main() -> anyhow::Result<()> {
         std::path::Path::new(&python).exists(),
         "no SDK interpreter at {python}: run scripts/sdk-venv.sh or pass --python"
     );
+    // The driver runs in its own directory: a relative interpreter path would resolve from there.
+    let python = std::path::absolute(&python)?.to_string_lossy().into_owned();
     let mut flags: Vec<&str> = Vec::new();
     if !isolation.is_empty() {
         flags.extend(["--isolation", &isolation]);
@@ -130,7 +132,8 @@ fn measure(server: &compute_bench::Server, python: &str, args: [u32; 4]) -> anyh
         .env("CHALK_API_SERVER", server.url())
         .env("CHALK_CLIENT_ID", server.creds["client_id"].as_str().unwrap_or_default())
         .env("CHALK_CLIENT_SECRET", server.creds["client_secret"].as_str().unwrap_or_default())
-        .output()?;
+        .output()
+        .map_err(|e| anyhow::anyhow!("running {python}: {e}"))?;
     let stdout = String::from_utf8_lossy(&out.stdout);
     let figures = stdout.lines().find_map(|l| l.strip_prefix("FIGURES:"));
     match figures {

@@ -57,6 +57,9 @@ const IMPLEMENTED: &[&str] = &[
     "/chalk.externalfunctioncatalog.v1.ExternalFunctionCatalogService/GetExternalFunctionVersion",
     "/chalk.externalfunctioncatalog.v1.ExternalFunctionCatalogService/ListExternalFunctionVersions",
     "/chalk.runtime.v1.RemoteCallService/CallFunction",
+    "/chalk.runtime.v1.AsyncRemoteCallService/EnqueueRemoteCall",
+    "/chalk.runtime.v1.AsyncRemoteCallService/PollRemoteCall",
+    "/chalk.runtime.v1.AsyncRemoteCallService/PurgeQueue",
 ];
 
 /// Methods callable without a token.

@@ -132,6 +132,11 @@ enum Command {
     },
     /// Print the `export` lines that point the SDK at this data directory's server: eval "$(compute env)".
     Env {
+        /// Authenticate with a token written to this file (mode 0600) instead of the client secret: the SDK's
+        /// web-identity mode, which `.defer()` needs (it then reaches the queue at CHALK_FUNCTION_QUEUE_ENDPOINT).
+        /// The token lasts as long as the server's token lifetime (COMPUTE_TOKEN_TTL); run this again to renew it.
+        #[arg(long, value_name = "PATH")]
+        token_file: Option<PathBuf>,
         #[command(flatten)]
         dir: DataDir,
     },
@@ -495,7 +500,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             rt.block_on(crate::serve::run(&data_dir, settings))
         }
-        Command::Env { dir } => env(&dir.path()),
+        Command::Env { token_file, dir } => env(&dir.path(), token_file.as_deref()),
         Command::Status { dir } => status(&dir.path()),
         Command::Client(c) => client(c),
         Command::Secret { cmd, dir } => crate::secret_cli::secret(&open_control(&dir.path())?, cmd),
@@ -699,7 +704,7 @@ fn open_control(data_dir: &std::path::Path) -> anyhow::Result<Control> {
     Ok(control)
 }
 
-fn env(data_dir: &std::path::Path) -> anyhow::Result<()> {
+fn env(data_dir: &std::path::Path, token_file: Option<&std::path::Path>) -> anyhow::Result<()> {
     let creds: AdminCredentials =
         runtime_file::read_json(&runtime_file::credentials_path(data_dir))?.with_context(|| {
             format!("no admin credentials in {}: run `compute serve` first (or pass --data-dir)", data_dir.display())
@@ -716,8 +721,28 @@ fn env(data_dir: &std::path::Path) -> anyhow::Result<()> {
         }
     };
     println!("export CHALK_API_SERVER={url}");
-    println!("export CHALK_CLIENT_ID={}", creds.client_id);
-    println!("export CHALK_CLIENT_SECRET={}", creds.client_secret);
+    match token_file {
+        None => {
+            println!("export CHALK_CLIENT_ID={}", creds.client_id);
+            println!("export CHALK_CLIENT_SECRET={}", creds.client_secret);
+        }
+        Some(path) => {
+            let control = open_control(data_dir)?;
+            let token = control.auth().get_token(&creds.client_id, &creds.client_secret, "", None)?;
+            runtime_file::write_private(path, token.access_token.as_bytes())
+                .with_context(|| format!("writing the token to {}", path.display()))?;
+            let path = std::path::absolute(path)?;
+            println!("export CHALK_WEB_IDENTITY_TOKEN_FILE={}", path.display());
+            println!("unset CHALK_CLIENT_ID CHALK_CLIENT_SECRET");
+            eprintln!(
+                "# the token in {} expires in {} s; run this again to renew it",
+                path.display(),
+                token.expires_in
+            );
+        }
+    }
+    // Deferred calls (`.defer()`) go to the queue this server serves (the SDK reads it in web-identity mode).
+    println!("export CHALK_FUNCTION_QUEUE_ENDPOINT={url}");
     Ok(())
 }
 

@@ -47,6 +47,11 @@ pub fn credentials_path(data_dir: &Path) -> PathBuf {
 
 /// Writes `value` as JSON to `path` atomically (temp file + rename), readable only by the owner.
 pub fn write_private_json<T: Serialize>(path: &Path, value: &T) -> anyhow::Result<()> {
+    write_private(path, &serde_json::to_vec_pretty(value)?)
+}
+
+/// Writes `bytes` to `path` readable by the owner only, atomically (a temporary file renamed into place).
+pub fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     let tmp = path.with_extension("tmp");
     let mut f = std::fs::OpenOptions::new()
         .write(true)
@@ -55,7 +60,7 @@ pub fn write_private_json<T: Serialize>(path: &Path, value: &T) -> anyhow::Resul
         .mode(0o600)
         .open(&tmp)
         .with_context(|| format!("writing {}", tmp.display()))?;
-    f.write_all(&serde_json::to_vec_pretty(value)?)?;
+    f.write_all(bytes)?;
     f.sync_all()?;
     std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
     Ok(())

@@ -89,6 +89,8 @@ pub async fn run(data_dir: &Path, settings: Settings) -> anyhow::Result<()> {
         compute_api::FUNCTION_CODEC,
         settings.max_message_bytes,
     );
+    // Deferred calls left running by a server that stopped run again; the worker runs what is enqueued.
+    let queue = functions.start_queue()?;
     let server =
         Server::bind(config, control.clone(), workloads.clone(), builds, volumes, scaling.clone(), functions).await?;
     let addr = server.local_addr();
@@ -114,6 +116,8 @@ pub async fn run(data_dir: &Path, settings: Settings) -> anyhow::Result<()> {
     }
 
     server.run(shutdown_signal()).await;
+    // Calls the queue was running are recorded as running: the next start runs them again.
+    queue.abort();
     // Supervisors first, so none starts a replica while the workloads stop.
     scaling.shutdown().await;
     workloads.stop_all("the server shut down").await;

@@ -150,20 +150,17 @@ fn unimplemented_methods_answer_promptly_naming_themselves() {
         let token = token(&server).await;
         let mut grpc = tonic::client::Grpc::new(channel(&server).await);
         grpc.ready().await.unwrap();
-        let mut req = tonic::Request::new(compute_proto::chalk::runtime::v1::PollRemoteCallRequest::default());
+        use compute_proto::chalk::sandbox::v1::{ExecutePythonRequest, ExecutePythonResponse};
+        let mut req = tonic::Request::new(futures_util::stream::iter([ExecutePythonRequest::default()]));
         req.metadata_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
-        let path = http::uri::PathAndQuery::from_static("/chalk.runtime.v1.AsyncRemoteCallService/PollRemoteCall");
+        let path = http::uri::PathAndQuery::from_static("/chalk.sandbox.v1.SandboxRuntimeService/ExecutePython");
         let started = std::time::Instant::now();
         let err = grpc
-            .unary::<_, compute_proto::chalk::runtime::v1::PollRemoteCallResponse, _>(
-                req,
-                path,
-                tonic_prost::ProstCodec::default(),
-            )
+            .streaming::<_, _, ExecutePythonResponse, _>(req, path, tonic_prost::ProstCodec::default())
             .await
             .unwrap_err();
         assert_eq!(err.code(), Code::Unimplemented);
-        assert!(err.message().contains("chalk.runtime.v1.AsyncRemoteCallService/PollRemoteCall"), "{}", err.message());
+        assert!(err.message().contains("chalk.sandbox.v1.SandboxRuntimeService/ExecutePython"), "{}", err.message());
         // Not a performance bound: a generous limit that only a hang would exceed.
         assert!(started.elapsed() < Duration::from_secs(30));
 
@@ -243,17 +240,14 @@ fn connect_unary_over_http1_proto_and_json() {
     assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
     assert!(body_of(&resp).contains("\"default\""), "{resp}");
 
-    let resp = connect_post(
-        &server,
-        "/chalk.runtime.v1.AsyncRemoteCallService/PollRemoteCall",
-        "application/proto",
-        b"",
-        &auth,
-    );
+    // A streaming method over Connect unary: refused, naming the method and the transport that carries it.
+    let resp =
+        connect_post(&server, "/chalk.sandbox.v1.SandboxRuntimeService/ExecutePython", "application/proto", b"", &auth);
     assert!(resp.starts_with("HTTP/1.1 501"), "{resp}");
     let v: serde_json::Value = serde_json::from_str(body_of(&resp)).unwrap();
     assert_eq!(v["code"], "unimplemented");
-    assert!(v["message"].as_str().unwrap().contains("AsyncRemoteCallService/PollRemoteCall"));
+    let message = v["message"].as_str().unwrap();
+    assert!(message.contains("SandboxRuntimeService/ExecutePython") && message.contains("gRPC"), "{message}");
 
     let resp = connect_post(&server, "/chalk.server.v1.TeamService/GetEnv", "application/json", b"{not json", &auth);
     assert!(resp.starts_with("HTTP/1.1 400"), "{resp}");

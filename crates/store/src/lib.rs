@@ -9,6 +9,7 @@
 mod clients;
 mod environments;
 mod error;
+mod function_calls;
 mod functions;
 mod migrations;
 mod sandboxes;
@@ -26,6 +27,7 @@ use rusqlite::{Connection, OpenFlags, TransactionBehavior};
 pub use clients::{Client, Clients, NewClient};
 pub use environments::{Environment, Environments};
 pub use error::StoreError;
+pub use function_calls::{CallAnswer, CallRecord, CallState, FunctionCalls};
 pub use functions::{FunctionRecord, FunctionVersionRecord, Functions};
 pub use migrations::SCHEMA_VERSION;
 pub use sandboxes::{SandboxRecord, SandboxStatus, Sandboxes};
@@ -141,6 +143,11 @@ impl<'c> Repos<'c> {
     /// Functions and their versions.
     pub fn functions(&self) -> Functions<'c> {
         Functions::new(self.conn)
+    }
+
+    /// Deferred function calls.
+    pub fn function_calls(&self) -> FunctionCalls<'c> {
+        FunctionCalls::new(self.conn)
     }
 
     /// Secrets and integrations (sealed values).

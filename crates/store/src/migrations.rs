@@ -204,6 +204,28 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX function_versions_by_digest ON function_versions (function_id, digest);
     "#,
+    // 7: deferred function calls (`.defer()`), a durable queue: pending, running, then a result kept for a while.
+    r#"
+    CREATE TABLE function_calls (
+        id              TEXT PRIMARY KEY,
+        environment_id  TEXT NOT NULL REFERENCES environments(id),
+        function_id     TEXT NOT NULL REFERENCES functions(id),
+        queue_key       TEXT NOT NULL,
+        state           TEXT NOT NULL,
+        request         BLOB NOT NULL,
+        results         BLOB,
+        error           TEXT,
+        attempts        INTEGER NOT NULL DEFAULT 0,
+        created_by      TEXT NOT NULL,
+        created_at      INTEGER NOT NULL,
+        started_at      INTEGER,
+        finished_at     INTEGER,
+        expires_at      INTEGER
+    );
+    CREATE INDEX function_calls_by_state ON function_calls (state, created_at);
+    CREATE INDEX function_calls_by_queue ON function_calls (queue_key, state);
+    CREATE INDEX function_calls_by_function ON function_calls (function_id, created_at);
+    "#,
 ];
 
 /// The schema version this binary migrates to.

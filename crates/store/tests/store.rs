@@ -1,6 +1,9 @@
 //! The store against real SQLite files: migrations, reopening, atomic writes, refusing a newer schema.
 
-use compute_store::{Client, Environment, SigningKey, Store, StoreError, SCHEMA_VERSION};
+use compute_store::{
+    CallAnswer, CallRecord, CallState, Client, Environment, FunctionRecord, SigningKey, Store, StoreError,
+    SCHEMA_VERSION,
+};
 
 fn temp_db(name: &str) -> std::path::PathBuf {
     let dir = std::env::temp_dir().join(format!("compute-store-{name}-{}", std::process::id()));
@@ -196,4 +199,70 @@ fn scaling_groups_keep_revisions_and_free_their_name_when_deleted() {
     assert_eq!(store.read(|r| r.scaling_groups().get_by_name("e1", "api", true)).unwrap().unwrap().id, "g2");
     assert_eq!(store.read(|r| r.scaling_groups().list("e1", true, 10, 0)).unwrap().len(), 2);
     assert_eq!(store.read(|r| r.scaling_groups().list("e1", false, 10, 0)).unwrap().len(), 1);
+}
+
+fn call(id: &str, at: i64) -> CallRecord {
+    CallRecord {
+        id: id.into(),
+        environment_id: "env-1".into(),
+        function_id: "fn-1".into(),
+        queue_key: "env-1/f".into(),
+        state: CallState::Pending,
+        request: b"req".to_vec(),
+        results: None,
+        error: None,
+        attempts: 0,
+        created_by: "c".into(),
+        created_at: at,
+        started_at: None,
+        finished_at: None,
+        expires_at: None,
+    }
+}
+
+#[test]
+fn calls_are_claimed_oldest_first_requeued_after_a_crash_and_expire() {
+    let store = Store::open(temp_db("calls")).unwrap();
+    store
+        .write(|r| {
+            r.environments().insert(&env("env-1", "default"))?;
+            r.functions().insert(&FunctionRecord {
+                id: "fn-1".into(),
+                environment_id: "env-1".into(),
+                name: "f".into(),
+                group_name: "f".into(),
+                version_id: None,
+                created_by: "c".into(),
+                created_at: 0,
+                updated_at: 0,
+                deleted_at: None,
+            })?;
+            for (id, at) in [("b", 2), ("a", 1), ("c", 3)] {
+                r.function_calls().insert(&call(id, at))?;
+            }
+            Ok(())
+        })
+        .unwrap();
+    assert_eq!(
+        store.read(|r| r.function_calls().pending_by_function()).unwrap(),
+        [("env-1".to_string(), "fn-1".to_string(), 3)]
+    );
+    assert!(store.write(|r| r.function_calls().claim("fn-other", 2, 10)).unwrap().is_empty());
+    let claimed = store.write(|r| r.function_calls().claim("fn-1", 2, 10)).unwrap();
+    assert_eq!(claimed.iter().map(|c| c.id.as_str()).collect::<Vec<_>>(), ["a", "b"]);
+    assert!(claimed.iter().all(|c| c.state == CallState::Running && c.attempts == 1));
+    assert_eq!(store.read(|r| r.function_calls().unfinished("env-1/f")).unwrap(), 3);
+    // The server died with a and b running: they run again.
+    assert_eq!(store.write(|r| r.function_calls().requeue_running()).unwrap(), 2);
+    let again = store.write(|r| r.function_calls().claim("fn-1", 10, 20)).unwrap();
+    assert!(store.read(|r| r.function_calls().pending_by_function()).unwrap().is_empty());
+    assert_eq!(again.len(), 3);
+    assert_eq!(again[0].attempts, 2);
+    assert!(store.write(|r| r.function_calls().finish("a", CallAnswer::Completed(b"out"), 30, 100)).unwrap());
+    assert!(!store.write(|r| r.function_calls().finish("a", CallAnswer::Failed("x"), 31, 100)).unwrap());
+    let a = store.read(|r| r.function_calls().get("env-1", "a")).unwrap().unwrap();
+    assert_eq!((a.state, a.results.as_deref()), (CallState::Completed, Some(&b"out"[..])));
+    assert!(store.read(|r| r.function_calls().get("env-2", "a")).unwrap().is_none());
+    assert_eq!(store.write(|r| r.function_calls().expire(100)).unwrap(), 1);
+    assert!(store.read(|r| r.function_calls().get("env-1", "a")).unwrap().is_none());
 }

@@ -7,12 +7,21 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use compute_control::functions::{CallPolicy, ConcurrencyLimit, Deployment, FunctionCodec, RateLimit, RetryPolicy};
-use compute_control::{ControlError, EnsureRequest, Ensured, FunctionView, Functions, ScalingGroups};
+use compute_control::functions::{
+    CallPolicy, ConcurrencyLimit, Deployment, FunctionCodec, QueuePolicy, RateLimit, RetryPolicy,
+};
+use compute_control::{
+    ControlError, DeferredCall, EnsureRequest, Ensured, FunctionView, Functions, Polled, Principal, ScalingGroups,
+};
+use compute_proto::chalk::common::v1::{ChalkError, ChalkException, ErrorCode, ErrorCodeCategory};
 use compute_proto::chalk::externalfunctioncatalog::v1 as pb;
 use compute_proto::chalk::externalfunctioncatalog::v1::external_function_catalog_service_server::ExternalFunctionCatalogService;
+use compute_proto::chalk::runtime::v1::async_remote_call_service_server::AsyncRemoteCallService;
 use compute_proto::chalk::runtime::v1::remote_call_service_server::RemoteCallService;
-use compute_proto::chalk::runtime::v1::{CallFunctionRequest, CallFunctionResponse};
+use compute_proto::chalk::runtime::v1::{
+    CallFunctionRequest, CallFunctionResponse, EnqueueRemoteCallRequest, EnqueueRemoteCallResponse,
+    PollRemoteCallRequest, PollRemoteCallResponse, PurgeQueueRequest, PurgeQueueResponse, RemoteCallStatus,
+};
 use compute_proto::chalk::sandbox::v1::GetOrBuildCustomImageResponse;
 use compute_proto::chalk::scalinggroup::v1::ScalingGroupSpec;
 use futures_util::{Stream, StreamExt};
@@ -173,7 +182,22 @@ fn policy(stored_spec: &[u8]) -> Result<CallPolicy, ControlError> {
         }
         None => None,
     };
-    Ok(CallPolicy { concurrency, rate_limit, retry })
+    let mut queue = QueuePolicy::default();
+    if let Some(q) = c.queue {
+        if q.max_items < 0 {
+            return Err(bad(format!("queue.max_items {} must be 1 or more (0: the default)", q.max_items)));
+        }
+        if q.max_items > 0 {
+            queue.max_items = q.max_items as u64;
+        }
+        match q.result_ttl_seconds {
+            Some(t) if t < 1 => return Err(bad(format!("queue.result_ttl_seconds {t} must be 1 or more"))),
+            Some(t) => queue.result_ttl = Duration::from_secs(t as u64),
+            None => {}
+        }
+        queue.key = q.key.filter(|k| !k.is_empty());
+    }
+    Ok(CallPolicy { concurrency, rate_limit, retry, queue })
 }
 
 /// The caller's deadline, from `grpc-timeout` (`<digits><unit>`) or Connect's `connect-timeout-ms`.
@@ -328,10 +352,12 @@ impl ExternalFunctionCatalogService for FunctionsApi {
         use pb::call_external_function_request::Body;
         let call = match r.body {
             Some(Body::RemoteCallRequest(c)) => c,
-            Some(Body::EnqueueRemoteCallRequest(_)) => {
-                return Err(Status::unimplemented(
-                    "body.enqueue_remote_call_request: deferred calls are not implemented by this server yet",
-                ))
+            Some(Body::EnqueueRemoteCallRequest(e)) => {
+                let call_id = enqueue(&self.functions, &who, &name, e, "body.enqueue_remote_call_request")?;
+                use pb::call_external_function_response::Body as Out;
+                return Ok(Response::new(pb::CallExternalFunctionResponse {
+                    body: Some(Out::EnqueueRemoteCallResponse(EnqueueRemoteCallResponse { call_id })),
+                }));
             }
             None => return Err(invalid("body.remote_call_request is required")),
         };
@@ -473,6 +499,136 @@ impl RemoteCallService for RemoteCallApi {
             .collect();
         Ok(Response::new(Box::pin(futures_util::stream::iter(responses))))
     }
+}
+
+/// Enqueues a deferred call of function `name` from an `EnqueueRemoteCallRequest` (`field` names it in errors).
+fn enqueue(
+    functions: &Functions,
+    who: &Principal,
+    name: &str,
+    r: EnqueueRemoteCallRequest,
+    field: &str,
+) -> Result<String, Status> {
+    if !r.name.is_empty() && r.name != name {
+        return Err(invalid(format!("{field}.name {:?} is not the function called, {name:?}", r.name)));
+    }
+    use compute_proto::chalk::runtime::v1::remote_call_args::Args;
+    let feather_stream = match r.args.and_then(|a| a.args) {
+        Some(Args::FeatherBytes(b)) => b,
+        Some(Args::StorageObjectId(_)) => {
+            return Err(Status::unimplemented(format!(
+                "{field}.args.storage_object_id: arguments kept in object storage are not served; send them inline \
+                 as args.feather_bytes"
+            )))
+        }
+        None => {
+            return Err(invalid(format!("{field}.args.feather_bytes (the call's Arrow IPC arguments) is required")))
+        }
+    };
+    let request = CallFunctionRequest { name: name.to_string(), feather_stream }.encode_to_vec();
+    functions.enqueue(who, name, request).map_err(from_control)
+}
+
+/// How long a poll of an unfinished call waits for it to finish before answering.
+const POLL_WAIT: Duration = Duration::from_secs(2);
+
+/// The `.defer()` / `.poll()` handler: `chalk.runtime.v1.AsyncRemoteCallService`.
+pub struct AsyncRemoteCallApi {
+    functions: Arc<Functions>,
+}
+
+impl AsyncRemoteCallApi {
+    /// A handler over `functions`.
+    pub fn new(functions: Arc<Functions>) -> Self {
+        Self { functions }
+    }
+}
+
+#[tonic::async_trait]
+impl AsyncRemoteCallService for AsyncRemoteCallApi {
+    async fn enqueue_remote_call(
+        &self,
+        req: Request<EnqueueRemoteCallRequest>,
+    ) -> Result<Response<EnqueueRemoteCallResponse>, Status> {
+        let who = principal(&req)?.clone();
+        let r = req.into_inner();
+        if r.name.is_empty() {
+            return Err(invalid("name (the function to call) is required"));
+        }
+        let name = r.name.clone();
+        let call_id = enqueue(&self.functions, &who, &name, r, "request")?;
+        Ok(Response::new(EnqueueRemoteCallResponse { call_id }))
+    }
+
+    async fn poll_remote_call(
+        &self,
+        req: Request<PollRemoteCallRequest>,
+    ) -> Result<Response<PollRemoteCallResponse>, Status> {
+        let who = principal(&req)?.clone();
+        let wait = deadline_of(&req.metadata().clone().into_headers())
+            .map(|d| d.saturating_sub(Duration::from_millis(500)).min(POLL_WAIT))
+            .unwrap_or(POLL_WAIT);
+        let r = req.into_inner();
+        if r.call_id.is_empty() {
+            return Err(invalid("call_id (what EnqueueRemoteCall answered) is required"));
+        }
+        let cursor = match r.cursor.as_str() {
+            "" => 0,
+            c => c.parse::<u64>().map_err(|_| {
+                invalid(format!("cursor {c:?} is not a cursor this server handed out: poll with the last one returned"))
+            })?,
+        };
+        let polled = self.functions.poll(&who, &r.call_id, cursor, wait).await.map_err(from_control)?;
+        Ok(Response::new(poll_response(polled)?))
+    }
+
+    async fn purge_queue(&self, req: Request<PurgeQueueRequest>) -> Result<Response<PurgeQueueResponse>, Status> {
+        let who = principal(&req)?.clone();
+        let r = req.into_inner();
+        use compute_proto::chalk::runtime::v1::purge_queue_request::Request as Which;
+        let name = match &r.request {
+            Some(Which::FunctionName(n)) if !n.is_empty() => Some(n.as_str()),
+            Some(Which::All(true)) => None,
+            _ => return Err(invalid("function_name (or all: true, for every function) is required")),
+        };
+        let dropped = self.functions.purge(&who, name).map_err(from_control)?;
+        Ok(Response::new(PurgeQueueResponse { items_removed_by_function: dropped.into_iter().collect() }))
+    }
+}
+
+fn poll_response(p: DeferredCall) -> Result<PollRemoteCallResponse, Status> {
+    let status = match p.state {
+        Polled::Pending => RemoteCallStatus::Pending,
+        Polled::Running => RemoteCallStatus::Running,
+        Polled::Completed => RemoteCallStatus::Completed,
+        Polled::Failed => RemoteCallStatus::Failed,
+        Polled::Expired => RemoteCallStatus::Expired,
+    };
+    let results = p
+        .results
+        .into_iter()
+        .map(|b| {
+            CallFunctionResponse::decode(b)
+                .map_err(|e| Status::internal(format!("the call's stored answer does not decode: {e}")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let errors = p
+        .error
+        .map(|message| {
+            let kind = serde_json::from_str::<serde_json::Value>(&message)
+                .ok()
+                .and_then(|v| v["exc_type"].as_str().map(str::to_string))
+                .unwrap_or_default();
+            vec![ChalkError {
+                code: ErrorCode::ResolverFailed as i32,
+                category: ErrorCodeCategory::Request as i32,
+                message,
+                exception: Some(ChalkException { kind, ..Default::default() }),
+                ..Default::default()
+            }]
+        })
+        .unwrap_or_default();
+    Ok(PollRemoteCallResponse { status: status as i32, results, cursor: p.cursor.to_string(), errors })
 }
 
 #[cfg(test)]

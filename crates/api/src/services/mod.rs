@@ -24,7 +24,7 @@ use tonic::service::Routes;
 pub use auth::AuthApi;
 pub use container::ContainerApi;
 pub use filesystem::FilesystemApi;
-pub use functions::{FunctionsApi, RemoteCallApi, CODEC as FUNCTION_CODEC};
+pub use functions::{AsyncRemoteCallApi, FunctionsApi, RemoteCallApi, CODEC as FUNCTION_CODEC};
 pub use images::ImageApi;
 pub use process::ProcessApi;
 pub use sandbox::SandboxApi;
@@ -40,8 +40,6 @@ pub struct NotYet;
 
 #[tonic::async_trait]
 impl chalk::sandbox::v1::sandbox_runtime_service_server::SandboxRuntimeService for NotYet {}
-#[tonic::async_trait]
-impl chalk::runtime::v1::async_remote_call_service_server::AsyncRemoteCallService for NotYet {}
 
 /// The control-plane parts the handlers call.
 pub struct Backends {
@@ -111,9 +109,12 @@ pub fn routes(backends: Backends, ingress_domain: Option<String>, max_message_by
         ))
         .add_service(svc!(
             runtime::v1::remote_call_service_server::RemoteCallServiceServer<RemoteCallApi>,
-            RemoteCallApi::new(functions)
+            RemoteCallApi::new(functions.clone())
         ))
-        .add_service(svc!(runtime::v1::async_remote_call_service_server::AsyncRemoteCallServiceServer<NotYet>, NotYet))
+        .add_service(svc!(
+            runtime::v1::async_remote_call_service_server::AsyncRemoteCallServiceServer<AsyncRemoteCallApi>,
+            AsyncRemoteCallApi::new(functions)
+        ))
         .prepare()
 }
 

@@ -6,6 +6,7 @@
 //! [`FunctionCodec`] that reads it, so the control plane stores what the client sent without knowing the format.
 
 mod policy;
+mod queue;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -18,7 +19,8 @@ use compute_store::{FunctionRecord, FunctionVersionRecord, Store};
 use sha2::{Digest, Sha256};
 use tokio::time::Instant;
 
-pub use policy::{CallPolicy, ConcurrencyLimit, Limiters, RateLimit, RetryPolicy, Window};
+pub use policy::{CallPolicy, ConcurrencyLimit, Limiters, QueuePolicy, RateLimit, RetryPolicy, Window};
+pub use queue::{DeferredCall, Polled};
 
 use crate::{
     ids, lock, BuildAnswer, Builds, ControlError, GroupView, Principal, ScalingGroups, Scope, ScopeKind, Secrets,
@@ -96,6 +98,7 @@ pub struct Functions {
     limiters: Limiters,
     policies: Mutex<HashMap<String, Arc<CallPolicy>>>,
     max_response: usize,
+    queue: queue::QueueState,
 }
 
 fn now() -> i64 {
@@ -127,6 +130,7 @@ impl Functions {
             limiters: Limiters::default(),
             policies: Mutex::default(),
             max_response,
+            queue: queue::QueueState::default(),
         })
     }
 
@@ -366,13 +370,17 @@ impl Functions {
     pub async fn delete(&self, who: &Principal, id: Option<&str>, name: Option<&str>) -> Result<(), ControlError> {
         let _one = self.deploying.lock().await;
         let f = self.find(who, id, name, false)?;
-        self.store.write(|r| r.functions().delete(&f.id, now()))?;
+        let dropped = self.store.write(|r| {
+            r.functions().delete(&f.id, now())?;
+            r.function_calls().drop_pending(&f.id)
+        })?;
+        self.queue.changed.notify_waiters();
         match self.scaling.delete(who, None, Some(&f.group_name)).await {
             Ok(_) | Err(ControlError::NotFound(_)) => {}
             Err(e) => return Err(e),
         }
         self.secrets.delete_scope(&who.environment_id, &function_scope(&f.name))?;
-        tracing::info!(function = %f.name, "function deleted");
+        tracing::info!(function = %f.name, dropped_calls = dropped, "function deleted");
         Ok(())
     }
 

@@ -19,6 +19,26 @@ pub struct CallPolicy {
     pub rate_limit: Option<RateLimit>,
     /// Failed calls are tried again.
     pub retry: Option<RetryPolicy>,
+    /// How deferred calls (`.defer()`) queue and how long their answers are kept.
+    pub queue: QueuePolicy,
+}
+
+/// `queue_policy`: bounds on the durable queue of deferred calls.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueuePolicy {
+    /// Calls not yet finished, at most; an enqueue beyond it is refused (RESOURCE_EXHAUSTED).
+    pub max_items: u64,
+    /// Functions naming the same key share one queue (and its bound).
+    pub key: Option<String>,
+    /// How long a finished call's answer (or error) is kept for `.poll()`.
+    pub result_ttl: Duration,
+}
+
+impl Default for QueuePolicy {
+    /// The documented defaults: 500,000 pending items, answers kept a day.
+    fn default() -> Self {
+        Self { max_items: 500_000, key: None, result_ttl: Duration::from_secs(86_400) }
+    }
 }
 
 /// `concurrency`: an in-flight cap, shared by every function that names the same `key`.
