@@ -46,6 +46,7 @@ SERVED = {
     ],
     "chalk.runtime.v1.RemoteCallService": ["CallFunction"],
     "chalk.runtime.v1.AsyncRemoteCallService": ["EnqueueRemoteCall", "PollRemoteCall", "PurgeQueue"],
+    "chalk.runtime.v1.FunctionQueueMetaService": ["GetRecentCalls", "GetCallResults", "GetCallCount"],
 }
 
 # Types the server sends outside any method's request/response closure (e.g. in grpc-status-details-bin).

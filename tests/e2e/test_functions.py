@@ -25,7 +25,7 @@ POLICIES = textwrap.dedent('''
     @chalkcompute.function(concurrency=2)
     def slow(i: int) -> str:
         import time
-        s = time.time(); time.sleep(0.4)
+        s = time.time(); time.sleep(0.2)
         return f"{s} {time.time()}"
 
     @chalkcompute.function(rate_limit=5)
@@ -57,12 +57,12 @@ POLICIES = textwrap.dedent('''
         if which == "concurrency":
             slow.wait_ready()
             out = []
-            threads = [threading.Thread(target=lambda i=i: out.append(slow.remote(i))) for i in range(12)]
+            threads = [threading.Thread(target=lambda i=i: out.append(slow.remote(i))) for i in range(50)]
             [t.start() for t in threads]; [t.join() for t in threads]
             print("SPANS:", ";".join(out))
         elif which == "rate":
             limited.wait_ready()
-            print("TIMES:", ",".join(str(limited.remote(i)) for i in range(12)))
+            print("TIMES:", ",".join(str(limited.remote(i)) for i in range(21)))
         elif which == "retry":
             flaky.wait_ready()
             print("RESULT:", flaky.remote(sys.argv[2]))
@@ -162,6 +162,26 @@ DEFERRED = textwrap.dedent('''
 ''')
 
 
+SCHEDULED = textwrap.dedent('''
+    import chalkcompute
+
+    @chalkcompute.function(schedule="2s")
+    def ticker() -> str:
+        import time
+        print("tick at", time.time(), flush=True)
+        return "ticked"
+
+    @chalkcompute.function(schedule="* * * * * *")
+    def every_second() -> int:
+        return 1
+
+    if __name__ == "__main__":
+        ticker.wait_ready()
+        every_second.wait_ready()
+        print("RESULT: deployed")
+''')
+
+
 def web_env(server):
     """The SDK's environment in web-identity mode, from what `compute env --token-file` prints."""
     token = server.workdir / "token"
@@ -189,6 +209,7 @@ def fns(tmp_path_factory):
     s = Server(d / "data")
     (d / "policies.py").write_text(POLICIES)
     (d / "deferred.py").write_text(DEFERRED)
+    (d / "scheduled.py").write_text(SCHEDULED)
     s.workdir = d
     yield s
     s.stop()
@@ -237,19 +258,20 @@ def test_a_remote_error_carries_its_type_message_and_traceback(fns):
 
 def test_concurrency_is_capped_by_the_server_but_calls_do_overlap(fns):
     spans = [tuple(map(float, s.split())) for s in line(run(fns, "policies.py", "concurrency"), "SPANS:").split(";")]
-    assert len(spans) == 12
+    assert len(spans) == 50, "every call completes"
     events = sorted([(s, 1) for s, _ in spans] + [(e, -1) for _, e in spans], key=lambda x: (x[0], x[1]))
     running = peak = 0
     for _, delta in events:
         running += delta
         peak = max(peak, running)
-    # The replica itself would run all twelve at once; the function's policy lets two through at a time.
+    # The replica itself would run all fifty at once; the function's policy lets two through at a time.
     assert peak == 2, f"{peak} calls ran at once: {spans}"
 
 
 def test_a_rate_limit_admits_at_most_rate_calls_in_any_window(fns):
     times = sorted(float(t) for t in line(run(fns, "policies.py", "rate"), "TIMES:").split(","))
-    assert len(times) == 12
+    assert len(times) == 21
+    assert times[-1] - times[0] > 3.9, "21 calls at five a second span four seconds"
     # rate_limit=5 is five per second: the sixth call after any call starts a second (less network jitter) later.
     gaps = [times[i + 5] - times[i] for i in range(len(times) - 5)]
     assert min(gaps) > 0.9, f"six calls within {min(gaps):.3f}s: {times}"
@@ -319,6 +341,51 @@ def test_a_purge_drops_the_calls_not_started_and_the_running_one_finishes(fns):
     first, last = rest.split(" | ")
     assert first == "3.0", rest
     assert "no deferred call" in last and "purged" in last, last
+
+
+def completed_runs(server, name):
+    out = server.cli("fn", "runs", name, "--limit", "100").stdout
+    rows = out.splitlines()[1:]
+    # One may be on its way (pending or running) as we look; none failed.
+    assert rows and not any(" failed " in r for r in rows), out
+    return sum(" completed " in r and "scheduled, completed in" in r for r in rows)
+
+
+def test_scheduled_functions_run_on_their_period_and_cron_pattern_and_stop_when_deleted(fns):
+    assert run(fns, "scheduled.py") == "deployed"
+    time.sleep(7)
+    # Every 2 s (the first 2 s after deploy) and every second by a six-field cron pattern, all answered.
+    assert completed_runs(fns, "ticker") >= 2
+    assert completed_runs(fns, "every_second") >= 4
+    listed = fns.cli("fn", "ls").stdout
+    assert any(l.startswith("ticker ") and " 2s " in l for l in listed.splitlines()), listed
+    assert "* * * * * *" in listed, listed
+    inspected = fns.cli("fn", "inspect", "ticker").stdout
+    assert "schedule: 2s (UTC)" in inspected and "versions:" in inspected, inspected
+    logs = fns.cli("fn", "logs", "ticker").stdout
+    assert logs.count("tick at") >= 2 and "==> replica sbx-" in logs, logs
+    for name in ("ticker", "every_second"):
+        fns.cli("fn", "rm", name)
+    assert "ticker" not in fns.cli("fn", "ls").stdout
+    out = fns.cli("fn", "runs", "nope", check=False)
+    assert out.returncode != 0 and "nope" in out.stderr, out.stderr
+
+
+def test_a_schedule_that_is_neither_cron_nor_a_period_is_refused_naming_the_field(fns):
+    code = textwrap.dedent('''
+        import chalkcompute
+        @chalkcompute.function(schedule="every hour")
+        def hourly() -> int:
+            return 1
+        try:
+            hourly.deploy(); print("RESULT: deployed")
+        except Exception as e:
+            print("RESULT:", type(e).__name__, e)
+    ''')
+    (fns.workdir / "bad_schedule.py").write_text(code)
+    proc = run_program_args(fns.workdir / "bad_schedule.py", fns.sdk_env(), [])
+    out = line(proc.stdout, "RESULT:")
+    assert "config.schedule" in out and "cron" in out and "period" in out, out
 
 
 def test_deferred_calls_survive_a_kill_9_and_run_after_the_restart(fns):

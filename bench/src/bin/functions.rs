@@ -6,7 +6,9 @@
 //! `--rounds` rounds: `--calls` sequential calls through the server (`RemoteCallService/CallFunction`, which
 //! resolves the function and applies its policies before it relays the call) and as many made directly to the
 //! replica with the SDK's own remote-call client; then `--threads` callers for `--seconds` on each path for
-//! throughput. What the server's path costs is its latency and throughput next to the direct one.
+//! throughput. What the server's path costs is its latency and throughput next to the direct one. Last, the
+//! time from a caller's send to the function starting, for `.defer()` (enqueued in the store, claimed by the
+//! queue worker) next to `.remote()` in the same run.
 //!
 //! Needs the SDK (`scripts/sdk-venv.sh`); `--python` names its interpreter (default `.venv/bin/python`).
 //!
@@ -19,8 +21,19 @@ use compute_bench::arg;
 
 /// The SDK program: deploys `echo`, finds the replica's address (the function answers it), and measures.
 const DRIVER: &str = r#"
-import io, json, os, sys, threading, time
-t0 = time.monotonic()
+import io, json, os, sys, threading, time, urllib.request
+# Only the caller runs this; a replica imports the module for its functions.
+if __name__ == "__main__":
+    t0 = time.monotonic()
+    # `.defer()` needs the SDK's web-identity mode (what `compute env --token-file` sets up): a token in a file.
+    req = urllib.request.Request(os.environ["CHALK_API_SERVER"] + "/chalk.server.v1.AuthService/GetToken",
+        data=json.dumps({"clientId": os.environ.pop("CHALK_CLIENT_ID"),
+                         "clientSecret": os.environ.pop("CHALK_CLIENT_SECRET")}).encode(),
+        headers={"content-type": "application/json"})
+    with open("token", "w") as f:
+        f.write(json.loads(urllib.request.urlopen(req).read())["accessToken"])
+    os.environ["CHALK_WEB_IDENTITY_TOKEN_FILE"] = os.path.abspath("token")
+    os.environ["CHALK_FUNCTION_QUEUE_ENDPOINT"] = os.environ["CHALK_API_SERVER"]
 import chalkcompute
 import pyarrow as pa, pyarrow.ipc as ipc
 from chalkcompute._remote_call_client import RemoteCallClient
@@ -34,48 +47,66 @@ def echo(x: str) -> str:
         return s.getsockname()[0]
     return x
 
-calls, rounds, threads, seconds = (int(a) for a in sys.argv[1:5])
-echo.wait_ready()
-addr = echo.remote("?addr")
-cold = time.monotonic() - t0
+@chalkcompute.function()
+def stamp(x: str) -> float:
+    import time
+    return time.time()
 
-def payload(v):
-    t = pa.table({"x": pa.array([v], pa.large_utf8())})
-    b = io.BytesIO(); w = ipc.new_stream(b, t.schema); w.write_table(t); w.close()
-    return b.getvalue()
+if __name__ == "__main__":
+    calls, rounds, threads, seconds = (int(a) for a in sys.argv[1:5])
+    echo.wait_ready()
+    addr = echo.remote("?addr")
+    cold = time.monotonic() - t0
 
-direct = RemoteCallClient(f"{addr}:6666", metadata=[], use_tls=False)
-body = payload("hello")
-def via_server():
-    assert echo.remote("hello") == "hello"
-def via_direct():
-    out = list(direct.call_ipc("echo", body, metadata=[]))
-    assert ipc.open_stream(out[0]).read_all().column(0)[0].as_py() == "hello"
+    def payload(v):
+        t = pa.table({"x": pa.array([v], pa.large_utf8())})
+        b = io.BytesIO(); w = ipc.new_stream(b, t.schema); w.write_table(t); w.close()
+        return b.getvalue()
 
-def latency(fn):
-    samples = []
-    for _ in range(calls):
-        s = time.perf_counter(); fn(); samples.append(time.perf_counter() - s)
-    samples.sort()
-    return samples[len(samples) // 2], samples[int(len(samples) * 0.99)]
+    direct = RemoteCallClient(f"{addr}:6666", metadata=[], use_tls=False)
+    body = payload("hello")
+    def via_server():
+        assert echo.remote("hello") == "hello"
+    def via_direct():
+        out = list(direct.call_ipc("echo", body, metadata=[]))
+        assert ipc.open_stream(out[0]).read_all().column(0)[0].as_py() == "hello"
 
-def throughput(fn):
-    done = [0] * threads
-    stop = time.monotonic() + seconds
-    def worker(i):
-        while time.monotonic() < stop:
-            fn(); done[i] += 1
-    ts = [threading.Thread(target=worker, args=(i,)) for i in range(threads)]
-    [t.start() for t in ts]; [t.join() for t in ts]
-    return sum(done) / seconds
+    def latency(fn):
+        samples = []
+        for _ in range(calls):
+            s = time.perf_counter(); fn(); samples.append(time.perf_counter() - s)
+        samples.sort()
+        return samples[len(samples) // 2], samples[int(len(samples) * 0.99)]
 
-via_server(); via_direct()
-out = {"cold_s": cold, "server": [], "direct": []}
-for _ in range(rounds):
-    for name, fn in (("server", via_server), ("direct", via_direct)):
-        p50, p99 = latency(fn)
-        out[name].append({"p50": p50, "p99": p99, "rps": throughput(fn)})
-print("FIGURES:" + json.dumps(out))
+    def throughput(fn):
+        done = [0] * threads
+        stop = time.monotonic() + seconds
+        def worker(i):
+            while time.monotonic() < stop:
+                fn(); done[i] += 1
+        ts = [threading.Thread(target=worker, args=(i,)) for i in range(threads)]
+        [t.start() for t in ts]; [t.join() for t in ts]
+        return sum(done) / seconds
+
+    def start_delay(call):
+        # From the caller's send to the function body starting (same clock: one machine).
+        samples = []
+        for _ in range(max(calls // 4, 10)):
+            s = time.time(); started = call(); samples.append(started - s)
+        samples.sort()
+        return samples[len(samples) // 2], samples[int(len(samples) * 0.99)]
+
+    via_server(); via_direct()
+    stamp.wait_ready(); stamp.remote("warm"); stamp.defer("warm").get(timeout=120)
+    out = {"cold_s": cold, "server": [], "direct": [], "defer": [], "remote": []}
+    for _ in range(rounds):
+        for name, fn in (("server", via_server), ("direct", via_direct)):
+            p50, p99 = latency(fn)
+            out[name].append({"p50": p50, "p99": p99, "rps": throughput(fn)})
+        for name, call in (("defer", lambda: stamp.defer("x").get(timeout=120)), ("remote", lambda: stamp.remote("x"))):
+            p50, p99 = start_delay(call)
+            out[name].append({"p50": p50, "p99": p99})
+    print("FIGURES:" + json.dumps(out))
 "#;
 
 fn main() -> anyhow::Result<()> {
@@ -167,5 +198,14 @@ fn report(v: &serde_json::Value, calls: u32, threads: u32) -> anyhow::Result<()>
     );
     let (s, d) = (median(v, "server", "rps"), median(v, "direct", "rps"));
     println!("throughput with {threads} callers: server {s:.0} calls/s, direct {d:.0} calls/s, ratio {:.2}x", s / d);
+    println!("send to the function starting (medians over rounds):");
+    for (label, path) in [(".defer() (the durable queue)", "defer"), (".remote() (peer)", "remote")] {
+        println!("  {label:<30} p50 {:>7.2} ms  p99 {:>7.2} ms", ms(path, "p50"), ms(path, "p99"));
+    }
+    println!(
+        "  defer/remote p50 ratio: {:.2}x (+{:.2} ms)",
+        ms("defer", "p50") / ms("remote", "p50"),
+        ms("defer", "p50") - ms("remote", "p50")
+    );
     Ok(())
 }

@@ -60,6 +60,9 @@ const IMPLEMENTED: &[&str] = &[
     "/chalk.runtime.v1.AsyncRemoteCallService/EnqueueRemoteCall",
     "/chalk.runtime.v1.AsyncRemoteCallService/PollRemoteCall",
     "/chalk.runtime.v1.AsyncRemoteCallService/PurgeQueue",
+    "/chalk.runtime.v1.FunctionQueueMetaService/GetRecentCalls",
+    "/chalk.runtime.v1.FunctionQueueMetaService/GetCallResults",
+    "/chalk.runtime.v1.FunctionQueueMetaService/GetCallCount",
 ];
 
 /// Methods callable without a token.

@@ -169,6 +169,14 @@ enum Command {
     /// Inspect and delete scaling groups (of the default environment): state, replicas, revisions.
     #[command(subcommand, name = "scaling-group", alias = "sg")]
     ScalingGroup(ScalingGroupCommand),
+    /// Inspect functions (of the default environment): versions, replicas' output, deferred and scheduled runs.
+    #[command(name = "fn", alias = "function")]
+    Function {
+        #[command(subcommand)]
+        cmd: crate::function_cli::FunctionCommand,
+        #[command(flatten)]
+        dir: DataDir,
+    },
     /// Manage secrets (sealed at rest; values never shown): set, ls, rm, rotate-key.
     Secret {
         #[command(subcommand)]
@@ -564,6 +572,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
         }),
+        Command::Function { cmd, dir } => block_on(crate::function_cli::function(&dir.path(), cmd)),
         Command::Image(c) => block_on(async {
             match c {
                 ImageCommand::Ls { dir } => ApiClient::connect(&dir.path()).await?.image_ls().await,

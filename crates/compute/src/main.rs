@@ -2,6 +2,7 @@
 
 mod cli;
 mod client;
+mod function_cli;
 mod image_cli;
 mod runtime_file;
 mod scaling_cli;

@@ -17,7 +17,7 @@ fn number(g: &ScalingGroupResponse, key: &str) -> i64 {
     }
 }
 
-fn replicas(g: &ScalingGroupResponse) -> Vec<String> {
+pub(crate) fn replicas(g: &ScalingGroupResponse) -> Vec<String> {
     match g.metadata.get("replicas").and_then(|v| v.kind.as_ref()) {
         Some(prost_types::value::Kind::ListValue(l)) => l
             .values

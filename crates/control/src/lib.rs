@@ -28,7 +28,9 @@ pub use builds::{BuildAnswer, BuildStatus, Builds};
 pub use compute_secrets::{RefSource, SecretRef};
 pub use compute_store::ScopeKind;
 pub use error::{AuthError, ControlError};
-pub use functions::{CallPolicy, DeferredCall, EnsureRequest, Ensured, FunctionCodec, FunctionView, Functions, Polled};
+pub use functions::{
+    call_summary, CallPolicy, DeferredCall, EnsureRequest, Ensured, FunctionCodec, FunctionView, Functions, Polled,
+};
 pub use scaling::{GroupSpec, GroupState, GroupView, ScalingConfig, ScalingGroups, SpecParser};
 pub use secrets::{IntegrationView, Scope, Secrets};
 pub use workloads::{WorkloadConfig, WorkloadKind, WorkloadRequest, Workloads};

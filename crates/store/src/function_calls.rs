@@ -45,6 +45,33 @@ impl CallState {
     }
 }
 
+/// What started a call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CallOrigin {
+    /// `.defer()` (EnqueueRemoteCall).
+    Deferred,
+    /// The function's `schedule`.
+    Scheduled,
+}
+
+impl CallOrigin {
+    /// The stored name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CallOrigin::Deferred => "deferred",
+            CallOrigin::Scheduled => "scheduled",
+        }
+    }
+
+    fn parse(s: &str) -> CallOrigin {
+        if s == "scheduled" {
+            CallOrigin::Scheduled
+        } else {
+            CallOrigin::Deferred
+        }
+    }
+}
+
 /// One deferred call as recorded.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CallRecord {
@@ -76,10 +103,12 @@ pub struct CallRecord {
     pub finished_at: Option<i64>,
     /// When its answer is dropped.
     pub expires_at: Option<i64>,
+    /// What started it.
+    pub origin: CallOrigin,
 }
 
 const COLUMNS: &str = "id, environment_id, function_id, queue_key, state, request, results, error, attempts, \
-                       created_by, created_at, started_at, finished_at, expires_at";
+                       created_by, created_at, started_at, finished_at, expires_at, origin";
 
 /// Repository of [`CallRecord`]s.
 pub struct FunctionCalls<'c> {
@@ -94,7 +123,7 @@ impl<'c> FunctionCalls<'c> {
     /// Records a new pending call.
     pub fn insert(&self, c: &CallRecord) -> Result<()> {
         self.conn.execute(
-            &format!("INSERT INTO function_calls ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)"),
+            &format!("INSERT INTO function_calls ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)"),
             rusqlite::params![
                 c.id,
                 c.environment_id,
@@ -109,7 +138,8 @@ impl<'c> FunctionCalls<'c> {
                 c.created_at,
                 c.started_at,
                 c.finished_at,
-                c.expires_at
+                c.expires_at,
+                c.origin.as_str()
             ],
         )?;
         Ok(())
@@ -133,6 +163,17 @@ impl<'c> FunctionCalls<'c> {
         )?;
         let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get::<_, i64>(2)? as u64)))?;
         Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+    }
+
+    /// Calls of function `function_id` from `origin` not yet finished.
+    pub fn unfinished_of(&self, function_id: &str, origin: CallOrigin) -> Result<u64> {
+        let n: i64 = self.conn.query_row(
+            "SELECT count(*) FROM function_calls WHERE function_id = ?1 AND origin = ?2 \
+             AND state IN ('pending', 'running')",
+            [function_id, origin.as_str()],
+            |r| r.get(0),
+        )?;
+        Ok(n as u64)
     }
 
     /// Marks up to `limit` of function `function_id`'s oldest pending calls running and returns them, oldest first.
@@ -177,12 +218,13 @@ impl<'c> FunctionCalls<'c> {
             .optional()?)
     }
 
-    /// A function's calls, newest first.
-    pub fn of_function(&self, function_id: &str, limit: u32) -> Result<Vec<CallRecord>> {
+    /// A function's calls, newest first, from `offset`.
+    pub fn of_function(&self, function_id: &str, limit: u32, offset: u32) -> Result<Vec<CallRecord>> {
         let mut stmt = self.conn.prepare_cached(&format!(
-            "SELECT {COLUMNS} FROM function_calls WHERE function_id = ?1 ORDER BY created_at DESC, id DESC LIMIT ?2"
+            "SELECT {COLUMNS} FROM function_calls WHERE function_id = ?1 ORDER BY created_at DESC, id DESC \
+             LIMIT ?2 OFFSET ?3"
         ))?;
-        let rows = stmt.query_map(rusqlite::params![function_id, limit], call_row)?;
+        let rows = stmt.query_map(rusqlite::params![function_id, limit, offset], call_row)?;
         Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
     }
 
@@ -224,5 +266,6 @@ fn call_row(r: &Row<'_>) -> rusqlite::Result<CallRecord> {
         started_at: r.get(11)?,
         finished_at: r.get(12)?,
         expires_at: r.get(13)?,
+        origin: CallOrigin::parse(&r.get::<_, String>(14)?),
     })
 }

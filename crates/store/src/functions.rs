@@ -184,6 +184,16 @@ impl<'c> Functions<'c> {
         Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
     }
 
+    /// Every environment's live deployed functions (the scheduler's view).
+    pub fn live(&self) -> Result<Vec<FunctionRecord>> {
+        let mut stmt = self.conn.prepare_cached(&format!(
+            "SELECT {FUNCTION_COLUMNS} FROM functions WHERE deleted_at IS NULL AND version_id IS NOT NULL \
+             ORDER BY created_at, id"
+        ))?;
+        let rows = stmt.query_map([], function_row)?;
+        Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+    }
+
     /// Marks a function deleted; false if it already was.
     pub fn delete(&self, id: &str, at: i64) -> Result<bool> {
         let n =

@@ -27,7 +27,7 @@ use rusqlite::{Connection, OpenFlags, TransactionBehavior};
 pub use clients::{Client, Clients, NewClient};
 pub use environments::{Environment, Environments};
 pub use error::StoreError;
-pub use function_calls::{CallAnswer, CallRecord, CallState, FunctionCalls};
+pub use function_calls::{CallAnswer, CallOrigin, CallRecord, CallState, FunctionCalls};
 pub use functions::{FunctionRecord, FunctionVersionRecord, Functions};
 pub use migrations::SCHEMA_VERSION;
 pub use sandboxes::{SandboxRecord, SandboxStatus, Sandboxes};

@@ -226,6 +226,10 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX function_calls_by_queue ON function_calls (queue_key, state);
     CREATE INDEX function_calls_by_function ON function_calls (function_id, created_at);
     "#,
+    // 8: what started a call: `.defer()` or the function's schedule.
+    r#"
+    ALTER TABLE function_calls ADD COLUMN origin TEXT NOT NULL DEFAULT 'deferred';
+    "#,
 ];
 
 /// The schema version this binary migrates to.

@@ -1,7 +1,7 @@
 //! The store against real SQLite files: migrations, reopening, atomic writes, refusing a newer schema.
 
 use compute_store::{
-    CallAnswer, CallRecord, CallState, Client, Environment, FunctionRecord, SigningKey, Store, StoreError,
+    CallAnswer, CallOrigin, CallRecord, CallState, Client, Environment, FunctionRecord, SigningKey, Store, StoreError,
     SCHEMA_VERSION,
 };
 
@@ -217,6 +217,7 @@ fn call(id: &str, at: i64) -> CallRecord {
         started_at: None,
         finished_at: None,
         expires_at: None,
+        origin: CallOrigin::Deferred,
     }
 }
 
@@ -248,6 +249,9 @@ fn calls_are_claimed_oldest_first_requeued_after_a_crash_and_expire() {
         [("env-1".to_string(), "fn-1".to_string(), 3)]
     );
     assert!(store.write(|r| r.function_calls().claim("fn-other", 2, 10)).unwrap().is_empty());
+    assert_eq!(store.read(|r| r.function_calls().unfinished_of("fn-1", CallOrigin::Deferred)).unwrap(), 3);
+    assert_eq!(store.read(|r| r.function_calls().unfinished_of("fn-1", CallOrigin::Scheduled)).unwrap(), 0);
+    assert_eq!(store.read(|r| r.functions().live()).unwrap().len(), 0, "a function without a version is not live");
     let claimed = store.write(|r| r.function_calls().claim("fn-1", 2, 10)).unwrap();
     assert_eq!(claimed.iter().map(|c| c.id.as_str()).collect::<Vec<_>>(), ["a", "b"]);
     assert!(claimed.iter().all(|c| c.state == CallState::Running && c.attempts == 1));

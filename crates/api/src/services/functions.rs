@@ -8,19 +8,23 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use compute_control::functions::{
-    CallPolicy, ConcurrencyLimit, Deployment, FunctionCodec, QueuePolicy, RateLimit, RetryPolicy,
+    CallPolicy, ConcurrencyLimit, Deployment, FunctionCodec, QueuePolicy, RateLimit, RetryPolicy, Schedule,
 };
 use compute_control::{
-    ControlError, DeferredCall, EnsureRequest, Ensured, FunctionView, Functions, Polled, Principal, ScalingGroups,
+    call_summary, ControlError, DeferredCall, EnsureRequest, Ensured, FunctionView, Functions, Polled, Principal,
+    ScalingGroups,
 };
 use compute_proto::chalk::common::v1::{ChalkError, ChalkException, ErrorCode, ErrorCodeCategory};
 use compute_proto::chalk::externalfunctioncatalog::v1 as pb;
 use compute_proto::chalk::externalfunctioncatalog::v1::external_function_catalog_service_server::ExternalFunctionCatalogService;
 use compute_proto::chalk::runtime::v1::async_remote_call_service_server::AsyncRemoteCallService;
+use compute_proto::chalk::runtime::v1::function_queue_meta_service_server::FunctionQueueMetaService;
 use compute_proto::chalk::runtime::v1::remote_call_service_server::RemoteCallService;
 use compute_proto::chalk::runtime::v1::{
-    CallFunctionRequest, CallFunctionResponse, EnqueueRemoteCallRequest, EnqueueRemoteCallResponse,
-    PollRemoteCallRequest, PollRemoteCallResponse, PurgeQueueRequest, PurgeQueueResponse, RemoteCallStatus,
+    CallFunctionRequest, CallFunctionResponse, CallResult, EnqueueRemoteCallRequest, EnqueueRemoteCallResponse,
+    FunctionCallInfo, GetCallCountRequest, GetCallCountResponse, GetCallResultsRequest, GetCallResultsResponse,
+    GetRecentCallsRequest, GetRecentCallsResponse, PollRemoteCallRequest, PollRemoteCallResponse, PurgeQueueRequest,
+    PurgeQueueResponse, RemoteCallStatus,
 };
 use compute_proto::chalk::sandbox::v1::GetOrBuildCustomImageResponse;
 use compute_proto::chalk::scalinggroup::v1::ScalingGroupSpec;
@@ -32,6 +36,7 @@ use super::scaling::ScalingApi;
 use super::workload::{page, timestamp};
 use super::{base_url, principal};
 use crate::status::from_control;
+use compute_store::CallState;
 
 /// Most request messages one call may stream in (the SDK sends one).
 const MAX_CALL_MESSAGES: usize = 1024;
@@ -46,6 +51,12 @@ impl FunctionsApi {
     /// A handler over `functions`, whose groups' URLs are made as the scaling-group service makes them.
     pub fn new(functions: Arc<Functions>, scaling: Arc<ScalingGroups>, ingress_domain: Option<String>) -> Self {
         Self { functions, groups: ScalingApi::new(scaling, ingress_domain) }
+    }
+
+    /// The schedule the version runs on, if any.
+    fn schedule(&self, view: &FunctionView) -> Option<pb::ActiveSchedule> {
+        let cron = self.version(view).config?.schedule?.trim().to_string();
+        (!cron.is_empty()).then_some(pb::ActiveSchedule { cron })
     }
 
     fn version(&self, view: &FunctionView) -> pb::ExternalFunctionVersion {
@@ -94,7 +105,34 @@ fn invalid(msg: impl Into<String>) -> Status {
 }
 
 /// The codec the control plane reads version specs with.
-pub const CODEC: FunctionCodec = FunctionCodec { deployment, policy };
+pub const CODEC: FunctionCodec = FunctionCodec { deployment, policy, scheduled_request };
+
+/// What the SDK sends for a call with no arguments (a scheduled function takes none): an Arrow IPC stream of one
+/// row with one column, `__chalk_no_args__` = true, as `RemoteFunction._serialize_call_args()` writes it (pyarrow's
+/// IPC stream format: a schema message, one record batch, the end-of-stream marker).
+const NO_ARGS_FEATHER: &[u8] = &[
+    0xff, 0xff, 0xff, 0xff, 0x80, 0x00, 0x00, 0x00, 0x10, 0x00, 0x00, 0x00, 0x00, 0x00, 0x0a, 0x00, 0x0c, 0x00, 0x06,
+    0x00, 0x05, 0x00, 0x08, 0x00, 0x0a, 0x00, 0x00, 0x00, 0x00, 0x01, 0x04, 0x00, 0x0c, 0x00, 0x00, 0x00, 0x08, 0x00,
+    0x08, 0x00, 0x00, 0x00, 0x04, 0x00, 0x08, 0x00, 0x00, 0x00, 0x04, 0x00, 0x00, 0x00, 0x01, 0x00, 0x00, 0x00, 0x14,
+    0x00, 0x00, 0x00, 0x10, 0x00, 0x14, 0x00, 0x08, 0x00, 0x06, 0x00, 0x07, 0x00, 0x0c, 0x00, 0x00, 0x00, 0x10, 0x00,
+    0x10, 0x00, 0x00, 0x00, 0x00, 0x00, 0x01, 0x06, 0x10, 0x00, 0x00, 0x00, 0x28, 0x00, 0x00, 0x00, 0x04, 0x00, 0x00,
+    0x00, 0x00, 0x00, 0x00, 0x00, 0x11, 0x00, 0x00, 0x00, 0x5f, 0x5f, 0x63, 0x68, 0x61, 0x6c, 0x6b, 0x5f, 0x6e, 0x6f,
+    0x5f, 0x61, 0x72, 0x67, 0x73, 0x5f, 0x5f, 0x00, 0x00, 0x00, 0x04, 0x00, 0x04, 0x00, 0x04, 0x00, 0x00, 0x00, 0x00,
+    0x00, 0x00, 0x00, 0xff, 0xff, 0xff, 0xff, 0x88, 0x00, 0x00, 0x00, 0x14, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
+    0x0c, 0x00, 0x16, 0x00, 0x06, 0x00, 0x05, 0x00, 0x08, 0x00, 0x0c, 0x00, 0x0c, 0x00, 0x00, 0x00, 0x00, 0x03, 0x04,
+    0x00, 0x18, 0x00, 0x00, 0x00, 0x08, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x0a, 0x00, 0x18, 0x00,
+    0x0c, 0x00, 0x04, 0x00, 0x08, 0x00, 0x0a, 0x00, 0x00, 0x00, 0x3c, 0x00, 0x00, 0x00, 0x10, 0x00, 0x00, 0x00, 0x01,
+    0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x02, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
+    0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
+    0x00, 0x01, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x01, 0x00, 0x00, 0x00, 0x01, 0x00,
+    0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x01, 0x00, 0x00, 0x00, 0x00,
+    0x00, 0x00, 0x00, 0xff, 0xff, 0xff, 0xff, 0x00, 0x00, 0x00, 0x00,
+];
+
+fn scheduled_request(name: &str) -> Vec<u8> {
+    CallFunctionRequest { name: name.to_string(), feather_stream: Bytes::from_static(NO_ARGS_FEATHER).into() }
+        .encode_to_vec()
+}
 
 fn deployment(version_spec: &[u8], image: &str) -> Result<Deployment, ControlError> {
     let bad = |m: String| ControlError::InvalidArgument(m);
@@ -132,11 +170,10 @@ fn policy(stored_spec: &[u8]) -> Result<CallPolicy, ControlError> {
     let v = pb::ExternalFunctionVersionSpec::decode(stored_spec)
         .map_err(|e| ControlError::Internal(format!("a stored function version does not decode: {e}")))?;
     let c = v.config.unwrap_or_default();
-    if c.schedule.as_deref().is_some_and(|s| !s.trim().is_empty()) {
-        return Err(ControlError::Unimplemented(
-            "spec.version_spec.config.schedule: scheduled functions are not implemented by this server yet".into(),
-        ));
-    }
+    let schedule = match c.schedule.as_deref().map(str::trim).filter(|s| !s.is_empty()) {
+        Some(s) => Some(Schedule::parse(s).map_err(|e| bad(format!("schedule: {e}")))?),
+        None => None,
+    };
     let concurrency = match c.concurrency {
         Some(p) if p.max_concurrent < 1 => {
             return Err(bad(format!("concurrency.max_concurrent {} must be 1 or more", p.max_concurrent)))
@@ -182,22 +219,27 @@ fn policy(stored_spec: &[u8]) -> Result<CallPolicy, ControlError> {
         }
         None => None,
     };
+    let queue = queue_policy(c.queue)?;
+    Ok(CallPolicy { concurrency, rate_limit, retry, queue, schedule })
+}
+
+fn queue_policy(q: Option<pb::QueuePolicy>) -> Result<QueuePolicy, ControlError> {
+    let bad = |m: String| ControlError::InvalidArgument(format!("spec.version_spec.config.{m}"));
     let mut queue = QueuePolicy::default();
-    if let Some(q) = c.queue {
-        if q.max_items < 0 {
-            return Err(bad(format!("queue.max_items {} must be 1 or more (0: the default)", q.max_items)));
-        }
-        if q.max_items > 0 {
-            queue.max_items = q.max_items as u64;
-        }
-        match q.result_ttl_seconds {
-            Some(t) if t < 1 => return Err(bad(format!("queue.result_ttl_seconds {t} must be 1 or more"))),
-            Some(t) => queue.result_ttl = Duration::from_secs(t as u64),
-            None => {}
-        }
-        queue.key = q.key.filter(|k| !k.is_empty());
+    let Some(q) = q else { return Ok(queue) };
+    if q.max_items < 0 {
+        return Err(bad(format!("queue.max_items {} must be 1 or more (0: the default)", q.max_items)));
     }
-    Ok(CallPolicy { concurrency, rate_limit, retry, queue })
+    if q.max_items > 0 {
+        queue.max_items = q.max_items as u64;
+    }
+    match q.result_ttl_seconds {
+        Some(t) if t < 1 => return Err(bad(format!("queue.result_ttl_seconds {t} must be 1 or more"))),
+        Some(t) => queue.result_ttl = Duration::from_secs(t as u64),
+        None => {}
+    }
+    queue.key = q.key.filter(|k| !k.is_empty());
+    Ok(queue)
 }
 
 /// The caller's deadline, from `grpc-timeout` (`<digits><unit>`) or Connect's `connect-timeout-ms`.
@@ -279,7 +321,7 @@ impl ExternalFunctionCatalogService for FunctionsApi {
             .map_err(from_control)?;
         Ok(Response::new(pb::GetExternalFunctionResponse {
             external_function: Some(self.function(&view)),
-            active_schedule: None,
+            active_schedule: if r.include_active_schedule.unwrap_or(false) { self.schedule(&view) } else { None },
             scaling_group: if r.include_scaling_group.unwrap_or(false) { self.group(&view, &base) } else { None },
         }))
     }
@@ -298,6 +340,7 @@ impl ExternalFunctionCatalogService for FunctionsApi {
             .map_err(from_control)?;
         let more = views.len() > limit as usize;
         let with_group = r.include_scaling_group.unwrap_or(false);
+        let with_schedule = r.include_active_schedule.unwrap_or(false);
         let functions = views
             .iter()
             .take(limit as usize)
@@ -310,7 +353,7 @@ impl ExternalFunctionCatalogService for FunctionsApi {
                     latest_updated_at: Some(timestamp(v.function.updated_at)),
                     config: version.config,
                     scaling_group: if with_group { self.group(v, &base) } else { None },
-                    active_schedule: None,
+                    active_schedule: if with_schedule { self.schedule(v) } else { None },
                     created_at: Some(timestamp(v.function.created_at)),
                     current_version: v.version.number as i32,
                     function_id: v.function.id.clone(),
@@ -405,7 +448,7 @@ impl ExternalFunctionCatalogService for FunctionsApi {
         Ok(Response::new(pb::GetExternalFunctionVersionResponse {
             external_function_version: Some(self.version(&view)),
             scaling_group: if r.include_scaling_group.unwrap_or(false) { self.group(&view, &base) } else { None },
-            active_schedule: None,
+            active_schedule: if r.include_active_schedule.unwrap_or(false) { self.schedule(&view) } else { None },
         }))
     }
 
@@ -596,6 +639,103 @@ impl AsyncRemoteCallService for AsyncRemoteCallApi {
     }
 }
 
+/// `chalk.runtime.v1.FunctionQueueMetaService`: a function's recent deferred and scheduled calls, their answers and
+/// its queue depth (what `compute fn runs` lists).
+pub struct QueueMetaApi {
+    functions: Arc<Functions>,
+}
+
+impl QueueMetaApi {
+    /// A handler over `functions`.
+    pub fn new(functions: Arc<Functions>) -> Self {
+        Self { functions }
+    }
+}
+
+/// Call ids one GetCallResults may name.
+const MAX_RESULT_IDS: usize = 1000;
+
+#[tonic::async_trait]
+impl FunctionQueueMetaService for QueueMetaApi {
+    async fn get_recent_calls(
+        &self,
+        req: Request<GetRecentCallsRequest>,
+    ) -> Result<Response<GetRecentCallsResponse>, Status> {
+        let who = principal(&req)?.clone();
+        let r = req.into_inner();
+        if r.function_name.is_empty() {
+            return Err(invalid("function_name is required"));
+        }
+        let limit = if r.limit == 0 { 50 } else { r.limit.min(1000) };
+        let offset = match r.page_token.as_str() {
+            "" => 0,
+            t => {
+                t.parse::<u32>().map_err(|_| invalid(format!("page_token {t:?} is not one this server handed out")))?
+            }
+        };
+        let calls = self.functions.runs(&who, &r.function_name, limit + 1, offset).map_err(from_control)?;
+        let more = calls.len() > limit as usize;
+        let calls = calls
+            .iter()
+            .take(limit as usize)
+            .map(|c| FunctionCallInfo {
+                call_id: c.id.clone(),
+                function_name: r.function_name.clone(),
+                enqueued_at: Some(timestamp(c.created_at)),
+                status: remote_status(c.state, c.expires_at) as i32,
+                result_summary: call_summary(c),
+                trace_id: String::new(),
+            })
+            .collect();
+        let next_page_token = if more { (offset + limit).to_string() } else { String::new() };
+        Ok(Response::new(GetRecentCallsResponse { calls, next_page_token }))
+    }
+
+    async fn get_call_results(
+        &self,
+        req: Request<GetCallResultsRequest>,
+    ) -> Result<Response<GetCallResultsResponse>, Status> {
+        let who = principal(&req)?.clone();
+        let r = req.into_inner();
+        if r.call_ids.len() > MAX_RESULT_IDS {
+            return Err(invalid(format!("call_ids names {} calls; at most {MAX_RESULT_IDS}", r.call_ids.len())));
+        }
+        let mut results = Vec::with_capacity(r.call_ids.len());
+        for id in r.call_ids {
+            let result = match self.functions.poll(&who, &id, 0, Duration::ZERO).await {
+                Ok(p) => CallResult { call_id: id, response: Some(poll_response(p)?), error_message: String::new() },
+                Err(ControlError::NotFound(m)) => CallResult { call_id: id, response: None, error_message: m },
+                Err(e) => return Err(from_control(e)),
+            };
+            results.push(result);
+        }
+        Ok(Response::new(GetCallResultsResponse { results }))
+    }
+
+    async fn get_call_count(
+        &self,
+        req: Request<GetCallCountRequest>,
+    ) -> Result<Response<GetCallCountResponse>, Status> {
+        let who = principal(&req)?.clone();
+        let r = req.into_inner();
+        if r.function_name.is_empty() {
+            return Err(invalid("function_name is required"));
+        }
+        let count = self.functions.queued(&who, &r.function_name).map_err(from_control)?;
+        Ok(Response::new(GetCallCountResponse { count }))
+    }
+}
+
+fn remote_status(state: CallState, expires_at: Option<i64>) -> RemoteCallStatus {
+    match state {
+        _ if expires_at.is_some_and(|e| e <= compute_store::now_millis()) => RemoteCallStatus::Expired,
+        CallState::Pending => RemoteCallStatus::Pending,
+        CallState::Running => RemoteCallStatus::Running,
+        CallState::Completed => RemoteCallStatus::Completed,
+        CallState::Failed => RemoteCallStatus::Failed,
+    }
+}
+
 fn poll_response(p: DeferredCall) -> Result<PollRemoteCallResponse, Status> {
     let status = match p.state {
         Polled::Pending => RemoteCallStatus::Pending,
@@ -634,6 +774,17 @@ fn poll_response(p: DeferredCall) -> Result<PollRemoteCallResponse, Status> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_scheduled_run_sends_the_sdks_no_argument_stream() {
+        let req = CallFunctionRequest::decode(scheduled_request("tick").as_slice()).unwrap();
+        assert_eq!(req.name, "tick");
+        let ipc: &[u8] = req.feather_stream.as_ref();
+        assert_eq!(ipc.len(), 296, "pyarrow's stream of one row of __chalk_no_args__ = true");
+        assert_eq!(&ipc[..4], &[0xff; 4], "an IPC stream message starts with the continuation marker");
+        assert_eq!(&ipc[ipc.len() - 8..], &[0xff, 0xff, 0xff, 0xff, 0, 0, 0, 0], "and ends with end-of-stream");
+        assert!(ipc.windows(17).any(|w| w == b"__chalk_no_args__"));
+    }
 
     fn spec_with(config: pb::FunctionConfig) -> Vec<u8> {
         pb::ExternalFunctionVersionSpec { config: Some(config), ..Default::default() }.encode_to_vec()

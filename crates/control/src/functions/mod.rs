@@ -7,6 +7,7 @@
 
 mod policy;
 mod queue;
+mod schedule;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -20,7 +21,8 @@ use sha2::{Digest, Sha256};
 use tokio::time::Instant;
 
 pub use policy::{CallPolicy, ConcurrencyLimit, Limiters, QueuePolicy, RateLimit, RetryPolicy, Window};
-pub use queue::{DeferredCall, Polled};
+pub use queue::{call_summary, DeferredCall, Polled};
+pub use schedule::Schedule;
 
 use crate::{
     ids, lock, BuildAnswer, Builds, ControlError, GroupView, Principal, ScalingGroups, Scope, ScopeKind, Secrets,
@@ -47,6 +49,8 @@ pub struct FunctionCodec {
     pub deployment: fn(version_spec: &[u8], image: &str) -> Result<Deployment, ControlError>,
     /// A stored version spec → its call policies.
     pub policy: fn(stored_spec: &[u8]) -> Result<CallPolicy, ControlError>,
+    /// A call request (encoded as a `CallFunctionRequest` is) to function `name` with no input: a scheduled run.
+    pub scheduled_request: fn(name: &str) -> Vec<u8>,
 }
 
 /// An EnsureExternalFunction request, as the control plane sees it.

@@ -21,6 +21,8 @@ pub struct CallPolicy {
     pub retry: Option<RetryPolicy>,
     /// How deferred calls (`.defer()`) queue and how long their answers are kept.
     pub queue: QueuePolicy,
+    /// When the function runs by itself, with no input.
+    pub schedule: Option<super::Schedule>,
 }
 
 /// `queue_policy`: bounds on the durable queue of deferred calls.

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use compute_store::{CallAnswer, CallRecord, CallState};
+use compute_store::{CallAnswer, CallOrigin, CallRecord, CallState};
 use tokio::sync::{Notify, Semaphore};
 use tokio::time::Instant;
 
@@ -104,6 +104,16 @@ impl Functions {
     /// Enqueues a call to function `name` with `request` (an encoded `CallFunctionRequest`); returns its id. A
     /// queue already holding `queue_policy.max_items` unfinished calls refuses it with RESOURCE_EXHAUSTED.
     pub fn enqueue(&self, who: &Principal, name: &str, request: Vec<u8>) -> Result<String, ControlError> {
+        self.enqueue_from(who, name, request, CallOrigin::Deferred)
+    }
+
+    pub(super) fn enqueue_from(
+        &self,
+        who: &Principal,
+        name: &str,
+        request: Vec<u8>,
+        origin: CallOrigin,
+    ) -> Result<String, ControlError> {
         let view = self.get(who, None, Some(name), None, false)?;
         let policy = self.policy(&view.version)?;
         let queue_key = format!("{}/{}", who.environment_id, policy.queue.key.as_deref().unwrap_or(name));
@@ -122,6 +132,7 @@ impl Functions {
             started_at: None,
             finished_at: None,
             expires_at: None,
+            origin,
         };
         let max = policy.queue.max_items;
         let taken = self.store.write(|r| {
@@ -187,20 +198,35 @@ impl Functions {
         Ok(dropped)
     }
 
-    /// A function's deferred calls, newest first (`compute fn runs`).
-    pub fn runs(&self, who: &Principal, name: &str, limit: u32) -> Result<Vec<CallRecord>, ControlError> {
+    /// A function's deferred and scheduled calls still kept, newest first, from `offset` (`compute fn runs`).
+    pub fn runs(&self, who: &Principal, name: &str, limit: u32, offset: u32) -> Result<Vec<CallRecord>, ControlError> {
         let f = self.find(who, None, Some(name), true)?;
-        Ok(self.store.read(|r| r.function_calls().of_function(&f.id, limit))?)
+        Ok(self.store.read(|r| r.function_calls().of_function(&f.id, limit, offset))?)
     }
 
-    /// Starts the worker that runs deferred calls; calls left running by a server that stopped run again.
+    /// How many of a function's calls are queued or running (its queue depth).
+    pub fn queued(&self, who: &Principal, name: &str) -> Result<u64, ControlError> {
+        let f = self.find(who, None, Some(name), true)?;
+        self.store
+            .read(|r| {
+                let calls = r.function_calls();
+                Ok(calls.unfinished_of(&f.id, CallOrigin::Deferred)?
+                    + calls.unfinished_of(&f.id, CallOrigin::Scheduled)?)
+            })
+            .map_err(ControlError::from)
+    }
+
+    /// Starts the worker that runs deferred calls, and the schedules; calls left running by a server that stopped
+    /// run again.
     pub fn start_queue(self: &Arc<Self>) -> Result<tokio::task::JoinHandle<()>, ControlError> {
         let requeued = self.store.write(|r| r.function_calls().requeue_running())?;
         if requeued > 0 {
             tracing::info!(requeued, "deferred calls left running by the last server run again");
         }
-        let me = self.clone();
-        Ok(tokio::spawn(async move { me.work().await }))
+        let (worker, scheduler) = (self.clone(), self.clone());
+        Ok(tokio::spawn(async move {
+            tokio::join!(worker.work(), scheduler.run_schedules());
+        }))
     }
 
     async fn work(self: Arc<Self>) {
@@ -332,6 +358,38 @@ impl Functions {
 
 const DEFAULT_TTL: Duration = Duration::from_secs(86_400);
 
+/// One line on how a call went: waiting, running (which attempt), its run time, or its error's kind and message.
+pub fn call_summary(call: &CallRecord) -> String {
+    let how = state_summary(call);
+    match call.origin {
+        CallOrigin::Scheduled => format!("scheduled, {how}"),
+        CallOrigin::Deferred => how,
+    }
+}
+
+fn state_summary(call: &CallRecord) -> String {
+    match call.state {
+        CallState::Pending if call.attempts > 0 => format!("waiting to run again (tried {} times)", call.attempts),
+        CallState::Pending => "waiting".to_string(),
+        CallState::Running => format!("running (attempt {})", call.attempts),
+        CallState::Completed => {
+            let ms = call.finished_at.unwrap_or(0) - call.started_at.unwrap_or(0);
+            format!("completed in {ms} ms")
+        }
+        CallState::Failed => {
+            let error = call.error.as_deref().unwrap_or_default();
+            let v: serde_json::Value = serde_json::from_str(error).unwrap_or(serde_json::Value::Null);
+            let kind = v["exc_type"].as_str().unwrap_or("error");
+            let message = v["message"].as_str().unwrap_or(error);
+            // The runtime's own error is JSON again: its exception's message is the line worth showing.
+            let inner: serde_json::Value = serde_json::from_str(message).unwrap_or(serde_json::Value::Null);
+            let message = inner.pointer("/exception/message").and_then(|m| m.as_str()).unwrap_or(message);
+            let line: String = message.lines().next().unwrap_or_default().chars().take(200).collect();
+            format!("failed: {kind}: {line}")
+        }
+    }
+}
+
 fn polled(call: CallRecord, cursor: u64) -> Result<DeferredCall, ControlError> {
     let expired = call.expires_at.is_some_and(|e| e <= now());
     let state = match call.state {
@@ -457,6 +515,7 @@ mod tests {
             started_at: Some(0),
             finished_at: Some(0),
             expires_at: Some(now() + 60_000),
+            origin: CallOrigin::Deferred,
         };
         let p = polled(call.clone(), 1).unwrap();
         assert_eq!((p.state, p.results.len(), p.cursor), (Polled::Completed, 1, 2));
