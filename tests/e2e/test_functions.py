@@ -47,6 +47,11 @@ POLICIES = textwrap.dedent('''
     def broken(x: int) -> int:
         raise ValueError(f"bad x {x}")
 
+    @chalkcompute.function(max_batching_size=5, max_buffer_duration=2000)
+    def batched(i: int) -> float:
+        import time
+        return time.time()
+
     @chalkcompute.function(secrets=[Secret.from_local_env("FN_TOKEN")])
     def secret_reader(k: str) -> str:
         import os
@@ -72,6 +77,18 @@ POLICIES = textwrap.dedent('''
                 broken.remote(3); print("RESULT: no error")
             except Exception as e:
                 print("RESULT:", type(e).__name__, e)
+        elif which == "batch":
+            batched.wait_ready()
+            batched.remote(-1)
+            # Alone, a call waits for the batch to fill until max_buffer_duration (2 s) flushes it...
+            sent = time.time(); alone = batched.remote(0) - sent
+            # ...while five together fill it (max_batching_size=5) and run at once.
+            delays = []
+            def one(i):
+                s = time.time(); delays.append(batched.remote(i) - s)
+            threads = [threading.Thread(target=one, args=(i,)) for i in range(5)]
+            [t.start() for t in threads]; [t.join() for t in threads]
+            print("RESULT:", alone, max(delays))
         elif which == "secret":
             secret_reader.wait_ready()
             print("RESULT:", secret_reader.remote("FN_TOKEN"))
@@ -182,6 +199,48 @@ SCHEDULED = textwrap.dedent('''
 ''')
 
 
+QUEUE_SCALED = textwrap.dedent('''
+    import sys
+    import chalkcompute
+    from chalkcompute._function import FunctionCallHandle
+
+    @chalkcompute.function(min_replicas=0, max_replicas=3, target_queue_depth=2, shutdown_delay_seconds=2)
+    def drain(s: float) -> float:
+        import time
+        time.sleep(s)
+        return s
+
+    if __name__ == "__main__":
+        drain.wait_ready()
+        which = sys.argv[1]
+        if which == "remote":
+            print("RESULT:", drain.remote(0.0))
+        elif which == "burst":
+            print("RESULT:", ",".join(drain.defer(5.0).call_id for _ in range(6)))
+        elif which == "collect":
+            print("RESULT:", [FunctionCallHandle(drain, c).get(timeout=300) for c in sys.argv[2].split(",")])
+''')
+
+
+def group_state(server, name):
+    status, out = server.connect("chalk.scalinggroup.v1.ScalingGroupManagerService/GetScalingGroup",
+                                 {"name": name}, server.token())
+    assert status == 200, out
+    g = out["scalingGroup"]
+    return g["status"], g.get("readyReplicas", 0)
+
+
+def wait_for(what, check, timeout=90):
+    deadline = time.time() + timeout
+    seen = None
+    while time.time() < deadline:
+        ok, seen = check()
+        if ok:
+            return seen
+        time.sleep(0.25)
+    raise AssertionError(f"{what}: still {seen} after {timeout}s")
+
+
 def web_env(server):
     """The SDK's environment in web-identity mode, from what `compute env --token-file` prints."""
     token = server.workdir / "token"
@@ -210,6 +269,7 @@ def fns(tmp_path_factory):
     (d / "policies.py").write_text(POLICIES)
     (d / "deferred.py").write_text(DEFERRED)
     (d / "scheduled.py").write_text(SCHEDULED)
+    (d / "queue_scaled.py").write_text(QUEUE_SCALED)
     s.workdir = d
     yield s
     s.stop()
@@ -275,6 +335,12 @@ def test_a_rate_limit_admits_at_most_rate_calls_in_any_window(fns):
     # rate_limit=5 is five per second: the sixth call after any call starts a second (less network jitter) later.
     gaps = [times[i + 5] - times[i] for i in range(len(times) - 5)]
     assert min(gaps) > 0.9, f"six calls within {min(gaps):.3f}s: {times}"
+
+
+def test_batching_coalesces_calls_until_the_batch_is_full_or_the_buffer_time_passes(fns):
+    alone, together = map(float, run(fns, "policies.py", "batch").split())
+    assert alone > 1.5, f"a lone call ran {alone:.2f}s after it was sent: it was not held for the batch to fill"
+    assert together < 1.5, f"five calls that fill the batch waited {together:.2f}s: the full batch was not flushed"
 
 
 def test_a_failing_call_is_retried_until_it_succeeds(fns):
@@ -386,6 +452,27 @@ def test_a_schedule_that_is_neither_cron_nor_a_period_is_refused_naming_the_fiel
     proc = run_program_args(fns.workdir / "bad_schedule.py", fns.sdk_env(), [])
     out = line(proc.stdout, "RESULT:")
     assert "config.schedule" in out and "cron" in out and "period" in out, out
+
+
+def test_a_function_scales_from_zero_on_a_call_and_on_its_queue_depth_and_back_to_zero(fns):
+    def scaled(env=None):
+        proc = run_program_args(fns.workdir / "queue_scaled.py", env or fns.sdk_env(), ["remote"])
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        return line(proc.stdout, "RESULT:")
+
+    # min_replicas=0: nothing runs until a call comes; the call waits for its replica and is answered.
+    assert scaled() == "0.0"
+    wait_for("back to zero after the call", lambda: (group_state(fns, "drain")[1] == 0, group_state(fns, "drain")))
+    # Six deferred calls with target_queue_depth=2 want three replicas, up to max_replicas.
+    proc = run_program_args(fns.workdir / "queue_scaled.py", web_env(fns), ["burst"])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    ids = line(proc.stdout, "RESULT:")
+    wait_for("three replicas for six queued calls",
+             lambda: (group_state(fns, "drain")[1] == 3, group_state(fns, "drain")))
+    proc = run_program_args(fns.workdir / "queue_scaled.py", web_env(fns), ["collect", ids])
+    assert line(proc.stdout, "RESULT:") == str([5.0] * 6), proc.stdout + proc.stderr
+    wait_for("back to zero once the queue drained",
+             lambda: (group_state(fns, "drain") == ("ScaledToZero", 0), group_state(fns, "drain")))
 
 
 def test_deferred_calls_survive_a_kill_9_and_run_after_the_restart(fns):

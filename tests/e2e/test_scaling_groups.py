@@ -240,6 +240,27 @@ def test_scales_to_zero_and_a_request_starts_a_replica(srv):
     rpc(srv, "DeleteScalingGroup", {"name": "lazy-api"})
 
 
+def test_a_cron_window_holds_its_replica_floor_while_it_is_open(srv):
+    require_root()
+    # Open from the 1st of January to the 31st of December (in Berlin): it is open now. A window that opened
+    # and closed in the past hour (every hour, minute 0 to minute 0) is shut: it adds nothing.
+    sdk(srv, """
+        from chalkcompute import CronScalingTrigger, CronScalingWindow
+        trigger = CronScalingTrigger(timezone="Europe/Berlin", windows=[
+            CronScalingWindow(start="0 0 1 1 *", end="0 0 31 12 *", desired_replicas=2),
+            CronScalingWindow(start="0 * * * *", end="0 * * * *", desired_replicas=3),
+        ])
+        ScalingGroup(image=IMAGE, name="cron-api", entrypoint=ENTRY, port=8080, min_replicas=0, max_replicas=3,
+                     cron_scaling_trigger=trigger).deploy()
+    """)
+    wait_for("two replicas held by the open window",
+             lambda: ((g := group(srv, "cron-api")).get("readyReplicas", 0) == 2, g))
+    time.sleep(3)
+    g = group(srv, "cron-api")
+    assert g.get("readyReplicas", 0) == 2 and g["status"] == "Running", f"no traffic, and still the floor: {g}"
+    rpc(srv, "DeleteScalingGroup", {"name": "cron-api"})
+
+
 def test_an_update_rolls_replicas_over_and_a_rollback_returns(srv):
     require_root()
     sdk(srv, """
@@ -432,7 +453,19 @@ def test_bad_specs_are_refused_naming_the_field(srv):
     refused({"spec": cpu}, "invalid_argument", 400, "target_cpu_utilization_percentage 0")
     cron = spec()
     cron["scalingSpec"]["cronScalingTrigger"] = {"timezone": "UTC"}
-    refused({"spec": cron}, "unimplemented", 501, "cron_scaling_trigger")
+    refused({"spec": cron}, "invalid_argument", 400, "cron_scaling_trigger.windows is empty")
+    cron["scalingSpec"]["cronScalingTrigger"] = {
+        "timezone": "Mars/Olympus", "windows": [{"start": "0 9 * * *", "end": "0 17 * * *", "desiredReplicas": 1}]}
+    refused({"spec": cron}, "invalid_argument", 400, "cron_scaling_trigger.timezone", "Mars/Olympus")
+    cron["scalingSpec"]["cronScalingTrigger"] = {
+        "timezone": "UTC", "windows": [{"start": "0 9 * * *", "end": "at five", "desiredReplicas": 1}]}
+    refused({"spec": cron}, "invalid_argument", 400, "cron_scaling_trigger.windows[0].end")
+    queue = spec()
+    queue["scalingSpec"]["functionQueueDepthTrigger"] = {"functionName": "f", "targetQueueDepth": 0}
+    refused({"spec": queue}, "invalid_argument", 400, "target_queue_depth 0")
+    gpu = spec()
+    gpu["scalingSpec"]["gpuUtilizationTrigger"] = {"targetUtilizationPercentage": 50}
+    refused({"spec": gpu}, "unimplemented", 501, "gpu_utilization_trigger")
     vol = spec(volumes=[{"name": "no-such-volume", "mountPath": "/data", "type": "versioned_chalkfs"}])
     refused({"spec": vol}, "not_found", 404, "no-such-volume")
     refused({"spec": spec(lifetime="60s")}, "invalid_argument", 400, "lifetime")

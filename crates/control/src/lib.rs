@@ -31,7 +31,9 @@ pub use error::{AuthError, ControlError};
 pub use functions::{
     call_summary, CallPolicy, DeferredCall, EnsureRequest, Ensured, FunctionCodec, FunctionView, Functions, Polled,
 };
-pub use scaling::{GroupSpec, GroupState, GroupView, ScalingConfig, ScalingGroups, SpecParser};
+pub use scaling::{
+    CronWindows, GroupSpec, GroupState, GroupView, QueueDepthTrigger, ScalingConfig, ScalingGroups, SpecParser,
+};
 pub use secrets::{IntegrationView, Scope, Secrets};
 pub use workloads::{WorkloadConfig, WorkloadKind, WorkloadRequest, Workloads};
 

@@ -165,6 +165,18 @@ impl<'c> FunctionCalls<'c> {
         Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
     }
 
+    /// Calls not yet finished of the live function named `name` in an environment (a queue-depth trigger's depth).
+    pub fn unfinished_of_named(&self, environment_id: &str, name: &str) -> Result<u64> {
+        let n: i64 = self.conn.query_row(
+            "SELECT count(*) FROM function_calls c JOIN functions f ON c.function_id = f.id \
+             WHERE f.environment_id = ?1 AND f.name = ?2 AND f.deleted_at IS NULL \
+             AND c.state IN ('pending', 'running')",
+            [environment_id, name],
+            |r| r.get(0),
+        )?;
+        Ok(n as u64)
+    }
+
     /// Calls of function `function_id` from `origin` not yet finished.
     pub fn unfinished_of(&self, function_id: &str, origin: CallOrigin) -> Result<u64> {
         let n: i64 = self.conn.query_row(

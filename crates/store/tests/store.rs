@@ -251,6 +251,8 @@ fn calls_are_claimed_oldest_first_requeued_after_a_crash_and_expire() {
     assert!(store.write(|r| r.function_calls().claim("fn-other", 2, 10)).unwrap().is_empty());
     assert_eq!(store.read(|r| r.function_calls().unfinished_of("fn-1", CallOrigin::Deferred)).unwrap(), 3);
     assert_eq!(store.read(|r| r.function_calls().unfinished_of("fn-1", CallOrigin::Scheduled)).unwrap(), 0);
+    assert_eq!(store.read(|r| r.function_calls().unfinished_of_named("env-1", "f")).unwrap(), 3);
+    assert_eq!(store.read(|r| r.function_calls().unfinished_of_named("env-2", "f")).unwrap(), 0);
     assert_eq!(store.read(|r| r.functions().live()).unwrap().len(), 0, "a function without a version is not live");
     let claimed = store.write(|r| r.function_calls().claim("fn-1", 2, 10)).unwrap();
     assert_eq!(claimed.iter().map(|c| c.id.as_str()).collect::<Vec<_>>(), ["a", "b"]);

@@ -150,11 +150,7 @@ fn deployment(version_spec: &[u8], image: &str) -> Result<Deployment, ControlErr
     let container =
         group.container_spec.as_mut().ok_or_else(|| bad("spec.version_spec.spec.container_spec is required".into()))?;
     container.image = image.to_string();
-    if let Some(s) = group.scaling_spec.as_mut() {
-        // The queue-depth trigger names the function itself; calls in flight through the ingress are what the
-        // group scales on (each call waiting or running counts).
-        s.function_queue_depth_trigger = None;
-    }
+    batching_env(v.config.as_ref(), &mut container.env_vars)?;
     let group_name = container.name.clone();
     v.spec = Some(group.clone());
     let group_spec = group.encode_to_vec();
@@ -163,6 +159,28 @@ fn deployment(version_spec: &[u8], image: &str) -> Result<Deployment, ControlErr
         other => other,
     })?;
     Ok(Deployment { group_name, group_spec, stored_spec: v.encode_to_vec() })
+}
+
+/// `max_batching_size` and `max_buffer_duration` (ms): the replica's `chalk-remote-call` coalesces the calls that
+/// arrive together into one handler invocation (the SDK's shim runs each item and answers each caller); the
+/// runtime reads its settings from these variables. A value the spec's own `env` sets is left as it is.
+fn batching_env(
+    config: Option<&pb::FunctionConfig>,
+    env: &mut std::collections::BTreeMap<String, String>,
+) -> Result<(), ControlError> {
+    let bad = |m: String| ControlError::InvalidArgument(format!("spec.version_spec.config.{m}"));
+    let Some(size) = config.and_then(|c| c.max_batching_size) else { return Ok(()) };
+    if size < 1 {
+        return Err(bad(format!("max_batching_size {size} must be 1 or more")));
+    }
+    env.entry("CHALK_REMOTE_CALL_MAX_BATCHING_SIZE".into()).or_insert_with(|| size.to_string());
+    if let Some(ms) = config.and_then(|c| c.max_buffer_duration) {
+        if ms < 1 {
+            return Err(bad(format!("max_buffer_duration {ms} (ms) must be 1 or more")));
+        }
+        env.entry("CHALK_REMOTE_CALL_MAX_BUFFER_DURATION_MS".into()).or_insert_with(|| ms.to_string());
+    }
+    Ok(())
 }
 
 fn policy(stored_spec: &[u8]) -> Result<CallPolicy, ControlError> {

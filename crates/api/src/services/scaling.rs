@@ -4,7 +4,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use compute_control::scaling::{ProbeCheck, ProbeSpec};
-use compute_control::{ControlError, GroupSpec, GroupView, ScalingGroups, WorkloadKind};
+use compute_control::{
+    ControlError, CronWindows, GroupSpec, GroupView, QueueDepthTrigger, ScalingGroups, WorkloadKind,
+};
 use compute_ingress::{Ingress, UpstreamProtocol};
 use compute_proto::chalk::container::v1::{readiness_probe, startup_probe};
 use compute_proto::chalk::scalinggroup::v1::scaling_group_manager_service_server::ScalingGroupManagerService;
@@ -114,17 +116,17 @@ fn group_spec(spec: ScalingGroupSpec) -> Result<GroupSpec, Status> {
         )));
     }
     let unsupported = [
-        (scaling.function_queue_depth_trigger.is_some(), "function_queue_depth_trigger"),
         (scaling.gpu_utilization_trigger.is_some(), "gpu_utilization_trigger"),
-        (scaling.cron_scaling_trigger.is_some(), "cron_scaling_trigger"),
         (scaling.task_queue_trigger.is_some(), "task_queue_trigger"),
     ];
     if let Some((_, what)) = unsupported.iter().find(|(set, _)| *set) {
         return Err(Status::unimplemented(format!(
             "spec.scaling_spec.{what} is not implemented by this server yet: groups scale on the requests in flight \
-             through the ingress and, with target_cpu_utilization_percentage, on CPU use"
+             through the ingress, on CPU use (target_cpu_utilization_percentage), on a function's queue \
+             (function_queue_depth_trigger) and over cron windows (cron_scaling_trigger)"
         )));
     }
+    let (queue_depth, windows) = triggers(&scaling)?;
     let seconds = |field: &str, v: Option<i32>| -> Result<Option<Duration>, Status> {
         match v {
             None => Ok(None),
@@ -160,7 +162,39 @@ fn group_spec(spec: ScalingGroupSpec) -> Result<GroupSpec, Status> {
         target_cpu_percent,
         hold_requests,
         probe,
+        queue_depth,
+        windows,
     })
+}
+
+/// The queue-depth and cron-window triggers of a scaling spec.
+fn triggers(scaling: &ScalingSpec) -> Result<(Option<QueueDepthTrigger>, Option<CronWindows>), Status> {
+    let queue_depth = match &scaling.function_queue_depth_trigger {
+        None => None,
+        Some(t) if t.function_name.is_empty() => {
+            return Err(invalid("spec.scaling_spec.function_queue_depth_trigger.function_name is required"))
+        }
+        Some(t) if t.target_queue_depth < 1 => {
+            return Err(invalid(format!(
+                "spec.scaling_spec.function_queue_depth_trigger.target_queue_depth {} must be 1 or more (calls \
+                 queued per replica)",
+                t.target_queue_depth
+            )))
+        }
+        Some(t) => Some(QueueDepthTrigger { function: t.function_name.clone(), target: t.target_queue_depth as u32 }),
+    };
+    let windows = match &scaling.cron_scaling_trigger {
+        None => None,
+        Some(c) => {
+            let windows: Vec<(String, String, i32)> =
+                c.windows.iter().map(|w| (w.start.clone(), w.end.clone(), w.desired_replicas)).collect();
+            Some(
+                CronWindows::parse(&c.timezone, &windows)
+                    .map_err(|e| invalid(format!("spec.scaling_spec.cron_scaling_trigger.{e}")))?,
+            )
+        }
+    };
+    Ok((queue_depth, windows))
 }
 
 fn probe_spec(container: &compute_proto::chalk::container::v1::ChalkContainerSpec) -> Result<ProbeSpec, Status> {

@@ -8,6 +8,7 @@
 mod autoscale;
 mod probe;
 mod supervisor;
+mod triggers;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -18,6 +19,7 @@ use compute_store::{RevisionRecord, ScalingGroupRecord, Store};
 use tokio::sync::{watch, Notify};
 
 pub use probe::{ProbeCheck, ProbeSpec};
+pub use triggers::{CronWindows, QueueDepthTrigger};
 
 use crate::{ids, ControlError, Principal, WorkloadRequest, Workloads};
 
@@ -49,6 +51,10 @@ pub struct GroupSpec {
     pub hold_requests: bool,
     /// Readiness checks.
     pub probe: ProbeSpec,
+    /// Scale on a function's queue of deferred calls too.
+    pub queue_depth: Option<QueueDepthTrigger>,
+    /// Replica floors over cron windows.
+    pub windows: Option<CronWindows>,
 }
 
 /// Reads a revision's stored spec (the API's wire encoding) into a [`GroupSpec`]; the error says which field is

@@ -34,6 +34,8 @@ const SETTLED_EVERY: u64 = 5;
 const DRAIN_GRACE: Duration = Duration::from_secs(30);
 /// The same when the whole group is deleted (the caller of Delete waits for it, so it is shorter).
 const DELETE_DRAIN_GRACE: Duration = Duration::from_secs(15);
+/// How often a queue-depth trigger reads the queue.
+const QUEUE_SAMPLE_EVERY: Duration = Duration::from_secs(1);
 /// Wait before replacing a replica that ended after it had served (a crash loop must not spin).
 const RESTART_DELAY: Duration = Duration::from_secs(1);
 
@@ -68,6 +70,8 @@ struct Supervisor {
     failures: u32,
     last_failure: Option<(String, Option<String>)>,
     next_start: Instant,
+    /// The last queue-depth reading, for a `function_queue_depth_trigger`.
+    queue_sample: Option<(Instant, u64)>,
 }
 
 pub(super) async fn run(
@@ -108,6 +112,7 @@ pub(super) async fn run(
         failures: 0,
         last_failure: None,
         next_start: Instant::now(),
+        queue_sample: None,
     };
     // Settings first, so the route never serves with defaults the spec does not have.
     if let Some(spec) = sup.spec(&group.revision_id) {
@@ -224,13 +229,23 @@ impl Supervisor {
             window: spec.window.unwrap_or(config.default_window),
             shutdown_delay: spec.shutdown_delay.unwrap_or(config.default_shutdown_delay),
         };
+        let mut bounds = bounds;
+        if let Some(w) = &spec.windows {
+            // A window's floor raises the minimum (never past the maximum).
+            bounds.min = bounds.min.max(w.floor_at(chrono::Utc::now()).min(bounds.max));
+        }
         let cpu_wants = spec.target_cpu_percent.map(|pct| self.cpu_wants(&spec, &revision_id, bounds.window, pct));
+        let queue_wants = spec.queue_depth.as_ref().map(|t| t.wants(self.queue_depth(t)));
+        let extra_wants = match (cpu_wants, queue_wants) {
+            (None, None) => None,
+            (a, b) => Some(a.unwrap_or(0).max(b.unwrap_or(0))),
+        };
         let desired = self.autoscaler.desired(
             Instant::now(),
             self.route.in_flight(),
             self.route.served(),
             self.route.take_starved(),
-            cpu_wants,
+            extra_wants,
             bounds,
         );
         self.converge(desired, &revision_id, &spec);
@@ -255,6 +270,26 @@ impl Supervisor {
             self.retire(Vec::new());
         }
         self.state(desired, ready_count, serving)
+    }
+
+    /// Calls queued or running of the trigger's function, read from the store at most once a second.
+    fn queue_depth(&mut self, trigger: &super::QueueDepthTrigger) -> u64 {
+        let now = Instant::now();
+        if let Some((at, depth)) = self.queue_sample {
+            if now.duration_since(at) < QUEUE_SAMPLE_EVERY {
+                return depth;
+            }
+        }
+        let env = &self.group.environment_id;
+        let depth = match self.groups.store.read(|r| r.function_calls().unfinished_of_named(env, &trigger.function)) {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::warn!(group = %self.group.name, error = %e, "could not read the queue depth");
+                self.queue_sample.map(|(_, d)| d).unwrap_or(0)
+            }
+        };
+        self.queue_sample = Some((now, depth));
+        depth
     }
 
     /// Samples the CPU time of the current revision's ready replicas and returns what the CPU target wants: their
