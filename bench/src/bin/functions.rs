@@ -5,7 +5,8 @@
 //! store), and the time from deploy to the first answered `.remote()` is printed. Then, alternating for
 //! `--rounds` rounds: `--calls` sequential calls through the server (`RemoteCallService/CallFunction`, which
 //! resolves the function and applies its policies before it relays the call) and as many made directly to the
-//! replica with the SDK's own remote-call client; then `--threads` callers for `--seconds` on each path for
+//! replica, both with the SDK's own remote-call client and the same request (and, for reference, the SDK's
+//! `.remote()`, which adds its Arrow encoding and decoding); then `--threads` callers for `--seconds` on each path for
 //! throughput. What the server's path costs is its latency and throughput next to the direct one. Last, the
 //! time from a caller's send to the function starting, for `.defer()` (enqueued in the store, claimed by the
 //! queue worker) next to `.remote()` in the same run.
@@ -64,12 +65,18 @@ if __name__ == "__main__":
         return b.getvalue()
 
     direct = RemoteCallClient(f"{addr}:6666", metadata=[], use_tls=False)
+    # The same client and request to the server, which resolves the function, applies its policies and relays.
+    bearer = [("authorization", "Bearer " + open("token").read().strip())]
+    server = RemoteCallClient(os.environ["CHALK_API_SERVER"].split("://", 1)[1], metadata=bearer, use_tls=False)
     body = payload("hello")
-    def via_server():
-        assert echo.remote("hello") == "hello"
-    def via_direct():
-        out = list(direct.call_ipc("echo", body, metadata=[]))
+    def check(out):
         assert ipc.open_stream(out[0]).read_all().column(0)[0].as_py() == "hello"
+    def via_server():
+        check(list(server.call_ipc("echo", body, metadata=[])))
+    def via_direct():
+        check(list(direct.call_ipc("echo", body, metadata=[])))
+    def via_sdk():
+        assert echo.remote("hello") == "hello"
 
     def latency(fn):
         samples = []
@@ -98,8 +105,11 @@ if __name__ == "__main__":
 
     via_server(); via_direct()
     stamp.wait_ready(); stamp.remote("warm"); stamp.defer("warm").get(timeout=120)
-    out = {"cold_s": cold, "server": [], "direct": [], "defer": [], "remote": []}
+    via_sdk()
+    out = {"cold_s": cold, "server": [], "direct": [], "sdk": [], "defer": [], "remote": []}
     for _ in range(rounds):
+        p50, p99 = latency(via_sdk)
+        out["sdk"].append({"p50": p50, "p99": p99})
         for name, fn in (("server", via_server), ("direct", via_direct)):
             p50, p99 = latency(fn)
             out[name].append({"p50": p50, "p99": p99, "rps": throughput(fn)})
@@ -187,7 +197,7 @@ fn median(v: &serde_json::Value, path: &str, key: &str) -> f64 {
 fn report(v: &serde_json::Value, calls: u32, threads: u32) -> anyhow::Result<()> {
     println!("deploy to first answered .remote(): {:.2} s", v["cold_s"].as_f64().unwrap_or(f64::NAN));
     let ms = |path, key| median(v, path, key) * 1e3;
-    println!("sequential .remote() ({calls} calls a round, medians over rounds):");
+    println!("sequential calls, the SDK's remote-call client ({calls} a round, medians over rounds):");
     for (label, path) in [("through the server", "server"), ("direct to the replica (peer)", "direct")] {
         println!("  {label:<30} p50 {:>7.2} ms  p99 {:>7.2} ms", ms(path, "p50"), ms(path, "p99"));
     }
@@ -195,6 +205,11 @@ fn report(v: &serde_json::Value, calls: u32, threads: u32) -> anyhow::Result<()>
         "  server/direct p50 ratio: {:.2}x (+{:.2} ms)",
         ms("server", "p50") / ms("direct", "p50"),
         ms("server", "p50") - ms("direct", "p50")
+    );
+    println!(
+        "  the SDK's own .remote() (Arrow in and out, through the server): p50 {:.2} ms  p99 {:.2} ms",
+        ms("sdk", "p50"),
+        ms("sdk", "p99")
     );
     let (s, d) = (median(v, "server", "rps"), median(v, "direct", "rps"));
     println!("throughput with {threads} callers: server {s:.0} calls/s, direct {d:.0} calls/s, ratio {:.2}x", s / d);
