@@ -309,6 +309,19 @@ def test_program_e_runs_verbatim_locally_and_remotely(fns, tmp_path):
     assert out["scalingGroup"]["spec"]["containerSpec"]["image"], "the function's group is shown with its image"
 
 
+def test_program_f_runs_verbatim_with_its_function_and_container_secrets(fns, tmp_path):
+    # What the program references and an operator provides: a secret and an integration.
+    fns.cli("secret", "set", "OPENAI_API_KEY", "--value", "sk-operator-f")
+    fns.cli("integration", "set", "prod_postgres", "--kind", "postgres", "--set", "host=db.internal",
+            "--set", "user=app", "--set", "password=pg-pw-f", "--set", "database=prod")
+    shutil.copy(PROGRAMS / "f_secrets.py", tmp_path / "f_secrets.py")
+    proc = run_program(tmp_path / "f_secrets.py", fns.sdk_env(), timeout=900)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "FN REMOTE: s3cr3t" in proc.stdout, proc.stdout + proc.stderr
+    log = (fns.data_dir.parent / f"{fns.data_dir.name}.log").read_text(errors="replace")
+    assert "s3cr3t" not in log and "pg-pw-f" not in log and "sk-operator-f" not in log
+
+
 def test_a_remote_error_carries_its_type_message_and_traceback(fns):
     out = run(fns, "policies.py", "broken")
     assert out.startswith("RemoteExecutionError"), out
