@@ -52,6 +52,12 @@ POLICIES = textwrap.dedent('''
         import time
         return time.time()
 
+    @chalkcompute.function(call_timeout=1.0)
+    def sleepy(s: float) -> float:
+        import time
+        time.sleep(s)
+        return s
+
     @chalkcompute.function(secrets=[Secret.from_local_env("FN_TOKEN")])
     def secret_reader(k: str) -> str:
         import os
@@ -89,6 +95,13 @@ POLICIES = textwrap.dedent('''
             threads = [threading.Thread(target=one, args=(i,)) for i in range(5)]
             [t.start() for t in threads]; [t.join() for t in threads]
             print("RESULT:", alone, max(delays))
+        elif which == "timeout":
+            sleepy.wait_ready()
+            sent = time.time()
+            try:
+                sleepy.remote(8.0); print("RESULT: answered")
+            except Exception as e:
+                print("RESULT:", round(time.time() - sent, 1), type(e).__name__, e)
         elif which == "secret":
             secret_reader.wait_ready()
             print("RESULT:", secret_reader.remote("FN_TOKEN"))
@@ -354,6 +367,36 @@ def test_batching_coalesces_calls_until_the_batch_is_full_or_the_buffer_time_pas
     alone, together = map(float, run(fns, "policies.py", "batch").split())
     assert alone > 1.5, f"a lone call ran {alone:.2f}s after it was sent: it was not held for the batch to fill"
     assert together < 1.5, f"five calls that fill the batch waited {together:.2f}s: the full batch was not flushed"
+
+
+def test_call_timeout_ends_a_call_that_runs_too_long_with_deadline_exceeded(fns):
+    elapsed, rest = run(fns, "policies.py", "timeout").split(" ", 1)
+    # The SDK ends the call at call_timeout (TimeoutError) and cancels the stream; the server stops the call
+    # with it (CANCELLED, or DEADLINE_EXCEEDED when the client sends grpc-timeout) rather than running 8 s.
+    assert rest.startswith("TimeoutError") and "timed out after 1s" in rest, rest
+    ended = [l for l in fns.metrics().splitlines()
+             if l.startswith("compute_api_requests_total") and "RemoteCallService/CallFunction" in l
+             and ('code="CANCELLED"' in l or 'code="DEADLINE_EXCEEDED"' in l)]
+    assert ended, "the server did not record the call as cancelled or past its deadline"
+    assert float(elapsed) < 6, f"a 1 s call_timeout ended an 8 s call only after {elapsed}s: {rest}"
+
+
+def test_a_function_referring_to_a_missing_secret_is_refused_at_deploy_naming_it(fns):
+    code = textwrap.dedent('''
+        import chalkcompute
+        from chalkcompute import Secret
+        @chalkcompute.function(secrets=[Secret.from_chalk_env("NO_SUCH_SECRET_41")])
+        def needs_secret() -> int:
+            return 1
+        try:
+            needs_secret.deploy(); print("RESULT: deployed")
+        except Exception as e:
+            print("RESULT:", type(e).__name__, e)
+    ''')
+    (fns.workdir / "missing_secret.py").write_text(code)
+    proc = run_program_args(fns.workdir / "missing_secret.py", fns.sdk_env(), [])
+    out = line(proc.stdout, "RESULT:")
+    assert "NO_SUCH_SECRET_41" in out and "RESULT: deployed" not in proc.stdout, out
 
 
 def test_a_failing_call_is_retried_until_it_succeeds(fns):
