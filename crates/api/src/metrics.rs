@@ -40,9 +40,43 @@ struct GroupLabel {
     group: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: &'static str,
+}
+
+/// Why the server closed a connection itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnectionEnd {
+    /// It arrived with `max_connections` already open.
+    OverLimit,
+    /// It did not send a whole request (or TLS handshake) within the header timeout.
+    SlowRequest,
+}
+
+impl ConnectionEnd {
+    fn label(self) -> &'static str {
+        match self {
+            ConnectionEnd::OverLimit => "over_limit",
+            ConnectionEnd::SlowRequest => "slow_request",
+        }
+    }
+}
+
+/// Counts a connection as open until dropped.
+pub struct OpenConnection(Gauge);
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 /// The metric families, shared by every connection.
 pub struct Metrics {
     registry: Registry,
+    connections_open: Gauge,
+    connections_closed: Family<ReasonLabel, Counter>,
     requests: Family<MethodCode, Counter>,
     latency: Family<MethodLabel, Histogram>,
     in_flight: Gauge,
@@ -60,6 +94,15 @@ impl Metrics {
             Histogram::new(exponential_buckets(0.00005, 2.0, 21))
         });
         let in_flight = Gauge::default();
+        let connections_open = Gauge::default();
+        let connections_closed = Family::<ReasonLabel, Counter>::default();
+        registry.register("connections_open", "Client connections open now", connections_open.clone());
+        registry.register(
+            "connections_closed_by_server",
+            "Connections the server closed itself, by reason: over_limit (max_connections open already) or \
+             slow_request (no whole request within request_header_timeout)",
+            connections_closed.clone(),
+        );
         registry.register(
             "requests",
             "RPCs handled, by method, protocol (grpc, connect) and status code; non-OK codes are the errors",
@@ -85,7 +128,27 @@ impl Metrics {
             "Time from a request to a scaling group until its response headers, by group",
             ingress_latency.clone(),
         );
-        Arc::new(Self { registry, requests, latency, in_flight, ingress_requests, ingress_latency })
+        Arc::new(Self {
+            registry,
+            connections_open,
+            connections_closed,
+            requests,
+            latency,
+            in_flight,
+            ingress_requests,
+            ingress_latency,
+        })
+    }
+
+    /// Counts a connection open until the guard is dropped.
+    pub fn connection_opened(&self) -> OpenConnection {
+        self.connections_open.inc();
+        OpenConnection(self.connections_open.clone())
+    }
+
+    /// Counts a connection the server closed itself.
+    pub fn connection_closed(&self, why: ConnectionEnd) {
+        self.connections_closed.get_or_create(&ReasonLabel { reason: why.label() }).inc();
     }
 
     /// Records one request to a scaling group.

@@ -18,7 +18,7 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::front_door::{FrontDoor, Shared};
 use crate::methods::Methods;
-use crate::metrics::Metrics;
+use crate::metrics::{ConnectionEnd, Metrics};
 
 /// Certificate and key for serving TLS.
 #[derive(Debug, Clone)]
@@ -46,6 +46,11 @@ pub struct ApiConfig {
     /// A DNS domain whose subdomains reach scaling groups by host name (`<group>.<environment>.<domain>`); `None`:
     /// groups are reached by path only.
     pub ingress_domain: Option<String>,
+    /// Most client connections open at once; one accepted past it is closed at once.
+    pub max_connections: usize,
+    /// How long a client may take to send a request's headers: the TLS handshake and first request of a
+    /// connection, and each HTTP/1.1 request's headers. A connection past it is closed.
+    pub request_header_timeout: Duration,
 }
 
 impl Default for ApiConfig {
@@ -57,6 +62,8 @@ impl Default for ApiConfig {
             shutdown_grace: Duration::from_secs(10),
             public_url: None,
             ingress_domain: None,
+            max_connections: 4096,
+            request_header_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -67,6 +74,8 @@ pub struct Server {
     shared: Arc<Shared>,
     tls: Option<TlsAcceptor>,
     grace: Duration,
+    connections: Arc<tokio::sync::Semaphore>,
+    header_timeout: Duration,
 }
 
 /// Why the server could not start.
@@ -124,7 +133,14 @@ impl Server {
             metrics: Metrics::new(),
             max_message_bytes: config.max_message_bytes,
         });
-        Ok(Self { listener, shared, tls, grace: config.shutdown_grace })
+        Ok(Self {
+            listener,
+            shared,
+            tls,
+            grace: config.shutdown_grace,
+            connections: Arc::new(tokio::sync::Semaphore::new(config.max_connections.max(1))),
+            header_timeout: config.request_header_timeout,
+        })
     }
 
     /// The address actually bound (useful with port 0).
@@ -141,7 +157,7 @@ impl Server {
     /// connections to finish their requests.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         let mut builder = auto::Builder::new(TokioExecutor::new());
-        builder.http1().timer(TokioTimer::new()).header_read_timeout(Duration::from_secs(30)).keep_alive(true);
+        builder.http1().timer(TokioTimer::new()).header_read_timeout(self.header_timeout).keep_alive(true);
         builder
             .http2()
             .timer(TokioTimer::new())
@@ -165,35 +181,24 @@ impl Server {
                 },
                 () = &mut shutdown => break,
             };
+            let Ok(permit) = self.connections.clone().try_acquire_owned() else {
+                self.shared.metrics.connection_closed(ConnectionEnd::OverLimit);
+                tracing::debug!(%peer, "connection refused: at max_connections");
+                drop(stream);
+                continue;
+            };
             let _ = stream.set_nodelay(true);
-            let shared = self.shared.clone();
-            let builder = builder.clone();
-            let tls = self.tls.clone();
+            let conn = Connection {
+                shared: self.shared.clone(),
+                builder: builder.clone(),
+                tls: self.tls.clone(),
+                header_timeout: self.header_timeout,
+            };
             let watcher = graceful.watcher();
             tokio::spawn(async move {
-                let result = match sniff_tls(&stream, tls.is_some()).await {
-                    Some(true) => match tls.expect("sniffed TLS only when configured").accept(stream).await {
-                        Ok(tls_stream) => {
-                            let service = TowerToHyperService::new(FrontDoor::new(shared, true));
-                            let conn =
-                                builder.serve_connection_with_upgrades(TokioIo::new(tls_stream), service).into_owned();
-                            watcher.watch(conn).await
-                        }
-                        Err(e) => {
-                            tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                            return;
-                        }
-                    },
-                    Some(false) => {
-                        let service = TowerToHyperService::new(FrontDoor::new(shared, false));
-                        let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).into_owned();
-                        watcher.watch(conn).await
-                    }
-                    None => return,
-                };
-                if let Err(e) = result {
-                    tracing::debug!(%peer, error = %e, "connection ended with an error");
-                }
+                let _open = conn.shared.metrics.connection_opened();
+                conn.serve(stream, peer, watcher).await;
+                drop(permit);
             });
         }
         drop(self.listener);
@@ -204,13 +209,123 @@ impl Server {
     }
 }
 
+/// One accepted connection, about to be served.
+struct Connection {
+    shared: Arc<Shared>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    tls: Option<TlsAcceptor>,
+    header_timeout: Duration,
+}
+
+impl Connection {
+    /// Serves it: a TLS handshake first when it starts one, then HTTP. A connection that has not sent a whole
+    /// first request within the header timeout (a slow or idle client holding a socket) is closed.
+    async fn serve(self, stream: TcpStream, peer: SocketAddr, watcher: hyper_util::server::graceful::Watcher) {
+        let started = tokio::time::Instant::now();
+        let seen = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let metrics = self.shared.metrics.clone();
+        let result = match sniff_tls(&stream, self.tls.is_some(), self.header_timeout).await {
+            Some(true) => {
+                let acceptor = self.tls.expect("sniffed TLS only when configured");
+                let tls_stream =
+                    match tokio::time::timeout_at(started + self.header_timeout, acceptor.accept(stream)).await {
+                        Ok(Ok(s)) => s,
+                        Ok(Err(e)) => {
+                            tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            metrics.connection_closed(ConnectionEnd::SlowRequest);
+                            return;
+                        }
+                    };
+                let service = TowerToHyperService::new(FirstRequest::new(FrontDoor::new(self.shared, true), &seen));
+                let conn = self.builder.serve_connection_with_upgrades(TokioIo::new(tls_stream), service).into_owned();
+                first_request_within(watcher.watch(conn), started + self.header_timeout, &seen, &metrics).await
+            }
+            Some(false) => {
+                let service = TowerToHyperService::new(FirstRequest::new(FrontDoor::new(self.shared, false), &seen));
+                let conn = self.builder.serve_connection_with_upgrades(TokioIo::new(stream), service).into_owned();
+                first_request_within(watcher.watch(conn), started + self.header_timeout, &seen, &metrics).await
+            }
+            None => {
+                metrics.connection_closed(ConnectionEnd::SlowRequest);
+                return;
+            }
+        };
+        if let Err(e) = result {
+            // hyper's own header timeout (HTTP/1.1) may close a slow first request before our deadline does.
+            let timed_out = e.downcast_ref::<hyper::Error>().is_some_and(|h| h.is_timeout());
+            if timed_out && !seen.load(std::sync::atomic::Ordering::Acquire) {
+                metrics.connection_closed(ConnectionEnd::SlowRequest);
+            }
+            tracing::debug!(%peer, error = %e, "connection ended with an error");
+        }
+    }
+}
+
+/// Runs a connection, closing it (dropping it) if no request has arrived by `deadline`.
+async fn first_request_within<F, E>(
+    conn: F,
+    deadline: tokio::time::Instant,
+    seen: &std::sync::atomic::AtomicBool,
+    metrics: &Metrics,
+) -> Result<(), E>
+where
+    F: Future<Output = Result<(), E>>,
+{
+    tokio::pin!(conn);
+    tokio::select! {
+        r = &mut conn => r,
+        () = tokio::time::sleep_until(deadline) => {
+            if seen.load(std::sync::atomic::Ordering::Acquire) {
+                conn.await
+            } else {
+                metrics.connection_closed(ConnectionEnd::SlowRequest);
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Marks that a connection's first request arrived (its headers complete), for [`first_request_within`].
+#[derive(Clone)]
+struct FirstRequest<S> {
+    inner: S,
+    seen: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl<S> FirstRequest<S> {
+    fn new(inner: S, seen: &Arc<std::sync::atomic::AtomicBool>) -> Self {
+        Self { inner, seen: seen.clone() }
+    }
+}
+
+impl<S, R> tower::Service<R> for FirstRequest<S>
+where
+    S: tower::Service<R>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: R) -> Self::Future {
+        self.seen.store(true, std::sync::atomic::Ordering::Release);
+        self.inner.call(req)
+    }
+}
+
 /// Whether the connection starts a TLS handshake (record type 0x16). `None` if the peer closed before sending.
-async fn sniff_tls(stream: &TcpStream, tls_configured: bool) -> Option<bool> {
+async fn sniff_tls(stream: &TcpStream, tls_configured: bool, timeout: Duration) -> Option<bool> {
     if !tls_configured {
         return Some(false);
     }
     let mut first = [0u8; 1];
-    match tokio::time::timeout(Duration::from_secs(30), stream.peek(&mut first)).await {
+    match tokio::time::timeout(timeout, stream.peek(&mut first)).await {
         Ok(Ok(1)) => Some(first[0] == 0x16),
         _ => None,
     }

@@ -87,6 +87,12 @@ struct ServeFlags {
     /// Longest run of one image build step, e.g. 30m [default: 30m].
     #[arg(long, env = "COMPUTE_BUILD_STEP_TIMEOUT")]
     build_step_timeout: Option<String>,
+    /// Most client connections open at once [default: 4096].
+    #[arg(long, env = "COMPUTE_MAX_CONNECTIONS")]
+    max_connections: Option<usize>,
+    /// How long a client may take to send a request's headers, the first included, e.g. 10s [default: 10s].
+    #[arg(long, env = "COMPUTE_REQUEST_HEADER_TIMEOUT")]
+    request_header_timeout: Option<String>,
 }
 
 impl ServeFlags {
@@ -117,6 +123,8 @@ impl ServeFlags {
             registry_credentials: None,
             insecure_registries: None,
             debian_mirror: None,
+            max_connections: self.max_connections,
+            request_header_timeout: self.request_header_timeout.clone(),
         }
     }
 }

@@ -79,6 +79,8 @@ pub async fn run(data_dir: &Path, settings: Settings) -> anyhow::Result<()> {
         max_message_bytes: settings.max_message_bytes,
         public_url: settings.public_url.clone(),
         ingress_domain: settings.ingress_domain.clone(),
+        max_connections: settings.max_connections,
+        request_header_timeout: settings.request_header_timeout,
         ..ApiConfig::default()
     };
     let functions = Functions::new(

@@ -68,6 +68,11 @@ pub struct Layer {
     pub insecure_registries: Option<Vec<String>>,
     /// The Debian archive base images are built from (default: the one this machine's apt uses).
     pub debian_mirror: Option<String>,
+    /// Most client connections open at once (default 4096); one past it is closed at once.
+    pub max_connections: Option<usize>,
+    /// How long a client may take to send a request's headers, its first one included (default `10s`); a
+    /// connection past it is closed.
+    pub request_header_timeout: Option<String>,
 }
 
 impl Layer {
@@ -99,6 +104,8 @@ impl Layer {
             registry_credentials: self.registry_credentials.or(below.registry_credentials),
             insecure_registries: self.insecure_registries.or(below.insecure_registries),
             debian_mirror: self.debian_mirror.or(below.debian_mirror),
+            max_connections: self.max_connections.or(below.max_connections),
+            request_header_timeout: self.request_header_timeout.or(below.request_header_timeout),
         }
     }
 
@@ -160,6 +167,10 @@ pub struct Settings {
     pub registry: compute_image::RegistryConfig,
     /// The Debian archive, when set.
     pub debian_mirror: Option<String>,
+    /// Most client connections open at once.
+    pub max_connections: usize,
+    /// Longest wait for a request's headers.
+    pub request_header_timeout: Duration,
 }
 
 /// The listen address when nothing else says.
@@ -237,6 +248,11 @@ impl Settings {
             image_providers,
             registry,
             debian_mirror: layer.debian_mirror,
+            max_connections: match layer.max_connections {
+                Some(0) => bail!("max_connections is 0: allow at least one connection"),
+                n => n.unwrap_or(4096),
+            },
+            request_header_timeout: parse_duration(layer.request_header_timeout.as_deref().unwrap_or("10s"))?,
         })
     }
 }

@@ -468,3 +468,70 @@ fn sigterm_shuts_down_cleanly() {
     assert_eq!(again.client_id, server.client_id);
     assert_healthy(&again);
 }
+
+/// Reads until the server closes the connection (or `within` passes); true if it closed it.
+fn closed_by_server(s: &mut TcpStream, within: Duration) -> bool {
+    s.set_read_timeout(Some(within)).unwrap();
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return true,
+            Err(_) => return false,
+        }
+    }
+}
+
+fn server_closed(server: &TestServer, reason: &str) -> u64 {
+    let metrics = http1(server, b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    let key = format!("compute_api_connections_closed_by_server_total{{reason=\"{reason}\"}} ");
+    metrics.lines().find_map(|l| l.strip_prefix(key.as_str())).map(|n| n.trim().parse().unwrap()).unwrap_or(0)
+}
+
+#[test]
+fn a_connection_that_sends_no_whole_request_in_time_is_closed() {
+    let server = TestServer::start("slowloris", &["--request-header-timeout", "1s"]);
+    // Half a request line, a silent socket, and half an HTTP/2 preface: none becomes a request.
+    let mut half = TcpStream::connect(server.addr).unwrap();
+    half.write_all(b"GET /healthz HT").unwrap();
+    let mut silent = TcpStream::connect(server.addr).unwrap();
+    let mut preface = TcpStream::connect(server.addr).unwrap();
+    preface.write_all(b"PRI * HTTP/2.0\r\n").unwrap();
+    for (name, s) in [("half request", &mut half), ("silent", &mut silent), ("half preface", &mut preface)] {
+        assert!(closed_by_server(s, Duration::from_secs(20)), "the {name} connection was left open");
+    }
+    assert_eq!(server_closed(&server, "slow_request"), 3);
+    // A connection that did send its request is served as always, and kept alive afterwards.
+    let mut ok = TcpStream::connect(server.addr).unwrap();
+    ok.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut buf = [0u8; 512];
+    ok.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let n = ok.read(&mut buf).unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    assert_healthy(&server);
+}
+
+#[test]
+fn a_connection_past_max_connections_is_closed_at_once_and_counted() {
+    let server = TestServer::start("connlimit", &["--max-connections", "2", "--request-header-timeout", "30s"]);
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut s = TcpStream::connect(server.addr).unwrap();
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        let mut buf = [0u8; 512];
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        assert!(s.read(&mut buf).unwrap() > 0);
+        held.push(s);
+    }
+    let mut third = TcpStream::connect(server.addr).unwrap();
+    let _ = third.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert!(closed_by_server(&mut third, Duration::from_secs(10)), "a third connection was served past the limit");
+    drop(held.pop());
+    // The freed place serves again (the count is read over it).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while server_closed(&server, "over_limit") == 0 {
+        assert!(std::time::Instant::now() < deadline, "the refusal was not counted");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
