@@ -29,8 +29,17 @@ pub struct Server {
 impl Server {
     /// Starts one with extra flags.
     pub fn start(name: &str, extra: &[&str]) -> anyhow::Result<Server> {
+        Self::start_with_config(name, extra, None)
+    }
+
+    /// The same with `config` as the data directory's `config.toml` (settings only the file holds).
+    pub fn start_with_config(name: &str, extra: &[&str], config: Option<&str>) -> anyhow::Result<Server> {
         let data_dir = std::env::temp_dir().join(format!("compute-bench-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&data_dir);
+        if let Some(config) = config {
+            std::fs::create_dir_all(&data_dir)?;
+            std::fs::write(data_dir.join("config.toml"), config)?;
+        }
         let child = Command::new(compute_bin()?)
             .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
             .arg(&data_dir)

@@ -47,7 +47,9 @@ def registries(tmp_path_factory):
     root = tmp_path_factory.mktemp("registries")
     open_reg = LocalRegistry(root / "open")
     locked = LocalRegistry(root / "locked", user="puller", password="s3cret")
+    # Loopback registries, listed as an operator lists the registries on their own network.
     config = (
+        f'insecure_registries = ["{open_reg.host}"]\n'
         f'[registry_mirrors]\n"docker.io" = ["http://{open_reg.host}"]\n'
         f'[registry_credentials]\n"{locked.host}" = {{ username = "puller", password = "s3cret" }}\n'
     )
@@ -139,12 +141,44 @@ def test_credentials_are_used_and_refusals_are_clear(registries, tmp_path):
     """)
     assert "PRIVATE behind a login" in out, out
     # A server without the credentials is refused, and told what to configure.
-    other = Server(tmp_path / "nocreds")
+    other = Server(tmp_path / "nocreds", config=f'insecure_registries = ["{locked.host}"]\n')
     try:
         r = other.cli("image", "pull", f"{locked.host}/private/app:1", check=False)
         assert r.returncode != 0 and "registry_credentials" in r.stderr, r.stderr
     finally:
         other.stop()
+
+
+def test_a_reference_to_the_servers_own_network_is_refused_without_a_connection(tmp_path):
+    import socket
+    import threading
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    listener.settimeout(0.2)
+    port = listener.getsockname()[1]
+    accepted = []
+    stop = threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            try:
+                accepted.append(listener.accept()[0])
+            except OSError:
+                pass
+    t = threading.Thread(target=watch)
+    t.start()
+    server = Server(tmp_path / "data")
+    try:
+        for ref in (f"127.0.0.1:{port}/x:y", f"localhost:{port}/x:y", "169.254.169.254/latest:meta"):
+            r = server.cli("image", "pull", ref, check=False)
+            assert r.returncode != 0 and "insecure_registries" in r.stderr and "address" in r.stderr, r.stderr
+        assert not accepted, "the server connected to the loopback port a reference named"
+    finally:
+        stop.set()
+        t.join()
+        listener.close()
+        server.stop()
 
 
 def test_a_tampered_blob_an_unknown_image_and_a_malformed_name_fail_clearly(registries):
@@ -234,7 +268,7 @@ def test_gc_keeps_pulled_images_and_drops_removed_ones(registries, tmp_path, mon
     _, reg, _ = registries
     # A store of its own: gc must be free to remove everything unused without touching the other tests' images.
     monkeypatch.setenv("COMPUTE_E2E_IMAGE_DIR", str(tmp_path / "images"))
-    server = Server(tmp_path / "data")
+    server = Server(tmp_path / "data", config=f'insecure_registries = ["{reg.host}"]\n')
     try:
         reg.push_image("test/gc", "1", [busybox_layer([("gc.txt", os.urandom(8).hex())])], env=["PATH=/bin"])
         ref = f"{reg.host}/test/gc:1"

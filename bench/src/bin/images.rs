@@ -229,7 +229,13 @@ fn pulls(image_dir: &str, runs: usize) -> anyhow::Result<()> {
             .arg(format!("oci:{}:bench", work.join("layout").display()))
             .arg(format!("docker://{reference}")))?;
         let pull_dir = work.join("store");
-        let server = Server::start("pull", &["--isolation", "native", "--image-dir", &pull_dir.to_string_lossy()])?;
+        // The loopback registry is listed, as an operator lists a registry on the server's own network.
+        let listed = format!("insecure_registries = [\"127.0.0.1:{port}\"]\n");
+        let server = Server::start_with_config(
+            "pull",
+            &["--isolation", "native", "--image-dir", &pull_dir.to_string_lossy()],
+            Some(&listed),
+        )?;
         let compute = compute_bench::compute_bin()?;
         let cli = |args: &[&str]| -> anyhow::Result<String> {
             sh(Command::new(&compute).args(args).arg("--data-dir").arg(&server.data_dir))

@@ -88,6 +88,7 @@ impl ImageStore {
     pub(crate) async fn pull(&self, name: &ImageName) -> Result<OciBase, String> {
         let started = std::time::Instant::now();
         let endpoints = self.registry.endpoints(name).map_err(|e| e.to_string())?;
+        self.registry.check_destination(name).await.map_err(|e| e.to_string())?;
         let mut tried = Vec::new();
         for endpoint in endpoints {
             let top = match self.registry.manifest(&endpoint, &name.repository, name.manifest_reference()).await {

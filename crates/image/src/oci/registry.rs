@@ -44,6 +44,65 @@ pub struct RegistryConfig {
     pub ca_file: Option<PathBuf>,
 }
 
+/// What kind of internal address `host[:port]` is, when it is an IP literal or `localhost`.
+fn internal_host(host_port: &str) -> Option<&'static str> {
+    let host = match host_port.rsplit_once(':') {
+        Some((h, p)) if p.parse::<u16>().is_ok() => h,
+        _ => host_port,
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.eq_ignore_ascii_case("localhost") || host.to_ascii_lowercase().ends_with(".localhost") {
+        return Some("a loopback address");
+    }
+    host.parse::<std::net::IpAddr>().ok().and_then(internal_ip)
+}
+
+/// Whether `ip` is loopback, private, link-local, shared (CGNAT), unspecified or multicast: not a public registry.
+fn internal_ip(ip: std::net::IpAddr) -> Option<&'static str> {
+    use std::net::IpAddr;
+    match ip {
+        IpAddr::V4(v4) => {
+            let o = v4.octets();
+            if v4.is_loopback() {
+                Some("a loopback address")
+            } else if v4.is_private() || (o[0] == 100 && (64..128).contains(&o[1])) {
+                Some("a private address")
+            } else if v4.is_link_local() {
+                Some("a link-local address")
+            } else if v4.is_unspecified() || v4.is_multicast() || v4.is_broadcast() {
+                Some("not a unicast address")
+            } else {
+                None
+            }
+        }
+        IpAddr::V6(v6) => {
+            if let Some(v4) = v6.to_ipv4_mapped() {
+                return internal_ip(IpAddr::V4(v4));
+            }
+            let first = v6.segments()[0];
+            if v6.is_loopback() {
+                Some("a loopback address")
+            } else if first & 0xfe00 == 0xfc00 {
+                Some("a private address")
+            } else if first & 0xffc0 == 0xfe80 {
+                Some("a link-local address")
+            } else if v6.is_unspecified() || v6.is_multicast() {
+                Some("not a unicast address")
+            } else {
+                None
+            }
+        }
+    }
+}
+
+fn refused_internal(registry: &str, what: &str) -> ImageError {
+    ImageError::Unsupported(format!(
+        "registry {registry:?} is {what}: the server does not pull from its own network unless the operator lists \
+         the registry in the settings (insecure_registries for plain HTTP, registry_credentials, or \
+         registry_mirrors)"
+    ))
+}
+
 /// One place an image can be read from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Endpoint {
@@ -93,12 +152,50 @@ impl Registry {
         }
         let insecure = is_loopback_host(&name.registry) || self.config.insecure.contains(&name.registry);
         let scheme = if insecure { "http" } else { "https" };
+        if !self.operator_listed(&name.registry) {
+            if let Some(what) = internal_host(&name.registry) {
+                return Err(refused_internal(&name.registry, what));
+            }
+        }
         out.push(Endpoint {
             base: format!("{scheme}://{}", name.registry),
             host: name.registry.clone(),
             mirror: false,
         });
         Ok(out)
+    }
+
+    /// Whether the operator named this registry in the settings (insecure, credentials or mirrors), which is
+    /// what lets a reference reach a registry on a loopback, private or link-local address.
+    fn operator_listed(&self, registry: &str) -> bool {
+        self.config.insecure.iter().any(|r| r == registry)
+            || self.config.credentials.contains_key(registry)
+            || self.config.mirrors.contains_key(registry)
+    }
+
+    /// Refuses a registry whose name resolves to a loopback, private or link-local address that the operator has
+    /// not listed (a reference must not make the server probe its own network); names that do not resolve here
+    /// (behind a proxy) are left to the connection.
+    pub async fn check_destination(&self, name: &ImageName) -> Result<(), ImageError> {
+        if name.registry == DEFAULT_REGISTRY || self.operator_listed(&name.registry) {
+            return Ok(());
+        }
+        let host_port = if name.registry.rsplit_once(':').is_some_and(|(_, p)| p.parse::<u16>().is_ok()) {
+            name.registry.clone()
+        } else {
+            format!("{}:443", name.registry)
+        };
+        let Ok(Ok(addrs)) =
+            tokio::time::timeout(std::time::Duration::from_secs(5), tokio::net::lookup_host(host_port)).await
+        else {
+            return Ok(());
+        };
+        for addr in addrs {
+            if let Some(what) = internal_ip(addr.ip()) {
+                return Err(refused_internal(&name.registry, &format!("{what} ({})", addr.ip())));
+            }
+        }
+        Ok(())
     }
 
     /// Reads the manifest `reference` (tag or digest) of `repository`: its bytes and media type.
@@ -324,6 +421,7 @@ mod tests {
         config.mirrors.insert("docker.io".into(), vec!["http://127.0.0.1:5000/".into()]);
         config.mirrors.insert("ghcr.io".into(), vec!["https://mirror.example/ghcr".into()]);
         config.insecure.push("registry.lan:5000".into());
+        config.insecure.push("localhost:5000".into());
         let r = Registry::new(config).unwrap();
         let eps = r.endpoints(&name).unwrap();
         assert_eq!(
@@ -341,5 +439,45 @@ mod tests {
             r.endpoints(&ImageName::parse("localhost:5000/a").unwrap()).unwrap()[0].base,
             "http://localhost:5000"
         );
+    }
+
+    #[test]
+    fn a_reference_to_an_internal_address_is_refused_unless_the_operator_listed_it() {
+        let r = Registry::new(RegistryConfig::default()).unwrap();
+        for reference in [
+            "127.0.0.1:1/x:y",
+            "localhost:5000/a",
+            "10.1.2.3/a",
+            "192.168.0.9:5000/a",
+            "169.254.169.254/latest:x",
+            "100.64.0.1/a",
+        ] {
+            let err = r.endpoints(&ImageName::parse(reference).unwrap()).unwrap_err().to_string();
+            assert!(err.contains("insecure_registries") && err.contains("address"), "{reference}: {err}");
+        }
+        assert!(r.endpoints(&ImageName::parse("ghcr.io/o/a:1").unwrap()).is_ok());
+        assert!(r.endpoints(&ImageName::parse("8.8.8.8:5000/a").unwrap()).is_ok());
+        for (ip, internal) in [("::1", true), ("fe80::1", true), ("fd00::5", true), ("::ffff:10.0.0.1", true)] {
+            assert_eq!(internal_ip(ip.parse().unwrap()).is_some(), internal, "{ip}");
+        }
+        assert!(internal_ip("2001:4860:4860::8888".parse().unwrap()).is_none());
+        let mut listed = RegistryConfig::default();
+        listed.insecure.push("127.0.0.1:5000".into());
+        listed.credentials.insert("10.1.2.3".into(), Credentials { username: "u".into(), password: "p".into() });
+        let r = Registry::new(listed).unwrap();
+        assert!(r.endpoints(&ImageName::parse("127.0.0.1:5000/a").unwrap()).is_ok());
+        assert!(r.endpoints(&ImageName::parse("10.1.2.3/a").unwrap()).is_ok());
+        assert!(r.endpoints(&ImageName::parse("127.0.0.1:5001/a").unwrap()).is_err(), "another port is not listed");
+    }
+
+    #[tokio::test]
+    async fn a_name_that_resolves_to_loopback_is_refused_before_any_connection() {
+        let r = Registry::new(RegistryConfig::default()).unwrap();
+        let err = r.check_destination(&ImageName::parse("ip6-localhost:5000/a").unwrap()).await;
+        // Debian's /etc/hosts names ::1 ip6-localhost; a machine without it has nothing to check here.
+        if std::fs::read_to_string("/etc/hosts").unwrap_or_default().contains("ip6-localhost") {
+            let err = err.unwrap_err().to_string();
+            assert!(err.contains("loopback") && err.contains("::1"), "{err}");
+        }
     }
 }
