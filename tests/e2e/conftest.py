@@ -14,7 +14,8 @@ import urllib.request
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-PROGRAMS = ROOT.parent / "shared" / "reference" / "sdk-programs"
+# The SDK programs (a)-(g) every part of the system must serve, copied verbatim from the reference set.
+PROGRAMS = ROOT / "tests" / "e2e" / "sdk_programs"
 
 
 def image_dir():

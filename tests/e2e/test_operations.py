@@ -130,3 +130,41 @@ def test_cli_over_live_workloads(tmp_path):
         assert missing.returncode != 0 and "no workload named" in missing.stderr, missing
     finally:
         server.stop()
+
+
+ADMISSION = """
+from chalkcompute import Sandbox, Image
+def run(**kw):
+    try:
+        return Sandbox(image=Image.debian_slim(), **kw).run()
+    except Exception as e:
+        print("REFUSED", kw, type(e).__name__, e)
+run(name="huge", memory="1Ti")
+a = run(name="adm-a", memory="1Gi")
+b = run(name="adm-b", memory="1Gi")
+run(name="adm-c", memory="1Gi")
+a.terminate()
+c = run(name="adm-c", memory="1Gi")
+print("ADMITTED", c.id if c else None)
+b.terminate(); c.terminate()
+"""
+
+
+def test_admission_control_refuses_memory_the_node_cannot_give(tmp_path):
+    node = int(next(l for l in open("/proc/meminfo") if l.startswith("MemTotal:")).split()[1]) * 1024
+    # An overcommit that leaves room for two 1 GiB sandboxes, not three.
+    factor = (2.5 * 2**30) / node
+    server = Server(tmp_path / "data", extra_args=["--memory-overcommit", f"{factor:.6f}"])
+    try:
+        proc = run_sdk(ADMISSION, server.sdk_env(), timeout=600)
+        out = proc.stdout
+        refused = [l for l in out.splitlines() if l.startswith("REFUSED")]
+        assert len(refused) == 2, out + proc.stderr
+        huge, third = refused
+        assert "'1Ti'" in huge and "resources.memory 1.0 TiB is more than this node can ever give" in huge, huge
+        assert "memory_overcommit" in huge, huge
+        assert "adm-c" in third and "left for sandboxes" in third and "2 live workloads" in third, third
+        # Once one stopped, its memory is free again.
+        assert "ADMITTED sbx-" in out, out
+    finally:
+        server.stop()

@@ -90,6 +90,9 @@ struct ServeFlags {
     /// Most client connections open at once [default: 4096].
     #[arg(long, env = "COMPUTE_MAX_CONNECTIONS")]
     max_connections: Option<usize>,
+    /// How far sandboxes' memory limits may add up past the node's memory, a factor [default: 2.0].
+    #[arg(long, env = "COMPUTE_MEMORY_OVERCOMMIT")]
+    memory_overcommit: Option<f64>,
     /// How long a client may take to send a request's headers, the first included, e.g. 10s [default: 10s].
     #[arg(long, env = "COMPUTE_REQUEST_HEADER_TIMEOUT")]
     request_header_timeout: Option<String>,
@@ -124,6 +127,7 @@ impl ServeFlags {
             insecure_registries: None,
             debian_mirror: None,
             max_connections: self.max_connections,
+            memory_overcommit: self.memory_overcommit,
             request_header_timeout: self.request_header_timeout.clone(),
         }
     }

@@ -7,7 +7,7 @@ use anyhow::Context;
 use compute_api::{ApiConfig, Server, TlsConfig};
 use compute_control::volume::{Objects, VolumeConfig, VolumeStore};
 use compute_control::{
-    Builds, Control, ControlConfig, Functions, ScalingConfig, ScalingGroups, WorkloadConfig, Workloads,
+    Builds, Control, ControlConfig, Functions, MemoryCapacity, ScalingConfig, ScalingGroups, WorkloadConfig, Workloads,
 };
 use compute_image::ImageStore;
 use compute_runtime::{Isolation, NetworkConfig, Runtime, RuntimeConfig};
@@ -130,6 +130,14 @@ pub async fn run(data_dir: &Path, settings: Settings) -> anyhow::Result<()> {
 
 /// Sets up the runtime (if this machine can run sandboxes) and the workload manager, and cleans up after a
 /// previous run that did not shut down cleanly.
+/// The node's memory (`MemTotal` in /proc/meminfo), bytes; `None` if it cannot be read (no admission control).
+fn node_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib: u64 =
+        text.lines().find_map(|l| l.strip_prefix("MemTotal:"))?.trim().trim_end_matches("kB").trim().parse().ok()?;
+    Some(kib * 1024)
+}
+
 /// The volume store: objects where the settings say (a local directory by default), metadata in the state store.
 fn open_volumes(data_dir: &Path, settings: &Settings, control: &Control) -> anyhow::Result<Arc<VolumeStore>> {
     let objects = match &settings.volume_store {
@@ -237,6 +245,8 @@ async fn start_workloads(
             pids_limit: settings.pids_limit,
             disk_bytes: 8 << 30,
             mounts_dir: data_dir.join("volumes").join("mounts"),
+            memory_capacity: node_memory()
+                .map(|node_bytes| MemoryCapacity { node_bytes, overcommit: settings.memory_overcommit }),
         },
     );
     match workloads.reconcile().await {

@@ -70,6 +70,9 @@ pub struct Layer {
     pub debian_mirror: Option<String>,
     /// Most client connections open at once (default 4096); one past it is closed at once.
     pub max_connections: Option<usize>,
+    /// How far the memory limits of the live sandboxes may add up past the node's memory, as a factor (default
+    /// 2.0); a workload past it is refused with RESOURCE_EXHAUSTED.
+    pub memory_overcommit: Option<f64>,
     /// How long a client may take to send a request's headers, its first one included (default `10s`); a
     /// connection past it is closed.
     pub request_header_timeout: Option<String>,
@@ -105,6 +108,7 @@ impl Layer {
             insecure_registries: self.insecure_registries.or(below.insecure_registries),
             debian_mirror: self.debian_mirror.or(below.debian_mirror),
             max_connections: self.max_connections.or(below.max_connections),
+            memory_overcommit: self.memory_overcommit.or(below.memory_overcommit),
             request_header_timeout: self.request_header_timeout.or(below.request_header_timeout),
         }
     }
@@ -169,6 +173,8 @@ pub struct Settings {
     pub debian_mirror: Option<String>,
     /// Most client connections open at once.
     pub max_connections: usize,
+    /// Memory overcommit factor for admission control.
+    pub memory_overcommit: f64,
     /// Longest wait for a request's headers.
     pub request_header_timeout: Duration,
 }
@@ -253,6 +259,10 @@ impl Settings {
                 n => n.unwrap_or(4096),
             },
             request_header_timeout: parse_duration(layer.request_header_timeout.as_deref().unwrap_or("10s"))?,
+            memory_overcommit: match layer.memory_overcommit.unwrap_or(2.0) {
+                f if f.is_finite() && f > 0.0 => f,
+                f => bail!("memory_overcommit {f} must be a positive factor, e.g. 1.5"),
+            },
         })
     }
 }

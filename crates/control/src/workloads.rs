@@ -16,8 +16,8 @@ use compute_store::{SandboxRecord, SandboxStatus, Store};
 use compute_volume::{AttachedVolume, MountRequest, VolumeError, VolumeSel, VolumeStore};
 use tokio::sync::mpsc;
 
-use crate::quantity::{parse_cpu, parse_memory};
-use crate::{ids, ControlError, Principal, Scope, Secrets};
+use crate::quantity::{format_bytes, parse_cpu, parse_memory};
+use crate::{ids, lock, ControlError, Principal, Scope, Secrets};
 use compute_secrets::SecretRef;
 
 /// Which API a workload was created through.
@@ -84,6 +84,25 @@ pub struct WorkloadConfig {
     pub disk_bytes: u64,
     /// Where volume mounts of running sandboxes are assembled (`<dir>/<sandbox id>/<n>`).
     pub mounts_dir: PathBuf,
+    /// Memory limits the live workloads may add up to (the node's memory × the operator's overcommit factor);
+    /// `None`: no admission control.
+    pub memory_capacity: Option<MemoryCapacity>,
+}
+
+/// What admission control admits: the node's memory times the operator's overcommit factor.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MemoryCapacity {
+    /// The node's memory, bytes.
+    pub node_bytes: u64,
+    /// How much the limits may add up to, as a multiple of the node's memory (`memory_overcommit`).
+    pub overcommit: f64,
+}
+
+impl MemoryCapacity {
+    /// The limits the live workloads may add up to.
+    pub fn bytes(&self) -> u64 {
+        (self.node_bytes as f64 * self.overcommit) as u64
+    }
 }
 
 /// The workload manager.
@@ -96,6 +115,8 @@ pub struct Workloads {
     config: WorkloadConfig,
     /// Volumes mounted for each live sandbox, detached (synced) once when it ends.
     attached: std::sync::Mutex<HashMap<String, Vec<AttachedVolume>>>,
+    /// Memory limit of each live workload, for admission control.
+    reserved: std::sync::Mutex<HashMap<String, u64>>,
 }
 
 fn now() -> i64 {
@@ -113,7 +134,16 @@ impl Workloads {
         config: WorkloadConfig,
     ) -> Arc<Self> {
         let _ = std::fs::create_dir_all(&config.log_dir);
-        Arc::new(Self { store, runtime, images, volumes, secrets, config, attached: Default::default() })
+        Arc::new(Self {
+            store,
+            runtime,
+            images,
+            volumes,
+            secrets,
+            config,
+            attached: Default::default(),
+            reserved: Default::default(),
+        })
     }
 
     /// The image store.
@@ -182,6 +212,7 @@ impl Workloads {
 
     /// Syncs and unmounts a finished sandbox's volumes (once, whoever gets here first).
     async fn detach_volumes(&self, id: &str) {
+        self.release(id);
         let attached = self.attached.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
         for a in attached.unwrap_or_default() {
             if let Err(e) = self.volumes.detach(a).await {
@@ -239,6 +270,19 @@ impl Workloads {
             .filter(|s| !s.trim().is_empty())
             .map(|m| parse_memory("resources.memory", m))
             .transpose()?;
+        if let Some(cap) = self.config.memory_capacity {
+            let wanted = memory.unwrap_or(self.config.default_memory);
+            if wanted > cap.bytes() {
+                return Err(ControlError::ResourceExhausted(format!(
+                    "resources.memory {} is more than this node can ever give its sandboxes: {} ({} of memory × \
+                     memory_overcommit {})",
+                    format_bytes(wanted),
+                    format_bytes(cap.bytes()),
+                    format_bytes(cap.node_bytes),
+                    cap.overcommit
+                )));
+            }
+        }
         if req.image.trim().is_empty() {
             return Err(ControlError::InvalidArgument(
                 "spec.image is required (e.g. \"python:3.13-slim-trixie\")".into(),
@@ -287,8 +331,11 @@ impl Workloads {
             req.name.clone()
         };
         ids::validate_name("spec.name", &name)?;
+        let memory_bytes = memory.unwrap_or(self.config.default_memory);
+        let id = format!("sbx-{}", ids::random_token(16));
+        self.reserve(&id, memory_bytes)?;
         let rec = SandboxRecord {
-            id: format!("sbx-{}", ids::random_token(16)),
+            id,
             environment_id: who.environment_id.clone(),
             kind: req.kind.as_str().into(),
             name: name.clone(),
@@ -303,16 +350,19 @@ impl Workloads {
             started_at: None,
             finished_at: None,
         };
-        self.store.write(|r| r.sandboxes().insert(&rec)).map_err(|e| match ControlError::from(e) {
-            ControlError::AlreadyExists(_) => ControlError::AlreadyExists(format!(
-                "a live workload named {name:?} already exists in this environment"
-            )),
-            other => other,
+        self.store.write(|r| r.sandboxes().insert(&rec)).map_err(|e| {
+            self.release(&rec.id);
+            match ControlError::from(e) {
+                ControlError::AlreadyExists(_) => ControlError::AlreadyExists(format!(
+                    "a live workload named {name:?} already exists in this environment"
+                )),
+                other => other,
+            }
         })?;
         let this = self.clone();
         let resources = Resources {
             cpu_millis: cpu,
-            memory_bytes: Some(memory.unwrap_or(self.config.default_memory)),
+            memory_bytes: Some(memory_bytes),
             pids: self.config.pids_limit,
             disk_bytes: self.config.disk_bytes,
         };
@@ -457,7 +507,34 @@ impl Workloads {
         });
     }
 
+    /// Admits a workload's memory limit against the node's capacity (all live workloads' limits together).
+    fn reserve(&self, id: &str, bytes: u64) -> Result<(), ControlError> {
+        let mut reserved = lock(&self.reserved);
+        if let Some(cap) = self.config.memory_capacity {
+            let used: u64 = reserved.values().sum();
+            if used.saturating_add(bytes) > cap.bytes() {
+                return Err(ControlError::ResourceExhausted(format!(
+                    "resources.memory {}: this node has {} of {} left for sandboxes ({} live workloads hold {}); \
+                     stop some, ask for less, or raise memory_overcommit",
+                    format_bytes(bytes),
+                    format_bytes(cap.bytes().saturating_sub(used)),
+                    format_bytes(cap.bytes()),
+                    reserved.len(),
+                    format_bytes(used)
+                )));
+            }
+        }
+        reserved.insert(id.to_string(), bytes);
+        Ok(())
+    }
+
+    /// Gives a workload's memory back (it ended, or never started).
+    fn release(&self, id: &str) {
+        lock(&self.reserved).remove(id);
+    }
+
     fn finish(&self, id: &str, status: SandboxStatus, message: &str, details: Option<&str>, code: Option<i32>) {
+        self.release(id);
         match self.store.write(|r| r.sandboxes().transition(id, status, Some(message), details, code, now())) {
             Ok(true) => {
                 tracing::info!(sandbox = %id, status = status.as_str(), message, "sandbox finished")
