@@ -57,9 +57,32 @@ pub fn parse_memory(field: &str, text: &str) -> Result<u64, ControlError> {
     Ok(bytes as u64)
 }
 
+/// Bytes as a person reads them: `1.5 GiB`, `512 MiB`, `900 B`.
+pub fn format_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit < UNITS.len() - 1 {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bytes_read_in_their_largest_whole_unit() {
+        assert_eq!(format_bytes(900), "900 B");
+        assert_eq!(format_bytes(1536 << 20), "1.5 GiB");
+        assert_eq!(format_bytes(1 << 40), "1.0 TiB");
+    }
 
     #[test]
     fn cpu() {
@@ -84,21 +107,5 @@ mod tests {
             let e = parse_memory("resources.memory", bad).unwrap_err().to_string();
             assert!(e.contains("resources.memory") && e.contains("512Mi"), "{bad}: {e}");
         }
-    }
-}
-
-/// Bytes as a person reads them: `1.5 GiB`, `512 MiB`, `900 B`.
-pub fn format_bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = n as f64;
-    let mut unit = 0;
-    while v >= 1024.0 && unit < UNITS.len() - 1 {
-        v /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", UNITS[unit])
     }
 }
