@@ -679,3 +679,18 @@ def test_lookup_listing_and_unserved_surfaces(shared_server):
     # The base image has no git: the SDK's git helpers fail with the command's own error, not a hang.
     assert re.search(r"GIT .*command not found: git", out), out
     assert "AFTER terminated" in out, out
+
+
+def test_a_process_that_cannot_start_is_refused_naming_the_argument(shared_server):
+    out = sdk(shared_server, """
+        sb = Sandbox(image=Image.debian_slim(), name="nularg").run()
+        try:
+            r = sb.exec("echo", "a\\x00b")
+            print("RAN", r.exit_code, r.stderr)
+        except Exception as e:
+            print("REFUSED", type(e).__name__, e)
+        print("STILL", sb.exec("echo", "alive").stdout_text.strip())
+        sb.terminate()
+    """)
+    assert "REFUSED" in out and "command[1] holds a NUL byte" in out, out
+    assert "STILL alive" in out, out

@@ -653,9 +653,7 @@ impl Workloads {
 
     /// Starts a process session in a running workload.
     pub async fn exec(&self, who: &Principal, id: &str, spec: ExecSpec) -> Result<Arc<Session>, ControlError> {
-        if spec.command.is_empty() {
-            return Err(ControlError::InvalidArgument("command is required".into()));
-        }
+        check_exec(&spec)?;
         let sandbox = self.running(who, id)?;
         let session_id = format!("ses-{}", ids::random_token(16));
         sandbox.agent().exec(spec, session_id).await.map_err(runtime_error)
@@ -728,4 +726,61 @@ pub(crate) fn tail(path: &std::path::Path, lines: usize) -> Option<String> {
     let text = String::from_utf8_lossy(&text[start..]);
     let last: Vec<&str> = text.lines().rev().take(lines).collect::<Vec<_>>().into_iter().rev().collect();
     (!last.is_empty()).then(|| last.join("\n"))
+}
+
+/// What no process can be started with, refused before it reaches the sandbox: no command, or a NUL byte in the
+/// command, an argument, the working directory, the user or the environment (C strings end at NUL).
+fn check_exec(spec: &ExecSpec) -> Result<(), ControlError> {
+    if spec.command.is_empty() {
+        return Err(ControlError::InvalidArgument("command is required".into()));
+    }
+    let nul = |field: String| {
+        ControlError::InvalidArgument(format!("{field} holds a NUL byte, which no process argument can carry"))
+    };
+    if spec.command.contains('\0') {
+        return Err(nul("command[0]".into()));
+    }
+    if let Some(i) = spec.args.iter().position(|a| a.contains('\0')) {
+        return Err(nul(format!("command[{}]", i + 1)));
+    }
+    if spec.workdir.as_deref().is_some_and(|w| w.contains('\0')) {
+        return Err(nul("cwd".into()));
+    }
+    if spec.user.as_deref().is_some_and(|u| u.contains('\0')) {
+        return Err(nul("user".into()));
+    }
+    for (k, v) in &spec.env {
+        if k.is_empty() || k.contains('=') || k.contains('\0') {
+            return Err(ControlError::InvalidArgument(format!("env: {k:?} is not a valid variable name")));
+        }
+        if v.contains('\0') {
+            return Err(nul(format!("env[{k:?}]")));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_process_that_cannot_start_is_refused_naming_the_field() {
+        let spec = |command: &str, args: &[&str]| ExecSpec {
+            command: command.into(),
+            args: args.iter().map(|a| a.to_string()).collect(),
+            ..Default::default()
+        };
+        assert!(check_exec(&spec("echo", &["hi"])).is_ok());
+        for (s, field) in [
+            (spec("", &[]), "command is required"),
+            (spec("ec\0ho", &[]), "command[0]"),
+            (spec("echo", &["a", "b\0c"]), "command[2]"),
+            (ExecSpec { env: vec![("K".into(), "v\0".into())], ..spec("echo", &[]) }, "env[\"K\"]"),
+            (ExecSpec { workdir: Some("/tmp\0x".into()), ..spec("echo", &[]) }, "cwd"),
+        ] {
+            let e = check_exec(&s).unwrap_err().to_string();
+            assert!(e.contains(field), "{field}: {e}");
+        }
+    }
 }
