@@ -694,3 +694,16 @@ def test_a_process_that_cannot_start_is_refused_naming_the_argument(shared_serve
     """)
     assert "REFUSED" in out and "command[1] holds a NUL byte" in out, out
     assert "STILL alive" in out, out
+
+
+def test_the_sandboxes_init_shows_no_host_path(shared_server):
+    out = sdk(shared_server, """
+        sb = Sandbox(image=Image.debian_slim(), name="cmdline").run()
+        for pid in ("1", "self"):
+            print("CMDLINE", pid, repr(sb.exec("cat", f"/proc/{pid}/cmdline").stdout))
+        sb.terminate()
+    """)
+    lines = [l for l in out.splitlines() if l.startswith("CMDLINE")]
+    assert len(lines) == 2, out
+    for l in lines:
+        assert str(shared_server.data_dir) not in l and "/sandboxes/" not in l and "boot.json" not in l, l

@@ -16,9 +16,29 @@ fn io_err(what: impl std::fmt::Display, e: impl std::fmt::Display) -> std::io::E
     std::io::Error::other(format!("{what}: {e}"))
 }
 
+/// Reads the boot config from the descriptor the runtime passed (`fd:N`), closing it.
+fn read_config_fd(fd: &str) -> std::io::Result<BootConfig> {
+    use std::io::Read;
+    use std::os::fd::FromRawFd;
+    let n: i32 = fd.parse().map_err(|e| io_err(format!("config descriptor {fd:?}"), e))?;
+    if n < 3 {
+        return Err(std::io::Error::other(format!("config descriptor {n} is one of stdin, stdout or stderr")));
+    }
+    // SAFETY: the runtime passes this descriptor, open for reading, to the agent alone; nothing else in this
+    // process refers to it, and the File closes it once read.
+    let mut file = unsafe { std::fs::File::from_raw_fd(n) };
+    let mut bytes = Vec::new();
+    file.read_to_end(&mut bytes).map_err(|e| io_err("reading the boot config", e))?;
+    serde_json::from_slice(&bytes)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, format!("boot config: {e}")))
+}
+
 /// Sets the sandbox up and serves; returns the exit code of the sandbox's PID 1.
-pub fn init(config_path: &str) -> std::io::Result<u8> {
-    let cfg: BootConfig = crate::read_config(config_path)?;
+pub fn init(config: &str) -> std::io::Result<u8> {
+    let cfg: BootConfig = match config.strip_prefix("fd:") {
+        Some(fd) => read_config_fd(fd)?,
+        None => crate::read_config(config)?,
+    };
     // Cgroups first, so that everything below (and every descendant) is accounted and limited. Files are
     // opened now, while the host paths are reachable: every started process writes itself into the workload
     // cgroup, and the agent returns to the sandbox cgroup after creating its cgroup namespace there.

@@ -1,6 +1,6 @@
 //! `compute-agent`: PID 1 of every Compute sandbox.
 //!
-//! - `compute-agent init CONFIG.json` — started on the host by the native backend: joins the sandbox's
+//! - `compute-agent init CONFIG.json` (or `fd:N`, the config on an inherited descriptor) — started on the host by the native backend: joins the sandbox's
 //!   cgroups and network namespace, creates its mount, PID, UTS, IPC and cgroup namespaces, mounts `/proc`,
 //!   `/dev`, `/sys`, pivots into the root filesystem, hardens itself (capability bounding set, no-new-privs,
 //!   seccomp) and becomes the sandbox's PID 1 without exec'ing anything from the image — so it runs in any

@@ -85,8 +85,13 @@ impl Backend for Native {
         let boot_path = l.dir.join("boot.json");
         std::fs::write(&boot_path, serde_json::to_vec(&boot).expect("boot config serializes"))
             .map_err(|e| RuntimeError::io("writing boot.json", e))?;
+        // The config goes to the agent as a descriptor and the agent is named plainly, so that its command line,
+        // which the sandbox can read (/proc/1/cmdline), holds no host path.
+        let boot_file = std::fs::File::open(&boot_path).map_err(|e| RuntimeError::io("opening boot.json", e))?;
+        let boot_fd = pass(&boot_file)?;
         let mut command = tokio::process::Command::new(&l.config.agent_bin);
-        command.arg("init").arg(&boot_path).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(l.stderr);
+        command.arg0("compute-agent").arg("init").arg(format!("fd:{boot_fd}"));
+        command.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(l.stderr);
         let raw: Vec<i32> = passed.iter().map(|fd| fd.as_raw_fd()).collect();
         if !raw.is_empty() {
             // SAFETY: runs in the forked child before exec and only calls dup2, which is async-signal-safe. Every
