@@ -681,7 +681,7 @@ def test_lookup_listing_and_unserved_surfaces(shared_server):
     assert "AFTER terminated" in out, out
 
 
-def test_a_process_that_cannot_start_is_refused_naming_the_argument(shared_server):
+def test_a_process_that_cannot_start_or_is_too_large_is_refused_naming_the_argument(shared_server):
     out = sdk(shared_server, """
         sb = Sandbox(image=Image.debian_slim(), name="nularg").run()
         try:
@@ -689,10 +689,17 @@ def test_a_process_that_cannot_start_is_refused_naming_the_argument(shared_serve
             print("RAN", r.exit_code, r.stderr)
         except Exception as e:
             print("REFUSED", type(e).__name__, e)
+        try:
+            r = sb.exec("echo", "x" * (10 << 20))
+            print("RAN", r.exit_code)
+        except Exception as e:
+            print("TOOBIG", type(e).__name__, str(e)[:300])
         print("STILL", sb.exec("echo", "alive").stdout_text.strip())
         sb.terminate()
     """)
     assert "REFUSED" in out and "command[1] holds a NUL byte" in out, out
+    # Ten MiB in one argument is refused naming the limit, and the sandbox lives on.
+    assert "TOOBIG" in out and "command[1] is 10485760 bytes" in out and "131072" in out, out
     assert "STILL alive" in out, out
 
 

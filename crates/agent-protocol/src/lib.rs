@@ -418,4 +418,15 @@ mod tests {
         assert!(Frame::read_from(&mut &[10u8, 0, 0, 0, 2][..]).is_err());
         assert!(Frame::read_from(&mut &[][..]).unwrap().is_none());
     }
+
+    #[test]
+    fn the_frame_limit_is_max_frame_bytes_of_payload() {
+        let mut at_limit = Vec::new();
+        Frame::data(Kind::Stdin, 1, vec![0; MAX_FRAME]).encode(&mut at_limit);
+        assert_eq!(Frame::read_from(&mut &at_limit[..]).unwrap().unwrap().payload.len(), MAX_FRAME);
+        let mut past = Vec::new();
+        Frame::data(Kind::Stdin, 1, vec![0; MAX_FRAME + 1]).encode(&mut past);
+        let e = Frame::read_from(&mut &past[..]).unwrap_err();
+        assert!(e.to_string().contains("out of range"), "{e}");
+    }
 }

@@ -703,6 +703,7 @@ pub fn runtime_error(e: RuntimeError) -> ControlError {
     match e {
         RuntimeError::File { kind, message, errno } => ControlError::File { kind, message, errno },
         RuntimeError::NotRunning(id) => ControlError::FailedPrecondition(format!("sandbox {id} is not running")),
+        RuntimeError::TooLarge(m) => ControlError::InvalidArgument(m),
         other => ControlError::Internal(other.to_string()),
     }
 }
@@ -728,11 +729,38 @@ pub(crate) fn tail(path: &std::path::Path, lines: usize) -> Option<String> {
     (!last.is_empty()).then(|| last.join("\n"))
 }
 
+/// Linux's limit on one argument or environment string (`MAX_ARG_STRLEN`, 32 pages).
+const MAX_ARG_STRLEN: usize = 128 * 1024;
+/// The most the arguments and extra environment of one exec may add up to (Linux's `ARG_MAX` is a quarter of the
+/// stack limit, 2 MiB by default; this leaves room for the sandbox's own environment).
+const MAX_ARGS_TOTAL: usize = 1024 * 1024;
+
 /// What no process can be started with, refused before it reaches the sandbox: no command, or a NUL byte in the
 /// command, an argument, the working directory, the user or the environment (C strings end at NUL).
 fn check_exec(spec: &ExecSpec) -> Result<(), ControlError> {
     if spec.command.is_empty() {
         return Err(ControlError::InvalidArgument("command is required".into()));
+    }
+    // Linux's own limits (MAX_ARG_STRLEN per string; a total well under ARG_MAX), checked here so that an
+    // oversized request is refused by name instead of failing inside the sandbox.
+    let strings = std::iter::once(("command[0]".to_string(), spec.command.len()))
+        .chain(spec.args.iter().enumerate().map(|(i, a)| (format!("command[{}]", i + 1), a.len())))
+        .chain(spec.env.iter().map(|(k, v)| (format!("env[{k:?}]"), k.len() + v.len() + 1)));
+    let mut total = 0usize;
+    for (field, len) in strings {
+        if len > MAX_ARG_STRLEN {
+            return Err(ControlError::InvalidArgument(format!(
+                "{field} is {len} bytes; a process argument or variable can be at most {MAX_ARG_STRLEN} bytes \
+                 (pass large data as a file or on stdin)"
+            )));
+        }
+        total += len + 1;
+    }
+    if total > MAX_ARGS_TOTAL {
+        return Err(ControlError::InvalidArgument(format!(
+            "the command and env total {total} bytes; at most {MAX_ARGS_TOTAL} (pass large data as a file or on \
+             stdin)"
+        )));
     }
     let nul = |field: String| {
         ControlError::InvalidArgument(format!("{field} holds a NUL byte, which no process argument can carry"))
@@ -778,6 +806,8 @@ mod tests {
             (spec("echo", &["a", "b\0c"]), "command[2]"),
             (ExecSpec { env: vec![("K".into(), "v\0".into())], ..spec("echo", &[]) }, "env[\"K\"]"),
             (ExecSpec { workdir: Some("/tmp\0x".into()), ..spec("echo", &[]) }, "cwd"),
+            (spec("echo", &["a", &"x".repeat(10 << 20)]), "command[2] is 10485760 bytes"),
+            (spec("echo", &["y".repeat(100_000).as_str(); 11]), "at most 1048576"),
         ] {
             let e = check_exec(&s).unwrap_err().to_string();
             assert!(e.contains(field), "{field}: {e}");

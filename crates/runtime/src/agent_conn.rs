@@ -138,6 +138,13 @@ impl AgentConn {
     }
 
     async fn send(&self, frame: Frame) -> Result<(), RuntimeError> {
+        // A frame past the limit would make the agent drop the connection (and the sandbox with it).
+        if frame.payload.len() > MAX_FRAME {
+            return Err(RuntimeError::TooLarge(format!(
+                "the request is {} bytes; the sandbox agent takes at most {MAX_FRAME} bytes in one message",
+                frame.payload.len()
+            )));
+        }
         self.tx.send(frame).await.map_err(|_| RuntimeError::NotRunning(self.sandbox_id.clone()))
     }
 

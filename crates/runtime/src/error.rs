@@ -29,6 +29,9 @@ pub enum RuntimeError {
     /// The sandbox is gone (stopped, or its agent exited).
     #[error("sandbox {0} is not running")]
     NotRunning(String),
+    /// A request is larger than the agent protocol carries (it never reaches the agent).
+    #[error("{0}")]
+    TooLarge(String),
     /// A file transfer failed inside the sandbox.
     #[error("{message}")]
     File {
