@@ -107,6 +107,9 @@ async fn route(shared: Arc<Shared>, tls: bool, mut req: Request<Incoming>) -> Re
         let rest = rest.to_string();
         return crate::blobs::serve(&shared.volumes, &rest, req, &shared.metrics).await;
     }
+    if path == crate::oauth::PATH {
+        return crate::oauth::serve(&shared, req).await;
+    }
     if let Some(op) = path.strip_prefix("/v1/admin/") {
         let op = op.to_string();
         return crate::admin::serve(&shared, &op, req).await;

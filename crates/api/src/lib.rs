@@ -19,6 +19,7 @@ mod front_door;
 mod http_util;
 mod methods;
 mod metrics;
+mod oauth;
 mod server;
 mod services;
 mod status;

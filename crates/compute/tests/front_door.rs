@@ -535,3 +535,62 @@ fn a_connection_past_max_connections_is_closed_at_once_and_counted() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+fn post(server: &TestServer, path: &str, content_type: &str, body: &str, extra: &str) -> (u16, serde_json::Value) {
+    let req = format!(
+        "POST {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: {content_type}\r\n\
+         Content-Length: {}\r\n{extra}\r\n{body}",
+        body.len()
+    );
+    let resp = http1(server, req.as_bytes());
+    let code = resp.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    (code, serde_json::from_str(body_of(&resp)).unwrap_or(serde_json::Value::Null))
+}
+
+#[test]
+fn the_oauth_token_endpoint_exchanges_client_credentials_as_oauth_clients_expect() {
+    use base64::Engine as _;
+    let server = TestServer::start("oauth", &[]);
+    let (id, secret) = (server.client_id.clone(), server.client_secret.clone());
+    let body = format!(r#"{{"client_id":"{id}","client_secret":"{secret}","grant_type":"client_credentials"}}"#);
+    let (code, v) = post(&server, "/v1/oauth/token", "application/json", &body, "");
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(v["token_type"], "Bearer");
+    assert!(v["expires_in"].as_i64().unwrap() > 0);
+    let token = v["access_token"].as_str().unwrap().to_string();
+    // The token is the API's own.
+    let whoami = http1(
+        &server,
+        format!("GET /v1/who-am-i HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: Bearer {token}\r\n\r\n")
+            .as_bytes(),
+    );
+    assert!(whoami.starts_with("HTTP/1.1 200") && whoami.contains(&id), "{whoami}");
+    // A form, and HTTP Basic credentials, as OAuth libraries send them.
+    let form = format!("grant_type=client_credentials&client_id={id}&client_secret={secret}");
+    assert_eq!(post(&server, "/v1/oauth/token", "application/x-www-form-urlencoded", &form, "").0, 200);
+    let basic = base64::engine::general_purpose::STANDARD.encode(format!("{id}:{secret}"));
+    let (code, _) = post(
+        &server,
+        "/v1/oauth/token",
+        "application/x-www-form-urlencoded",
+        "grant_type=client_credentials",
+        &format!("Authorization: Basic {basic}\r\n"),
+    );
+    assert_eq!(code, 200);
+    // OAuth's errors.
+    let wrong = format!(r#"{{"client_id":"{id}","client_secret":"nope","grant_type":"client_credentials"}}"#);
+    let (code, v) = post(&server, "/v1/oauth/token", "application/json", &wrong, "");
+    assert_eq!((code, v["error"].as_str()), (401, Some("invalid_client")), "{v}");
+    let grant = format!(r#"{{"client_id":"{id}","client_secret":"{secret}","grant_type":"password"}}"#);
+    let (code, v) = post(&server, "/v1/oauth/token", "application/json", &grant, "");
+    assert_eq!((code, v["error"].as_str()), (400, Some("unsupported_grant_type")), "{v}");
+    let scope = format!(
+        r#"{{"client_id":"{id}","client_secret":"{secret}","grant_type":"client_credentials","scope":"env:nowhere"}}"#
+    );
+    let (code, v) = post(&server, "/v1/oauth/token", "application/json", &scope, "");
+    assert_eq!((code, v["error"].as_str()), (400, Some("invalid_scope")), "{v}");
+    let (code, v) = post(&server, "/v1/oauth/token", "application/json", "{}", "");
+    assert_eq!((code, v["error"].as_str()), (400, Some("unsupported_grant_type")), "{v}");
+    let resp = http1(&server, b"GET /v1/oauth/token HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    assert!(resp.starts_with("HTTP/1.1 405"), "{resp}");
+}
