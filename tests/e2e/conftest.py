@@ -167,6 +167,18 @@ def free_port():
         return s.getsockname()[1]
 
 
+def wait_for(what, check, timeout=90):
+    """Polls `check()` (which answers (done, what it saw)) until done; returns what it saw, or fails naming it."""
+    deadline = time.time() + timeout
+    last = None
+    while time.time() < deadline:
+        ok, last = check()
+        if ok:
+            return last
+        time.sleep(0.25)
+    raise AssertionError(f"timed out waiting for {what}; last: {last}")
+
+
 def require_root():
     if os.geteuid() != 0:
         pytest.fail("sandbox tests need root (namespaces, cgroups, mounts): run the suite as root", pytrace=False)

@@ -11,7 +11,7 @@ import uuid
 
 import pytest
 
-from conftest import PROGRAMS, Server, require_root, run_program, run_sdk
+from conftest import PROGRAMS, Server, require_root, run_program, run_sdk, wait_for
 
 CATALOG = "chalk.externalfunctioncatalog.v1.ExternalFunctionCatalogService"
 
@@ -243,17 +243,6 @@ def group_state(server, name):
     return g["status"], g.get("readyReplicas", 0)
 
 
-def wait_for(what, check, timeout=90):
-    deadline = time.time() + timeout
-    seen = None
-    while time.time() < deadline:
-        ok, seen = check()
-        if ok:
-            return seen
-        time.sleep(0.25)
-    raise AssertionError(f"{what}: still {seen} after {timeout}s")
-
-
 def web_env(server):
     """The SDK's environment in web-identity mode, from what `compute env --token-file` prints."""
     token = server.workdir / "token"
@@ -303,6 +292,19 @@ def run_program_args(path, env, args, timeout=900):
 
 def line(out, prefix):
     return [l for l in out.splitlines() if l.startswith(prefix)][-1][len(prefix):].strip()
+
+
+def deploy_result(server, filename, definition, function):
+    """Deploys `function`, defined by `definition`, from a program file (the SDK reads a function's source from
+    disk); returns "deployed" or the error's type and message."""
+    code = "import chalkcompute\n" + textwrap.dedent(definition) + textwrap.dedent(f'''
+        try:
+            {function}.deploy(); print("RESULT: deployed")
+        except Exception as e:
+            print("RESULT:", type(e).__name__, e)
+    ''')
+    (server.workdir / filename).write_text(code)
+    return line(run_program_args(server.workdir / filename, server.sdk_env(), []).stdout, "RESULT:")
 
 
 def catalog(server, method, body):
@@ -382,21 +384,13 @@ def test_call_timeout_ends_a_call_that_runs_too_long_with_deadline_exceeded(fns)
 
 
 def test_a_function_referring_to_a_missing_secret_is_refused_at_deploy_naming_it(fns):
-    code = textwrap.dedent('''
-        import chalkcompute
+    out = deploy_result(fns, "missing_secret.py", '''
         from chalkcompute import Secret
         @chalkcompute.function(secrets=[Secret.from_chalk_env("NO_SUCH_SECRET_41")])
         def needs_secret() -> int:
             return 1
-        try:
-            needs_secret.deploy(); print("RESULT: deployed")
-        except Exception as e:
-            print("RESULT:", type(e).__name__, e)
-    ''')
-    (fns.workdir / "missing_secret.py").write_text(code)
-    proc = run_program_args(fns.workdir / "missing_secret.py", fns.sdk_env(), [])
-    out = line(proc.stdout, "RESULT:")
-    assert "NO_SUCH_SECRET_41" in out and "RESULT: deployed" not in proc.stdout, out
+    ''', "needs_secret")
+    assert "NO_SUCH_SECRET_41" in out and out != "deployed", out
 
 
 def test_a_failing_call_is_retried_until_it_succeeds(fns):
@@ -494,19 +488,11 @@ def test_scheduled_functions_run_on_their_period_and_cron_pattern_and_stop_when_
 
 
 def test_a_schedule_that_is_neither_cron_nor_a_period_is_refused_naming_the_field(fns):
-    code = textwrap.dedent('''
-        import chalkcompute
+    out = deploy_result(fns, "bad_schedule.py", '''
         @chalkcompute.function(schedule="every hour")
         def hourly() -> int:
             return 1
-        try:
-            hourly.deploy(); print("RESULT: deployed")
-        except Exception as e:
-            print("RESULT:", type(e).__name__, e)
-    ''')
-    (fns.workdir / "bad_schedule.py").write_text(code)
-    proc = run_program_args(fns.workdir / "bad_schedule.py", fns.sdk_env(), [])
-    out = line(proc.stdout, "RESULT:")
+    ''', "hourly")
     assert "config.schedule" in out and "cron" in out and "period" in out, out
 
 

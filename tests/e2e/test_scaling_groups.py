@@ -13,7 +13,7 @@ import urllib.request
 
 import pytest
 
-from conftest import PROGRAMS, Server, compute_bin, require_root, run_program, run_sdk, sdk_ok
+from conftest import PROGRAMS, Server, compute_bin, require_root, run_program, run_sdk, sdk_ok, wait_for
 
 ALIASES = '[image_aliases]\n"python:3.12-slim-trixie" = "python:3.13-slim-trixie"\n'
 IMAGE = "python:3.13-slim-trixie"
@@ -90,17 +90,6 @@ def rpc(server, method, body, code=200):
 
 def group(server, name):
     return rpc(server, "GetScalingGroup", {"name": name})["scalingGroup"]
-
-
-def wait_for(what, check, timeout=90):
-    deadline = time.time() + timeout
-    last = None
-    while time.time() < deadline:
-        ok, last = check()
-        if ok:
-            return last
-        time.sleep(0.25)
-    raise AssertionError(f"timed out waiting for {what}; last: {last}")
 
 
 def live_sandboxes(server):

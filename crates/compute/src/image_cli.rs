@@ -2,18 +2,9 @@
 
 use serde_json::{json, Value};
 
-use crate::client::{ago, ApiClient};
+use compute_control::quantity::format_bytes as size;
 
-fn size(bytes: u64) -> String {
-    const UNITS: [&str; 4] = ["B", "KiB", "MiB", "GiB"];
-    let mut v = bytes as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u < UNITS.len() - 1 {
-        v /= 1024.0;
-        u += 1;
-    }
-    format!("{v:.1} {}", UNITS[u])
-}
+use crate::client::{ago, ApiClient};
 
 fn short(reference: &str) -> String {
     match reference.strip_prefix(compute_image::BUILT_PREFIX) {

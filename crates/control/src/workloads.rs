@@ -289,18 +289,7 @@ impl Workloads {
             ));
         }
         self.images.check(&req.image).map_err(|e| ControlError::InvalidArgument(format!("spec.image: {e}")))?;
-        for (k, v) in &req.env {
-            if k.is_empty() || k.contains('=') || k.contains('\0') {
-                return Err(ControlError::InvalidArgument(format!(
-                    "spec.env_vars: {k:?} is not a valid variable name"
-                )));
-            }
-            if v.contains('\0') {
-                return Err(ControlError::InvalidArgument(format!(
-                    "spec.env_vars[{k:?}]: the value holds a NUL byte, which no process environment can carry"
-                )));
-            }
-        }
+        check_env("spec.env_vars", &req.env)?;
         if let Some(l) = req.lifetime {
             if l.is_zero() {
                 return Err(ControlError::InvalidArgument("spec.lifetime must be positive".into()));
@@ -777,12 +766,20 @@ fn check_exec(spec: &ExecSpec) -> Result<(), ControlError> {
     if spec.user.as_deref().is_some_and(|u| u.contains('\0')) {
         return Err(nul("user".into()));
     }
-    for (k, v) in &spec.env {
+    check_env("env", &spec.env)
+}
+
+/// Variables a process environment can carry: a name without `=` or NUL, a value without NUL. `field` names the
+/// request's field in the error.
+fn check_env(field: &str, env: &[(String, String)]) -> Result<(), ControlError> {
+    for (k, v) in env {
         if k.is_empty() || k.contains('=') || k.contains('\0') {
-            return Err(ControlError::InvalidArgument(format!("env: {k:?} is not a valid variable name")));
+            return Err(ControlError::InvalidArgument(format!("{field}: {k:?} is not a valid variable name")));
         }
         if v.contains('\0') {
-            return Err(nul(format!("env[{k:?}]")));
+            return Err(ControlError::InvalidArgument(format!(
+                "{field}[{k:?}]: the value holds a NUL byte, which no process environment can carry"
+            )));
         }
     }
     Ok(())

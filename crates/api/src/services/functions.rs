@@ -36,7 +36,6 @@ use super::scaling::ScalingApi;
 use super::workload::{page, timestamp};
 use super::{base_url, principal};
 use crate::status::from_control;
-use compute_store::CallState;
 
 /// Most request messages one call may stream in (the SDK sends one).
 const MAX_CALL_MESSAGES: usize = 1024;
@@ -509,7 +508,8 @@ impl ExternalFunctionCatalogService for FunctionsApi {
     }
 }
 
-/// The `.remote()` handler.
+/// The handler of the `chalk.runtime.v1` services over functions: `.remote()` (RemoteCallService), `.defer()` /
+/// `.poll()` / `.purge()` (AsyncRemoteCallService) and a function's recent calls (FunctionQueueMetaService).
 pub struct RemoteCallApi {
     functions: Arc<Functions>,
 }
@@ -593,20 +593,8 @@ fn enqueue(
 /// How long a poll of an unfinished call waits for it to finish before answering.
 const POLL_WAIT: Duration = Duration::from_secs(2);
 
-/// The `.defer()` / `.poll()` handler: `chalk.runtime.v1.AsyncRemoteCallService`.
-pub struct AsyncRemoteCallApi {
-    functions: Arc<Functions>,
-}
-
-impl AsyncRemoteCallApi {
-    /// A handler over `functions`.
-    pub fn new(functions: Arc<Functions>) -> Self {
-        Self { functions }
-    }
-}
-
 #[tonic::async_trait]
-impl AsyncRemoteCallService for AsyncRemoteCallApi {
+impl AsyncRemoteCallService for RemoteCallApi {
     async fn enqueue_remote_call(
         &self,
         req: Request<EnqueueRemoteCallRequest>,
@@ -657,24 +645,11 @@ impl AsyncRemoteCallService for AsyncRemoteCallApi {
     }
 }
 
-/// `chalk.runtime.v1.FunctionQueueMetaService`: a function's recent deferred and scheduled calls, their answers and
-/// its queue depth (what `compute fn runs` lists).
-pub struct QueueMetaApi {
-    functions: Arc<Functions>,
-}
-
-impl QueueMetaApi {
-    /// A handler over `functions`.
-    pub fn new(functions: Arc<Functions>) -> Self {
-        Self { functions }
-    }
-}
-
 /// Call ids one GetCallResults may name.
 const MAX_RESULT_IDS: usize = 1000;
 
 #[tonic::async_trait]
-impl FunctionQueueMetaService for QueueMetaApi {
+impl FunctionQueueMetaService for RemoteCallApi {
     async fn get_recent_calls(
         &self,
         req: Request<GetRecentCallsRequest>,
@@ -700,7 +675,7 @@ impl FunctionQueueMetaService for QueueMetaApi {
                 call_id: c.id.clone(),
                 function_name: r.function_name.clone(),
                 enqueued_at: Some(timestamp(c.created_at)),
-                status: remote_status(c.state, c.expires_at) as i32,
+                status: remote_status(Polled::of(c)) as i32,
                 result_summary: call_summary(c),
                 trace_id: String::new(),
             })
@@ -744,24 +719,18 @@ impl FunctionQueueMetaService for QueueMetaApi {
     }
 }
 
-fn remote_status(state: CallState, expires_at: Option<i64>) -> RemoteCallStatus {
-    match state {
-        _ if expires_at.is_some_and(|e| e <= compute_store::now_millis()) => RemoteCallStatus::Expired,
-        CallState::Pending => RemoteCallStatus::Pending,
-        CallState::Running => RemoteCallStatus::Running,
-        CallState::Completed => RemoteCallStatus::Completed,
-        CallState::Failed => RemoteCallStatus::Failed,
-    }
-}
-
-fn poll_response(p: DeferredCall) -> Result<PollRemoteCallResponse, Status> {
-    let status = match p.state {
+fn remote_status(p: Polled) -> RemoteCallStatus {
+    match p {
         Polled::Pending => RemoteCallStatus::Pending,
         Polled::Running => RemoteCallStatus::Running,
         Polled::Completed => RemoteCallStatus::Completed,
         Polled::Failed => RemoteCallStatus::Failed,
         Polled::Expired => RemoteCallStatus::Expired,
-    };
+    }
+}
+
+fn poll_response(p: DeferredCall) -> Result<PollRemoteCallResponse, Status> {
+    let status = remote_status(p.state);
     let results = p
         .results
         .into_iter()

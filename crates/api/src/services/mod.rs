@@ -24,7 +24,7 @@ use tonic::service::Routes;
 pub use auth::AuthApi;
 pub use container::ContainerApi;
 pub use filesystem::FilesystemApi;
-pub use functions::{AsyncRemoteCallApi, FunctionsApi, QueueMetaApi, RemoteCallApi, CODEC as FUNCTION_CODEC};
+pub use functions::{FunctionsApi, RemoteCallApi, CODEC as FUNCTION_CODEC};
 pub use images::ImageApi;
 pub use process::ProcessApi;
 pub use sandbox::SandboxApi;
@@ -112,12 +112,12 @@ pub fn routes(backends: Backends, ingress_domain: Option<String>, max_message_by
             RemoteCallApi::new(functions.clone())
         ))
         .add_service(svc!(
-            runtime::v1::async_remote_call_service_server::AsyncRemoteCallServiceServer<AsyncRemoteCallApi>,
-            AsyncRemoteCallApi::new(functions.clone())
+            runtime::v1::async_remote_call_service_server::AsyncRemoteCallServiceServer<RemoteCallApi>,
+            RemoteCallApi::new(functions.clone())
         ))
         .add_service(svc!(
-            runtime::v1::function_queue_meta_service_server::FunctionQueueMetaServiceServer<QueueMetaApi>,
-            QueueMetaApi::new(functions)
+            runtime::v1::function_queue_meta_service_server::FunctionQueueMetaServiceServer<RemoteCallApi>,
+            RemoteCallApi::new(functions)
         ))
         .prepare()
 }

@@ -393,6 +393,16 @@ impl Functions {
         Ok(self.store.read(|r| r.functions().by_group(environment_id, group_name))?.map(|f| f.name))
     }
 
+    /// The policies of the version a function serves now.
+    fn current_policy(&self, f: &FunctionRecord) -> Result<Arc<CallPolicy>, ControlError> {
+        self.policy(&self.current(f)?)
+    }
+
+    /// A function of an environment by id, deleted ones included (the queue's and the scheduler's lookups).
+    fn record_by_id(&self, environment_id: &str, id: &str) -> Result<Option<FunctionRecord>, ControlError> {
+        Ok(self.store.read(|r| r.functions().get(environment_id, id))?)
+    }
+
     fn policy(&self, version: &FunctionVersionRecord) -> Result<Arc<CallPolicy>, ControlError> {
         if let Some(p) = lock(&self.policies).get(&version.id) {
             return Ok(p.clone());

@@ -294,10 +294,9 @@ impl Functions {
     }
 
     fn in_flight_cap(&self, environment_id: &str, function_id: &str) -> usize {
-        let who = Principal { client_id: String::new(), environment_id: environment_id.to_string(), expires_at: 0 };
-        self.get(&who, Some(function_id), None, None, true)
-            .and_then(|v| self.policy(&v.version))
-            .ok()
+        let policy = self.record_by_id(environment_id, function_id).ok().flatten().map(|f| self.current_policy(&f));
+        policy
+            .and_then(Result::ok)
             .and_then(|p| p.concurrency.as_ref().map(|c| c.max as usize))
             .unwrap_or(IN_FLIGHT_PER_FUNCTION)
     }
@@ -309,9 +308,9 @@ impl Functions {
             expires_at: i64::MAX,
         };
         let outcome = self.run_once_served(&who, &call).await;
-        let (ttl, name) = match self.get(&who, Some(&call.function_id), None, None, true) {
-            Ok(v) => (self.policy(&v.version).map(|p| p.queue.result_ttl).unwrap_or(DEFAULT_TTL), v.function.name),
-            Err(_) => (DEFAULT_TTL, call.function_id.clone()),
+        let (ttl, name) = match self.record_by_id(&call.environment_id, &call.function_id) {
+            Ok(Some(f)) => (self.current_policy(&f).map(|p| p.queue.result_ttl).unwrap_or(DEFAULT_TTL), f.name),
+            _ => (DEFAULT_TTL, call.function_id.clone()),
         };
         let at = now();
         let expires = at + ttl.as_millis() as i64;
@@ -335,8 +334,7 @@ impl Functions {
     /// Runs the call once a replica serves its function (waiting up to [`WAIT_FOR_REPLICA`] for one).
     async fn run_once_served(&self, who: &Principal, call: &CallRecord) -> Result<Vec<Bytes>, ControlError> {
         let f = self
-            .store
-            .read(|r| r.functions().get(&who.environment_id, &call.function_id))?
+            .record_by_id(&who.environment_id, &call.function_id)?
             .filter(|f| f.deleted_at.is_none())
             .ok_or_else(|| ControlError::NotFound("the function was deleted before the call ran".into()))?;
         let started = Instant::now();
@@ -390,15 +388,21 @@ fn state_summary(call: &CallRecord) -> String {
     }
 }
 
+impl Polled {
+    /// Where a recorded call is now: its state, or Expired once its answer is past its retention.
+    pub fn of(call: &CallRecord) -> Polled {
+        match call.state {
+            _ if call.expires_at.is_some_and(|e| e <= now()) => Polled::Expired,
+            CallState::Pending => Polled::Pending,
+            CallState::Running => Polled::Running,
+            CallState::Completed => Polled::Completed,
+            CallState::Failed => Polled::Failed,
+        }
+    }
+}
+
 fn polled(call: CallRecord, cursor: u64) -> Result<DeferredCall, ControlError> {
-    let expired = call.expires_at.is_some_and(|e| e <= now());
-    let state = match call.state {
-        _ if expired => Polled::Expired,
-        CallState::Pending => Polled::Pending,
-        CallState::Running => Polled::Running,
-        CallState::Completed => Polled::Completed,
-        CallState::Failed => Polled::Failed,
-    };
+    let state = Polled::of(&call);
     let all = match (&call.results, state) {
         (Some(framed), Polled::Completed) => unframe(framed)
             .ok_or_else(|| ControlError::Internal(format!("deferred call {:?}'s stored answer is corrupt", call.id)))?,

@@ -160,9 +160,7 @@ impl Functions {
     }
 
     fn schedule_of(&self, f: &FunctionRecord) -> Option<Schedule> {
-        let id = f.version_id.as_deref()?;
-        let version = self.store.read(|r| r.functions().version(id)).ok()??;
-        self.policy(&version).ok()?.schedule.clone()
+        self.current_policy(f).ok()?.schedule.clone()
     }
 }
 

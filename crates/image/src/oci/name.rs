@@ -111,18 +111,37 @@ impl ImageName {
     }
 }
 
+/// The host of `host[:port]` (an IPv6 literal without its brackets) and the port, when one is given.
+pub fn host_and_port(host_port: &str) -> (&str, Option<u16>) {
+    match host_port.strip_prefix('[') {
+        Some(v6) => {
+            let (host, rest) = v6.split_once(']').unwrap_or((v6, ""));
+            (host, rest.strip_prefix(':').and_then(|p| p.parse().ok()))
+        }
+        None => match host_port.rsplit_once(':') {
+            Some((host, port)) => (host, port.parse().ok()),
+            None => (host_port, None),
+        },
+    }
+}
+
 /// Whether `host[:port]` names this machine's loopback.
 pub fn is_loopback_host(host_port: &str) -> bool {
-    let host = match host_port.strip_prefix('[') {
-        Some(v6) => v6.split(']').next().unwrap_or(""),
-        None => host_port.rsplit_once(':').map_or(host_port, |(h, _)| h),
-    };
+    let (host, _) = host_and_port(host_port);
     host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_host_and_its_port_are_split_brackets_and_all() {
+        assert_eq!(host_and_port("registry.lan:5000"), ("registry.lan", Some(5000)));
+        assert_eq!(host_and_port("ghcr.io"), ("ghcr.io", None));
+        assert_eq!(host_and_port("[::1]:5000"), ("::1", Some(5000)));
+        assert_eq!(host_and_port("[fe80::1]"), ("fe80::1", None));
+    }
 
     fn n(s: &str) -> ImageName {
         ImageName::parse(s).unwrap()

@@ -10,7 +10,7 @@ use http::header::{HeaderName, ACCEPT, AUTHORIZATION, CONTENT_TYPE, WWW_AUTHENTI
 use http::StatusCode;
 
 use super::http::{HttpClient, Response};
-use super::name::{is_loopback_host, ImageName, DEFAULT_REGISTRY};
+use super::name::{host_and_port, is_loopback_host, ImageName, DEFAULT_REGISTRY};
 use crate::ImageError;
 
 /// Manifest media types a pull accepts, most specific first.
@@ -46,11 +46,7 @@ pub struct RegistryConfig {
 
 /// What kind of internal address `host[:port]` is, when it is an IP literal or `localhost`.
 fn internal_host(host_port: &str) -> Option<&'static str> {
-    let host = match host_port.rsplit_once(':') {
-        Some((h, p)) if p.parse::<u16>().is_ok() => h,
-        _ => host_port,
-    };
-    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let (host, _) = host_and_port(host_port);
     if host.eq_ignore_ascii_case("localhost") || host.to_ascii_lowercase().ends_with(".localhost") {
         return Some("a loopback address");
     }
@@ -180,10 +176,9 @@ impl Registry {
         if name.registry == DEFAULT_REGISTRY || self.operator_listed(&name.registry) {
             return Ok(());
         }
-        let host_port = if name.registry.rsplit_once(':').is_some_and(|(_, p)| p.parse::<u16>().is_ok()) {
-            name.registry.clone()
-        } else {
-            format!("{}:443", name.registry)
+        let host_port = match host_and_port(&name.registry) {
+            (_, Some(_)) => name.registry.clone(),
+            (_, None) => format!("{}:443", name.registry),
         };
         let Ok(Ok(addrs)) =
             tokio::time::timeout(std::time::Duration::from_secs(5), tokio::net::lookup_host(host_port)).await
