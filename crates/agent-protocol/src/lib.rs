@@ -51,7 +51,9 @@ pub enum Kind {
     Resume = 7,
     /// JSON [`FileWrite`]: open a file for writing; [`Kind::FileData`] frames follow, then [`Kind::FileEnd`].
     FileWrite = 8,
-    /// JSON [`FileRead`]: send a file's bytes as [`Kind::FileData`] frames then [`Kind::FileEnd`].
+    /// JSON [`FileRead`]: send a file's bytes as [`Kind::FileData`] frames, then [`Kind::FileOk`] (or
+    /// [`Kind::FileFailed`]). The agent sends no more bytes than the host has granted: the request's
+    /// [`FileRead::window`], then whatever each [`Kind::FileCredit`] adds.
     FileRead = 9,
     /// File bytes (both directions).
     FileData = 10,
@@ -59,6 +61,11 @@ pub enum Kind {
     FileEnd = 11,
     /// JSON [`Shutdown`]: terminate every process (SIGTERM, then SIGKILL after the grace period) and exit.
     Shutdown = 12,
+    /// JSON [`Credit`]: the host has room for this many more bytes of the download on this channel.
+    FileCredit = 13,
+    /// Stop the download on this channel now (its reader went away); the agent closes the file and sends nothing
+    /// more on the channel.
+    FileCancel = 14,
 
     // agent -> host
     /// JSON [`Hello`]: the agent is up and serving.
@@ -100,6 +107,8 @@ impl Kind {
             10 => FileData,
             11 => FileEnd,
             12 => Shutdown,
+            13 => FileCredit,
+            14 => FileCancel,
             64 => Ready,
             65 => Spawned,
             66 => SpawnFailed,
@@ -241,7 +250,21 @@ pub struct FileWrite {
 pub struct FileRead {
     /// Absolute path inside the sandbox.
     pub path: String,
+    /// Bytes the agent may send before it waits for [`Kind::FileCredit`]; unlimited when absent.
+    #[serde(default)]
+    pub window: Option<u64>,
 }
+
+/// More room for a download.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Credit {
+    /// Bytes added to the channel's window.
+    pub bytes: u64,
+}
+
+/// Largest download the agent sends of a file that reports no size (`/proc`, `/sys`): such files have no end the
+/// agent can know in advance, so it stops here and says why.
+pub const UNSIZED_FILE_LIMIT: u64 = 16 * 1024 * 1024;
 
 /// A finished file transfer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -282,11 +305,36 @@ pub struct Exit {
     pub timed_out: bool,
 }
 
+/// What kind of failure a [`Failure`] is; the host maps it to a status code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailureKind {
+    /// The path or program does not exist.
+    NotFound,
+    /// The sandbox's permissions refuse it.
+    PermissionDenied,
+    /// A file was expected and the path is a directory.
+    IsADirectory,
+    /// A directory was expected and a path component is not one.
+    NotADirectory,
+    /// Only regular files can be transferred, and this is a device, FIFO or socket.
+    NotARegularFile,
+    /// The request itself is malformed.
+    Invalid,
+    /// The sandbox's disk is full.
+    NoSpace,
+    /// The file is larger than the agent sends (see [`UNSIZED_FILE_LIMIT`]).
+    TooLarge,
+    /// Any other I/O failure (and any kind a newer agent names that this host does not know).
+    #[serde(other)]
+    Io,
+}
+
 /// Why something failed, with a kind the host maps to a status.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Failure {
-    /// `not_found`, `is_a_directory`, `permission_denied`, `invalid`, `io`.
-    pub kind: String,
+    /// What kind of failure.
+    pub kind: FailureKind,
     /// Human message naming what failed.
     pub message: String,
     /// The POSIX errno, when an OS call failed.
@@ -295,18 +343,23 @@ pub struct Failure {
 }
 
 impl Failure {
+    /// A failure of `kind` with no errno.
+    pub fn new(kind: FailureKind, message: impl Into<String>) -> Failure {
+        Failure { kind, message: message.into(), errno: None }
+    }
+
     /// A failure from an I/O error about `what`.
     pub fn from_io(what: &str, e: &io::Error) -> Failure {
-        let kind = match e.kind() {
-            io::ErrorKind::NotFound => "not_found",
-            io::ErrorKind::PermissionDenied => "permission_denied",
-            io::ErrorKind::IsADirectory => "is_a_directory",
-            io::ErrorKind::InvalidInput => "invalid",
-            _ if e.raw_os_error() == Some(21) => "is_a_directory",
-            _ if e.raw_os_error() == Some(20) => "not_a_directory",
-            _ => "io",
+        let kind = match (e.kind(), e.raw_os_error()) {
+            (io::ErrorKind::NotFound, _) => FailureKind::NotFound,
+            (io::ErrorKind::PermissionDenied, _) => FailureKind::PermissionDenied,
+            (io::ErrorKind::InvalidInput, _) => FailureKind::Invalid,
+            (_, Some(21)) => FailureKind::IsADirectory,
+            (_, Some(20)) => FailureKind::NotADirectory,
+            (_, Some(28)) => FailureKind::NoSpace,
+            _ => FailureKind::Io,
         };
-        Failure { kind: kind.into(), message: format!("{what}: {e}"), errno: e.raw_os_error() }
+        Failure { kind, message: format!("{what}: {e}"), errno: e.raw_os_error() }
     }
 }
 
@@ -382,6 +435,18 @@ pub struct VisibleLimits {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn failure_kinds_travel_as_snake_case_and_an_unknown_one_reads_as_io() {
+        let f = Failure::new(FailureKind::NotARegularFile, "x");
+        let json = serde_json::to_string(&f).unwrap();
+        assert!(json.contains("\"not_a_regular_file\""), "{json}");
+        assert_eq!(serde_json::from_str::<Failure>(&json).unwrap(), f);
+        let newer: Failure = serde_json::from_str(r#"{"kind":"quota_exceeded","message":"m"}"#).unwrap();
+        assert_eq!(newer.kind, FailureKind::Io);
+        let old: FileRead = serde_json::from_str(r#"{"path":"/a"}"#).unwrap();
+        assert_eq!(old.window, None, "a request without a window is unlimited");
+    }
 
     #[test]
     fn frames_round_trip() {

@@ -11,11 +11,11 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use compute_agent_protocol::{
-    Exit, Failure, FileRead, FileWrite, Frame, Hello, Kind, Resize, Shutdown, Signal, Spawn, Spawned, CHUNK,
-    ENTRYPOINT_CHANNEL,
+    Credit, Exit, Failure, FailureKind, FileRead, FileWrite, Frame, Hello, Kind, Resize, Shutdown, Signal, Spawn,
+    Spawned, CHUNK, ENTRYPOINT_CHANNEL,
 };
 
-use crate::files::Uploads;
+use crate::files::{Downloads, Uploads};
 use crate::process::{self, Stdio};
 use crate::reaper::{self, Ended};
 
@@ -85,6 +85,7 @@ pub fn serve(sandbox: Sandbox) -> std::io::Result<u8> {
     let sandbox = Arc::new(sandbox);
     let sessions: Sessions = Arc::default();
     let mut uploads = Uploads::default();
+    let downloads = Downloads::default();
 
     out.send(Frame::json(Kind::Ready, 0, &Hello { version: env!("CARGO_PKG_VERSION").into() }));
     if let Some(entry) = sandbox.entrypoint.clone() {
@@ -106,12 +107,16 @@ pub fn serve(sandbox: Sandbox) -> std::io::Result<u8> {
             Kind::Spawn => match frame.parse::<Spawn>() {
                 Ok(spec) => {
                     if session().is_some() {
-                        out.send(Frame::json(Kind::SpawnFailed, ch, &failure("invalid", "channel already in use")));
+                        out.send(Frame::json(
+                            Kind::SpawnFailed,
+                            ch,
+                            &failure(FailureKind::Invalid, "channel already in use"),
+                        ));
                     } else {
                         start(&sandbox, &sessions, &out, ch, spec);
                     }
                 }
-                Err(e) => out.send(Frame::json(Kind::SpawnFailed, ch, &failure("invalid", &e.to_string()))),
+                Err(e) => out.send(Frame::json(Kind::SpawnFailed, ch, &failure(FailureKind::Invalid, &e.to_string()))),
             },
             Kind::Stdin => {
                 if let Some(s) = session() {
@@ -154,34 +159,50 @@ pub fn serve(sandbox: Sandbox) -> std::io::Result<u8> {
             }
             Kind::FileWrite => match frame.parse::<FileWrite>() {
                 Ok(req) => uploads.begin(ch, &req, &out),
-                Err(e) => out.send(Frame::json(Kind::FileFailed, ch, &failure("invalid", &e.to_string()))),
+                Err(e) => out.send(Frame::json(Kind::FileFailed, ch, &failure(FailureKind::Invalid, &e.to_string()))),
             },
             Kind::FileData => uploads.data(ch, &frame.payload),
             Kind::FileEnd => uploads.end(ch, &out),
             Kind::FileRead => match frame.parse::<FileRead>() {
-                Ok(req) => {
-                    let out = out.clone();
-                    let fail = out.clone();
-                    if thread(move || crate::files::send_file(ch, &req.path, &out)).is_none() {
-                        fail.send(Frame::json(Kind::FileFailed, ch, &failure("io", OUT_OF_THREADS)));
-                    }
-                }
-                Err(e) => out.send(Frame::json(Kind::FileFailed, ch, &failure("invalid", &e.to_string()))),
+                Ok(req) => download(&downloads, ch, req, &out),
+                Err(e) => out.send(Frame::json(Kind::FileFailed, ch, &failure(FailureKind::Invalid, &e.to_string()))),
             },
+            Kind::FileCredit => {
+                if let Ok(c) = frame.parse::<Credit>() {
+                    downloads.grant(ch, c.bytes);
+                }
+            }
+            Kind::FileCancel => downloads.cancel(ch),
             Kind::Shutdown => {
                 let grace = frame.parse::<Shutdown>().map(|s| s.grace_ms).unwrap_or(0);
                 terminate_all(Duration::from_millis(grace));
                 return Ok(0);
             }
-            other => {
-                out.send(Frame::json(Kind::Error, ch, &failure("invalid", &format!("unexpected frame {other:?}"))))
-            }
+            other => out.send(Frame::json(
+                Kind::Error,
+                ch,
+                &failure(FailureKind::Invalid, &format!("unexpected frame {other:?}")),
+            )),
         }
     }
 }
 
-fn failure(kind: &str, message: &str) -> Failure {
-    Failure { kind: kind.into(), message: message.into(), errno: None }
+fn failure(kind: FailureKind, message: &str) -> Failure {
+    Failure::new(kind, message)
+}
+
+/// Sends a file from its own thread, within the window the host grants.
+fn download(downloads: &Downloads, ch: u32, req: FileRead, out: &Out) {
+    let window = downloads.open(ch, req.window);
+    let (out, fail, done) = (out.clone(), out.clone(), downloads.clone());
+    let sender = thread(move || {
+        crate::files::send_file(ch, &req.path, &window, &out);
+        done.close(ch);
+    });
+    if sender.is_none() {
+        downloads.close(ch);
+        fail.send(Frame::json(Kind::FileFailed, ch, &failure(FailureKind::Io, OUT_OF_THREADS)));
+    }
 }
 
 fn merged_env(base: &[(String, String)], extra: &[(String, String)]) -> Vec<(String, String)> {
@@ -216,7 +237,7 @@ fn start(sandbox: &Arc<Sandbox>, sessions: &Sessions, out: &Out, ch: u32, spec: 
     let creds = match user.as_deref().map(process::lookup_user).transpose() {
         Ok(c) => c,
         Err(e) => {
-            out.send(Frame::json(Kind::SpawnFailed, ch, &failure("invalid", &e.0)));
+            out.send(Frame::json(Kind::SpawnFailed, ch, &failure(FailureKind::Invalid, &e.0)));
             return;
         }
     };
@@ -245,7 +266,7 @@ fn start(sandbox: &Arc<Sandbox>, sessions: &Sessions, out: &Out, ch: u32, spec: 
     let started = match started {
         Ok(s) => s,
         Err(e) => {
-            out.send(Frame::json(Kind::SpawnFailed, ch, &failure("not_found", &e.0)));
+            out.send(Frame::json(Kind::SpawnFailed, ch, &failure(FailureKind::NotFound, &e.0)));
             return;
         }
     };
@@ -255,7 +276,7 @@ fn start(sandbox: &Arc<Sandbox>, sessions: &Sessions, out: &Out, ch: u32, spec: 
     let mut readers = Vec::new();
     let give_up = |why: &str| {
         signal_group(started.pid, libc::SIGKILL);
-        out.send(Frame::json(Kind::SpawnFailed, ch, &failure("io", why)));
+        out.send(Frame::json(Kind::SpawnFailed, ch, &failure(FailureKind::Io, why)));
     };
     let (stdin_file, pty) = match started.stdio {
         Stdio::Pipes { stdin, stdout, stderr } => {

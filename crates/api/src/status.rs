@@ -1,6 +1,6 @@
 //! Mapping control-plane errors to gRPC statuses, and gRPC codes to Connect's names and HTTP statuses.
 
-use compute_control::{AuthError, ControlError};
+use compute_control::{AuthError, ControlError, FailureKind};
 use tonic::{Code, Status};
 
 /// The gRPC status a control-plane error is reported as.
@@ -19,7 +19,7 @@ pub fn from_control(err: ControlError) -> Status {
             Some(d) => Status::with_details(tonic::Code::from_i32(s.code), s.message, d),
             None => Status::new(tonic::Code::from_i32(s.code), s.message),
         },
-        ControlError::File { kind, message, errno } => filesystem_status(&kind, message, errno),
+        ControlError::File { kind, message, errno } => filesystem_status(kind, message, errno),
         e @ (ControlError::Store(_)
         | ControlError::Internal(_)
         | ControlError::Secrets(_)
@@ -48,16 +48,18 @@ pub fn from_volume(err: compute_control::volume::VolumeError) -> Status {
 
 /// A filesystem failure inside a sandbox, with `chalk.sandbox.v2.FilesystemErrorDetail` attached as the SDK
 /// expects (it raises `SandboxFileSystemError` with the error kind and errno).
-pub fn filesystem_status(kind: &str, message: String, errno: Option<i32>) -> Status {
+pub fn filesystem_status(kind: FailureKind, message: String, errno: Option<i32>) -> Status {
     use compute_proto::chalk::sandbox::v2::{FilesystemError, FilesystemErrorDetail};
     use prost::Message;
     let (code, fs) = match kind {
-        "not_found" => (Code::NotFound, FilesystemError::NotFound),
-        "permission_denied" => (Code::PermissionDenied, FilesystemError::PermissionDenied),
-        "is_a_directory" | "not_a_directory" => (Code::FailedPrecondition, FilesystemError::FailedPrecondition),
-        "invalid" => (Code::InvalidArgument, FilesystemError::InvalidArgument),
-        "no_space" => (Code::ResourceExhausted, FilesystemError::ResourceExhausted),
-        _ => (Code::Internal, FilesystemError::Internal),
+        FailureKind::NotFound => (Code::NotFound, FilesystemError::NotFound),
+        FailureKind::PermissionDenied => (Code::PermissionDenied, FilesystemError::PermissionDenied),
+        FailureKind::IsADirectory | FailureKind::NotADirectory | FailureKind::NotARegularFile => {
+            (Code::FailedPrecondition, FilesystemError::FailedPrecondition)
+        }
+        FailureKind::Invalid => (Code::InvalidArgument, FilesystemError::InvalidArgument),
+        FailureKind::NoSpace | FailureKind::TooLarge => (Code::ResourceExhausted, FilesystemError::ResourceExhausted),
+        FailureKind::Io => (Code::Internal, FilesystemError::Internal),
     };
     let detail = FilesystemErrorDetail { error: fs as i32, posix_errno: errno };
     let any = prost_types::Any {

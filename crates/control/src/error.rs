@@ -36,8 +36,8 @@ pub enum ControlError {
     /// A file operation inside a sandbox failed.
     #[error("{message}")]
     File {
-        /// `not_found`, `is_a_directory`, `permission_denied`, `invalid`, `io`.
-        kind: String,
+        /// What kind of failure.
+        kind: compute_runtime::FailureKind,
         /// What failed.
         message: String,
         /// The POSIX errno, if known.

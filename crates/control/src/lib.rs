@@ -25,6 +25,7 @@ use compute_store::{Environment, Store};
 
 pub use auth::{Auth, IssuedToken, NewClientCredentials, Principal};
 pub use builds::{BuildAnswer, BuildStatus, Builds};
+pub use compute_runtime::FailureKind;
 pub use compute_secrets::{RefSource, SecretRef};
 pub use compute_store::ScopeKind;
 pub use error::{AuthError, ControlError};

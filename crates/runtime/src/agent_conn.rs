@@ -9,7 +9,8 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use compute_agent_protocol::{
-    Exit, Failure, FileDone, FileRead, FileWrite, Frame, Hello, Kind, Spawned, ENTRYPOINT_CHANNEL, MAX_FRAME,
+    Credit, Exit, Failure, FailureKind, FileDone, FileRead, FileWrite, Frame, Hello, Kind, Spawned, ENTRYPOINT_CHANNEL,
+    MAX_FRAME,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -35,6 +36,10 @@ pub enum EntrypointEnd {
 
 /// A piece of a downloaded file.
 pub type DownloadChunk = Result<Bytes, RuntimeError>;
+
+/// How many bytes of a download the agent may send ahead of its reader: the most one download holds in the
+/// server between the agent and the reader's queue.
+pub const DOWNLOAD_WINDOW: u64 = 1024 * 1024;
 
 enum Pending {
     Spawn(oneshot::Sender<Result<i32, String>>),
@@ -180,50 +185,71 @@ impl AgentConn {
         result
     }
 
-    /// Reads a file; the receiver yields its bytes in order, or one error.
+    /// Reads a file; the receiver yields its bytes in order, or one error. The agent sends at most
+    /// [`DOWNLOAD_WINDOW`] bytes ahead of what the receiver has taken, and dropping the receiver cancels the
+    /// download in the agent (which closes the file).
     pub async fn download(&self, path: &str) -> Result<mpsc::Receiver<DownloadChunk>, RuntimeError> {
         let ch = self.channel();
         let (ftx, mut frx) = mpsc::unbounded_channel::<Frame>();
         self.shared.pending.lock().unwrap_or_else(|p| p.into_inner()).insert(ch, Pending::File(ftx));
-        self.send(Frame::json(Kind::FileRead, ch, &FileRead { path: path.into() })).await?;
+        let request = FileRead { path: path.into(), window: Some(DOWNLOAD_WINDOW) };
+        self.send(Frame::json(Kind::FileRead, ch, &request)).await?;
         // Wait for the first frame so that "not found" and friends are an error of the call itself.
         let first = frx.recv().await.ok_or_else(|| RuntimeError::NotRunning(self.sandbox_id.clone()))?;
         if first.kind == Kind::FileFailed {
             self.shared.pending.lock().unwrap_or_else(|p| p.into_inner()).remove(&ch);
             return Err(file_result(first).unwrap_err());
         }
-        let (out_tx, out_rx) = mpsc::channel(16);
-        let shared = self.shared.clone();
-        let sandbox = self.sandbox_id.clone();
+        let (out_tx, out_rx) = mpsc::channel(4);
+        let conn = self.clone();
         tokio::spawn(async move {
-            let mut next = Some(first);
-            loop {
-                let frame = match next.take() {
-                    Some(f) => f,
-                    None => match frx.recv().await {
-                        Some(f) => f,
-                        None => {
-                            let _ = out_tx.send(Err(RuntimeError::NotRunning(sandbox.clone()))).await;
-                            break;
-                        }
-                    },
-                };
-                match frame.kind {
-                    Kind::FileData => {
-                        if out_tx.send(Ok(Bytes::from(frame.payload))).await.is_err() {
-                            break;
-                        }
-                    }
-                    Kind::FileOk => break,
-                    _ => {
-                        let _ = out_tx.send(file_result(frame).map(|_| Bytes::new())).await;
-                        break;
-                    }
-                }
+            if !conn.forward_download(ch, first, frx, out_tx).await {
+                let _ = conn.tx.send(Frame::data(Kind::FileCancel, ch, Vec::new())).await;
             }
-            shared.pending.lock().unwrap_or_else(|p| p.into_inner()).remove(&ch);
+            conn.shared.pending.lock().unwrap_or_else(|p| p.into_inner()).remove(&ch);
         });
         Ok(out_rx)
+    }
+
+    /// Hands a download's frames to its reader, granting the agent credit for each chunk the reader's queue
+    /// took. False when the reader went away first (the agent should stop).
+    async fn forward_download(
+        &self,
+        ch: u32,
+        first: Frame,
+        mut frx: mpsc::UnboundedReceiver<Frame>,
+        out: mpsc::Sender<DownloadChunk>,
+    ) -> bool {
+        let mut next = Some(first);
+        loop {
+            let frame = match next.take() {
+                Some(f) => f,
+                None => tokio::select! {
+                    f = frx.recv() => match f {
+                        Some(f) => f,
+                        None => {
+                            let _ = out.send(Err(RuntimeError::NotRunning(self.sandbox_id.clone()))).await;
+                            return true;
+                        }
+                    },
+                    _ = out.closed() => return false,
+                },
+            };
+            match frame.kind {
+                Kind::FileData => {
+                    let bytes = frame.payload.len() as u64;
+                    if out.send(Ok(Bytes::from(frame.payload))).await.is_err() {
+                        return false;
+                    }
+                    let _ = self.tx.send(Frame::json(Kind::FileCredit, ch, &Credit { bytes })).await;
+                }
+                Kind::FileOk => return true,
+                _ => {
+                    let _ = out.send(file_result(frame).map(|_| Bytes::new())).await;
+                    return true;
+                }
+            }
+        }
     }
 
     /// Asks the agent to stop everything (SIGTERM, SIGKILL after `grace_ms`) and exit.
@@ -249,11 +275,8 @@ fn file_result(f: Frame) -> Result<u64, RuntimeError> {
     match f.kind {
         Kind::FileOk => Ok(f.parse::<FileDone>().map(|d| d.bytes).unwrap_or(0)),
         _ => {
-            let failure = f.parse::<Failure>().unwrap_or(Failure {
-                kind: "io".into(),
-                message: "file transfer failed".into(),
-                errno: None,
-            });
+            let failure =
+                f.parse::<Failure>().unwrap_or_else(|_| Failure::new(FailureKind::Io, "file transfer failed"));
             Err(RuntimeError::File { kind: failure.kind, message: failure.message, errno: failure.errno })
         }
     }

@@ -35,8 +35,8 @@ pub enum RuntimeError {
     /// A file transfer failed inside the sandbox.
     #[error("{message}")]
     File {
-        /// `not_found`, `is_a_directory`, `permission_denied`, `invalid`, `io`.
-        kind: String,
+        /// What kind of failure.
+        kind: compute_agent_protocol::FailureKind,
         /// What failed.
         message: String,
         /// The POSIX errno, if known.

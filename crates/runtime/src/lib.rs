@@ -23,6 +23,7 @@ use std::time::Duration;
 
 pub use agent_conn::{AgentConn, DownloadChunk, EntrypointEnd};
 pub use cgroup::CgroupVersion;
+pub use compute_agent_protocol::FailureKind;
 pub use error::RuntimeError;
 pub use network::NetworkConfig;
 pub use sandbox::{Resources, Sandbox, SandboxSpec};

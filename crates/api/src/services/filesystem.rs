@@ -96,28 +96,14 @@ impl SandboxFilesystemService for FilesystemApi {
         if r.sandbox_id.is_empty() || r.path.is_empty() {
             return Err(Status::invalid_argument("sandbox_id and path are required"));
         }
-        let mut chunks = self.workloads.download(&who, &r.sandbox_id, &r.path).await.map_err(from_control)?;
-        let stream = async_stream(move |tx: mpsc::Sender<Result<DownloadFileResponse, Status>>| async move {
-            while let Some(chunk) = chunks.recv().await {
-                let item = chunk
-                    .map(|data| DownloadFileResponse { data: data.to_vec() })
-                    .map_err(|e| from_control(compute_control::workloads::runtime_error(e)));
-                let stop = item.is_err();
-                if tx.send(item).await.is_err() || stop {
-                    break;
-                }
-            }
+        let chunks = self.workloads.download(&who, &r.sandbox_id, &r.path).await.map_err(from_control)?;
+        // The response reads straight from the download's queue: when the client goes away the queue is dropped
+        // with it, and that cancels the read in the sandbox.
+        let stream = tokio_stream::wrappers::ReceiverStream::new(chunks).map(|chunk| {
+            chunk
+                .map(|data| DownloadFileResponse { data: data.to_vec() })
+                .map_err(|e| from_control(compute_control::workloads::runtime_error(e)))
         });
-        Ok(Response::new(stream))
+        Ok(Response::new(Box::pin(stream)))
     }
-}
-
-fn async_stream<F, Fut>(f: F) -> DownloadStream
-where
-    F: FnOnce(mpsc::Sender<Result<DownloadFileResponse, Status>>) -> Fut,
-    Fut: std::future::Future<Output = ()> + Send + 'static,
-{
-    let (tx, rx) = mpsc::channel(8);
-    tokio::spawn(f(tx));
-    Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
 }
