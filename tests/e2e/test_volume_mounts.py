@@ -155,3 +155,27 @@ def test_sync_on_request_while_the_sandbox_runs(shared_server):
     assert "READ b'written\\n'" in out, out
     stopped = shared_server.cli("volume", "sync", "sync-me", check=False)
     assert stopped.returncode != 0 and "not running" in stopped.stderr, stopped.stderr
+
+
+def test_a_large_directory_stored_in_pieces_reads_and_writes_whole_through_a_mount(shared_server, tmp_path):
+    """A 2,000-file directory is stored as leaves and index nodes: the mount lists and reads every file, and writes
+    into it from the sandbox (new files, a removal) become a version that holds all the others."""
+    require_root()
+    src = tmp_path / "many"
+    src.mkdir()
+    for i in range(2000):
+        (src / f"f{i:04}.txt").write_text(f"{i}\n")
+    out = sdk(shared_server, f"""
+        vol = Volume("pieces")
+        vol.put_dir({str(src)!r}, "many")
+        sb = Sandbox(image=Image.debian_slim(), name="pieces").mount_volume("pieces", "/data").run()
+        r = sb.exec("sh", "-c", "ls /data/many | wc -l; cat /data/many/f1234.txt /data/many/f0000.txt /data/many/f1999.txt; "
+                                "for i in $(seq 0 99); do echo new$i > /data/many/n$i.txt; done; rm /data/many/f0500.txt; sync")
+        print("MOUNT", r.exit_code, r.stdout_text.split(), r.stderr_text)
+        sb.terminate()
+        names = {{f.path for f in vol.listdir("many")}}
+        print("AFTER", len(names), "many/f0500.txt" in names, "many/n42.txt" in names, vol.read_file("many/f1999.txt"),
+              vol.read_file("many/n99.txt"))
+    """)
+    assert "MOUNT 0 ['2000', '1234', '0', '1999']" in out, out
+    assert "AFTER 2099 False True b'1999\\n' b'new99\\n'" in out, out

@@ -413,3 +413,40 @@ def test_a_recursive_remove_of_the_root_replaces_the_tree_in_the_same_commit(vol
         print("HANDLER", vol.read_file("handler.py"))
     """).stdout
     assert "FILES ['handler.py']" in out and "HANDLER b'new'" in out, out
+
+
+def test_one_file_commits_into_a_large_directory_store_little_and_hold_no_memory(vols, tmp_path):
+    """#12 items 3 and 4: 1,000 one-file commits into a 3,000-file directory, through the SDK. Before, every commit
+    stored the whole directory again (quadratic growth) and the server kept each version's tree in memory."""
+    import sqlite3
+
+    def tree_bytes():
+        db = sqlite3.connect(f"file:{vols.data_dir / 'state.db'}?mode=ro", uri=True)
+        try:
+            return db.execute("SELECT COALESCE(SUM(LENGTH(body)), 0) FROM volume_trees").fetchone()[0]
+        finally:
+            db.close()
+
+    def rss():
+        with open(f"/proc/{vols.proc.pid}/status") as f:
+            return int(re.search(r"VmRSS:\s+(\d+)", f.read()).group(1)) * 1024
+
+    src = tmp_path / "seed"
+    src.mkdir()
+    for i in range(3000):
+        (src / f"f{i:05}.txt").write_text(f"{i}\n")
+    sdk(vols, f'Volume("onebyone").put_dir({str(src)!r}, "d")')
+    before_bytes, before_rss = tree_bytes(), rss()
+    out = sdk(vols, """
+        vol = Volume("onebyone")
+        for i in range(1000):
+            vol.put_file(f"d/n{i:04}", b"x")
+        names = [f.path for f in vol.listdir("d")]
+        print("COUNT", len(names), "LAST", vol.read_file("d/n0999"), "FIRST", vol.read_file("d/f00000.txt"))
+    """).stdout
+    assert "COUNT 4000 LAST b'x' FIRST b'0\\n'" in out, out
+    stored, grown = tree_bytes() - before_bytes, rss() - before_rss
+    print(f"1,000 one-file commits: {stored} bytes of trees stored, server memory {grown:+} bytes")
+    # The 3,000-entry directory alone is ~300 KB: a commit that rewrote it would store ~300 MB over 1,000 commits.
+    assert stored < 40 << 20, f"1,000 one-file commits stored {stored} bytes of trees"
+    assert grown < 64 << 20, f"the server's memory grew by {grown} bytes over 1,000 commits"

@@ -9,9 +9,12 @@
 //!   (both from the page cache: the objects and the file were just written); target ≥ 80 % of disk.
 //! - `stat` of every entry of a 100,000-file tree through the FUSE mount (first walk: every lookup reaches the
 //!   filesystem), next to the same walk on disk; target ≥ 100k/s.
+//! - 1,000 one-file commits into a 10,000-file directory: the time of each, next to creating (and fsyncing) one
+//!   file in a 10,000-file directory on disk; and the bytes of trees they stored, next to what the same commits
+//!   stored when every one rewrote the whole directory (before large directories were stored in pieces).
 //!
 //! Usage (as root, for FUSE): cargo build --release && target/release/bench-volumes [--runs 10] [--read-mb 1024]
-//! [--only commit|fork|read|stat] (one measure alone, e.g. to profile it)
+//! [--only commit|fork|read|stat|grow] (one measure alone, e.g. to profile it)
 
 use std::io::Read;
 use std::path::Path;
@@ -243,10 +246,85 @@ async fn run(dir: &Path, runs: usize, read_mb: usize, only: &str) -> anyhow::Res
         verdicts.push(("stat >= 100k/s", fuse_rate >= 100_000.0));
     }
 
+    if wanted("grow") {
+        verdicts.push(("a one-file commit into 10,000 files stores <= 32 KiB", bench_grow(&v, dir).await?));
+    }
+
     let verdicts: Vec<String> =
         verdicts.iter().map(|(what, ok)| format!("{what} ({})", if *ok { "met" } else { "NOT met" })).collect();
     println!("targets: {}", verdicts.join(", "));
     Ok(())
+}
+
+/// Measure 5: 1,000 one-file commits into a 10,000-file directory, next to the disk, and the bytes they stored next
+/// to a whole-directory rewrite per commit. Returns whether each stored at most 32 KiB of trees on average (a leaf
+/// and its index path, whatever the directory's size).
+async fn bench_grow(v: &Arc<VolumeStore>, dir: &Path) -> anyhow::Result<bool> {
+    const SEED: usize = 10_000;
+    const COMMITS: usize = 1_000;
+    let file = |path: String, i: usize| Upsert {
+        path,
+        node: NodeSpec::File(FileContent::Inline { data: format!("small file {i}\n").into_bytes() }),
+        meta: Metadata::default(),
+        mode: WriteMode::Upsert,
+    };
+    v.create(ENV, "grow", "data")?;
+    let seed = (0..SEED).map(|i| file(format!("dir/f{i:06}.txt"), i)).collect();
+    commit(v, "grow", "seed", Changes { upserts: seed, removes: vec![] }).await?;
+    let (_, before) = v.tree_totals()?;
+    let mut ours = Vec::with_capacity(COMMITS);
+    for i in 0..COMMITS {
+        let one = Changes { upserts: vec![file(format!("dir/n{i:06}.txt"), i)], removes: vec![] };
+        let t = Instant::now();
+        commit(v, "grow", &format!("one{i}"), one).await?;
+        ours.push(t.elapsed());
+    }
+    let (_, after) = v.tree_totals()?;
+    let stored = after - before;
+    // What the flat layout stored: the whole directory once per commit, one entry longer each time.
+    let root = v.view(ENV, &sel("grow"), &Selector::default())?.version.map(|x| x.root_tree).unwrap_or_default();
+    let listed = v.lookup(&root, "dir")?.ok_or_else(|| anyhow::anyhow!("the directory is there"))?;
+    let entries = v.load_tree(&listed.hash)?;
+    anyhow::ensure!(entries.entries.len() == SEED + COMMITS, "the directory holds every file");
+    let stored_len = |e: &compute_volume::Entry| {
+        let n = prost::Message::encoded_len(e);
+        1 + prost::length_delimiter_len(n) + n
+    };
+    let seed_bytes: usize = entries.entries.iter().filter(|e| e.name.starts_with('f')).map(stored_len).sum();
+    let mut flat = 0u64;
+    let mut size = seed_bytes;
+    for e in entries.entries.iter().filter(|e| e.name.starts_with('n')) {
+        size += stored_len(e);
+        flat += size as u64;
+    }
+
+    let disk_dir = dir.join("grow-disk");
+    std::fs::create_dir_all(&disk_dir)?;
+    for i in 0..SEED {
+        std::fs::write(disk_dir.join(format!("f{i:06}.txt")), format!("small file {i}\n"))?;
+    }
+    let mut disk = Vec::with_capacity(COMMITS);
+    for i in 0..COMMITS {
+        let t = Instant::now();
+        let mut f = std::fs::File::create(disk_dir.join(format!("n{i:06}.txt")))?;
+        std::io::Write::write_all(&mut f, format!("small file {i}\n").as_bytes())?;
+        f.sync_all()?;
+        disk.push(t.elapsed());
+    }
+    std::fs::remove_dir_all(&disk_dir)?;
+    let (o50, o99) = p50_p99_ms(&mut ours);
+    let (d50, d99) = p50_p99_ms(&mut disk);
+    println!("\n{:<52} {:>12} {:>9}", "", "p50 ms", "p99 ms");
+    println!("{:<52} {o50:>12.3} {o99:>9.3}", "one-file commit into a 10,000-file directory");
+    println!("{:<52} {d50:>12.3} {d99:>9.3}   (ratio {:.2})", "  plain disk: create + fsync one file there", o50 / d50);
+    println!("{:<52} {:>12}", "trees stored by the 1,000 commits", format!("{:.2} MB", stored as f64 / 1e6));
+    println!(
+        "{:<52} {:>12}   (ratio {:.4})",
+        "  the same commits rewriting the whole directory",
+        format!("{:.2} MB", flat as f64 / 1e6),
+        stored as f64 / flat as f64
+    );
+    Ok(stored / COMMITS as u64 <= 32 * 1024)
 }
 
 /// Measure 3: sequential read of a large file through FUSE, cold and from the page cache, each next to the disk.
@@ -367,15 +445,15 @@ fn main() -> anyhow::Result<()> {
         &[
             ("--runs", "N", "rounds (default 10)"),
             ("--read-mb", "N", "MiB read (default 1024, at least 8)"),
-            ("--only", "commit|fork|read|stat", "one measurement alone"),
+            ("--only", "commit|fork|read|stat|grow", "one measurement alone"),
         ],
     );
     let runs = arg("--runs", 10);
     let read_mb = arg("--read-mb", 1024usize).max(8);
     let only = arg("--only", String::new());
     anyhow::ensure!(
-        ["", "commit", "fork", "read", "stat"].contains(&only.as_str()),
-        "--only takes commit, fork, read or stat, not {only:?}"
+        ["", "commit", "fork", "read", "stat", "grow"].contains(&only.as_str()),
+        "--only takes commit, fork, read, stat or grow, not {only:?}"
     );
     let dir = std::env::temp_dir().join(format!("compute-bench-volumes-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;

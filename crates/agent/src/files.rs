@@ -223,24 +223,24 @@ fn open_for_read(path: &str) -> Result<(File, u64), Failure> {
 
 fn regular_file(path: &str, meta: &std::fs::Metadata) -> Result<(), Failure> {
     let ft = meta.file_type();
-    let (kind, errno, what) = if ft.is_file() {
+    if ft.is_file() {
         return Ok(());
-    } else if ft.is_dir() {
-        return Err(Failure {
-            errno: Some(libc::EISDIR),
-            ..Failure::new(FailureKind::IsADirectory, format!("{path} is a directory"))
-        });
-    } else if ft.is_char_device() {
-        (FailureKind::NotARegularFile, libc::EINVAL, "a character device")
+    }
+    if ft.is_dir() {
+        let f = Failure::new(FailureKind::IsADirectory, format!("{path} is a directory"));
+        return Err(Failure { errno: Some(libc::EISDIR), ..f });
+    }
+    let what = if ft.is_char_device() {
+        "a character device"
     } else if ft.is_block_device() {
-        (FailureKind::NotARegularFile, libc::EINVAL, "a block device")
+        "a block device"
     } else if ft.is_fifo() {
-        (FailureKind::NotARegularFile, libc::EINVAL, "a FIFO")
+        "a FIFO"
     } else {
-        (FailureKind::NotARegularFile, libc::EINVAL, "a socket")
+        "a socket"
     };
     let message = format!("{path} is {what}, which has no end to download; only regular files can be read");
-    Err(Failure { errno: Some(errno), ..Failure::new(kind, message) })
+    Err(Failure { errno: Some(libc::EINVAL), ..Failure::new(FailureKind::NotARegularFile, message) })
 }
 
 /// Streams the file; the bytes sent, or `None` if the host cancelled.

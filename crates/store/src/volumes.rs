@@ -284,6 +284,12 @@ impl<'c> Volumes<'c> {
         Ok(stmt.query_row([hash], |r| r.get(0)).optional()?)
     }
 
+    /// How many directory trees are stored, and their bytes.
+    pub fn tree_totals(&self) -> Result<(u64, u64)> {
+        let mut stmt = self.conn.prepare_cached("SELECT COUNT(*), COALESCE(SUM(LENGTH(body)), 0) FROM volume_trees")?;
+        Ok(stmt.query_row([], |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64)))?)
+    }
+
     /// Hashes of trees stored before `cutoff` (candidates for garbage collection).
     pub fn tree_hashes_before(&self, cutoff: i64) -> Result<Vec<String>> {
         let mut stmt = self.conn.prepare_cached("SELECT hash FROM volume_trees WHERE created_at < ?1")?;

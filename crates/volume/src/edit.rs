@@ -1,10 +1,13 @@
 //! Changes to a version, and applying them to its tree: only the directories on touched paths are loaded and
-//! rewritten; every other subtree keeps its hash.
+//! rewritten; every other subtree keeps its hash. Of a large directory stored in pieces (see [`crate::tree`]) only
+//! the leaves holding touched names are loaded, and only those, with any a changed cut runs into, are stored anew.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use crate::tree::{kind, Entry, Extent, Tree, DIR_MODE, FILE_MODE, SYMLINK_MODE};
+use crate::tree::{
+    kind, seal_dir, seal_index, seal_leaf, Cutter, Entry, Extent, Part, Tree, DIR_MODE, FILE_MODE, SYMLINK_MODE,
+};
 use crate::VolumeError;
 
 /// How an upsert treats an existing path.
@@ -125,10 +128,18 @@ enum Slot {
     Dir { meta: Entry, dir: MutDir },
 }
 
+/// A directory being edited.
 #[derive(Default)]
 struct MutDir {
+    /// Its entries; for a directory in pieces, those of the loaded leaves.
     entries: BTreeMap<String, Slot>,
+    /// For a directory in pieces: its leaves in order, each with whether its entries are in `entries` yet. Empty
+    /// when `entries` is the whole directory.
+    leaves: Vec<(Part, bool)>,
 }
+
+/// Loads a stored tree by hash.
+type Load<'a> = dyn FnMut(&str) -> Result<Arc<Tree>, VolumeError> + 'a;
 
 /// Applies changes to a tree, loading subtrees through `load` and collecting new trees.
 pub struct Editor<L> {
@@ -146,10 +157,10 @@ pub struct Edited {
 }
 
 impl<L: FnMut(&str) -> Result<Arc<Tree>, VolumeError>> Editor<L> {
-    /// An editor over the tree `root` (loaded with `load`).
+    /// An editor over the tree `root` (its stored pieces loaded with `load`).
     pub fn new(mut load: L, root: &str, now_ms: i64) -> Result<Self, VolumeError> {
-        let tree = load(root)?;
-        Ok(Self { root: MutDir::from_tree(&tree), load, now_ms })
+        let root = MutDir::load(root, &mut load)?;
+        Ok(Self { root, load, now_ms })
     }
 
     /// Applies `changes` in order.
@@ -168,21 +179,21 @@ impl<L: FnMut(&str) -> Result<Arc<Tree>, VolumeError>> Editor<L> {
         let Some((name, parents)) = parts.split_last() else {
             // The root itself: empty the volume (the SDK's "clear the source volume" intent before a redeploy's
             // upserts, which then apply to the emptied tree in the same commit).
-            if !r.recursive && !self.root.entries.is_empty() {
+            if !r.recursive && !self.root.is_empty() {
                 return Err(VolumeError::FailedPrecondition(format!(
                     "cannot remove {:?}: the volume's root is not empty (set recursive to empty the volume)",
                     r.path
                 )));
             }
-            self.root.entries.clear();
+            self.root = MutDir::default();
             return Ok(());
         };
         let not_found = || VolumeError::NotFound(format!("cannot remove {:?}: no such file or directory", r.path));
-        let dir = self.walk(parents, false, &r.path)?.ok_or_else(not_found)?;
+        let dir = self.walk(parents, name, false, &r.path)?.ok_or_else(not_found)?;
         let non_empty = match dir.entries.get(*name) {
             None => return Err(not_found()),
             Some(Slot::Entry(e)) => e.is_dir() && e.hash != crate::tree::empty_tree_hash(),
-            Some(Slot::Dir { dir, .. }) => !dir.entries.is_empty(),
+            Some(Slot::Dir { dir, .. }) => !dir.is_empty(),
         };
         if non_empty && !r.recursive {
             return Err(VolumeError::FailedPrecondition(format!(
@@ -200,7 +211,7 @@ impl<L: FnMut(&str) -> Result<Arc<Tree>, VolumeError>> Editor<L> {
             return Err(VolumeError::InvalidArgument("upserts[].path is empty: name a file or directory".into()));
         };
         let now = self.now_ms;
-        let dir = self.walk(parents, true, &u.path)?.expect("walk with create always yields a directory");
+        let dir = self.walk(parents, name, true, &u.path)?.expect("walk with create always yields a directory");
         let exists = dir.entries.contains_key(*name);
         match u.mode {
             WriteMode::Create if exists => {
@@ -263,12 +274,20 @@ impl<L: FnMut(&str) -> Result<Arc<Tree>, VolumeError>> Editor<L> {
         Ok(())
     }
 
-    /// The directory at `parts`, loading trees on the way. With `create`, missing directories are made;
-    /// without, a missing one yields `None`.
-    fn walk(&mut self, parts: &[&str], create: bool, path: &str) -> Result<Option<&mut MutDir>, VolumeError> {
+    /// The directory at `parts`, loading trees on the way, with the leaf that would hold `name` loaded. With
+    /// `create`, missing directories are made; without, a missing one yields `None`.
+    fn walk(
+        &mut self,
+        parts: &[&str],
+        name: &str,
+        create: bool,
+        path: &str,
+    ) -> Result<Option<&mut MutDir>, VolumeError> {
         let now = self.now_ms;
+        let load = &mut self.load;
         let mut dir = &mut self.root;
         for (i, part) in parts.iter().enumerate() {
+            dir.open(part, load)?;
             if !dir.entries.contains_key(*part) {
                 if !create {
                     return Ok(None);
@@ -290,44 +309,118 @@ impl<L: FnMut(&str) -> Result<Arc<Tree>, VolumeError>> Editor<L> {
                         parts[..=i].join("/")
                     )));
                 }
-                let tree = (self.load)(&e.hash)?;
-                *slot = Slot::Dir { meta: e.clone(), dir: MutDir::from_tree(&tree) };
+                *slot = Slot::Dir { meta: e.clone(), dir: MutDir::load(&e.hash, load)? };
             }
             let Slot::Dir { dir: d, .. } = slot else { unreachable!("converted to a directory above") };
             dir = d;
         }
+        dir.open(name, load)?;
         Ok(Some(dir))
     }
 
     /// Encodes every loaded directory (children first) and returns the new root.
-    pub fn finish(self) -> Edited {
+    pub fn finish(mut self) -> Result<Edited, VolumeError> {
         let mut trees = Vec::new();
-        let root = self.root.seal(&mut trees);
-        Edited { root, trees }
+        let root = std::mem::take(&mut self.root).seal(&mut self.load, &mut trees)?;
+        Ok(Edited { root, trees })
     }
 }
 
 impl MutDir {
-    fn from_tree(tree: &Tree) -> Self {
-        Self { entries: tree.entries.iter().map(|e| (e.name.clone(), Slot::Entry(e.clone()))).collect() }
+    /// The directory stored at `hash`: a leaf's entries, or, for a directory in pieces, the list of its leaves
+    /// (read through its index nodes; the leaves themselves load when a name in them is opened).
+    fn load(hash: &str, load: &mut Load<'_>) -> Result<Self, VolumeError> {
+        let tree = load(hash)?;
+        if !tree.is_index() {
+            let entries = tree.entries.iter().map(|e| (e.name.clone(), Slot::Entry(e.clone()))).collect();
+            return Ok(Self { entries, leaves: Vec::new() });
+        }
+        let mut leaves = Vec::new();
+        collect_leaves(&tree, load, &mut leaves)?;
+        Ok(Self { entries: BTreeMap::new(), leaves: leaves.into_iter().map(|p| (p, false)).collect() })
     }
 
-    fn seal(self, out: &mut Vec<(String, Vec<u8>)>) -> String {
-        let entries = self
-            .entries
-            .into_values()
-            .map(|slot| match slot {
-                Slot::Entry(e) => e,
-                Slot::Dir { mut meta, dir } => {
-                    meta.hash = dir.seal(out);
-                    meta
-                }
-            })
-            .collect();
-        let (body, hash) = Tree { entries }.encode_with_hash();
-        out.push((hash.clone(), body));
-        hash
+    /// Makes sure the entry `name` would be in `entries` if it exists: loads the leaf that holds its range.
+    fn open(&mut self, name: &str, load: &mut Load<'_>) -> Result<(), VolumeError> {
+        if self.leaves.is_empty() {
+            return Ok(());
+        }
+        let i = self.leaves.partition_point(|(p, _)| p.first.as_str() <= name).saturating_sub(1);
+        let (part, loaded) = &mut self.leaves[i];
+        if !*loaded {
+            for e in &load(&part.hash)?.entries {
+                self.entries.insert(e.name.clone(), Slot::Entry(e.clone()));
+            }
+            *loaded = true;
+        }
+        Ok(())
     }
+
+    fn is_empty(&self) -> bool {
+        self.entries.is_empty() && self.leaves.iter().all(|(_, loaded)| *loaded)
+    }
+
+    /// Stores what changed (children first); the directory's new hash. A directory in pieces keeps every leaf
+    /// that was not loaded and that no changed cut runs into.
+    fn seal(self, load: &mut Load<'_>, out: &mut Vec<(String, Vec<u8>)>) -> Result<String, VolumeError> {
+        if self.leaves.is_empty() {
+            let entries = self.entries.into_values().map(|s| seal_slot(s, load, out)).collect::<Result<_, _>>()?;
+            return Ok(seal_dir(entries, out));
+        }
+        let mut cutter = Cutter::new(0);
+        let mut parts = Vec::with_capacity(self.leaves.len());
+        let mut edited = self.entries.into_iter().peekable();
+        let n = self.leaves.len();
+        for (i, (part, loaded)) in self.leaves.iter().enumerate() {
+            // A leaf nobody touched, where the cut before it still falls, stays as it is.
+            if !*loaded && cutter.at_cut() {
+                parts.push(part.clone());
+                continue;
+            }
+            let entries: Vec<Entry> = if *loaded {
+                let end = self.leaves.get(i + 1).map(|(p, _)| p.first.as_str());
+                let mut mine = Vec::new();
+                while let Some((_, slot)) = edited.next_if(|(k, _)| i + 1 == n || end.is_some_and(|e| k.as_str() < e)) {
+                    mine.push(seal_slot(slot, load, out)?);
+                }
+                mine
+            } else {
+                load(&part.hash)?.entries.clone()
+            };
+            for e in entries {
+                if let Some(piece) = cutter.push(e) {
+                    parts.push(seal_leaf(piece, out));
+                }
+            }
+        }
+        if let Some(piece) = cutter.finish() {
+            parts.push(seal_leaf(piece, out));
+        }
+        Ok(seal_index(parts, out))
+    }
+}
+
+fn seal_slot(slot: Slot, load: &mut Load<'_>, out: &mut Vec<(String, Vec<u8>)>) -> Result<Entry, VolumeError> {
+    Ok(match slot {
+        Slot::Entry(e) => e,
+        Slot::Dir { mut meta, dir } => {
+            meta.hash = dir.seal(load, out)?;
+            meta
+        }
+    })
+}
+
+/// The leaves under an index node, in order.
+pub(crate) fn collect_leaves(node: &Tree, load: &mut Load<'_>, out: &mut Vec<Part>) -> Result<(), VolumeError> {
+    if node.height <= 1 {
+        out.extend(node.parts.iter().cloned());
+        return Ok(());
+    }
+    for p in &node.parts {
+        let child = load(&p.hash)?;
+        collect_leaves(&child, load, out)?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -351,7 +444,7 @@ mod tests {
         let load = |h: &str| snapshot.get(h).cloned().ok_or_else(|| VolumeError::Internal(format!("no tree {h}")));
         let mut ed = Editor::new(load, root, 1)?;
         ed.apply(&changes)?;
-        let out = ed.finish();
+        let out = ed.finish().unwrap();
         for (h, body) in out.trees {
             trees.insert(h, Arc::new(<Tree as prost::Message>::decode(body.as_slice()).unwrap()));
         }
@@ -443,5 +536,79 @@ mod tests {
         }
         let under_file = commit(&mut trees, &v1, Changes { upserts: vec![file("f/x", b"")], ..Default::default() });
         assert!(matches!(under_file, Err(VolumeError::FailedPrecondition(_))));
+    }
+
+    fn files(range: std::ops::Range<usize>) -> Changes {
+        Changes { upserts: range.map(|i| file(&format!("big/f{i:05}"), b"x")).collect(), ..Default::default() }
+    }
+
+    /// Every entry of the directory at `hash`, joined from its pieces.
+    fn all_entries(trees: &HashMap<String, Arc<Tree>>, hash: &str) -> Vec<Entry> {
+        let t = &trees[hash];
+        if !t.is_index() {
+            return t.entries.clone();
+        }
+        t.parts.iter().flat_map(|p| all_entries(trees, &p.hash)).collect()
+    }
+
+    #[test]
+    fn a_large_directory_has_the_same_hash_however_it_was_built() {
+        let (mut trees, root) = empty();
+        let at_once = commit(&mut trees, &root, files(0..3000)).unwrap();
+        let mut one_by_one = root.clone();
+        // Backwards and in uneven batches, so inserts land before, inside and after existing leaves.
+        let mut end: usize = 3000;
+        while end > 0 {
+            let start = end.saturating_sub(1 + end % 97);
+            one_by_one = commit(&mut trees, &one_by_one, files(start..end)).unwrap();
+            end = start;
+        }
+        assert_eq!(one_by_one, at_once);
+        let big = trees[&at_once].get("big").unwrap().hash.clone();
+        assert!(trees[&big].is_index(), "3,000 entries are stored in pieces");
+        let names: Vec<String> = all_entries(&trees, &big).into_iter().map(|e| e.name).collect();
+        assert_eq!(names, (0..3000).map(|i| format!("f{i:05}")).collect::<Vec<_>>());
+
+        // Removing every third name (boundaries among them) matches building the rest from scratch.
+        let removes = (0..3000).step_by(3).map(|i| Remove { path: format!("big/f{i:05}"), recursive: false }).collect();
+        let thinned = commit(&mut trees, &at_once, Changes { removes, ..Default::default() }).unwrap();
+        let rest = Changes {
+            upserts: (0..3000).filter(|i| i % 3 != 0).map(|i| file(&format!("big/f{i:05}"), b"x")).collect(),
+            ..Default::default()
+        };
+        assert_eq!(thinned, commit(&mut trees, &root, rest).unwrap());
+        // And removing everything leaves the empty directory.
+        let gone = Changes { removes: vec![Remove { path: "big".into(), recursive: true }], ..Default::default() };
+        let emptied = commit(&mut trees, &thinned, gone).unwrap();
+        assert!(trees[&emptied].entries.is_empty());
+    }
+
+    #[test]
+    fn a_one_file_commit_into_a_large_directory_stores_a_leaf_and_its_index_path_not_the_directory() {
+        let (mut trees, root) = empty();
+        let mut head = commit(&mut trees, &root, files(0..10_000)).unwrap();
+        let whole: usize = {
+            let big = trees[&head].get("big").unwrap().hash.clone();
+            all_entries(&trees, &big).iter().map(prost::Message::encoded_len).sum()
+        };
+        for i in 0..200 {
+            let before = trees.clone();
+            head = commit(
+                &mut trees,
+                &head,
+                Changes { upserts: vec![file(&format!("big/n{i}"), b"y")], ..Default::default() },
+            )
+            .unwrap();
+            let stored: usize = trees
+                .iter()
+                .filter(|(h, _)| !before.contains_key(*h))
+                .map(|(_, t)| prost::Message::encoded_len(t.as_ref()))
+                .sum();
+            // A leaf is 32 entries on average and at most 32 KiB; the index path above it is a few nodes.
+            assert!(
+                stored < 48 * 1024 && stored * 8 < whole,
+                "commit {i} stored {stored} bytes of a {whole}-byte directory"
+            );
+        }
     }
 }

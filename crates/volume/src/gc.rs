@@ -106,7 +106,8 @@ impl VolumeStore {
                     continue;
                 }
                 live_trees.insert(hash.clone());
-                let tree = self.load_tree(&hash)?;
+                let tree = self.load_node(&hash)?;
+                stack.extend(tree.parts.iter().map(|p| p.hash.clone()));
                 for e in &tree.entries {
                     if e.is_dir() {
                         stack.push(e.hash.clone());
@@ -129,9 +130,9 @@ impl VolumeStore {
                 }
                 Ok(())
             })?;
-            let mut cache = self.trees.lock().unwrap_or_else(|p| p.into_inner());
             for h in &dead {
-                cache.remove(h);
+                self.nodes.remove(h);
+                self.dirs.remove(h);
             }
         }
         report.trees_deleted = dead.len();
@@ -158,6 +159,11 @@ impl VolumeStore {
         }
         tracing::info!(?report, "volume garbage collection done");
         Ok(report)
+    }
+
+    /// How many directory trees the store holds, and their bytes (for tests, benchmarks and tools).
+    pub fn tree_totals(&self) -> Result<(u64, u64), VolumeError> {
+        Ok(self.store.read(|r| r.volumes().tree_totals())?)
     }
 
     /// Whether an object is stored for `env` (for tests and tools).

@@ -13,6 +13,7 @@
 
 #![warn(missing_docs)]
 
+mod cache;
 pub mod edit;
 mod fuse;
 mod gc;
@@ -85,6 +86,9 @@ pub struct VolumeConfig {
     pub retention: Option<Duration>,
     /// Objects and trees younger than this are never collected (uploads whose commit is still coming).
     pub gc_grace: Duration,
+    /// Memory for decoded directory trees: half for stored trees, half for large directories joined from their
+    /// pieces.
+    pub tree_cache_bytes: usize,
 }
 
 impl Default for VolumeConfig {
@@ -95,6 +99,7 @@ impl Default for VolumeConfig {
             inline_store_max: 4096,
             retention: None,
             gc_grace: Duration::from_secs(3600),
+            tree_cache_bytes: 64 << 20,
         }
     }
 }
@@ -188,12 +193,14 @@ pub struct VolumeStore {
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Commits hold it shared; garbage collection exclusively, so it never sweeps what a commit is adding.
     gc_lock: tokio::sync::RwLock<()>,
-    trees: Mutex<HashMap<String, Arc<Tree>>>,
+    /// Stored trees (leaves and index nodes) by hash.
+    nodes: cache::TreeCache,
+    /// Large directories joined from their pieces, by hash.
+    dirs: cache::TreeCache,
     /// Version trees live mounts read from (see [`TreeHold`]).
     held: gc::Held,
 }
 
-const TREE_CACHE_MAX: usize = 16 * 1024;
 const SIGNING_SECRET: &str = "volume-url-signing";
 
 impl VolumeStore {
@@ -213,6 +220,7 @@ impl VolumeStore {
         })?;
         let (body, hash) = Tree::default().encode_with_hash();
         store.write(|r| r.volumes().put_tree(&hash, &body, 0))?;
+        let cache_half = config.tree_cache_bytes / 2;
         Ok(Self {
             store,
             objects,
@@ -220,7 +228,8 @@ impl VolumeStore {
             config,
             locks: Mutex::default(),
             gc_lock: tokio::sync::RwLock::new(()),
-            trees: Mutex::default(),
+            nodes: cache::TreeCache::new(cache_half),
+            dirs: cache::TreeCache::new(cache_half),
             held: gc::Held::default(),
         })
     }
@@ -585,9 +594,9 @@ impl VolumeStore {
         }
         let changes = self.settle_content(env, req.changes, sizes).await?;
         let now = now_millis();
-        let mut editor = edit::Editor::new(|h: &str| self.load_tree(h), &base_root, now)?;
+        let mut editor = edit::Editor::new(|h: &str| self.load_node(h), &base_root, now)?;
         editor.apply(&changes)?;
-        let edited = editor.finish();
+        let edited = editor.finish()?;
         let pack = req.primary_pack.as_ref().map(|k| k.hash().to_string()).unwrap_or_default();
         let version = self.record_version(
             &volume,
@@ -730,10 +739,30 @@ impl VolumeStore {
         Ok(Some(CommitOutcome { volume, version, latest }))
     }
 
-    /// A tree by hash, from the cache or the store.
+    /// A directory by hash, whole: a large one's pieces joined (and cached), so readers see one list of entries.
     pub fn load_tree(&self, hash: &str) -> Result<Arc<Tree>, VolumeError> {
-        if let Some(t) = self.trees.lock().unwrap_or_else(|p| p.into_inner()).get(hash) {
-            return Ok(t.clone());
+        let node = self.load_node(hash)?;
+        if !node.is_index() {
+            return Ok(node);
+        }
+        if let Some(t) = self.dirs.get(hash) {
+            return Ok(t);
+        }
+        let mut leaves = Vec::new();
+        edit::collect_leaves(&node, &mut |h: &str| self.load_node(h), &mut leaves)?;
+        let mut entries = Vec::with_capacity(leaves.iter().map(|p| p.count as usize).sum());
+        for leaf in &leaves {
+            entries.extend(self.load_node(&leaf.hash)?.entries.iter().cloned());
+        }
+        let tree = Arc::new(Tree { entries, ..Default::default() });
+        self.dirs.insert(hash, tree.clone());
+        Ok(tree)
+    }
+
+    /// One stored tree (a directory, or a piece of a large one) by hash, from the cache or the store.
+    pub(crate) fn load_node(&self, hash: &str) -> Result<Arc<Tree>, VolumeError> {
+        if let Some(t) = self.nodes.get(hash) {
+            return Ok(t);
         }
         let body = self
             .store
@@ -743,11 +772,7 @@ impl VolumeStore {
             <Tree as prost::Message>::decode(body.as_slice())
                 .map_err(|e| VolumeError::Internal(format!("directory tree {hash} does not decode: {e}")))?,
         );
-        let mut cache = self.trees.lock().unwrap_or_else(|p| p.into_inner());
-        if cache.len() >= TREE_CACHE_MAX {
-            cache.clear();
-        }
-        cache.insert(hash.to_string(), tree.clone());
+        self.nodes.insert(hash, tree.clone());
         Ok(tree)
     }
 

@@ -18,7 +18,7 @@ use fuser::{
 };
 
 use crate::fuse::{attr, configure_kernel, file_type, Blocks, TTL};
-use crate::tree::{kind, Entry, Tree, DIR_MODE, SYMLINK_MODE};
+use crate::tree::{kind, Entry, DIR_MODE, SYMLINK_MODE};
 use crate::{VolumeError, VolumeStore};
 
 /// One inode: its entry (metadata, and the version's content while unchanged), its bytes in the upper directory
@@ -701,8 +701,7 @@ impl VolumeStore {
                     entries.push(Box::pin(self.seal_snapshot(env, k, trees)).await?);
                 }
                 entries.sort_by(|a, b| a.name.cmp(&b.name));
-                let (body, hash) = Tree { entries }.encode_with_hash();
-                trees.push((hash.clone(), body));
+                let hash = crate::tree::seal_dir(entries, trees);
                 Ok(Entry { hash, ..e })
             }
         }

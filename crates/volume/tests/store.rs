@@ -166,3 +166,67 @@ async fn retention_and_gc_keep_a_version_a_mount_holds() {
     assert!(!v.has_object(ENV, &old).await.unwrap());
     assert!(v.has_object(ENV, &new).await.unwrap());
 }
+
+fn inline(data: &[u8]) -> FileContent {
+    FileContent::Inline { data: data.to_vec() }
+}
+
+fn rss() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 1024
+}
+
+/// #12 items 3 and 4: one-file commits into a 10,000-file directory store a leaf and its index path each (not the
+/// directory), the server's memory stays flat over 10,000 of them, every file reads back, and garbage collection
+/// under retention takes the superseded pieces.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_one_file_commits_keep_storage_linear_and_memory_flat() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(Store::open(dir.path().join("state.db")).unwrap());
+    store.write(|r| r.environments().insert(&Environment { id: ENV.into(), name: "test".into(), created_at: 0 })).ok();
+    let objects = Objects::local(&dir.path().join("objects")).unwrap();
+    // A small tree cache, so that it is full long before the end and what is measured is growth beyond it.
+    let config = VolumeConfig { retention: Some(Duration::ZERO), tree_cache_bytes: 8 << 20, ..VolumeConfig::default() };
+    let v = Arc::new(VolumeStore::open(store, objects, config).unwrap());
+    v.create(ENV, "many", "data").unwrap();
+    let seed = (0..10_000).map(|i| upsert(&format!("d/f{i:05}"), inline(b"s"))).collect();
+    commit(&v, "many", "seed", Changes { upserts: seed, ..Default::default() }).await;
+    let (_, seeded) = v.tree_totals().unwrap();
+
+    let mut rss_at_2000 = 0;
+    for i in 0..10_000 {
+        let one = Changes { upserts: vec![upsert(&format!("d/n{i:05}"), inline(b"x"))], ..Default::default() };
+        commit(&v, "many", &format!("c{i}"), one).await;
+        if i % 500 == 0 {
+            // Readers see the whole directory each time (joined from its pieces), as a mount's listing would.
+            let root = v.view(ENV, &sel("many"), &Selector::default()).unwrap().version.unwrap().root_tree;
+            let d = v.lookup(&root, "d").unwrap().unwrap();
+            assert_eq!(v.load_tree(&d.hash).unwrap().entries.len(), 10_001 + i);
+        }
+        if i == 2_000 {
+            rss_at_2000 = rss();
+        }
+    }
+    let grown = rss().saturating_sub(rss_at_2000);
+    assert!(grown < 16 << 20, "memory grew by {grown} bytes over 8,000 commits");
+    let (_, after) = v.tree_totals().unwrap();
+    let per_commit = (after - seeded) / 10_000;
+    eprintln!("seeded {seeded} B of trees; {per_commit} B per one-file commit; memory +{grown} B over 8,000 commits");
+    // The flat directory was ~1 MB: every commit stored all of it before #12.
+    assert!(per_commit < 40 * 1024, "each commit stored {per_commit} bytes of trees");
+
+    let f = v.get_file(ENV, &sel("many"), &Selector::default(), "d/n09999", "http://h").await.unwrap();
+    assert!(matches!(f.data, FileData::Bytes(b) if b.as_ref() == b"x"));
+    let f = v.get_file(ENV, &sel("many"), &Selector::default(), "d/f04321", "http://h").await.unwrap();
+    assert!(matches!(f.data, FileData::Bytes(b) if b.as_ref() == b"s"));
+
+    std::thread::sleep(Duration::from_millis(1100));
+    let report = v.gc(Some(Duration::ZERO)).await.unwrap();
+    assert_eq!(report.versions_pruned, 10_000, "{report:?}");
+    let (_, collected) = v.tree_totals().unwrap();
+    assert!(collected < seeded * 3, "after collection {collected} bytes of trees remain (one version: ~{seeded})");
+    let root = v.view(ENV, &sel("many"), &Selector::default()).unwrap().version.unwrap().root_tree;
+    let d = v.lookup(&root, "d").unwrap().unwrap();
+    assert_eq!(v.load_tree(&d.hash).unwrap().entries.len(), 20_000);
+}
