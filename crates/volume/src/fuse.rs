@@ -277,16 +277,17 @@ impl Filesystem for VersionFs {
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let Some(dir) = self.entry(parent).filter(Entry::is_dir) else { return reply.error(Errno::ENOTDIR) };
-        let tree = match self.children(&dir) {
-            Ok(t) => t,
-            Err(e) => return reply.error(e),
-        };
-        match name.to_str().and_then(|n| tree.get(n)) {
-            Some(e) => {
-                let ino = self.child_ino(parent.0, e);
-                reply.entry(&TTL, &attr(ino, e), Generation(0))
+        let Some(name) = name.to_str() else { return reply.error(Errno::ENOENT) };
+        match self.store.dir_entry(&dir.hash, name) {
+            Ok(Some(e)) => {
+                let ino = self.child_ino(parent.0, &e);
+                reply.entry(&TTL, &attr(ino, &e), Generation(0))
             }
-            None => reply.error(Errno::ENOENT),
+            Ok(None) => reply.error(Errno::ENOENT),
+            Err(e) => {
+                tracing::warn!(error = %e, "volume mount: loading a directory failed");
+                reply.error(Errno::EIO)
+            }
         }
     }
 

@@ -750,13 +750,32 @@ impl VolumeStore {
         }
         let mut leaves = Vec::new();
         edit::collect_leaves(&node, &mut |h: &str| self.load_node(h), &mut leaves)?;
-        let mut entries = Vec::with_capacity(leaves.iter().map(|p| p.count as usize).sum());
-        for leaf in &leaves {
-            entries.extend(self.load_node(&leaf.hash)?.entries.iter().cloned());
+        // Each leaf's stored form is decoded straight into the joined list (prost appends repeated fields), read in
+        // one transaction: no copy of entries decoded once already, and no leaf pushed through the node cache.
+        let bodies = self
+            .store
+            .read(|r| leaves.iter().map(|leaf| r.volumes().tree(&leaf.hash)).collect::<Result<Vec<_>, _>>())?;
+        let capacity = leaves.iter().map(|p| p.count as usize).sum();
+        let mut joined = Tree { entries: Vec::with_capacity(capacity), ..Default::default() };
+        for (leaf, body) in leaves.iter().zip(bodies) {
+            let body =
+                body.ok_or_else(|| VolumeError::Internal(format!("directory piece {} is missing", leaf.hash)))?;
+            prost::Message::merge(&mut joined, body.as_slice())
+                .map_err(|e| VolumeError::Internal(format!("directory piece {} does not decode: {e}", leaf.hash)))?;
         }
-        let tree = Arc::new(Tree { entries, ..Default::default() });
+        let tree = Arc::new(joined);
         self.dirs.insert(hash, tree.clone());
         Ok(tree)
+    }
+
+    /// The entry `name` of the directory at `hash`: in a large directory, found through its index, one leaf loaded.
+    pub fn dir_entry(&self, hash: &str, name: &str) -> Result<Option<Entry>, VolumeError> {
+        let mut node = self.load_node(hash)?;
+        while node.is_index() {
+            let child = node.parts[node.part_for(name)].hash.clone();
+            node = self.load_node(&child)?;
+        }
+        Ok(node.get(name).cloned())
     }
 
     /// One stored tree (a directory, or a piece of a large one) by hash, from the cache or the store.

@@ -80,9 +80,8 @@ impl VolumeStore {
             if !entry.is_dir() {
                 return Ok(None);
             }
-            let tree = self.load_tree(&entry.hash)?;
-            match tree.get(part) {
-                Some(e) => entry = e.clone(),
+            match self.dir_entry(&entry.hash, part)? {
+                Some(e) => entry = e,
                 None => return Ok(None),
             }
         }
