@@ -39,9 +39,11 @@ def compute_bin():
 
 
 class Server:
-    def __init__(self, data_dir, extra_args=(), config=None):
+    def __init__(self, data_dir, extra_args=(), config=None, images=None):
+        """`images`: an image store of its own (default: the suite's shared one)."""
         self.data_dir = pathlib.Path(data_dir)
         self.extra_args = list(extra_args)
+        self.images = str(images) if images else None
         self.proc = None
         if config is not None:
             self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -62,7 +64,7 @@ class Server:
                 "--data-dir",
                 str(self.data_dir),
                 "--image-dir",
-                image_dir(),
+                self.images or image_dir(),
                 *isolation_args(),
                 *self.extra_args,
             ],

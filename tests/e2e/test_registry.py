@@ -306,3 +306,35 @@ def test_a_musl_image_with_no_shell_runs(registries, tmp_path):
     """)
     assert "HELLO 0 hello from musl there" in out, out
     assert re.search(r"SH process_failed: command not found: sh \(searched PATH=", out), out
+
+
+def test_docker_hub_names_go_to_docker_hubs_endpoint_by_default(tmp_path):
+    """#20 item 1: `Image.debian_slim("3.12")` (no Debian suite has 3.12) pulls python:3.12-slim-trixie from Docker
+    Hub's endpoint with no mirror configured. A loopback registry stands in for that endpoint, set the way the
+    default is (docker_hub_endpoint); a server left at the default, offline here, says what it tried and how to
+    alias."""
+    require_root()
+    hub = LocalRegistry(tmp_path / "hub")
+    stand_in = Server(tmp_path / "data", config=f'docker_hub_endpoint = "http://{hub.host}"\n')
+    # Its own image store: the shared one may hold the stand-in's pull from an earlier run.
+    default = Server(tmp_path / "default", images=tmp_path / "default-images")
+    try:
+        push_multiarch(hub, "library/python", "3.12-slim-trixie")
+        out = sdk(stand_in, """
+            sb = Sandbox(image=Image.debian_slim("3.12"), name="hub").run()
+            print("ARCH", sb.exec("cat", "/arch.txt").stdout_text.strip())
+            sb.terminate()
+        """)
+        assert "ARCH amd64" in out, out
+        out = sdk(default, """
+            try:
+                Sandbox(image=Image.debian_slim("3.12"), name="offline").run()
+                print("RAN")
+            except Exception as e:
+                print("REFUSED", type(e).__name__, e)
+        """)
+        assert "REFUSED" in out and "registry-1.docker.io" in out and "image_aliases" in out, out
+    finally:
+        stand_in.stop()
+        default.stop()
+        hub.stop()

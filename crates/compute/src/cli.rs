@@ -96,6 +96,10 @@ struct ServeFlags {
     /// How long a client may take to send a request's headers, the first included, e.g. 10s [default: 10s].
     #[arg(long, env = "COMPUTE_REQUEST_HEADER_TIMEOUT")]
     request_header_timeout: Option<String>,
+    /// Where Docker Hub names (python:3.13) are pulled from when no mirror is set for docker.io; "" refuses them
+    /// [default: https://registry-1.docker.io].
+    #[arg(long, env = "COMPUTE_DOCKER_HUB_ENDPOINT")]
+    docker_hub_endpoint: Option<String>,
 }
 
 impl ServeFlags {
@@ -123,6 +127,7 @@ impl ServeFlags {
             build_step_timeout: self.build_step_timeout.clone(),
             image_providers: None,
             registry_mirrors: None,
+            docker_hub_endpoint: self.docker_hub_endpoint.clone(),
             registry_credentials: None,
             insecure_registries: None,
             debian_mirror: None,

@@ -62,6 +62,9 @@ pub struct Layer {
     /// Registry (`docker.io`, `ghcr.io`, `HOST:PORT`) → endpoint URLs tried before it. `docker.io`'s are where
     /// short names such as `python:3.13` are pulled from. Only from the settings file.
     pub registry_mirrors: Option<std::collections::HashMap<String, Vec<String>>>,
+    /// Where Docker Hub names (`python:3.13`) are pulled from when no mirror is set for `docker.io` (default
+    /// `https://registry-1.docker.io`, Docker Hub's registry endpoint); `""` refuses them.
+    pub docker_hub_endpoint: Option<String>,
     /// Registry host → `{ username, password }`. Only from the settings file.
     pub registry_credentials: Option<std::collections::HashMap<String, compute_image::Credentials>>,
     /// Registries (`HOST:PORT`) spoken to over plain HTTP; loopback ones always are. Only from the settings file.
@@ -104,6 +107,7 @@ impl Layer {
             build_step_timeout: self.build_step_timeout.or(below.build_step_timeout),
             image_providers: self.image_providers.or(below.image_providers),
             registry_mirrors: self.registry_mirrors.or(below.registry_mirrors),
+            docker_hub_endpoint: self.docker_hub_endpoint.or(below.docker_hub_endpoint),
             registry_credentials: self.registry_credentials.or(below.registry_credentials),
             insecure_registries: self.insecure_registries.or(below.insecure_registries),
             debian_mirror: self.debian_mirror.or(below.debian_mirror),
@@ -225,8 +229,17 @@ impl Settings {
                 }
             }
         }
+        let docker_hub = match layer.docker_hub_endpoint.as_deref() {
+            None => Some(compute_image::DOCKER_HUB_ENDPOINT.to_string()),
+            Some("") => None,
+            Some(url) if url.starts_with("http://") || url.starts_with("https://") => Some(url.to_string()),
+            Some(url) => bail!(
+                "docker_hub_endpoint: {url:?} must be an http:// or https:// URL, or \"\" to refuse Docker Hub names"
+            ),
+        };
         let registry = compute_image::RegistryConfig {
             mirrors,
+            docker_hub,
             credentials: layer.registry_credentials.unwrap_or_default(),
             insecure: layer.insecure_registries.unwrap_or_default(),
             ca_file: None,
@@ -396,5 +409,18 @@ mod tests {
         let err = Layer::from_file(&dir).unwrap_err();
         assert!(format!("{err:#}").contains("lisen"), "{err:#}");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn docker_hub_names_go_to_docker_hub_unless_the_operator_says_otherwise() {
+        let s = Settings::resolve(Layer::default()).unwrap();
+        assert_eq!(s.registry.docker_hub.as_deref(), Some(compute_image::DOCKER_HUB_ENDPOINT));
+        let off = Layer { docker_hub_endpoint: Some(String::new()), ..Default::default() };
+        assert_eq!(Settings::resolve(off).unwrap().registry.docker_hub, None);
+        let local = Layer { docker_hub_endpoint: Some("http://127.0.0.1:5000".into()), ..Default::default() };
+        assert_eq!(Settings::resolve(local).unwrap().registry.docker_hub.as_deref(), Some("http://127.0.0.1:5000"));
+        let bad = Layer { docker_hub_endpoint: Some("registry.local".into()), ..Default::default() };
+        let err = Settings::resolve(bad).unwrap_err().to_string();
+        assert!(err.contains("docker_hub_endpoint") && err.contains("http://"), "{err}");
     }
 }

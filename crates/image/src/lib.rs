@@ -25,7 +25,7 @@ use std::sync::{Arc, Mutex};
 pub use debian::Mirror;
 pub use inventory::{ImageGcReport, StoredImage};
 pub use oci::name::ImageName;
-pub use oci::registry::{Credentials, RegistryConfig};
+pub use oci::registry::{Credentials, RegistryConfig, DOCKER_HUB_ENDPOINT};
 pub use oci::Imported;
 pub use recipe::{Recipe, Step};
 pub use reference::{BaseRef, Distro};
@@ -148,6 +148,9 @@ impl Default for StoreOptions {
     }
 }
 
+/// Why providers refused a reference, by provider.
+type Refusals = Vec<(Provider, String)>;
+
 /// One way a provider would produce a base.
 enum Route {
     Debian(BaseRef),
@@ -223,6 +226,12 @@ impl ImageStore {
     /// The ways the configured providers would produce `reference` (after aliases), in order; an error naming
     /// why each refused when none would.
     fn routes(&self, reference: &str) -> Result<Vec<Route>, ImageError> {
+        self.routes_and_refusals(reference).map(|(routes, _)| routes)
+    }
+
+    /// [`Self::routes`], with why each other provider refused (for the error if every route then fails).
+    fn routes_and_refusals(&self, reference: &str) -> Result<(Vec<Route>, Refusals), ImageError> {
+        let pulls = self.providers.contains(&Provider::Registry);
         let target = self.alias(reference).unwrap_or(reference);
         let mut routes = Vec::new();
         let mut refusals = Vec::new();
@@ -237,13 +246,16 @@ impl ImageStore {
             };
             match route {
                 Ok(r) => routes.push(r),
-                Err(e) => refusals.push(format!("{p}: {e}")),
+                // Its refusal of a name it never builds says nothing the user needs when the registry tries it.
+                Err(_) if *p == Provider::Debian && !BaseRef::covers(target) && pulls => {}
+                Err(e) => refusals.push((*p, e.to_string())),
             }
         }
         if routes.is_empty() {
-            return Err(ImageError::Unsupported(refusals.join("; ")));
+            let all: Vec<String> = refusals.iter().map(|(p, e)| format!("{p}: {e}")).collect();
+            return Err(ImageError::Unsupported(all.join("; ")));
         }
-        Ok(routes)
+        Ok((routes, refusals))
     }
 
     /// The stored record of an image pulled or imported under `reference`'s name, which wins over every provider.
@@ -371,8 +383,8 @@ impl ImageStore {
         if let Some(record) = self.stored_record(reference) {
             return Ok(oci(record));
         }
-        let mut failures = Vec::new();
-        for route in self.routes(reference)? {
+        let (routes, mut failures) = self.routes_and_refusals(reference)?;
+        for route in routes {
             let key = route.key();
             let lock = self.lock_for(&key);
             let _guard = lock.lock().await;

@@ -26,6 +26,15 @@ pub struct BaseRef {
 }
 
 impl BaseRef {
+    /// Whether `reference` names one of the images the Debian provider builds (Docker Hub's `python` or `debian`),
+    /// whatever its tag.
+    pub fn covers(reference: &str) -> bool {
+        let r = reference.trim();
+        let short = r.trim_start_matches("docker.io/").trim_start_matches("library/");
+        let name = short.split([':', '@']).next().unwrap_or(short);
+        name == "python" || name == "debian"
+    }
+
     /// Parses `python:X.Y[-slim][-SUITE]` and `debian:SUITE[-slim]`, optionally prefixed with
     /// `docker.io/library/` or `library/`.
     pub fn parse(reference: &str) -> Result<BaseRef, ImageError> {
@@ -59,7 +68,8 @@ impl BaseRef {
                 let Some((suite, _)) = SUITES.iter().find(|(_, py)| *py == minor) else {
                     return Err(ImageError::Unsupported(format!(
                         "image {reference:?}: no Debian suite ships Python {minor} (bookworm has 3.11, trixie 3.13, sid 3.14). \
-                         Use one of those versions, or have the operator map this image to another with an alias"
+                         Use one of those versions, or have the operator map this image to another with an alias \
+                         (image_aliases = {{ {reference:?} = \"python:3.13-slim-trixie\" }} in the settings)"
                     )));
                 };
                 let suite = suite.to_string();
@@ -74,7 +84,7 @@ impl BaseRef {
                 }
                 Ok(BaseRef { reference: reference.into(), suite: suite.into(), python: None, requested_suite: None })
             }
-            _ => Err(unsupported("no provider for this image (registry pulls are not available yet)")),
+            _ => Err(unsupported("the Debian provider builds only python and debian images")),
         }
     }
 

@@ -30,18 +30,43 @@ pub struct Credentials {
     pub password: String,
 }
 
+/// Docker Hub's registry endpoint: where names without a registry (`python:3.13`) are pulled from by default, as
+/// every container engine does.
+pub const DOCKER_HUB_ENDPOINT: &str = "https://registry-1.docker.io";
+
 /// How this node reaches registries.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RegistryConfig {
-    /// Registry (as image names spell it, e.g. `docker.io`) → endpoint URLs tried before it, in order. The
-    /// endpoints for `docker.io` are where short names (`python:3.13`) are pulled from.
+    /// Registry (as image names spell it, e.g. `docker.io`) → endpoint URLs tried before it, in order. Mirrors
+    /// for `docker.io` replace [`RegistryConfig::docker_hub`].
     pub mirrors: HashMap<String, Vec<String>>,
+    /// Where Docker Hub names are pulled from when no mirror is configured for `docker.io`
+    /// ([`DOCKER_HUB_ENDPOINT`] by default); `None` refuses them.
+    pub docker_hub: Option<String>,
     /// Registry host (or a mirror's host) → credentials.
     pub credentials: HashMap<String, Credentials>,
     /// Registries spoken to over plain HTTP (loopback ones always are).
     pub insecure: Vec<String>,
     /// CA bundle to trust (default: the system's).
     pub ca_file: Option<PathBuf>,
+}
+
+impl Default for RegistryConfig {
+    fn default() -> Self {
+        Self {
+            mirrors: HashMap::new(),
+            docker_hub: Some(DOCKER_HUB_ENDPOINT.into()),
+            credentials: HashMap::new(),
+            insecure: Vec::new(),
+            ca_file: None,
+        }
+    }
+}
+
+fn endpoint(url: &str, mirror: bool) -> Endpoint {
+    let base = url.trim_end_matches('/').trim_end_matches("/v2").to_string();
+    let host = base.split("://").nth(1).unwrap_or(&base).split('/').next().unwrap_or("").to_string();
+    Endpoint { base, host, mirror }
 }
 
 /// What kind of internal address `host[:port]` is, when it is an IP literal or `localhost`.
@@ -127,22 +152,24 @@ impl Registry {
 
     /// Where `name` can be read from, in the order to try: its registry's mirrors, then the registry itself.
     pub fn endpoints(&self, name: &ImageName) -> Result<Vec<Endpoint>, ImageError> {
-        let mut out = Vec::new();
-        for url in self.config.mirrors.get(&name.registry).into_iter().flatten() {
-            let base = url.trim_end_matches('/').trim_end_matches("/v2").to_string();
-            let host = base.split("://").nth(1).unwrap_or(&base).split('/').next().unwrap_or("").to_string();
-            out.push(Endpoint { base, host, mirror: true });
-        }
+        let mut out: Vec<Endpoint> =
+            self.config.mirrors.get(&name.registry).into_iter().flatten().map(|u| endpoint(u, true)).collect();
         if name.registry == DEFAULT_REGISTRY {
-            // Short names have no host of their own to go to: the operator says where Docker Hub (or a mirror of
-            // it) is, which also keeps a machine behind a proxy from trying to reach it directly.
+            // Short names go to Docker Hub's registry endpoint, unless the operator names mirrors for it (or turns
+            // it off, e.g. on a machine that must not reach it).
             if out.is_empty() {
-                return Err(ImageError::Unsupported(format!(
-                    "image {:?} is a Docker Hub name and no endpoint is configured for docker.io: set \
-                     registry_mirrors = {{ \"docker.io\" = [\"https://HOST\"] }} in the settings (Docker Hub's \
-                     registry endpoint or a mirror of it), or use a full reference such as HOST/REPOSITORY:TAG",
-                    name.canonical()
-                )));
+                match &self.config.docker_hub {
+                    Some(hub) => out.push(endpoint(hub, false)),
+                    None => {
+                        return Err(ImageError::Unsupported(format!(
+                            "image {:?} is a Docker Hub name and Docker Hub is turned off here \
+                             (docker_hub_endpoint = \"\"): set registry_mirrors = {{ \"docker.io\" = \
+                             [\"https://HOST\"] }} in the settings, or use a full reference such as \
+                             HOST/REPOSITORY:TAG",
+                            name.canonical()
+                        )))
+                    }
+                }
             }
             return Ok(out);
         }
@@ -407,11 +434,15 @@ mod tests {
     }
 
     #[test]
-    fn endpoints_put_mirrors_first_and_docker_hub_needs_one() {
+    fn endpoints_put_mirrors_first_and_docker_hub_names_go_to_docker_hub_by_default() {
         let name = ImageName::parse("python:3.13").unwrap();
-        let none = Registry::new(RegistryConfig::default()).unwrap();
-        let err = none.endpoints(&name).unwrap_err().to_string();
-        assert!(err.contains("registry_mirrors"), "{err}");
+        let default = Registry::new(RegistryConfig::default()).unwrap();
+        let eps = default.endpoints(&name).unwrap();
+        assert_eq!(eps.len(), 1);
+        assert_eq!((eps[0].base.as_str(), eps[0].host.as_str()), (DOCKER_HUB_ENDPOINT, "registry-1.docker.io"));
+        let off = Registry::new(RegistryConfig { docker_hub: None, ..RegistryConfig::default() }).unwrap();
+        let err = off.endpoints(&name).unwrap_err().to_string();
+        assert!(err.contains("registry_mirrors") && err.contains("turned off"), "{err}");
         let mut config = RegistryConfig::default();
         config.mirrors.insert("docker.io".into(), vec!["http://127.0.0.1:5000/".into()]);
         config.mirrors.insert("ghcr.io".into(), vec!["https://mirror.example/ghcr".into()]);
