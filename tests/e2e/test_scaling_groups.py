@@ -386,7 +386,7 @@ def test_authenticated_groups_want_a_token_and_http1_works_too(srv):
     status, body = http_get(f"{url}/nothing-here", token=srv.token())
     assert status == 404, (status, body)
     status, body = http_get(url.replace("private-api", "no-such-group") + "/health")
-    assert status == 404 and "no scaling group" in body, (status, body)
+    assert status == 404 and "nothing is served at /sg/default/no-such-group" in body, (status, body)
     # An HTTP/1.1 upgrade (WebSocket's handshake) becomes a tunnel to the replica.
     host, port = url.split("//")[1].split("/")[0].split(":")
     path = "/" + url.split("//")[1].split("/", 1)[1] + "/ws"
@@ -551,3 +551,58 @@ def test_groups_are_reached_by_host_name_under_an_ingress_domain(tmp_path):
     out = subprocess.run([compute_bin(), "serve", "--listen", "127.0.0.1:0", "--data-dir", str(tmp_path / "bad")],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode != 0 and "is not a DNS domain" in out.stderr, out
+
+
+CT = "chalk.container.v1.ContainerService"
+
+
+def test_a_container_with_a_port_is_reached_at_its_web_url(srv, tmp_path):
+    """#20 item 3: the seed's "single long-running process: Container with port" gets a web_url through the ingress,
+    by path and (with an ingress domain) by host; `authentication` is honoured; the route goes with the container;
+    a scaling group and a container with a port cannot take one name."""
+    require_root()
+    out = sdk_ok(srv, "from chalkcompute import Container", f"""
+        import urllib.request
+        c = Container(image={IMAGE!r}, name="web-one", port=8080, entrypoint={ENTRY!r}).run()
+        info = c.info
+        print("URL", info.web_url)
+        with urllib.request.urlopen(info.web_url + "/headers?x=1", timeout=60) as r:
+            print("GOT", r.status, "x-forwarded-prefix: /sg/default/web-one" in r.read().decode())
+        c.stop()
+    """).stdout
+    assert re.search(r"URL http://127\.0\.0\.1:\d+/sg/default/web-one\n", out), out
+    assert "GOT 200 True" in out, out
+    status, body = http_get(f"{srv.url}/sg/default/web-one/health")
+    assert status == 404 and "nothing is served" in body, "the route went with the container"
+
+    # Authenticated, over the wire as the SDK sends it; the name is then taken for scaling groups too.
+    spec = {"name": "web-auth", "image": IMAGE, "entrypoint": ENTRY, "port": 8080, "authentication": "AUTHENTICATED"}
+    status, c = srv.connect(f"{CT}/RunContainer", {"container": {"spec": spec}}, token=srv.token())
+    assert status == 200 and c["container"]["webUrl"].endswith("/sg/default/web-auth"), c
+    url = c["container"]["webUrl"]
+    assert http_get(f"{url}/health", timeout=90)[0] == 401
+    assert http_get(f"{url}/health", token=srv.token(), timeout=90) == (200, "ok")
+    taken = sdk_ok(srv, "from chalkcompute import ScalingGroup", f"""
+        try:
+            ScalingGroup(image={IMAGE!r}, name="web-auth", entrypoint={ENTRY!r}, port=8080).deploy()
+            print("DEPLOYED")
+        except Exception as e:
+            print("REFUSED", e)
+    """).stdout
+    assert "REFUSED" in taken and "container of that name with a port" in taken, taken
+    srv.connect(f"{CT}/StopContainer", {"name": "web-auth"}, token=srv.token())
+    bad = dict(spec, name="web-bad", port=70000)
+    status, err = srv.connect(f"{CT}/RunContainer", {"container": {"spec": bad}}, token=srv.token())
+    assert status == 400 and "spec.port 70000" in err["message"], err
+
+    # By host under an ingress domain.
+    s = Server(tmp_path / "data", config='ingress_domain = "apps.test"\n' + ALIASES)
+    try:
+        status, c = s.connect(f"{CT}/RunContainer", {"container": {"spec": dict(spec, name="web-host", authentication="")}},
+                              token=s.token())
+        port = int(s.url.rsplit(":", 1)[1])
+        assert status == 200 and c["container"]["webUrl"] == f"http://web-host.default.apps.test:{port}", c
+        assert raw_get(port, f"web-host.default.apps.test:{port}", "/health") == (200, "ok")
+        s.connect(f"{CT}/StopContainer", {"name": "web-host"}, token=s.token())
+    finally:
+        s.stop()

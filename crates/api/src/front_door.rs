@@ -92,7 +92,7 @@ async fn route(shared: Arc<Shared>, tls: bool, mut req: Request<Incoming>) -> Re
                 None => full(
                     StatusCode::NOT_FOUND,
                     "text/plain; charset=utf-8",
-                    format!("no scaling group {group:?} in environment {environment:?} is served here\n"),
+                    format!("no scaling group or container {group:?} in environment {environment:?} is served here\n"),
                 ),
             };
         }
@@ -266,7 +266,10 @@ async fn scaling_group(shared: &Shared, req: Request<Incoming>) -> Response<Body
         return full(
             StatusCode::NOT_FOUND,
             "text/plain; charset=utf-8",
-            format!("no scaling group is served at {}{group}: check the group's web_url\n", compute_ingress::PREFIX),
+            format!(
+                "nothing is served at {}{group}: check the scaling group's (or the container's) web_url\n",
+                compute_ingress::PREFIX
+            ),
         );
     };
     let group = group.to_string();

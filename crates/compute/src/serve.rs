@@ -47,7 +47,9 @@ pub async fn run(data_dir: &Path, settings: Settings) -> anyhow::Result<()> {
     }
 
     let volumes = open_volumes(data_dir, &settings, &control)?;
-    let (workloads, builds) = start_workloads(data_dir, &settings, &control, volumes.clone()).await;
+    // One ingress: scaling groups, and containers with a port, are served through it.
+    let ingress = Arc::new(compute_ingress::Ingress::new());
+    let (workloads, builds) = start_workloads(data_dir, &settings, &control, volumes.clone(), ingress.clone()).await;
     // Garbage collection of volume objects and trees no version references, hourly.
     let gc_volumes = volumes.clone();
     tokio::spawn(async move {
@@ -64,7 +66,7 @@ pub async fn run(data_dir: &Path, settings: Settings) -> anyhow::Result<()> {
     let scaling = ScalingGroups::new(
         control.store().clone(),
         workloads.clone(),
-        Arc::new(compute_ingress::Ingress::new()),
+        ingress,
         compute_api::parse_scaling_group_spec,
         ScalingConfig::default(),
     );
@@ -158,6 +160,7 @@ async fn start_workloads(
     settings: &Settings,
     control: &Control,
     volumes: Arc<VolumeStore>,
+    ingress: Arc<compute_ingress::Ingress>,
 ) -> (Arc<Workloads>, Arc<Builds>) {
     let agent_bin = settings.agent_bin.clone().unwrap_or_else(|| {
         std::env::current_exe().map(|p| p.with_file_name("compute-agent")).unwrap_or_else(|_| "compute-agent".into())
@@ -248,6 +251,7 @@ async fn start_workloads(
             memory_capacity: node_memory()
                 .map(|node_bytes| MemoryCapacity { node_bytes, overcommit: settings.memory_overcommit }),
         },
+        ingress,
     );
     match workloads.reconcile().await {
         Ok(0) => {}

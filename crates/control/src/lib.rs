@@ -10,6 +10,7 @@ pub mod builds;
 mod error;
 pub mod functions;
 pub mod ids;
+mod published;
 pub mod quantity;
 pub mod scaling;
 pub mod secret_hash;
@@ -32,6 +33,7 @@ pub use error::{AuthError, ControlError};
 pub use functions::{
     call_summary, CallPolicy, DeferredCall, EnsureRequest, Ensured, FunctionCodec, FunctionView, Functions, Polled,
 };
+pub use published::Exposure;
 pub use scaling::{
     CronWindows, GroupSpec, GroupState, GroupView, QueueDepthTrigger, ScalingConfig, ScalingGroups, SpecParser,
 };

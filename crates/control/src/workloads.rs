@@ -16,6 +16,7 @@ use compute_store::{SandboxRecord, SandboxStatus, Store};
 use compute_volume::{AttachedVolume, MountRequest, VolumeError, VolumeSel, VolumeStore};
 use tokio::sync::mpsc;
 
+use crate::published::Published;
 use crate::quantity::{format_bytes, parse_cpu, parse_memory};
 use crate::{ids, lock, ControlError, Principal, Scope, Secrets};
 use compute_secrets::SecretRef;
@@ -69,6 +70,8 @@ pub struct WorkloadRequest {
     /// The scopes whose secrets this workload sees before the environment's, most specific first (its own
     /// sandbox scope; a replica's scaling group, or function).
     pub secret_scopes: Vec<Scope>,
+    /// A container's port, served through the ingress under its name.
+    pub expose: Option<crate::Exposure>,
 }
 
 /// Settings of the workload manager.
@@ -117,6 +120,8 @@ pub struct Workloads {
     attached: std::sync::Mutex<HashMap<String, Vec<AttachedVolume>>>,
     /// Memory limit of each live workload, for admission control.
     reserved: std::sync::Mutex<HashMap<String, u64>>,
+    /// Containers with a port, served through the ingress.
+    published: Arc<Published>,
 }
 
 fn now() -> i64 {
@@ -124,7 +129,8 @@ fn now() -> i64 {
 }
 
 impl Workloads {
-    /// A manager; `runtime` is the reason sandboxes cannot run here when it is an error.
+    /// A manager; `runtime` is the reason sandboxes cannot run here when it is an error. Containers with a port
+    /// are served through `ingress`.
     pub fn new(
         store: Arc<Store>,
         runtime: Result<Arc<Runtime>, String>,
@@ -132,6 +138,7 @@ impl Workloads {
         volumes: Arc<VolumeStore>,
         secrets: Arc<Secrets>,
         config: WorkloadConfig,
+        ingress: Arc<compute_ingress::Ingress>,
     ) -> Arc<Self> {
         let _ = std::fs::create_dir_all(&config.log_dir);
         Arc::new(Self {
@@ -143,7 +150,28 @@ impl Workloads {
             config,
             attached: Default::default(),
             reserved: Default::default(),
+            published: Arc::new(Published::new(ingress)),
         })
+    }
+
+    /// Whether a live container with a port is named `name` in the environment: it is served under that name, as
+    /// a scaling group would be.
+    pub fn serves_container(&self, environment_id: &str, name: &str) -> bool {
+        self.published.serves(environment_id, name)
+    }
+
+    /// The environment name and name a container with a port is served under (while it is live).
+    pub fn served_as(&self, id: &str) -> Option<(String, String)> {
+        self.published.served_as(id)
+    }
+
+    fn environment_name(&self, environment_id: &str) -> String {
+        self.store
+            .read(|r| r.environments().get(environment_id))
+            .ok()
+            .flatten()
+            .map(|e| e.name)
+            .unwrap_or_else(|| environment_id.to_string())
     }
 
     /// The image store.
@@ -210,9 +238,11 @@ impl Workloads {
         Ok(out)
     }
 
-    /// Syncs and unmounts a finished sandbox's volumes (once, whoever gets here first).
+    /// Syncs and unmounts a finished sandbox's volumes (once, whoever gets here first), and gives back what it held
+    /// (its memory reservation, its route).
     async fn detach_volumes(&self, id: &str) {
         self.release(id);
+        self.published.withdraw(id);
         let attached = self.attached.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
         for a in attached.unwrap_or_default() {
             if let Err(e) = self.volumes.detach(a).await {
@@ -320,6 +350,14 @@ impl Workloads {
             req.name.clone()
         };
         ids::validate_name("spec.name", &name)?;
+        if req.expose.is_some()
+            && self.store.read(|r| r.scaling_groups().get_by_name(&who.environment_id, &name, false))?.is_some()
+        {
+            return Err(ControlError::AlreadyExists(format!(
+                "spec.name {name:?}: a scaling group of that name is served at /sg/<environment>/{name}, where a \
+                 container with a port would be served too; name the container differently"
+            )));
+        }
         let memory_bytes = memory.unwrap_or(self.config.default_memory);
         let id = format!("sbx-{}", ids::random_token(16));
         self.reserve(&id, memory_bytes)?;
@@ -348,6 +386,10 @@ impl Workloads {
                 other => other,
             }
         })?;
+        if let Some(x) = req.expose {
+            let env_name = self.environment_name(&rec.environment_id);
+            self.published.publish(&rec.id, &rec.environment_id, &env_name, &rec.name, x);
+        }
         let this = self.clone();
         let resources = Resources {
             cpu_millis: cpu,
@@ -437,6 +479,7 @@ impl Workloads {
             return;
         }
         tracing::info!(sandbox = %rec.id, name = %rec.name, ms = begun.elapsed().as_millis() as u64, provenance = %image.provenance, "sandbox running");
+        self.published.ready(&rec.id, self.address(&rec.id));
 
         if let Some(lifetime) = req.lifetime {
             let this = self.clone();
@@ -524,6 +567,7 @@ impl Workloads {
 
     fn finish(&self, id: &str, status: SandboxStatus, message: &str, details: Option<&str>, code: Option<i32>) {
         self.release(id);
+        self.published.withdraw(id);
         match self.store.write(|r| r.sandboxes().transition(id, status, Some(message), details, code, now())) {
             Ok(true) => {
                 tracing::info!(sandbox = %id, status = status.as_str(), message, "sandbox finished")

@@ -9,19 +9,30 @@ use compute_proto::chalk::container::v1::*;
 use compute_store::SandboxRecord;
 use tonic::{Request, Response, Status};
 
-use super::principal;
 use super::workload::{container_status, page, request, spec_of, timestamp};
+use super::{base_url, principal};
 use crate::status::from_control;
 
 /// The ContainerService handler.
 pub struct ContainerApi {
     workloads: Arc<Workloads>,
+    ingress_domain: Option<String>,
 }
 
 impl ContainerApi {
-    /// A handler over `workloads`.
-    pub fn new(workloads: Arc<Workloads>) -> Self {
-        Self { workloads }
+    /// A handler over `workloads`; with `ingress_domain`, the URLs of containers with a port name them by host
+    /// instead of by path.
+    pub fn new(workloads: Arc<Workloads>, ingress_domain: Option<String>) -> Self {
+        Self { workloads, ingress_domain }
+    }
+
+    /// The container as the SDK reads it; a live one with a port has the URL the ingress serves it at.
+    fn response(&self, rec: &SandboxRecord, base: &str) -> ContainerResponse {
+        let web_url = self
+            .workloads
+            .served_as(&rec.id)
+            .map(|(env, name)| super::ingress_url(self.ingress_domain.as_deref(), base, &env, &name));
+        ContainerResponse { web_url, ..response(rec) }
     }
 }
 
@@ -62,20 +73,22 @@ impl ContainerApi {
 impl ContainerService for ContainerApi {
     async fn run_container(&self, req: Request<RunContainerRequest>) -> Result<Response<RunContainerResponse>, Status> {
         let who = principal(&req)?.clone();
+        let base = base_url(&req)?;
         let spec = req
             .into_inner()
             .container
             .and_then(|c| c.spec)
             .ok_or_else(|| Status::invalid_argument("container.spec is required"))?;
         let rec = self.workloads.create(&who, request(WorkloadKind::Container, spec)?).map_err(from_control)?;
-        Ok(Response::new(RunContainerResponse { container: Some(response(&rec)) }))
+        Ok(Response::new(RunContainerResponse { container: Some(self.response(&rec, &base)) }))
     }
 
     async fn get_container(&self, req: Request<GetContainerRequest>) -> Result<Response<GetContainerResponse>, Status> {
         let who = principal(&req)?.clone();
+        let base = base_url(&req)?;
         let r = req.into_inner();
         let rec = self.find(&who, r.id.as_deref(), r.name.as_deref())?;
-        Ok(Response::new(GetContainerResponse { container: Some(response(&rec)) }))
+        Ok(Response::new(GetContainerResponse { container: Some(self.response(&rec, &base)) }))
     }
 
     async fn stop_container(
@@ -95,6 +108,7 @@ impl ContainerService for ContainerApi {
         req: Request<ListContainersRequest>,
     ) -> Result<Response<ListContainersResponse>, Status> {
         let who = principal(&req)?.clone();
+        let base = base_url(&req)?;
         let r = req.into_inner();
         let (limit, offset) = page(r.limit, r.cursor.as_deref())?;
         let live_only = !r.include_stopped.unwrap_or(false);
@@ -111,7 +125,7 @@ impl ContainerService for ContainerApi {
             })
             .filter(|rec| r.images.is_empty() || r.images.contains(&rec.image))
             .filter(|rec| r.search.as_deref().is_none_or(|s| rec.name.contains(s) || rec.id.contains(s)))
-            .map(response)
+            .map(|rec| self.response(rec, &base))
             .collect();
         Ok(Response::new(ListContainersResponse {
             containers,

@@ -82,7 +82,7 @@ pub fn routes(backends: Backends, ingress_domain: Option<String>, max_message_by
         .add_service(svc!(sandbox::v1::sandbox_runtime_service_server::SandboxRuntimeServiceServer<NotYet>, NotYet))
         .add_service(svc!(
             container::v1::container_service_server::ContainerServiceServer<ContainerApi>,
-            ContainerApi::new(workloads.clone())
+            ContainerApi::new(workloads.clone(), ingress_domain.clone())
         ))
         .add_service(svc!(
             sandbox::v2::sandbox_service_server::SandboxServiceServer<SandboxApi>,
@@ -127,6 +127,24 @@ pub fn principal<T>(req: &tonic::Request<T>) -> Result<&Principal, tonic::Status
     req.extensions()
         .get::<Principal>()
         .ok_or_else(|| tonic::Status::unauthenticated("this method requires an access token"))
+}
+
+/// Where clients reach what the ingress serves under `name` in an environment (a scaling group, or a container with
+/// a port): `<scheme>://<name>.<environment>.<domain>[:port]` with an ingress domain, else
+/// `<base>/sg/<environment>/<name>`.
+pub(crate) fn ingress_url(domain: Option<&str>, base: &str, environment: &str, name: &str) -> String {
+    match domain {
+        Some(domain) => {
+            let (scheme, authority) = base.split_once("://").unwrap_or(("http", base));
+            let port = authority.rsplit_once(':').map(|(_, p)| p).filter(|p| p.bytes().all(|b| b.is_ascii_digit()));
+            let host = format!("{name}.{environment}.{domain}");
+            match port {
+                Some(p) => format!("{scheme}://{host}:{p}"),
+                None => format!("{scheme}://{host}"),
+            }
+        }
+        None => format!("{base}{}", compute_ingress::Ingress::path_of(environment, name)),
+    }
 }
 
 /// Where the caller reached this server (`http://host:port`), as the front door recorded it, for the absolute

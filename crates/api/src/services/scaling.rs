@@ -7,7 +7,6 @@ use compute_control::scaling::{ProbeCheck, ProbeSpec};
 use compute_control::{
     ControlError, CronWindows, GroupSpec, GroupView, QueueDepthTrigger, ScalingGroups, WorkloadKind,
 };
-use compute_ingress::{Ingress, UpstreamProtocol};
 use compute_proto::chalk::container::v1::{readiness_probe, startup_probe};
 use compute_proto::chalk::scalinggroup::v1::scaling_group_manager_service_server::ScalingGroupManagerService;
 use compute_proto::chalk::scalinggroup::v1::*;
@@ -15,7 +14,7 @@ use compute_store::RevisionRecord;
 use prost::Message;
 use tonic::{Request, Response, Status};
 
-use super::workload::{page, request, timestamp};
+use super::workload::{authenticated, page, request, timestamp, upstream_protocol};
 use super::{base_url, principal};
 use crate::status::from_control;
 
@@ -31,21 +30,9 @@ impl ScalingApi {
         Self { groups, ingress_domain }
     }
 
-    /// Where clients reach a group: `<scheme>://<group>.<environment>.<domain>[:port]` with an ingress domain,
-    /// else `<base>/sg/<environment>/<group>`.
+    /// Where clients reach a group (see [`super::ingress_url`]).
     fn web_url(&self, base: &str, view: &GroupView) -> String {
-        match &self.ingress_domain {
-            Some(domain) => {
-                let (scheme, authority) = base.split_once("://").unwrap_or(("http", base));
-                let port = authority.rsplit_once(':').map(|(_, p)| p).filter(|p| p.bytes().all(|b| b.is_ascii_digit()));
-                let host = format!("{}.{}.{domain}", view.group.name, view.environment_name);
-                match port {
-                    Some(p) => format!("{scheme}://{host}:{p}"),
-                    None => format!("{scheme}://{host}"),
-                }
-            }
-            None => format!("{base}{}", Ingress::path_of(&view.environment_name, &view.group.name)),
-        }
+        super::ingress_url(self.ingress_domain.as_deref(), base, &view.environment_name, &view.group.name)
     }
 
     pub(crate) fn response(&self, view: &GroupView, base: &str) -> ScalingGroupResponse {
@@ -78,26 +65,8 @@ fn group_spec(spec: ScalingGroupSpec) -> Result<GroupSpec, Status> {
         Some(p) => return Err(invalid(format!("spec.container_spec.port {p} is not a TCP port (1-65535)"))),
         None => return Err(invalid("spec.container_spec.port is required: the port replicas serve HTTP on")),
     };
-    let protocol = match container.protocol.as_deref().unwrap_or("").to_ascii_lowercase().as_str() {
-        "" | "http" | "http1" | "https" => UpstreamProtocol::Http1,
-        "grpc" | "h2c" | "http2" => UpstreamProtocol::H2c,
-        other => {
-            return Err(invalid(format!(
-                "spec.container_spec.protocol {other:?} is not supported: use \"http\" (HTTP/1.1) or \"grpc\"/\"h2c\" \
-                 (HTTP/2 with prior knowledge)"
-            )))
-        }
-    };
-    let authenticated = match container.authentication.as_deref().unwrap_or("").to_ascii_uppercase().as_str() {
-        "" | "PUBLIC" | "UNAUTHENTICATED" | "NONE" => false,
-        "AUTHENTICATED" => true,
-        other => {
-            return Err(invalid(format!(
-                "spec.container_spec.authentication {other:?} is not supported: use \"AUTHENTICATED\" or leave it \
-                 unset (public)"
-            )))
-        }
-    };
+    let protocol = upstream_protocol(container.protocol.as_deref(), "spec.container_spec")?;
+    let authenticated = authenticated(container.authentication.as_deref(), "spec.container_spec")?;
     if container.lifetime.is_some() {
         return Err(invalid(
             "spec.container_spec.lifetime: replicas of a scaling group run until the group is deleted; a lifetime \

@@ -1,7 +1,8 @@
 //! Shared translation between the container spec on the wire and the control plane's workload request.
 
 use compute_control::volume::MountRequest;
-use compute_control::{RefSource, Scope, ScopeKind, SecretRef, WorkloadKind, WorkloadRequest};
+use compute_control::{Exposure, RefSource, Scope, ScopeKind, SecretRef, WorkloadKind, WorkloadRequest};
+use compute_ingress::UpstreamProtocol;
 use compute_proto::chalk::container::v1::{secret_ref, ChalkContainerSpec};
 use compute_store::{SandboxRecord, SandboxStatus};
 use prost::Message;
@@ -62,6 +63,11 @@ pub fn request(kind: WorkloadKind, spec: ChalkContainerSpec) -> Result<WorkloadR
         WorkloadKind::Replica => ScopeKind::ScalingGroup,
     };
     let secret_scopes = if spec.name.is_empty() { vec![] } else { vec![Scope::of(own_scope, &spec.name)] };
+    // A replica's port is its group's business (the group's route); a container's own port is served under its name.
+    let expose = match kind {
+        WorkloadKind::Container => exposure(&spec)?,
+        WorkloadKind::Sandbox | WorkloadKind::Replica => None,
+    };
     Ok(WorkloadRequest {
         kind,
         name: spec.name.clone(),
@@ -75,7 +81,43 @@ pub fn request(kind: WorkloadKind, spec: ChalkContainerSpec) -> Result<WorkloadR
         volumes,
         secret_refs,
         secret_scopes,
+        expose,
     })
+}
+
+/// How a container's `port` is served, if it has one.
+fn exposure(spec: &ChalkContainerSpec) -> Result<Option<Exposure>, Status> {
+    let port = match spec.port {
+        None => return Ok(None),
+        Some(p) if (1..=65535).contains(&p) => p as u16,
+        Some(p) => return Err(Status::invalid_argument(format!("spec.port {p} is not a TCP port (1-65535)"))),
+    };
+    let protocol = upstream_protocol(spec.protocol.as_deref(), "spec")?;
+    let authenticated = authenticated(spec.authentication.as_deref(), "spec")?;
+    Ok(Some(Exposure { port, protocol, authenticated }))
+}
+
+/// A spec's `protocol` (`field` is where the spec sits in the request, for errors).
+pub(crate) fn upstream_protocol(value: Option<&str>, field: &str) -> Result<UpstreamProtocol, Status> {
+    match value.unwrap_or("").to_ascii_lowercase().as_str() {
+        "" | "http" | "http1" | "https" => Ok(UpstreamProtocol::Http1),
+        "grpc" | "h2c" | "http2" => Ok(UpstreamProtocol::H2c),
+        other => Err(Status::invalid_argument(format!(
+            "{field}.protocol {other:?} is not supported: use \"http\" (HTTP/1.1) or \"grpc\"/\"h2c\" (HTTP/2 with \
+             prior knowledge)"
+        ))),
+    }
+}
+
+/// Whether a spec's `authentication` asks callers for a token of the environment.
+pub(crate) fn authenticated(value: Option<&str>, field: &str) -> Result<bool, Status> {
+    match value.unwrap_or("").to_ascii_uppercase().as_str() {
+        "" | "PUBLIC" | "UNAUTHENTICATED" | "NONE" => Ok(false),
+        "AUTHENTICATED" => Ok(true),
+        other => Err(Status::invalid_argument(format!(
+            "{field}.authentication {other:?} is not supported: use \"AUTHENTICATED\" or leave it unset (public)"
+        ))),
+    }
 }
 
 /// The spec's secret references, each naming a secret or an integration.

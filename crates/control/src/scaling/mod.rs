@@ -208,6 +208,13 @@ impl ScalingGroups {
             tracing::info!(group = %existing.id, name = %existing.name, "scaling group deployed again: updating it");
             return self.update(who, &existing.id, wire);
         }
+        if self.workloads.serves_container(&who.environment_id, &spec.name) {
+            return Err(ControlError::AlreadyExists(format!(
+                "spec.container_spec.name {:?}: a container of that name with a port is served at \
+                 /sg/<environment>/{}, where the scaling group would be served; stop it or name the group differently",
+                spec.name, spec.name
+            )));
+        }
         let at = now();
         let group = ScalingGroupRecord {
             id: format!("sg-{}", ids::random_token(16)),
