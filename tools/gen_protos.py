@@ -40,6 +40,10 @@ SERVED = {
         "CreateVolume", "GetVolume", "ListVolumes", "DeleteVolume", "ListVolumeVersions", "CreateRef", "ListRefs",
         "DeleteRef", "CommitVersion", "GetCommitStatus", "RequestUploadURLs", "ListFiles", "GetFile",
     ],
+    # The hosted service's v1 volume surface (its public examples populate volumes through it), over the v2 store.
+    "chalk.volume.v1.VolumeService": [
+        "CreateVolume", "GetVolume", "ListVolumes", "DeleteVolume", "ListFiles", "GetFile", "PutFile", "RemoveFile",
+    ],
     "chalk.externalfunctioncatalog.v1.ExternalFunctionCatalogService": [
         "EnsureExternalFunction", "GetExternalFunction", "ListExternalFunctions", "DeleteExternalFunction",
         "CallExternalFunction", "GetExternalFunctionVersion", "ListExternalFunctionVersions",

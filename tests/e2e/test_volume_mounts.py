@@ -179,3 +179,63 @@ def test_a_large_directory_stored_in_pieces_reads_and_writes_whole_through_a_mou
     """)
     assert "MOUNT 0 ['2000', '1234', '0', '1999']" in out, out
     assert "AFTER 2099 False True b'1999\\n' b'new99\\n'" in out, out
+
+
+def test_a_volume_written_over_v1_by_plain_http_reads_in_the_sdk_and_mounts(shared_server):
+    """#20 item 5: the hosted service's own examples, without the SDK: client credentials for a token at
+    POST /v1/oauth/token, then chalk.volume.v1.VolumeService over Connect JSON. The writes are v2 versions the SDK
+    reads, and a sandbox mounts."""
+    import base64
+    import json
+    import urllib.request
+
+    require_root()
+    s = shared_server
+    body = json.dumps({"client_id": s.client_id, "client_secret": s.client_secret,
+                       "grant_type": "client_credentials"}).encode()
+    req = urllib.request.Request(f"{s.url}/v1/oauth/token", data=body, headers={"content-type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        token = json.loads(r.read())["access_token"]
+    v1 = "chalk.volume.v1.VolumeService"
+
+    def call(method, msg, code=200):
+        status, out = s.connect(f"{v1}/{method}", msg, token=token)
+        assert status == code, (method, status, out)
+        return out
+
+    b64 = lambda b: base64.b64encode(b).decode()
+    created = call("CreateVolume", {"name": "from-v1"})["volume"]
+    assert created["name"] == "from-v1" and "createdAt" in created, created
+    big = os.urandom(200_000)
+    call("PutFile", {"volumeName": "from-v1", "path": "data/hello.txt", "data": b64(b"hello from v1\n")})
+    call("PutFile", {"volumeName": "from-v1", "path": "data/big.bin", "data": b64(big)})
+    call("PutFile", {"volumeName": "from-v1", "path": "gone.txt", "data": b64(b"x")})
+    call("RemoveFile", {"volumeName": "from-v1", "path": "gone.txt"})
+    files = call("ListFiles", {"volumeName": "from-v1", "prefix": "data/"})["files"]
+    assert sorted((f["path"], int(f["size"])) for f in files) == [("data/big.bin", 200_000), ("data/hello.txt", 14)], files
+    assert call("ListFiles", {"volumeName": "from-v1", "prefix": "nope/"}).get("files", []) == []
+    got = call("GetFile", {"volumeName": "from-v1", "path": "data/hello.txt"})
+    assert base64.b64decode(got["data"]) == b"hello from v1\n", got
+    url = call("GetFile", {"volumeName": "from-v1", "path": "data/big.bin", "getSignedUri": True})["signedDownloadUri"]
+    with urllib.request.urlopen(url, timeout=30) as r:
+        assert r.read() == big
+    listed = [v["name"] for v in call("ListVolumes", {}).get("volumes", [])]
+    assert "from-v1" in listed, listed
+    # Bad input names the field.
+    err = call("PutFile", {"volumeName": "from-v1", "path": "../escape", "data": b64(b"x")}, code=400)
+    assert "path" in err["message"], err
+    err = call("GetFile", {"volumeName": "from-v1", "path": "data/missing"}, code=404)
+    assert "data/missing" in err["message"], err
+    call("GetVolume", {"name": "no-such-volume"}, code=404)
+
+    out = sdk(s, """
+        vol = Volume("from-v1")
+        print("SDK", vol.read_file("data/hello.txt"), len(vol.versions()))
+        sb = Sandbox(image=Image.debian_slim(), name="v1-reader").mount_volume("from-v1", "/data").run()
+        print("MOUNT", sb.exec("cat", "/data/data/hello.txt").stdout_text.strip(), sb.exec("test", "-e", "/data/gone.txt").exit_code)
+        sb.terminate()
+    """)
+    assert "SDK b'hello from v1\\n' 4" in out, out
+    assert "MOUNT hello from v1 1" in out, out
+    call("DeleteVolume", {"name": "from-v1"})
+    call("GetVolume", {"name": "from-v1"}, code=404)

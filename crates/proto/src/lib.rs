@@ -77,6 +77,9 @@ pub mod chalk {
         }
     }
     pub mod volume {
+        pub mod v1 {
+            package!("chalk.volume.v1");
+        }
         pub mod v2 {
             package!("chalk.volume.v2");
         }

@@ -11,6 +11,7 @@ mod scaling;
 mod secrets;
 mod team;
 mod volume;
+mod volume_v1;
 mod workload;
 
 use std::sync::Arc;
@@ -32,6 +33,7 @@ pub use scaling::{parse_spec, ScalingApi};
 pub use secrets::SecretsApi;
 pub use team::TeamApi;
 pub use volume::VolumeApi;
+pub use volume_v1::VolumeV1Api;
 
 /// Registered but not implemented yet: every method answers UNIMPLEMENTED. The front door intercepts such calls
 /// first with a message naming the method; these impls make sure nothing reaches a handler that does not exist.
@@ -100,7 +102,14 @@ pub fn routes(backends: Backends, ingress_domain: Option<String>, max_message_by
             scalinggroup::v1::scaling_group_manager_service_server::ScalingGroupManagerServiceServer<ScalingApi>,
             ScalingApi::new(scaling.clone(), ingress_domain.clone())
         ))
-        .add_service(svc!(volume::v2::volume_service_server::VolumeServiceServer<VolumeApi>, VolumeApi::new(volumes)))
+        .add_service(svc!(
+            volume::v2::volume_service_server::VolumeServiceServer<VolumeApi>,
+            VolumeApi::new(volumes.clone())
+        ))
+        .add_service(svc!(
+            volume::v1::volume_service_server::VolumeServiceServer<VolumeV1Api>,
+            VolumeV1Api::new(volumes)
+        ))
         .add_service(svc!(
             externalfunctioncatalog::v1::external_function_catalog_service_server::ExternalFunctionCatalogServiceServer<
                 FunctionsApi,
