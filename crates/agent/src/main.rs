@@ -20,6 +20,10 @@ mod server;
 
 use std::process::ExitCode;
 
+const USAGE: &str = "compute-agent: PID 1 of every Compute sandbox (started by `compute serve`, not by hand)\n\n\
+Usage: compute-agent init CONFIG.json|fd:N   set the sandbox up on the host (native isolation), then serve\n       \
+compute-agent serve CONFIG.json        serve as PID 1 of a sandbox another runtime made (gVisor)";
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
     let result = match (args.get(1).map(String::as_str), args.get(2)) {
@@ -33,8 +37,12 @@ fn main() -> ExitCode {
             }
             server::serve(server::Sandbox { env: c.env, workdir: c.workdir, entrypoint: c.entrypoint, user: c.user })
         }),
+        (Some("-h" | "--help" | "help"), _) => {
+            println!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
         _ => {
-            eprintln!("usage: compute-agent init CONFIG.json | compute-agent serve CONFIG.json");
+            eprintln!("{USAGE}");
             return ExitCode::from(2);
         }
     };

@@ -157,6 +157,12 @@ enum Command {
         #[command(flatten)]
         dir: DataDir,
     },
+    /// Print a shell completion script: `compute completions bash > /etc/bash_completion.d/compute`, or for zsh
+    /// `compute completions zsh > "${fpath[1]}/_compute"`, or `compute completions fish | source`.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
     /// Is the server up; its version, address and what it holds.
     Status {
         #[command(flatten)]
@@ -527,6 +533,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Env { token_file, dir } => env(&dir.path(), token_file.as_deref()),
         Command::Status { dir } => status(&dir.path()),
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            use std::io::Write;
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "compute", &mut script);
+            match std::io::stdout().write_all(&script) {
+                // `compute completions bash | head` is not an error.
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+                other => Ok(other?),
+            }
+        }
         Command::Client(c) => client(c),
         Command::Secret { cmd, dir } => crate::secret_cli::secret(&open_control(&dir.path())?, cmd),
         Command::Integration { cmd, dir } => crate::secret_cli::integration(&open_control(&dir.path())?, cmd),
