@@ -478,6 +478,9 @@ def test_scheduled_functions_run_on_their_period_and_cron_pattern_and_stop_when_
     assert "* * * * * *" in listed, listed
     inspected = fns.cli("fn", "inspect", "ticker").stdout
     assert "schedule: 2s (UTC)" in inspected and "versions:" in inspected, inspected
+    as_json = json.loads(fns.cli("fn", "inspect", "ticker", "-o", "json").stdout)
+    assert as_json["function"]["externalFunction"]["name"] == "ticker" and as_json["versions"], as_json
+    assert "ticker" in [f["name"] for f in json.loads(fns.cli("fn", "ls", "-o", "json").stdout)]
     logs = fns.cli("fn", "logs", "ticker").stdout
     assert logs.count("tick at") >= 2 and "==> replica sbx-" in logs, logs
     for name in ("ticker", "every_second"):

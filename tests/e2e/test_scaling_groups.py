@@ -1,6 +1,7 @@
 """Scaling groups against the official SDK: program (c) verbatim, replicas behind the HTTP/2 ingress, volume mounts,
 autoscaling up and down (and to zero), rolling updates and rollbacks, failures that say why, authentication, a
 server restart, and bad specs refused naming the field."""
+import json
 import re
 import signal
 import socket
@@ -355,6 +356,9 @@ def test_a_crashing_replica_fails_the_group_with_its_output(srv):
     assert "boom: no config" in g["statusDetails"], g
     inspect = srv.cli("scaling-group", "inspect", "crash-api").stdout
     assert "Failed" in inspect and "boom: no config" in inspect and "* sgr-" in inspect, inspect
+    as_json = json.loads(srv.cli("scaling-group", "inspect", "crash-api", "-o", "json").stdout)
+    assert as_json["scalingGroup"]["status"] == "Failed" and as_json["revisions"][0]["id"].startswith("sgr-"), as_json
+    assert "crash-api" in [g["name"] for g in json.loads(srv.cli("sg", "ls", "-o", "json").stdout)]
     srv.cli("sg", "rm", "crash-api")
     assert "crash-api" not in srv.cli("sg", "ls").stdout
     assert "Deleted" in srv.cli("sg", "ls", "--all").stdout
@@ -580,6 +584,8 @@ def test_a_container_with_a_port_is_reached_at_its_web_url(srv, tmp_path):
     status, c = srv.connect(f"{CT}/RunContainer", {"container": {"spec": spec}}, token=srv.token())
     assert status == 200 and c["container"]["webUrl"].endswith("/sg/default/web-auth"), c
     url = c["container"]["webUrl"]
+    listed = json.loads(srv.cli("container", "ls", "-o", "json").stdout)
+    assert [x["webUrl"] for x in listed if x["name"] == "web-auth"] == [url], listed
     assert http_get(f"{url}/health", timeout=90)[0] == 401
     assert http_get(f"{url}/health", token=srv.token(), timeout=90) == (200, "ok")
     taken = sdk_ok(srv, "from chalkcompute import ScalingGroup", f"""

@@ -450,3 +450,26 @@ def test_one_file_commits_into_a_large_directory_store_little_and_hold_no_memory
     # The 3,000-entry directory alone is ~300 KB: a commit that rewrote it would store ~300 MB over 1,000 commits.
     assert stored < 40 << 20, f"1,000 one-file commits stored {stored} bytes of trees"
     assert grown < 64 << 20, f"the server's memory grew by {grown} bytes over 1,000 commits"
+
+
+def test_listings_print_the_apis_objects_as_json_for_scripts(vols):
+    """#20 item 4: `-o json` on ls/inspect prints the API's own objects (the names Connect JSON uses), a listing as
+    one array; text stays the default."""
+    sdk(vols, """
+        vol = Volume("json-vol")
+        vol.put_file("d/one.txt", b"1")
+        vol.put_file("d/two.txt", b"22")
+    """)
+    listed = json.loads(vols.cli("volume", "ls", "-o", "json").stdout)
+    mine = [v for v in listed if v["name"] == "json-vol"]
+    assert len(mine) == 1 and mine[0]["volumeId"].startswith("vol-"), listed
+    versions = json.loads(vols.cli("volume", "versions", "json-vol", "--output", "json").stdout)
+    assert [int(v["versionId"]) for v in versions] == [2, 1], versions
+    files = json.loads(vols.cli("volume", "ls-files", "json-vol", "-o", "json").stdout)
+    sizes = {f["path"]: int(f.get("size", 0)) for f in files if f.get("kind") == "FILE_KIND_FILE"}
+    assert sizes == {"d/one.txt": 1, "d/two.txt": 2}, files
+    assert json.loads(vols.cli("sandbox", "ls", "-o", "json").stdout) == []
+    assert json.loads(vols.cli("image", "ls", "-o", "json").stdout) is not None
+    assert vols.cli("volume", "ls").stdout.startswith("ID "), "text by default"
+    bad = vols.cli("volume", "ls", "-o", "yaml", check=False)
+    assert bad.returncode != 0 and "text" in bad.stderr and "json" in bad.stderr, bad.stderr

@@ -7,7 +7,7 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use compute_control::{Control, ControlConfig};
 
-use crate::client::ApiClient;
+use crate::client::{ApiClient, Output};
 use crate::runtime_file::{self, AdminCredentials};
 use crate::settings::{self, Layer, Settings};
 
@@ -18,6 +18,21 @@ use crate::settings::{self, Layer, Settings};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+}
+
+/// How a listing or an inspection is printed.
+#[derive(Args, Debug, Clone)]
+struct Format {
+    /// text (a table for people) or json (the API's own objects, for scripts: `-o json | jq`).
+    #[arg(long, short = 'o', value_enum, default_value_t = Output::Text)]
+    output: Output,
+}
+
+impl Format {
+    /// A client of `dir`'s server that prints this way.
+    async fn client(&self, dir: &DataDir) -> anyhow::Result<ApiClient> {
+        Ok(ApiClient::connect(&dir.path()).await?.with_output(self.output))
+    }
 }
 
 #[derive(Args, Debug, Clone)]
@@ -234,6 +249,8 @@ enum SandboxCommand {
         #[arg(short, long)]
         all: bool,
         #[command(flatten)]
+        format: Format,
+        #[command(flatten)]
         dir: DataDir,
     },
     /// Run a command in a sandbox and stream its output; exits with its exit code.
@@ -269,12 +286,16 @@ enum ScalingGroupCommand {
         #[arg(short, long)]
         all: bool,
         #[command(flatten)]
+        format: Format,
+        #[command(flatten)]
         dir: DataDir,
     },
     /// A group's state, replicas (their logs are `compute logs REPLICA`) and revisions.
     Inspect {
         /// Group name.
         group: String,
+        #[command(flatten)]
+        format: Format,
         #[command(flatten)]
         dir: DataDir,
     },
@@ -292,12 +313,16 @@ enum ImageCommand {
     /// List built images and bases, with their layers and sizes.
     Ls {
         #[command(flatten)]
+        format: Format,
+        #[command(flatten)]
         dir: DataDir,
     },
     /// An image's layers, config and where its base came from.
     Inspect {
         /// A built image's reference, a base reference (python:3.13-slim-trixie) or a base key from `ls`.
         reference: String,
+        #[command(flatten)]
+        format: Format,
         #[command(flatten)]
         dir: DataDir,
     },
@@ -349,6 +374,8 @@ enum VolumeCommand {
     /// List volumes.
     Ls {
         #[command(flatten)]
+        format: Format,
+        #[command(flatten)]
         dir: DataDir,
     },
     /// List a volume's versions, newest first.
@@ -359,6 +386,8 @@ enum VolumeCommand {
         #[arg(long = "ref")]
         r#ref: Option<String>,
         #[command(flatten)]
+        format: Format,
+        #[command(flatten)]
         dir: DataDir,
     },
     /// List the files of a volume's current version, or of NAME@VERSION.
@@ -368,6 +397,8 @@ enum VolumeCommand {
         /// Only under this directory.
         #[arg(default_value = "")]
         path: String,
+        #[command(flatten)]
+        format: Format,
         #[command(flatten)]
         dir: DataDir,
     },
@@ -438,6 +469,8 @@ enum ContainerCommand {
         /// Include stopped ones.
         #[arg(short, long)]
         all: bool,
+        #[command(flatten)]
+        format: Format,
         #[command(flatten)]
         dir: DataDir,
     },
@@ -550,7 +583,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Environment(c) => environment(c),
         Command::Sandbox(c) => block_on(async {
             match c {
-                SandboxCommand::Ls { all, dir } => ApiClient::connect(&dir.path()).await?.list_sandboxes(all).await,
+                SandboxCommand::Ls { all, format, dir } => format.client(&dir).await?.list_sandboxes(all).await,
                 SandboxCommand::Rm { sandbox, grace, dir } => {
                     ApiClient::connect(&dir.path()).await?.stop(&sandbox, grace).await
                 }
@@ -562,7 +595,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }),
         Command::Container(c) => block_on(async {
             match c {
-                ContainerCommand::Ls { all, dir } => ApiClient::connect(&dir.path()).await?.list_containers(all).await,
+                ContainerCommand::Ls { all, format, dir } => format.client(&dir).await?.list_containers(all).await,
                 ContainerCommand::Stop { container, grace, dir } => {
                     ApiClient::connect(&dir.path()).await?.stop(&container, grace).await
                 }
@@ -570,12 +603,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }),
         Command::Volume(c) => block_on(async {
             match c {
-                VolumeCommand::Ls { dir } => ApiClient::connect(&dir.path()).await?.volume_ls().await,
-                VolumeCommand::Versions { volume, r#ref, dir } => {
-                    ApiClient::connect(&dir.path()).await?.volume_versions(&volume, r#ref).await
+                VolumeCommand::Ls { format, dir } => format.client(&dir).await?.volume_ls().await,
+                VolumeCommand::Versions { volume, r#ref, format, dir } => {
+                    format.client(&dir).await?.volume_versions(&volume, r#ref).await
                 }
-                VolumeCommand::LsFiles { volume, path, dir } => {
-                    ApiClient::connect(&dir.path()).await?.volume_ls_files(&volume, &path).await
+                VolumeCommand::LsFiles { volume, path, format, dir } => {
+                    format.client(&dir).await?.volume_ls_files(&volume, &path).await
                 }
                 VolumeCommand::Fork { src, dst, as_ref, dir } => {
                     ApiClient::connect(&dir.path()).await?.volume_fork(&src, &dst, as_ref).await
@@ -595,11 +628,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }),
         Command::ScalingGroup(c) => block_on(async {
             match c {
-                ScalingGroupCommand::Ls { all, dir } => {
-                    ApiClient::connect(&dir.path()).await?.scaling_group_ls(all).await
-                }
-                ScalingGroupCommand::Inspect { group, dir } => {
-                    ApiClient::connect(&dir.path()).await?.scaling_group_inspect(&group).await
+                ScalingGroupCommand::Ls { all, format, dir } => format.client(&dir).await?.scaling_group_ls(all).await,
+                ScalingGroupCommand::Inspect { group, format, dir } => {
+                    format.client(&dir).await?.scaling_group_inspect(&group).await
                 }
                 ScalingGroupCommand::Rm { group, dir } => {
                     ApiClient::connect(&dir.path()).await?.scaling_group_rm(&group).await
@@ -609,9 +640,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Function { cmd, dir } => block_on(crate::function_cli::function(&dir.path(), cmd)),
         Command::Image(c) => block_on(async {
             match c {
-                ImageCommand::Ls { dir } => ApiClient::connect(&dir.path()).await?.image_ls().await,
-                ImageCommand::Inspect { reference, dir } => {
-                    ApiClient::connect(&dir.path()).await?.image_inspect(&reference).await
+                ImageCommand::Ls { format, dir } => format.client(&dir).await?.image_ls().await,
+                ImageCommand::Inspect { reference, format, dir } => {
+                    format.client(&dir).await?.image_inspect(&reference).await
                 }
                 ImageCommand::Rm { reference, dir } => {
                     ApiClient::connect(&dir.path()).await?.image_rm(&reference).await

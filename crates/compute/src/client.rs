@@ -19,10 +19,37 @@ use tonic::transport::Channel;
 
 use crate::runtime_file::{self, AdminCredentials};
 
+/// How the listing and inspection commands print.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Output {
+    /// Tables and lines for people.
+    #[default]
+    Text,
+    /// The API's objects as JSON (a listing is one array), in the field names Connect JSON uses.
+    Json,
+}
+
 /// A signed-in connection to the data directory's running server.
 pub struct ApiClient {
     channel: Channel,
     bearer: String,
+    output: Output,
+}
+
+/// A protobuf message as the API's JSON (proto3 JSON: lowerCamelCase names, as Connect returns it); `full_name` is
+/// its type, e.g. `chalk.volume.v2.VolumeInfo`.
+pub fn message_json<M: prost::Message>(full_name: &str, m: &M) -> anyhow::Result<serde_json::Value> {
+    let desc = compute_proto::descriptor_pool()
+        .get_message_by_name(full_name)
+        .with_context(|| format!("no message type {full_name} in the schema"))?;
+    let dynamic = prost_reflect::DynamicMessage::decode(desc, m.encode_to_vec().as_slice())?;
+    Ok(serde_json::to_value(&dynamic)?)
+}
+
+/// Prints a JSON value, indented, with a final newline.
+pub fn print_json(v: &serde_json::Value) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
 }
 
 impl ApiClient {
@@ -48,7 +75,25 @@ impl ApiClient {
             .map_err(status_error)?
             .into_inner()
             .access_token;
-        Ok(ApiClient { channel, bearer: format!("Bearer {token}") })
+        Ok(ApiClient { channel, bearer: format!("Bearer {token}"), output: Output::Text })
+    }
+
+    /// The same client, printing `output`.
+    pub fn with_output(self, output: Output) -> Self {
+        Self { output, ..self }
+    }
+
+    /// Whether listings print JSON.
+    pub fn json(&self) -> bool {
+        self.output == Output::Json
+    }
+
+    /// Prints a listing's items as one JSON array, when listings print JSON.
+    pub fn finish_json(&self, items: Vec<serde_json::Value>) -> anyhow::Result<()> {
+        if self.json() {
+            print_json(&serde_json::Value::Array(items))?;
+        }
+        Ok(())
     }
 
     /// An image build's status (`building`, `succeeded`, `failed`).
@@ -116,7 +161,10 @@ impl ApiClient {
             .list_sandboxes(self.req(ListSandboxesRequest { limit: Some(1000), ..Default::default() }))
             .await
             .map_err(status_error)?;
-        println!("{:<22} {:<24} {:<11} {:<26} CREATED", "ID", "NAME", "STATUS", "IMAGE");
+        let mut json = Vec::new();
+        if !self.json() {
+            println!("{:<22} {:<24} {:<11} {:<26} CREATED", "ID", "NAME", "STATUS", "IMAGE");
+        }
         for s in list.into_inner().sandboxes {
             let status = compute_proto::chalk::sandbox::v2::SandboxStatus::try_from(s.status)
                 .map(|s| s.as_str_name().trim_start_matches("SANDBOX_STATUS_").to_lowercase())
@@ -124,20 +172,28 @@ impl ApiClient {
             if !(all || status == "running" || status == "pending") {
                 continue;
             }
+            if self.json() {
+                json.push(message_json("chalk.sandbox.v2.Sandbox", &s)?);
+                continue;
+            }
             let image = s.spec.as_ref().map(|sp| sp.image.clone()).unwrap_or_default();
             let created = s.created_at.map(|t| t.seconds).unwrap_or(0);
             println!("{:<22} {:<24} {:<11} {:<26} {}", s.id, s.name, status, image, ago(created));
         }
-        Ok(())
+        self.finish_json(json)
     }
 
     /// `compute container ls`.
     pub async fn list_containers(&self, all: bool) -> anyhow::Result<()> {
         let mut c = ContainerServiceClient::new(self.channel.clone());
         let req = ListContainersRequest { include_stopped: Some(all), limit: Some(1000), ..Default::default() };
-        let list = c.list_containers(self.req(req)).await.map_err(status_error)?;
+        let list = c.list_containers(self.req(req)).await.map_err(status_error)?.into_inner();
+        if self.json() {
+            let all = list.containers.iter().map(|s| message_json("chalk.container.v1.ContainerResponse", s));
+            return self.finish_json(all.collect::<anyhow::Result<_>>()?);
+        }
         println!("{:<22} {:<24} {:<11} {:<26} CREATED", "ID", "NAME", "STATUS", "IMAGE");
-        for s in list.into_inner().containers {
+        for s in list.containers {
             let image = s.spec.as_ref().map(|sp| sp.image.clone()).unwrap_or_default();
             let created = s.created_at.map(|t| t.seconds).unwrap_or(0);
             println!("{:<22} {:<24} {:<11} {:<26} {}", s.id, s.name, s.status, image, ago(created));

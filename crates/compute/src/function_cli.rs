@@ -14,7 +14,7 @@ use compute_proto::chalk::runtime::v1::function_queue_meta_service_client::Funct
 use compute_proto::chalk::runtime::v1::{GetCallCountRequest, GetRecentCallsRequest, RemoteCallStatus};
 use tonic::transport::Channel;
 
-use crate::client::{ago, status_error, ApiClient};
+use crate::client::{ago, message_json, print_json, status_error, ApiClient, Output};
 
 /// `compute fn`.
 #[derive(Subcommand, Debug)]
@@ -24,11 +24,17 @@ pub enum FunctionCommand {
         /// Include deleted ones.
         #[arg(short, long)]
         all: bool,
+        /// text (a table for people) or json (the API's own objects, for scripts).
+        #[arg(long, short = 'o', value_enum, default_value_t = Output::Text)]
+        output: Output,
     },
     /// A function's version, policies, schedule, replicas, queue and versions.
     Inspect {
         /// Function name.
         name: String,
+        /// text (lines for people) or json (the API's own objects, for scripts).
+        #[arg(long, short = 'o', value_enum, default_value_t = Output::Text)]
+        output: Output,
     },
     /// The output of a function's replicas (what its code printed), each under a header.
     Logs {
@@ -57,8 +63,8 @@ pub enum FunctionCommand {
 pub async fn function(data_dir: &Path, cmd: FunctionCommand) -> anyhow::Result<()> {
     let client = ApiClient::connect(data_dir).await?;
     match cmd {
-        FunctionCommand::Ls { all } => client.fn_ls(all).await,
-        FunctionCommand::Inspect { name } => client.fn_inspect(&name).await,
+        FunctionCommand::Ls { all, output } => client.with_output(output).fn_ls(all).await,
+        FunctionCommand::Inspect { name, output } => client.with_output(output).fn_inspect(&name).await,
         FunctionCommand::Logs { name, follow } => client.fn_logs(data_dir, &name, follow).await,
         FunctionCommand::Runs { name, limit } => client.fn_runs(&name, limit).await,
         FunctionCommand::Rm { name } => client.fn_rm(&name).await,
@@ -106,6 +112,13 @@ impl ApiClient {
             ..Default::default()
         };
         let list = self.catalog().list_external_functions(self.req(req)).await.map_err(status_error)?.into_inner();
+        if self.json() {
+            let all = list
+                .functions
+                .iter()
+                .map(|f| message_json("chalk.externalfunctioncatalog.v1.ExternalFunctionSummary", f));
+            return self.finish_json(all.collect::<anyhow::Result<_>>()?);
+        }
         println!(
             "{:<28} {:>7} {:<13} {:>7} {:<16} {:<20} URL",
             "NAME", "VERSION", "STATUS", "READY", "SCHEDULE", "CREATED"
@@ -133,6 +146,9 @@ impl ApiClient {
     /// `compute fn inspect NAME`.
     pub async fn fn_inspect(&self, name: &str) -> anyhow::Result<()> {
         let got = self.fn_get(name).await?;
+        if self.json() {
+            return self.fn_inspect_json(&got).await;
+        }
         let f = got.external_function.unwrap_or_default();
         let current = f.current_version.as_ref().map(|v| v.version).unwrap_or_default();
         println!("{} ({})", f.name, f.id);
@@ -175,6 +191,24 @@ impl ApiClient {
             );
         }
         Ok(())
+    }
+
+    /// `compute fn inspect NAME -o json`: the function as GetExternalFunction answers, and its versions.
+    async fn fn_inspect_json(&self, got: &GetExternalFunctionResponse) -> anyhow::Result<()> {
+        let id = got.external_function.as_ref().map(|f| f.id.clone()).unwrap_or_default();
+        let req = ListExternalFunctionVersionsRequest {
+            function_id: Some(id),
+            limit: Some(100),
+            include_deleted: Some(true),
+            ..Default::default()
+        };
+        let versions = self.catalog().list_external_function_versions(self.req(req)).await.map_err(status_error)?;
+        let versions = message_json(
+            "chalk.externalfunctioncatalog.v1.ListExternalFunctionVersionsResponse",
+            &versions.into_inner(),
+        )?;
+        let function = message_json("chalk.externalfunctioncatalog.v1.GetExternalFunctionResponse", got)?;
+        print_json(&serde_json::json!({ "function": function, "versions": versions["entries"] }))
     }
 
     /// `compute fn runs NAME`.

@@ -4,7 +4,7 @@ use serde_json::{json, Value};
 
 use compute_control::quantity::format_bytes as size;
 
-use crate::client::{ago, ApiClient};
+use crate::client::{ago, print_json, ApiClient};
 
 fn short(reference: &str) -> String {
     match reference.strip_prefix(compute_image::BUILT_PREFIX) {
@@ -17,6 +17,9 @@ impl ApiClient {
     /// `compute image ls`.
     pub async fn image_ls(&self) -> anyhow::Result<()> {
         let out = self.admin("images/ls", json!({})).await?;
+        if self.json() {
+            return print_json(&out["images"]);
+        }
         println!("{:<6} {:<48} {:>7} {:>11} CREATED", "KIND", "REFERENCE", "LAYERS", "SIZE");
         for i in out["images"].as_array().into_iter().flatten() {
             println!(
@@ -34,6 +37,9 @@ impl ApiClient {
     /// `compute image inspect REF`.
     pub async fn image_inspect(&self, reference: &str) -> anyhow::Result<()> {
         let out = self.admin("images/inspect", json!({ "reference": reference })).await?;
+        if self.json() {
+            return print_json(&out);
+        }
         let i = &out["image"];
         println!("reference:  {}", i["reference"].as_str().unwrap_or(""));
         println!("kind:       {}", i["kind"].as_str().unwrap_or(""));

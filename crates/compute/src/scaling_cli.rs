@@ -8,7 +8,7 @@ use compute_proto::chalk::scalinggroup::v1::{
     ScalingGroupResponse,
 };
 
-use crate::client::{ago, status_error, ApiClient};
+use crate::client::{ago, message_json, print_json, status_error, ApiClient};
 
 fn number(g: &ScalingGroupResponse, key: &str) -> i64 {
     match g.metadata.get(key).and_then(|v| v.kind.as_ref()) {
@@ -40,6 +40,10 @@ impl ApiClient {
     pub async fn scaling_group_ls(&self, all: bool) -> anyhow::Result<()> {
         let req = ListScalingGroupsRequest { limit: Some(1000), include_deleted: Some(all), ..Default::default() };
         let list = self.groups().list_scaling_groups(self.req(req)).await.map_err(status_error)?.into_inner();
+        if self.json() {
+            let all = list.scaling_groups.iter().map(|g| message_json("chalk.scalinggroup.v1.ScalingGroupResponse", g));
+            return self.finish_json(all.collect::<anyhow::Result<_>>()?);
+        }
         println!("{:<22} {:<24} {:<13} {:>7} {:<20} URL", "ID", "NAME", "STATUS", "READY", "CREATED");
         for g in list.scaling_groups {
             let ready = format!("{}/{}", g.ready_replicas, number(&g, "desired_replicas"));
@@ -61,6 +65,22 @@ impl ApiClient {
             .into_inner()
             .scaling_group
             .unwrap_or_default();
+        let req = ListScalingGroupRevisionsRequest {
+            scaling_group_key: Some(ScalingGroupKey::ScalingGroupId(g.id.clone())),
+            limit: Some(100),
+            include_deleted: Some(true),
+            ..Default::default()
+        };
+        let revs = self.groups().list_scaling_group_revisions(self.req(req)).await.map_err(status_error)?.into_inner();
+        if self.json() {
+            let revisions = revs
+                .revisions
+                .iter()
+                .map(|r| message_json("chalk.scalinggroup.v1.ScalingGroupRevisionResponse", r))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let group = message_json("chalk.scalinggroup.v1.ScalingGroupResponse", &g)?;
+            return print_json(&serde_json::json!({ "scalingGroup": group, "revisions": revisions }));
+        }
         println!("{} ({})", g.name, g.id);
         println!("  status:   {} {}", g.status, g.status_message.clone().unwrap_or_default());
         if let Some(d) = g.status_details.as_deref().filter(|d| !d.is_empty()) {
@@ -71,15 +91,8 @@ impl ApiClient {
         for r in replicas(&g) {
             println!("            {r}  (compute logs {r})");
         }
-        let req = ListScalingGroupRevisionsRequest {
-            scaling_group_key: Some(ScalingGroupKey::ScalingGroupId(g.id.clone())),
-            limit: Some(100),
-            include_deleted: Some(true),
-            ..Default::default()
-        };
-        let revs = self.groups().list_scaling_group_revisions(self.req(req)).await.map_err(status_error)?;
         println!("  revisions:");
-        for rev in revs.into_inner().revisions {
+        for rev in revs.revisions {
             let image = rev.spec.as_ref().and_then(|s| s.container_spec.as_ref()).map(|c| c.image.clone());
             let created = rev.created_at.map(|t| t.seconds).unwrap_or(0);
             let mark = if rev.latest { "*" } else { " " };

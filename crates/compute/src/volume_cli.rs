@@ -9,7 +9,7 @@ use compute_proto::chalk::volume::v2::{
 };
 use serde_json::json;
 
-use crate::client::{ago, status_error, ApiClient};
+use crate::client::{ago, message_json, status_error, ApiClient};
 
 /// `NAME` or `NAME@VERSION`.
 pub fn split_version(spec: &str) -> anyhow::Result<(String, Option<u64>)> {
@@ -34,11 +34,18 @@ impl ApiClient {
     /// `compute volume ls`.
     pub async fn volume_ls(&self) -> anyhow::Result<()> {
         let mut cursor = String::new();
-        println!("{:<22} {:<32} {:<12} CREATED", "ID", "NAME", "KIND");
+        let mut json = Vec::new();
+        if !self.json() {
+            println!("{:<22} {:<32} {:<12} CREATED", "ID", "NAME", "KIND");
+        }
         loop {
             let req = ListVolumesRequest { limit: 1000, cursor: cursor.clone(), ..Default::default() };
             let page = self.volumes().list_volumes(self.req(req)).await.map_err(status_error)?.into_inner();
             for v in page.volumes {
+                if self.json() {
+                    json.push(message_json("chalk.volume.v2.ListedVolume", &v)?);
+                    continue;
+                }
                 let kind = if v.volume_kind == Some(1) { "source_code" } else { "data" };
                 println!(
                     "{:<22} {:<32} {:<12} {}",
@@ -49,7 +56,7 @@ impl ApiClient {
                 );
             }
             if page.next_cursor.is_empty() {
-                return Ok(());
+                return self.finish_json(json);
             }
             cursor = page.next_cursor;
         }
@@ -58,7 +65,10 @@ impl ApiClient {
     /// `compute volume versions`.
     pub async fn volume_versions(&self, name: &str, r#ref: Option<String>) -> anyhow::Result<()> {
         let mut cursor = String::new();
-        println!("{:<9} {:<9} {:<16} {:<38} CREATED", "VERSION", "PARENT", "REF", "COMMIT");
+        let mut json = Vec::new();
+        if !self.json() {
+            println!("{:<9} {:<9} {:<16} {:<38} CREATED", "VERSION", "PARENT", "REF", "COMMIT");
+        }
         loop {
             let req = ListVolumeVersionsRequest {
                 volume: vref(name),
@@ -68,12 +78,16 @@ impl ApiClient {
             };
             let page = self.volumes().list_volume_versions(self.req(req)).await.map_err(status_error)?.into_inner();
             for v in page.versions {
+                if self.json() {
+                    json.push(message_json("chalk.volume.v2.VersionInfo", &v)?);
+                    continue;
+                }
                 let parent = v.parent_id.map(|p| p.to_string()).unwrap_or_else(|| "-".into());
                 let created = ago(v.created_at.map(|t| t.seconds).unwrap_or(0));
                 println!("{:<9} {:<9} {:<16} {:<38} {created}", v.version_id, parent, v.r#ref, v.commit_id);
             }
             if page.next_cursor.is_empty() {
-                return Ok(());
+                return self.finish_json(json);
             }
             cursor = page.next_cursor;
         }
@@ -84,7 +98,10 @@ impl ApiClient {
         let (name, version) = split_version(spec)?;
         let selector = version.map(|v| VersionSelector { selector: Some(Selector::VersionId(v)) });
         let mut cursor = String::new();
-        println!("{:<5} {:>12} {:<6} PATH", "KIND", "SIZE", "MODE");
+        let mut json = Vec::new();
+        if !self.json() {
+            println!("{:<5} {:>12} {:<6} PATH", "KIND", "SIZE", "MODE");
+        }
         loop {
             let req = ListFilesRequest {
                 volume: vref(&name),
@@ -96,6 +113,10 @@ impl ApiClient {
             };
             let page = self.volumes().list_files(self.req(req)).await.map_err(status_error)?.into_inner();
             for f in page.files {
+                if self.json() {
+                    json.push(message_json("chalk.volume.v2.FileInfo", &f)?);
+                    continue;
+                }
                 let kind = match FileKind::try_from(f.kind) {
                     Ok(FileKind::Directory) => "dir",
                     Ok(FileKind::Symlink) => "link",
@@ -104,7 +125,7 @@ impl ApiClient {
                 println!("{kind:<5} {:>12} {:<6o} {}", f.size, f.mode.unwrap_or(0), f.path);
             }
             if page.next_cursor.is_empty() {
-                return Ok(());
+                return self.finish_json(json);
             }
             cursor = page.next_cursor;
         }
