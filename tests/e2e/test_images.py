@@ -173,13 +173,6 @@ def test_build_failures_name_the_step(builder):
     assert re.search(r"FAIL dockerfile (?:Sandbox|Image)BuildError .*step 1 \(dockerfile_commands\): the COPY instruction is not supported", out), out
 
 
-@pytest.mark.xfail(
-    os.environ.get("COMPUTE_E2E_ISOLATION") == "gvisor",
-    strict=True,
-    reason="Image.sandbox() is based on python:3.14-slim-trixie, which is Debian sid here (trixie has no 3.14); "
-    "sid's systemd, which its apt_install pulls in, fails in its postinst under runsc 2024-07 ('Cannot open "
-    "/etc/machine-id: Protocol driver not attached', a syscall this gVisor lacks); trixie's systemd installs fine",
-)
 def test_default_sandbox_image(builder):
     # `Sandbox()` without an image builds the SDK's `Image.sandbox()`: an apt-get run_commands step (through the
     # proxy, with the host's CA) and workdir /workspace, which exists for its processes.

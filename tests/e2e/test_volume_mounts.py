@@ -21,11 +21,6 @@ def test_program_d_verbatim(shared_server):
     assert "STDOUT: 'hello\\n' EXIT: 0" in proc.stdout, proc.stdout
 
 
-@pytest.mark.xfail(
-    os.environ.get("COMPUTE_E2E_ISOLATION") == "gvisor",
-    strict=True,
-    reason="Image.sandbox() does not build under runsc 2024-07 (sid's systemd postinst; see test_images.py)",
-)
 def test_program_g2_verbatim_local_files_arrive_as_a_volume(shared_server):
     require_root()
     proc = run_program(PROGRAMS / "g2_sandbox_files.py", shared_server.sdk_env())

@@ -97,8 +97,13 @@ fn runsc_root(cfg: &RuntimeConfig) -> String {
 /// Writes the bundle and starts `runsc run` with the agent's protocol on its stdio.
 fn spawn(l: Launch<'_>) -> Result<tokio::process::Child, RuntimeError> {
     let Launch { config: cfg, spec, dir, rootfs, net, binds, entrypoint, limits, cgroup, stderr, userns: _ } = l;
+    let shim = super::statx_shim::for_rootfs(&cfg.agent_bin, &rootfs.merged);
+    let mut env = spec.env.clone();
+    if shim.is_some() {
+        super::statx_shim::preload(&mut env);
+    }
     let serve = ServeConfig {
-        env: spec.env.clone(),
+        env,
         workdir: spec.workdir.clone(),
         entrypoint,
         user: spec.user.clone(),
@@ -122,6 +127,12 @@ fn spawn(l: Launch<'_>) -> Result<tokio::process::Child, RuntimeError> {
         serde_json::json!({"destination": "/.compute/agent", "type": "bind", "source": cfg.agent_bin, "options": ["rbind", "ro"]}),
         serde_json::json!({"destination": "/.compute/serve.json", "type": "bind", "source": serve_path, "options": ["rbind", "ro"]}),
     ];
+    if let Some(shim) = &shim {
+        let inside = super::statx_shim::PATH_INSIDE;
+        mounts.push(
+            serde_json::json!({"destination": inside, "type": "bind", "source": shim, "options": ["rbind", "ro"]}),
+        );
+    }
     let libs = agent_libraries(&cfg.agent_bin)?;
     for lib in &libs {
         let name = lib.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();

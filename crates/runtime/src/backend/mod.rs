@@ -3,6 +3,7 @@
 
 mod gvisor;
 mod native;
+mod statx_shim;
 
 use std::path::Path;
 
