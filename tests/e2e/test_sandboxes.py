@@ -791,3 +791,30 @@ with open("/tmp/events", "a", buffering=1) as out:
             _, mask, _, _ = struct.unpack_from("iIII", buf, i)
             out.write("open\n" if mask & 0x20 else "close\n")
 """
+
+
+def test_security_fields_are_enforced_or_refused_never_ignored(shared_server):
+    """#13: a network policy, resource detectors or a workload identity are refused naming the field until they are
+    enforced; KERNEL_POLICY_RESTRICTED runs only under gVisor (never a silent downgrade), OPEN under either."""
+    gvisor = os.environ.get("COMPUTE_E2E_ISOLATION", "gvisor") == "gvisor"
+    out = sdk(shared_server, """
+        from chalkcompute import NetworkPolicy, ContainerSecurityPolicy, KernelPolicy
+        def attempt(label, **kw):
+            try:
+                sb = Sandbox(image=Image.debian_slim(), name=f"sec-{label}", **kw).run()
+                print("RAN", label, sb.exec("true").exit_code)
+                sb.terminate()
+            except Exception as e:
+                print("REFUSED", label, type(e).__name__, str(e).replace("\\n", " ")[:400])
+        attempt("deny-all", network_policy=NetworkPolicy())
+        attempt("identity", chalk_identity=True)
+        attempt("restricted", security_policy=ContainerSecurityPolicy(kernel_policy=KernelPolicy.RESTRICTED))
+        attempt("open", security_policy=ContainerSecurityPolicy(kernel_policy=KernelPolicy.OPEN))
+    """)
+    assert re.search(r"REFUSED deny-all .*spec\.network_policy.*not enforced", out), out
+    assert re.search(r"REFUSED identity .*spec\.chalk_workload_identity", out), out
+    if gvisor:
+        assert "RAN restricted 0" in out, out
+    else:
+        assert re.search(r"REFUSED restricted .*KERNEL_POLICY_RESTRICTED needs gVisor", out), out
+    assert "RAN open 0" in out, out

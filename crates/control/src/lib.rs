@@ -38,7 +38,7 @@ pub use scaling::{
     CronWindows, GroupSpec, GroupState, GroupView, QueueDepthTrigger, ScalingConfig, ScalingGroups, SpecParser,
 };
 pub use secrets::{IntegrationView, Scope, Secrets};
-pub use workloads::{MemoryCapacity, WorkloadConfig, WorkloadKind, WorkloadRequest, Workloads};
+pub use workloads::{KernelPolicy, MemoryCapacity, WorkloadConfig, WorkloadKind, WorkloadRequest, Workloads};
 
 /// Volumes: versioned copy-on-write trees over an object store.
 pub use compute_volume as volume;

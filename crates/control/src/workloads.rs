@@ -72,6 +72,20 @@ pub struct WorkloadRequest {
     pub secret_scopes: Vec<Scope>,
     /// A container's port, served through the ingress under its name.
     pub expose: Option<crate::Exposure>,
+    /// How strongly the workload must be isolated from the host's kernel (`security_policy.kernel_policy`).
+    pub kernel_policy: KernelPolicy,
+}
+
+/// `security_policy.kernel_policy`: whether the workload may share the host's kernel.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum KernelPolicy {
+    /// Not asked: the server's isolation, whatever it is.
+    #[default]
+    Unspecified,
+    /// Only behind gVisor's own kernel: never a silent downgrade to native isolation.
+    Restricted,
+    /// Either backend.
+    Open,
 }
 
 /// Settings of the workload manager.
@@ -292,6 +306,7 @@ impl Workloads {
     /// Checks a request without starting anything: resources, image reference, environment, lifetime, and that
     /// its volumes exist. Returns the parsed cpu (millicores) and memory (bytes) limits.
     pub fn check(&self, who: &Principal, req: &WorkloadRequest) -> Result<(Option<u64>, Option<u64>), ControlError> {
+        self.check_kernel_policy(req.kernel_policy)?;
         let cpu =
             req.cpu.as_deref().filter(|s| !s.trim().is_empty()).map(|c| parse_cpu("resources.cpu", c)).transpose()?;
         let memory = req
@@ -338,6 +353,20 @@ impl Workloads {
         // Every reference must resolve now, so a missing secret is refused at create rather than at start.
         self.secrets.resolve(&who.environment_id, &req.secret_scopes, &req.secret_refs)?;
         Ok((cpu, memory))
+    }
+
+    /// A RESTRICTED workload runs under gVisor or not at all.
+    fn check_kernel_policy(&self, policy: KernelPolicy) -> Result<(), ControlError> {
+        let isolation = self.runtime.as_ref().map(|r| r.isolation()).ok();
+        match (policy, isolation) {
+            (KernelPolicy::Restricted, Some(compute_runtime::Isolation::Native)) => Err(ControlError::FailedPrecondition(
+                "security_policy.kernel_policy KERNEL_POLICY_RESTRICTED needs gVisor, and this server runs sandboxes \
+                 with native isolation (gVisor is unavailable or turned off: see `compute status` and the server's \
+                 log); use KERNEL_POLICY_OPEN to accept native isolation, or run the server with --isolation gvisor"
+                    .into(),
+            )),
+            _ => Ok(()),
+        }
     }
 
     /// Records a new workload and starts it in the background; returns the Pending record.

@@ -48,7 +48,11 @@ impl ScalingApi {
 pub fn parse_spec(wire: &[u8]) -> Result<GroupSpec, ControlError> {
     let spec = ScalingGroupSpec::decode(wire)
         .map_err(|e| ControlError::InvalidArgument(format!("spec: not a ScalingGroupSpec: {e}")))?;
-    group_spec(spec).map_err(|s| ControlError::InvalidArgument(s.message().to_string()))
+    group_spec(spec).map_err(|s| match s.code() {
+        tonic::Code::Unimplemented => ControlError::Unimplemented(s.message().to_string()),
+        tonic::Code::FailedPrecondition => ControlError::FailedPrecondition(s.message().to_string()),
+        _ => ControlError::InvalidArgument(s.message().to_string()),
+    })
 }
 
 fn invalid(msg: impl Into<String>) -> Status {

@@ -1,7 +1,7 @@
 //! Shared translation between the container spec on the wire and the control plane's workload request.
 
 use compute_control::volume::MountRequest;
-use compute_control::{Exposure, RefSource, Scope, ScopeKind, SecretRef, WorkloadKind, WorkloadRequest};
+use compute_control::{Exposure, KernelPolicy, RefSource, Scope, ScopeKind, SecretRef, WorkloadKind, WorkloadRequest};
 use compute_ingress::UpstreamProtocol;
 use compute_proto::chalk::container::v1::{secret_ref, ChalkContainerSpec};
 use compute_store::{SandboxRecord, SandboxStatus};
@@ -45,6 +45,8 @@ pub fn request(kind: WorkloadKind, spec: ChalkContainerSpec) -> Result<WorkloadR
             "spec.restore_from_snapshot_id: snapshots are not implemented by this server yet",
         ));
     }
+    refuse_unenforced(&spec)?;
+    let kernel_policy = kernel_policy(&spec)?;
     let resources = spec.resources.clone().unwrap_or_default();
     if resources.gpu.as_deref().is_some_and(|g| !g.trim().is_empty()) {
         return Err(Status::failed_precondition("resources.gpu: this node has no GPUs to pass through"));
@@ -82,7 +84,46 @@ pub fn request(kind: WorkloadKind, spec: ChalkContainerSpec) -> Result<WorkloadR
         secret_refs,
         secret_scopes,
         expose,
+        kernel_policy,
     })
+}
+
+/// Security fields this server does not enforce yet are refused, naming the field: a workload never runs with
+/// a policy silently ignored (open egress where it asked for none, say).
+fn refuse_unenforced(spec: &ChalkContainerSpec) -> Result<(), Status> {
+    let not_enforced = |field: &str, what: &str| {
+        Err(Status::unimplemented(format!(
+            "spec.{field}: {what} are not enforced by this server yet, so a workload that asks for them is refused \
+             rather than run without them; remove the field to run without it"
+        )))
+    };
+    if spec.network_policy.is_some() {
+        return not_enforced("network_policy", "egress network policies (NetworkPolicy)");
+    }
+    if spec.resource_detection.as_ref().is_some_and(|r| !r.detectors.is_empty()) {
+        return not_enforced("resource_detection", "resource detectors (they inspect egress through a gateway)");
+    }
+    if spec.chalk_workload_identity.is_some() {
+        return not_enforced("chalk_workload_identity", "workload identities (chalk_identity, OIDCTokenFile)");
+    }
+    Ok(())
+}
+
+/// `security_policy.kernel_policy`.
+fn kernel_policy(spec: &ChalkContainerSpec) -> Result<KernelPolicy, Status> {
+    use compute_proto::chalk::container::v1::KernelPolicy as Wire;
+    let Some(raw) = spec.security_policy.as_ref().and_then(|p| p.kernel_policy) else {
+        return Ok(KernelPolicy::Unspecified);
+    };
+    match Wire::try_from(raw) {
+        Ok(Wire::Unspecified) => Ok(KernelPolicy::Unspecified),
+        Ok(Wire::Restricted) => Ok(KernelPolicy::Restricted),
+        Ok(Wire::Open) => Ok(KernelPolicy::Open),
+        Err(_) => Err(Status::invalid_argument(format!(
+            "spec.security_policy.kernel_policy {raw} is not a KernelPolicy: use KERNEL_POLICY_RESTRICTED or \
+             KERNEL_POLICY_OPEN"
+        ))),
+    }
 }
 
 /// How a container's `port` is served, if it has one.
