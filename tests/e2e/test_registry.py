@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import Server, require_root, sdk_ok
+from conftest import Server, compute_bin, require_root, sdk_ok
 from oci_registry import (OCI_INDEX, LocalRegistry, busybox_layer, config_blob, index_blob, layer, manifest_blob,
                           write_oci_archive)
 
@@ -338,3 +338,29 @@ def test_docker_hub_names_go_to_docker_hubs_endpoint_by_default(tmp_path):
         stand_in.stop()
         default.stop()
         hub.stop()
+
+
+def test_image_pull_shows_its_progress(registries, tmp_path, monkeypatch):
+    """#20 item 4: `compute image pull` reports each layer stored as a line when stdout is not a terminal, and
+    draws a progress bar (on stdout) when it is."""
+    if os.environ.get("COMPUTE_E2E_ISOLATION") == "gvisor":
+        pytest.skip("the image store's bookkeeping does not depend on the backend; the native run covers it")
+    _, reg, _ = registries
+    monkeypatch.setenv("COMPUTE_E2E_IMAGE_DIR", str(tmp_path / "images"))
+    server = Server(tmp_path / "data", config=f'insecure_registries = ["{reg.host}"]\n')
+    try:
+        layers = [busybox_layer([("a.txt", os.urandom(4 << 20).hex())]), layer([("b.txt", os.urandom(1 << 20).hex())])]
+        reg.push_image("test/progress", "1", layers, env=["PATH=/bin"])
+        out = server.cli("image", "pull", f"{reg.host}/test/progress:1").stdout
+        assert re.search(r"layer 1/2 stored \(.+ of .+\)\nlayer 2/2 stored \((\S+ \S+) of \1\)", out), out
+        assert "pulled " in out, out
+        if shutil.which("script"):
+            reg.push_image("test/progress", "2", [busybox_layer([("c.txt", os.urandom(4 << 20).hex())])], env=["PATH=/bin"])
+            cmd = f"{compute_bin()} image pull {reg.host}/test/progress:2 --data-dir {server.data_dir}"
+            tty = subprocess.run(["script", "-qec", cmd, "/dev/null"], capture_output=True, text=True, timeout=120)
+            assert tty.returncode == 0 and "pulled " in tty.stdout, tty
+            assert "stored (" not in tty.stdout, "a terminal gets a bar, not the lines"
+        else:
+            print("util-linux `script` is missing: the terminal (progress bar) path is not exercised")
+    finally:
+        server.stop()

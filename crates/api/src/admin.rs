@@ -165,6 +165,10 @@ async fn handle(shared: &Shared, op: &str, req: Request<Incoming>) -> Result<ser
                 json!({ "reference": img.reference, "layers": img.layers, "config": img.config, "provenance": img.provenance }),
             )
         }
+        "images/pull-progress" => {
+            let r: ImageRef = parse(op, body)?;
+            Ok(json!({ "progress": images.pull_progress(&r.reference) }))
+        }
         "images/import" => {
             let r: ImageImport = parse(op, body)?;
             let path = std::path::Path::new(&r.path);

@@ -25,6 +25,7 @@ use std::sync::{Arc, Mutex};
 pub use debian::Mirror;
 pub use inventory::{ImageGcReport, StoredImage};
 pub use oci::name::ImageName;
+pub use oci::progress::ProgressView;
 pub use oci::registry::{Credentials, RegistryConfig, DOCKER_HUB_ENDPOINT};
 pub use oci::Imported;
 pub use recipe::{Recipe, Step};
@@ -175,6 +176,8 @@ pub struct ImageStore {
     providers: Vec<Provider>,
     registry: oci::registry::Registry,
     building: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Pulls in flight, by canonical name, with their progress.
+    pulls: Mutex<HashMap<String, Arc<oci::progress::PullProgress>>>,
 }
 
 impl ImageStore {
@@ -215,6 +218,7 @@ impl ImageStore {
             providers: options.providers,
             registry: oci::registry::Registry::new(options.registry)?,
             building: Mutex::default(),
+            pulls: Mutex::default(),
         })
     }
 

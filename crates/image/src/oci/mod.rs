@@ -6,15 +6,44 @@ mod docker_archive;
 mod http;
 mod layer;
 pub mod name;
+pub mod progress;
 mod pull;
 pub mod registry;
 
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use name::ImageName;
 use pull::Source;
 
 use crate::{ImageConfig, ImageError, ImageStore};
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A pull's counters, registered while it runs (see [`ImageStore::pull_progress`]).
+pub(crate) struct PullTracker<'a> {
+    store: &'a ImageStore,
+    key: String,
+    progress: Arc<progress::PullProgress>,
+}
+
+impl std::ops::Deref for PullTracker<'_> {
+    type Target = progress::PullProgress;
+    fn deref(&self) -> &Self::Target {
+        &self.progress
+    }
+}
+
+impl Drop for PullTracker<'_> {
+    fn drop(&mut self) {
+        let mut pulls = lock(&self.store.pulls);
+        if pulls.get(&self.key).is_some_and(|p| Arc::ptr_eq(p, &self.progress)) {
+            pulls.remove(&self.key);
+        }
+    }
+}
 
 /// The record of a pulled or imported image.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -84,6 +113,21 @@ impl ImageStore {
         std::fs::write(dir.join("provenance"), &record.provenance).map_err(io)
     }
 
+    /// Counts a pull of `name` where [`ImageStore::pull_progress`] reads it, until the returned handle is dropped.
+    fn track_pull(&self, name: &ImageName) -> PullTracker<'_> {
+        let progress = Arc::new(progress::PullProgress::default());
+        let key = name.canonical();
+        lock(&self.pulls).insert(key.clone(), progress.clone());
+        PullTracker { store: self, key, progress }
+    }
+
+    /// How far a pull of `reference` (as `compute image pull` names it) has come, while it runs.
+    pub fn pull_progress(&self, reference: &str) -> Option<progress::ProgressView> {
+        let target = self.alias(reference).unwrap_or(reference);
+        let name = ImageName::parse(target).ok()?;
+        lock(&self.pulls).get(&name.canonical()).map(|p| p.view())
+    }
+
     /// Pulls `name` from its registry (mirrors first) into the store.
     pub(crate) async fn pull(&self, name: &ImageName) -> Result<OciBase, String> {
         let started = std::time::Instant::now();
@@ -101,7 +145,8 @@ impl ImageStore {
             };
             let base = endpoint.base.clone();
             let source = Source::Registry { registry: &self.registry, endpoint, repository: name.repository.clone() };
-            let pulled = pull::assemble(self, &source, top, name.digest.as_deref()).await?;
+            let progress = self.track_pull(name);
+            let pulled = pull::assemble(self, &source, top, name.digest.as_deref(), &progress).await?;
             let via_index = if pulled.top_digest == pulled.manifest_digest {
                 String::new()
             } else {
@@ -213,7 +258,9 @@ impl ImageStore {
             .map_err(|e| format!("reading {}: {e}", entry.digest))?;
         let lock = self.lock_for(&base_key(&image));
         let _guard = lock.lock().await;
-        let pulled = pull::assemble(self, &source, (top, entry.media_type.clone()), Some(&entry.digest)).await?;
+        let progress = progress::PullProgress::default();
+        let pulled =
+            pull::assemble(self, &source, (top, entry.media_type.clone()), Some(&entry.digest), &progress).await?;
         let layer_count = pulled.layers.len();
         let record = OciBase {
             reference: image.canonical(),

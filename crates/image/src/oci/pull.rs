@@ -9,6 +9,7 @@ use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 
 use super::layer::hex;
+use super::progress::PullProgress;
 use super::registry::{Endpoint, Registry};
 use crate::{ImageConfig, ImageStore};
 
@@ -138,7 +139,7 @@ impl Source<'_> {
 
     /// A file holding the blob `desc`, verified against its digest and size. Blobs of a layout are checked
     /// where they lie; a registry's are downloaded to `scratch` (the caller removes it).
-    async fn blob(&self, desc: &Descriptor, scratch: &Path) -> Result<PathBuf, String> {
+    async fn blob(&self, desc: &Descriptor, scratch: &Path, progress: &PullProgress) -> Result<PathBuf, String> {
         match self {
             Source::Layout(dir) => {
                 let path = layout_blob(dir, &desc.digest)?;
@@ -148,10 +149,11 @@ impl Source<'_> {
                     .map_err(|e| e.to_string())?
                     .map_err(|e| format!("reading blob {} from the layout: {e}", desc.digest))?;
                 check(desc, &got.0, got.1)?;
+                progress.add_bytes(got.1);
                 Ok(path)
             }
             Source::Registry { registry, endpoint, repository } => {
-                let downloaded = Self::download(registry, endpoint, repository, desc, scratch).await;
+                let downloaded = Self::download(registry, endpoint, repository, desc, scratch, progress).await;
                 if downloaded.is_err() {
                     // A partial download is nobody's.
                     let _ = tokio::fs::remove_file(scratch).await;
@@ -168,6 +170,7 @@ impl Source<'_> {
         repository: &str,
         desc: &Descriptor,
         scratch: &Path,
+        progress: &PullProgress,
     ) -> Result<PathBuf, String> {
         let mut resp = registry.blob(endpoint, repository, &desc.digest).await?;
         let mut file =
@@ -181,6 +184,7 @@ impl Source<'_> {
             }
             h.update(&chunk);
             file.write_all(&chunk).await.map_err(|e| format!("writing {}: {e}", scratch.display()))?;
+            progress.add_bytes(chunk.len() as u64);
         }
         file.flush().await.map_err(|e| format!("writing {}: {e}", scratch.display()))?;
         check(desc, &hex(&h.finalize()), n)?;
@@ -191,7 +195,7 @@ impl Source<'_> {
         if desc.size > MAX_JSON {
             return Err(format!("{} is {} bytes, more than a config may be", desc.digest, desc.size));
         }
-        let path = self.blob(desc, scratch).await?;
+        let path = self.blob(desc, scratch, &PullProgress::default()).await?;
         let bytes = tokio::fs::read(&path).await.map_err(|e| format!("reading {}: {e}", path.display()));
         self.release(&path).await;
         bytes
@@ -301,12 +305,13 @@ fn sha256_hex(bytes: &[u8]) -> String {
 }
 
 /// Pulls the image whose top manifest (or index) is `top` from `source` into `store`. `pinned` is the digest the
-/// caller asked for, if any: the top object must hash to it.
+/// caller asked for, if any: the top object must hash to it. Layers and bytes are counted in `progress`.
 pub async fn assemble(
     store: &ImageStore,
     source: &Source<'_>,
     top: (Vec<u8>, String),
     pinned: Option<&str>,
+    progress: &PullProgress,
 ) -> Result<Pulled, String> {
     let top_digest = format!("sha256:{}", sha256_hex(&top.0));
     if let Some(want) = pinned {
@@ -355,6 +360,7 @@ pub async fn assemble(
     }
     let jobs: Vec<(Descriptor, String)> =
         manifest.layers.iter().cloned().zip(config.rootfs.diff_ids.iter().cloned()).collect();
+    progress.start(jobs.len(), jobs.iter().map(|(d, _)| d.size).sum());
     let results: Vec<(String, u64, bool)> =
         futures_util::stream::iter(jobs.into_iter().map(|(desc, diff_id)| async move {
             let diff_hex = digest_hex(&diff_id)?;
@@ -362,9 +368,11 @@ pub async fn assemble(
             let lock = store.lock_for(&format!("layer:{key}"));
             let _guard = lock.lock().await;
             if store.has_layer(&key) {
+                progress.add_bytes(desc.size);
+                progress.layer_done();
                 return Ok::<_, String>((key, 0, true));
             }
-            let blob_path = source.blob(&desc, &scratch_blob(&key)).await?;
+            let blob_path = source.blob(&desc, &scratch_blob(&key), progress).await?;
             let unpacked = async {
                 let scratch = store.scratch(&key).map_err(|e| e.to_string())?;
                 let (b, s, d) = (blob_path.clone(), scratch.clone(), diff_id.clone());
@@ -380,6 +388,7 @@ pub async fn assemble(
             .await;
             source.release(&blob_path).await;
             store.commit_layer(&key, &unpacked?).map_err(|e| e.to_string())?;
+            progress.layer_done();
             Ok((key, desc.size, false))
         }))
         .buffered(PARALLEL_LAYERS)
