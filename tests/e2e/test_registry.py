@@ -364,3 +364,34 @@ def test_image_pull_shows_its_progress(registries, tmp_path, monkeypatch):
             print("util-linux `script` is missing: the terminal (progress bar) path is not exercised")
     finally:
         server.stop()
+
+
+def test_dockerfile_copy_from_another_image(registries):
+    """#20 item 4: `COPY --from=IMAGE` in dockerfile_commands copies paths out of another image (as its layers merge:
+    whiteouts and opaque directories respected); a plain COPY names what to use instead."""
+    server, reg, _ = registries
+    push_multiarch(reg, "test/copysrc", "1")
+    src = f"{reg.host}/test/copysrc:1"
+    out = sdk(server, f"""
+        img = Image.debian_slim("3.13").dockerfile_commands([
+            "COPY --from={src} /app/hello.txt /arch.txt /opt/",
+            "COPY --from={src} --chmod=700 /data /copied-data",
+        ])
+        sb = Sandbox(image=img, name="copy-from").run()
+        def run(*cmd):
+            r = sb.exec(*cmd)
+            return r.exit_code, r.stdout_text.strip()
+        print("HELLO", run("cat", "/opt/hello.txt"))
+        print("ARCH", run("cat", "/opt/arch.txt"))
+        print("DATA", run("ls", "/copied-data"))
+        print("MODE", run("stat", "-c", "%a", "/copied-data/keep.txt"))
+        sb.terminate()
+        try:
+            Sandbox(image=Image.debian_slim("3.13").dockerfile_commands(["COPY . /app"]), name="ctx").run()
+        except Exception as e:
+            print("REFUSED", str(e)[:300].replace("\\n", " "))
+    """)
+    assert "HELLO (0, 'hello')" in out and "ARCH (0, 'amd64')" in out, out
+    # The top layer's whiteout hid data/old.txt.
+    assert "DATA (0, 'keep.txt')" in out and "MODE (0, '700')" in out, out
+    assert "REFUSED" in out and "add_local_file" in out, out

@@ -181,6 +181,17 @@ impl Builds {
                 Step::AddFile { destination, content, mode } => {
                     write_file(&scratch, destination, content, *mode).map_err(|e| format!("{what}: {e}"))?
                 }
+                Step::CopyFrom { image, sources, dest, chown, chmod } => {
+                    let from = self.images.resolve(image).await.map_err(|e| format!("{what}: image {image}: {e}"))?;
+                    let opts = compute_image::copy::CopyOptions { chown: *chown, chmod: *chmod };
+                    let (layers, sources, dest, into) = (from.layers, sources.clone(), dest.clone(), scratch.clone());
+                    tokio::task::spawn_blocking(move || {
+                        compute_image::copy::copy_from_layers(&layers, &sources, &dest, &into, opts)
+                    })
+                    .await
+                    .map_err(|e| format!("{what}: {e}"))?
+                    .map_err(|e| format!("{what}: from {image}: {e}"))?
+                }
                 Step::RunCommands(commands) => {
                     let script = format!("set -e\n{}", commands.join("\n"));
                     self.run_step(build_id, i, &layers, &env, &scratch, Command { script: &script, user: None })

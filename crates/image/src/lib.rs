@@ -12,6 +12,7 @@
 
 #![warn(missing_docs)]
 
+pub mod copy;
 mod debian;
 mod inventory;
 pub mod oci;

@@ -32,6 +32,19 @@ pub enum Step {
         /// Where the project files are written (absolute).
         workdir: String,
     },
+    /// `COPY --from=IMAGE SRC... DEST`: paths of another image copied into this one.
+    CopyFrom {
+        /// The image the paths come from (any reference the store can provide).
+        image: String,
+        /// Paths in that image.
+        sources: Vec<String>,
+        /// Where they go (absolute; a directory when it ends in `/` or there are several sources).
+        dest: String,
+        /// `--chown=UID:GID`, numeric.
+        chown: Option<(u32, u32)>,
+        /// `--chmod=MODE`.
+        chmod: Option<u32>,
+    },
     /// A file with inline content.
     AddFile {
         /// Absolute destination path.
@@ -52,6 +65,7 @@ impl Step {
             Step::UvPipInstall(_) => "uv_pip_install",
             Step::UvSync { .. } => "uv_sync",
             Step::AddFile { .. } => "add_file",
+            Step::CopyFrom { .. } => "dockerfile_commands (COPY --from)",
         }
     }
 }

@@ -78,6 +78,62 @@ fn words(text: &str) -> Vec<String> {
     out
 }
 
+/// `COPY [--from=IMAGE] [--chown=UID:GID] [--chmod=MODE] SRC... DEST` (or its JSON form). Only `--from` copies can
+/// be built: the SDK sends no build context, so a plain `COPY`/`ADD` has nothing to copy from.
+fn copy_step(instr: &str, rest: &str) -> Result<Step, String> {
+    let mut from = None;
+    let (mut chown, mut chmod) = (None, None);
+    let mut rest = rest.trim_start();
+    while rest.starts_with("--") {
+        let (flag, after) = rest.split_once(char::is_whitespace).unwrap_or((rest, ""));
+        rest = after.trim_start();
+        let (name, value) = flag.split_once('=').unwrap_or((flag, ""));
+        match name {
+            "--from" if !value.is_empty() => from = Some(value.to_string()),
+            "--chown" => chown = Some(numeric_owner(value)?),
+            "--chmod" => {
+                chmod = Some(
+                    u32::from_str_radix(value, 8)
+                        .ok()
+                        .filter(|m| *m <= 0o7777)
+                        .ok_or_else(|| format!("--chmod={value} is not an octal mode such as 755"))?,
+                )
+            }
+            "--link" => {}
+            other => return Err(format!("the flag {other} is not supported (supported: --from, --chown, --chmod)")),
+        }
+    }
+    // The JSON form: ["src", ..., "dest"].
+    let paths: Vec<String> = if rest.starts_with('[') {
+        serde_json::from_str(rest.trim()).map_err(|e| format!("not a JSON array of paths: {e}"))?
+    } else {
+        words(rest)
+    };
+    let Some((dest, sources)) = paths.split_last().filter(|(_, s)| !s.is_empty()) else {
+        return Err("name at least one source and a destination".into());
+    };
+    let Some(image) = from else {
+        return Err(format!(
+            "{instr} from a build context: the SDK sends none, so there is nothing to copy from; add local files with \
+             Image.add_local_file / add_local_dir (strategy=\"copy\"), or copy from an image with COPY --from=IMAGE"
+        ));
+    };
+    if instr.eq_ignore_ascii_case("ADD") {
+        return Err("ADD --from is not a Dockerfile form: use COPY --from=IMAGE".into());
+    }
+    Ok(Step::CopyFrom { image, sources: sources.to_vec(), dest: dest.clone(), chown, chmod })
+}
+
+/// `--chown=UID[:GID]` with numeric ids (names would need the image's own user database); `root` is 0.
+fn numeric_owner(value: &str) -> Result<(u32, u32), String> {
+    let id = |s: &str| if s == "root" { Some(0) } else { s.parse::<u32>().ok() };
+    let (u, g) = value.split_once(':').unwrap_or((value, value));
+    match (id(u), id(g)) {
+        (Some(u), Some(g)) => Ok((u, g)),
+        _ => Err(format!("--chown={value}: give numeric ids (UID:GID), as user names are not resolved here")),
+    }
+}
+
 /// `KEY=VALUE ...` or the legacy `KEY VALUE`.
 fn assignments(rest: &str) -> Result<Vec<(String, String)>, String> {
     let w = words(rest);
@@ -162,10 +218,11 @@ pub(crate) fn recipe(spec: ImageSpec) -> Result<Recipe, String> {
                         }
                         // Labels are metadata this server does not keep; accepting them changes nothing.
                         "LABEL" => {}
+                        "COPY" | "ADD" => steps.push(copy_step(instr, rest).map_err(|e| bad(&e))?),
                         other => {
                             return Err(format!(
                             "build step {n} (dockerfile_commands): the {other} instruction is not supported by this \
-                                 server (supported: RUN, ENV, ARG, WORKDIR, USER, LABEL)"
+                                 server (supported: RUN, ENV, ARG, WORKDIR, USER, LABEL, COPY --from)"
                         ))
                         }
                     }
@@ -334,9 +391,38 @@ mod tests {
     }
 
     #[test]
-    fn unsupported_instructions_are_named() {
+    fn copy_from_an_image_becomes_a_step_and_a_context_copy_says_what_to_do_instead() {
+        let r = docker(&["COPY --from=ghcr.io/astral-sh/uv:0.5 --chmod=755 /uv /uvx /bin/"]).unwrap();
+        assert_eq!(
+            r.steps,
+            vec![Step::CopyFrom {
+                image: "ghcr.io/astral-sh/uv:0.5".into(),
+                sources: vec!["/uv".into(), "/uvx".into()],
+                dest: "/bin/".into(),
+                chown: None,
+                chmod: Some(0o755),
+            }]
+        );
+        let json = docker(&[r#"COPY --from=busybox --chown=1000:1000 ["/bin/busybox", "/opt/bb"]"#]).unwrap();
+        assert!(matches!(&json.steps[0], Step::CopyFrom { chown: Some((1000, 1000)), dest, .. } if dest == "/opt/bb"));
         let err = docker(&["COPY . /app"]).unwrap_err();
-        assert!(err.contains("build step 1 (dockerfile_commands)") && err.contains("COPY"), "{err}");
+        assert!(err.contains("build step 1 (dockerfile_commands)") && err.contains("add_local_file"), "{err}");
+        for (line, why) in [
+            ("COPY --from=x /a", "source and a destination"),
+            ("COPY --from=x --chown=app /a /b", "numeric"),
+            ("COPY --from=x --chmod=rwx /a /b", "octal"),
+            ("COPY --from=x --exclude=y /a /b", "--exclude"),
+            ("ADD --from=x /a /b", "COPY --from"),
+        ] {
+            let err = docker(&[line]).unwrap_err();
+            assert!(err.contains(why), "{line}: {err}");
+        }
+    }
+
+    #[test]
+    fn unsupported_instructions_are_named() {
+        let err = docker(&["EXPOSE 8080"]).unwrap_err();
+        assert!(err.contains("build step 1 (dockerfile_commands)") && err.contains("EXPOSE"), "{err}");
         assert!(docker(&["WORKDIR relative"]).unwrap_err().contains("absolute"));
         assert!(docker(&["ENV =x"]).is_err());
     }
