@@ -471,5 +471,12 @@ def test_listings_print_the_apis_objects_as_json_for_scripts(vols):
     assert json.loads(vols.cli("sandbox", "ls", "-o", "json").stdout) == []
     assert json.loads(vols.cli("image", "ls", "-o", "json").stdout) is not None
     assert vols.cli("volume", "ls").stdout.startswith("ID "), "text by default"
+    clients = json.loads(vols.cli("client", "ls", "-o", "json").stdout)
+    assert any(c["clientId"] == vols.client_id and not c["revoked"] for c in clients), clients
+    assert any(e["name"] == "default" for e in json.loads(vols.cli("environment", "ls", "-o", "json").stdout))
+    vols.cli("secret", "set", "JSON_LISTED", "--value", "s3cr3t-never-listed")
+    secrets = json.loads(vols.cli("secret", "ls", "-o", "json").stdout)
+    assert [s["name"] for s in secrets] == ["JSON_LISTED"] and "s3cr3t" not in json.dumps(secrets), secrets
+    assert json.loads(vols.cli("integration", "ls", "-o", "json").stdout) == []
     bad = vols.cli("volume", "ls", "-o", "yaml", check=False)
     assert bad.returncode != 0 and "text" in bad.stderr and "json" in bad.stderr, bad.stderr

@@ -504,6 +504,8 @@ enum ClientCommand {
     /// List clients.
     Ls {
         #[command(flatten)]
+        format: Format,
+        #[command(flatten)]
         dir: DataDir,
     },
     /// Revoke a client: its secret and every token it holds stop working.
@@ -526,6 +528,8 @@ enum EnvironmentCommand {
     },
     /// List environments.
     Ls {
+        #[command(flatten)]
+        format: Format,
         #[command(flatten)]
         dir: DataDir,
     },
@@ -877,9 +881,16 @@ fn client(cmd: ClientCommand) -> anyhow::Result<()> {
             println!("environment:   {}", creds.environment_id);
             println!("# the secret is not stored and cannot be shown again");
         }
-        ClientCommand::Ls { dir } => {
+        ClientCommand::Ls { format, dir } => {
             let control = open_control(&dir.path())?;
             let envs = control.environments()?;
+            if format.output == Output::Json {
+                let items = control.auth().clients()?.into_iter().map(|c| {
+                    serde_json::json!({ "clientId": c.id, "name": c.name, "environmentId": c.environment_id,
+                        "allEnvironments": c.all_environments, "revoked": c.revoked_at.is_some() })
+                });
+                return crate::client::print_json(&serde_json::Value::Array(items.collect()));
+            }
             println!("{:<24} {:<20} {:<16} {:<8} STATUS", "CLIENT ID", "NAME", "ENVIRONMENT", "SCOPE");
             for c in control.auth().clients()? {
                 let env = envs
@@ -912,8 +923,13 @@ fn environment(cmd: EnvironmentCommand) -> anyhow::Result<()> {
             let env = control.create_environment(&name)?;
             println!("{}\t{}", env.id, env.name);
         }
-        EnvironmentCommand::Ls { dir } => {
+        EnvironmentCommand::Ls { format, dir } => {
             let control = open_control(&dir.path())?;
+            if format.output == Output::Json {
+                let items =
+                    control.environments()?.into_iter().map(|e| serde_json::json!({ "id": e.id, "name": e.name }));
+                return crate::client::print_json(&serde_json::Value::Array(items.collect()));
+            }
             println!("{:<20} NAME", "ID");
             for e in control.environments()? {
                 println!("{:<20} {}", e.id, e.name);

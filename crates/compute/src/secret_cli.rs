@@ -10,6 +10,8 @@ use anyhow::Context;
 use clap::{Args, Subcommand};
 use compute_control::{Control, Principal, Scope, ScopeKind};
 
+use crate::client::{print_json, Output};
+
 /// Which environment a command acts in.
 #[derive(Args, Debug, Clone)]
 pub struct EnvFlag {
@@ -41,6 +43,9 @@ pub enum SecretCommand {
     Ls {
         #[command(flatten)]
         env: EnvFlag,
+        /// text (a table for people) or json (for scripts).
+        #[arg(long, short = 'o', value_enum, default_value_t = Output::Text)]
+        output: Output,
     },
     /// Delete a secret.
     Rm {
@@ -78,6 +83,9 @@ pub enum IntegrationCommand {
     Ls {
         #[command(flatten)]
         env: EnvFlag,
+        /// text (a table for people) or json (for scripts).
+        #[arg(long, short = 'o', value_enum, default_value_t = Output::Text)]
+        output: Output,
     },
     /// Delete an integration.
     Rm {
@@ -142,10 +150,19 @@ pub fn secret(control: &Control, cmd: SecretCommand) -> anyhow::Result<()> {
             let rec = control.secrets().upsert(&who, &name, &scope, &value)?;
             println!("secret {} set ({}, id {})", rec.name, scope.describe(), rec.id);
         }
-        SecretCommand::Ls { env } => {
+        SecretCommand::Ls { env, output } => {
             let who = operator(control, &env)?;
+            let all = control.secrets().list(&who, true)?;
+            if output == Output::Json {
+                let items = all.iter().map(|rec| {
+                    let scope = Scope { kind: rec.scope, name: rec.scope_ref.clone() };
+                    serde_json::json!({ "id": rec.id, "name": rec.name, "scope": scope.describe(),
+                        "updatedAtMs": rec.updated_at })
+                });
+                return print_json(&serde_json::Value::Array(items.collect()));
+            }
             println!("{:<32} {:<36} {:<24} UPDATED", "NAME", "SCOPE", "ID");
-            for rec in control.secrets().list(&who, true)? {
+            for rec in all {
                 let scope = Scope { kind: rec.scope, name: rec.scope_ref.clone() };
                 println!(
                     "{:<32} {:<36} {:<24} {}",
@@ -186,10 +203,17 @@ pub fn integration(control: &Control, cmd: IntegrationCommand) -> anyhow::Result
             let view = control.secrets().set_integration(&env_id, &name, &kind, map)?;
             println!("integration {} ({}) set: exposes {}", view.name, view.kind, view.variables.join(", "));
         }
-        IntegrationCommand::Ls { env } => {
+        IntegrationCommand::Ls { env, output } => {
             let env_id = control.environment_id(&env.environment)?;
+            let all = control.secrets().integrations(&env_id)?;
+            if output == Output::Json {
+                let items = all.iter().map(
+                    |v| serde_json::json!({ "name": v.name, "kind": v.kind, "keys": v.keys, "variables": v.variables }),
+                );
+                return print_json(&serde_json::Value::Array(items.collect()));
+            }
             println!("{:<24} {:<10} {:<40} VARIABLES", "NAME", "KIND", "KEYS");
-            for v in control.secrets().integrations(&env_id)? {
+            for v in all {
                 println!("{:<24} {:<10} {:<40} {}", v.name, v.kind, v.keys.join(","), v.variables.join(","));
             }
         }
