@@ -315,8 +315,8 @@ def test_docker_hub_names_go_to_docker_hubs_endpoint_by_default(tmp_path):
     alias."""
     require_root()
     hub = LocalRegistry(tmp_path / "hub")
-    stand_in = Server(tmp_path / "data", config=f'docker_hub_endpoint = "http://{hub.host}"\n')
-    # Its own image store: the shared one may hold the stand-in's pull from an earlier run.
+    # Image stores of their own: what the stand-in pulls must not answer other tests' Docker Hub names later.
+    stand_in = Server(tmp_path / "data", config=f'docker_hub_endpoint = "http://{hub.host}"\n', images=tmp_path / "hub-images")
     default = Server(tmp_path / "default", images=tmp_path / "default-images")
     try:
         push_multiarch(hub, "library/python", "3.12-slim-trixie")
