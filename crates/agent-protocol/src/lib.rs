@@ -348,6 +348,11 @@ impl Failure {
         Failure { kind, message: message.into(), errno: None }
     }
 
+    /// A failure of `kind` that the SDK reports with this POSIX errno.
+    pub fn with_errno(kind: FailureKind, message: impl Into<String>, errno: i32) -> Failure {
+        Failure { kind, message: message.into(), errno: Some(errno) }
+    }
+
     /// A failure from an I/O error about `what`.
     pub fn from_io(what: &str, e: &io::Error) -> Failure {
         let kind = match (e.kind(), e.raw_os_error()) {

@@ -79,19 +79,15 @@ impl Uploads {
 fn open_for_write(req: &FileWrite) -> Result<File, Failure> {
     let path = Path::new(&req.path);
     if !path.is_absolute() {
-        return Err(Failure {
-            errno: Some(libc::EINVAL),
-            ..Failure::new(FailureKind::Invalid, format!("destination {:?} must be an absolute path", req.path))
-        });
+        let message = format!("destination {:?} must be an absolute path", req.path);
+        return Err(Failure::with_errno(FailureKind::Invalid, message, libc::EINVAL));
     }
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent).map_err(|e| Failure::from_io(&format!("creating {}", parent.display()), &e))?;
     }
     if path.is_dir() {
-        return Err(Failure {
-            errno: Some(libc::EISDIR),
-            ..Failure::new(FailureKind::IsADirectory, format!("{} is a directory", req.path))
-        });
+        let message = format!("{} is a directory", req.path);
+        return Err(Failure::with_errno(FailureKind::IsADirectory, message, libc::EISDIR));
     }
     let mode = req.mode.unwrap_or(0o644) & 0o7777;
     let file = OpenOptions::new()
@@ -202,8 +198,8 @@ pub fn send_file(ch: u32, path: &str, window: &Window, out: &Out) {
 fn open_for_read(path: &str) -> Result<(File, u64), Failure> {
     let p = Path::new(path);
     if !p.is_absolute() {
-        let f = Failure::new(FailureKind::Invalid, format!("path {path:?} must be absolute"));
-        return Err(Failure { errno: Some(libc::EINVAL), ..f });
+        let message = format!("path {path:?} must be absolute");
+        return Err(Failure::with_errno(FailureKind::Invalid, message, libc::EINVAL));
     }
     // Checked before opening (opening a device can have effects of its own), and again on the open file in case
     // the path was swapped in between.
@@ -227,8 +223,8 @@ fn regular_file(path: &str, meta: &std::fs::Metadata) -> Result<(), Failure> {
         return Ok(());
     }
     if ft.is_dir() {
-        let f = Failure::new(FailureKind::IsADirectory, format!("{path} is a directory"));
-        return Err(Failure { errno: Some(libc::EISDIR), ..f });
+        let message = format!("{path} is a directory");
+        return Err(Failure::with_errno(FailureKind::IsADirectory, message, libc::EISDIR));
     }
     let what = if ft.is_char_device() {
         "a character device"
@@ -240,7 +236,7 @@ fn regular_file(path: &str, meta: &std::fs::Metadata) -> Result<(), Failure> {
         "a socket"
     };
     let message = format!("{path} is {what}, which has no end to download; only regular files can be read");
-    Err(Failure { errno: Some(libc::EINVAL), ..Failure::new(FailureKind::NotARegularFile, message) })
+    Err(Failure::with_errno(FailureKind::NotARegularFile, message, libc::EINVAL))
 }
 
 /// Streams the file; the bytes sent, or `None` if the host cancelled.

@@ -110,13 +110,15 @@ pub fn serve(sandbox: Sandbox) -> std::io::Result<u8> {
                         out.send(Frame::json(
                             Kind::SpawnFailed,
                             ch,
-                            &failure(FailureKind::Invalid, "channel already in use"),
+                            &Failure::new(FailureKind::Invalid, "channel already in use"),
                         ));
                     } else {
                         start(&sandbox, &sessions, &out, ch, spec);
                     }
                 }
-                Err(e) => out.send(Frame::json(Kind::SpawnFailed, ch, &failure(FailureKind::Invalid, &e.to_string()))),
+                Err(e) => {
+                    out.send(Frame::json(Kind::SpawnFailed, ch, &Failure::new(FailureKind::Invalid, e.to_string())))
+                }
             },
             Kind::Stdin => {
                 if let Some(s) = session() {
@@ -159,13 +161,17 @@ pub fn serve(sandbox: Sandbox) -> std::io::Result<u8> {
             }
             Kind::FileWrite => match frame.parse::<FileWrite>() {
                 Ok(req) => uploads.begin(ch, &req, &out),
-                Err(e) => out.send(Frame::json(Kind::FileFailed, ch, &failure(FailureKind::Invalid, &e.to_string()))),
+                Err(e) => {
+                    out.send(Frame::json(Kind::FileFailed, ch, &Failure::new(FailureKind::Invalid, e.to_string())))
+                }
             },
             Kind::FileData => uploads.data(ch, &frame.payload),
             Kind::FileEnd => uploads.end(ch, &out),
             Kind::FileRead => match frame.parse::<FileRead>() {
                 Ok(req) => download(&downloads, ch, req, &out),
-                Err(e) => out.send(Frame::json(Kind::FileFailed, ch, &failure(FailureKind::Invalid, &e.to_string()))),
+                Err(e) => {
+                    out.send(Frame::json(Kind::FileFailed, ch, &Failure::new(FailureKind::Invalid, e.to_string())))
+                }
             },
             Kind::FileCredit => {
                 if let Ok(c) = frame.parse::<Credit>() {
@@ -181,14 +187,10 @@ pub fn serve(sandbox: Sandbox) -> std::io::Result<u8> {
             other => out.send(Frame::json(
                 Kind::Error,
                 ch,
-                &failure(FailureKind::Invalid, &format!("unexpected frame {other:?}")),
+                &Failure::new(FailureKind::Invalid, format!("unexpected frame {other:?}")),
             )),
         }
     }
-}
-
-fn failure(kind: FailureKind, message: &str) -> Failure {
-    Failure::new(kind, message)
 }
 
 /// Sends a file from its own thread, within the window the host grants.
@@ -201,7 +203,7 @@ fn download(downloads: &Downloads, ch: u32, req: FileRead, out: &Out) {
     });
     if sender.is_none() {
         downloads.close(ch);
-        fail.send(Frame::json(Kind::FileFailed, ch, &failure(FailureKind::Io, OUT_OF_THREADS)));
+        fail.send(Frame::json(Kind::FileFailed, ch, &Failure::new(FailureKind::Io, OUT_OF_THREADS)));
     }
 }
 
@@ -237,7 +239,7 @@ fn start(sandbox: &Arc<Sandbox>, sessions: &Sessions, out: &Out, ch: u32, spec: 
     let creds = match user.as_deref().map(process::lookup_user).transpose() {
         Ok(c) => c,
         Err(e) => {
-            out.send(Frame::json(Kind::SpawnFailed, ch, &failure(FailureKind::Invalid, &e.0)));
+            out.send(Frame::json(Kind::SpawnFailed, ch, &Failure::new(FailureKind::Invalid, &*e.0)));
             return;
         }
     };
@@ -266,7 +268,7 @@ fn start(sandbox: &Arc<Sandbox>, sessions: &Sessions, out: &Out, ch: u32, spec: 
     let started = match started {
         Ok(s) => s,
         Err(e) => {
-            out.send(Frame::json(Kind::SpawnFailed, ch, &failure(FailureKind::NotFound, &e.0)));
+            out.send(Frame::json(Kind::SpawnFailed, ch, &Failure::new(FailureKind::NotFound, &*e.0)));
             return;
         }
     };
@@ -276,7 +278,7 @@ fn start(sandbox: &Arc<Sandbox>, sessions: &Sessions, out: &Out, ch: u32, spec: 
     let mut readers = Vec::new();
     let give_up = |why: &str| {
         signal_group(started.pid, libc::SIGKILL);
-        out.send(Frame::json(Kind::SpawnFailed, ch, &failure(FailureKind::Io, why)));
+        out.send(Frame::json(Kind::SpawnFailed, ch, &Failure::new(FailureKind::Io, why)));
     };
     let (stdin_file, pty) = match started.stdio {
         Stdio::Pipes { stdin, stdout, stderr } => {

@@ -69,6 +69,22 @@ impl Agent {
         self.frames.recv_timeout(Duration::from_secs(10)).expect("a frame from the agent within 10 s")
     }
 
+    /// A download's bytes until FileOk, after those `received` already, checked against the count FileOk reports.
+    fn receive_file(&self, received: Vec<u8>) -> Vec<u8> {
+        let mut body = received;
+        loop {
+            let f = self.next();
+            match f.kind {
+                Kind::FileData => body.extend_from_slice(&f.payload),
+                Kind::FileOk => {
+                    assert_eq!(f.parse::<FileDone>().unwrap().bytes, body.len() as u64, "FileOk counts what came");
+                    return body;
+                }
+                other => panic!("unexpected {other:?}: {}", String::from_utf8_lossy(&f.payload)),
+            }
+        }
+    }
+
     /// Whatever arrives within `wait`.
     fn quiet_for(&self, wait: Duration) -> Vec<Frame> {
         let mut got = Vec::new();
@@ -126,16 +142,7 @@ fn a_download_never_runs_ahead_of_its_window_and_a_cancel_closes_the_file() {
 
     // The agent serves on: the same file, unlimited, arrives whole.
     agent.read(6, &path, None);
-    let mut total = 0;
-    loop {
-        let f = agent.next();
-        match f.kind {
-            Kind::FileData => total += f.payload.len(),
-            Kind::FileOk => break,
-            other => panic!("unexpected {other:?}"),
-        }
-    }
-    assert_eq!(total, 8 << 20);
+    assert_eq!(agent.receive_file(Vec::new()).len(), 8 << 20);
 }
 
 #[test]
@@ -169,18 +176,7 @@ fn devices_fifos_and_sockets_are_refused_naming_what_they_are() {
 fn a_file_without_a_size_is_sent_whole_when_it_is_short() {
     let mut agent = Agent::start("proc");
     agent.read(3, "/proc/self/status", Some(1 << 20));
-    let mut body = Vec::new();
-    loop {
-        let f = agent.next();
-        match f.kind {
-            Kind::FileData => body.extend_from_slice(&f.payload),
-            Kind::FileOk => {
-                assert_eq!(f.parse::<FileDone>().unwrap().bytes, body.len() as u64);
-                break;
-            }
-            other => panic!("unexpected {other:?}: {}", String::from_utf8_lossy(&f.payload)),
-        }
-    }
+    let body = agent.receive_file(Vec::new());
     assert!(String::from_utf8_lossy(&body).contains("VmRSS"), "read /proc/self/status whole");
 }
 
@@ -195,14 +191,5 @@ fn a_file_is_sent_as_large_as_it_was_when_the_download_began() {
     // The file grows while the download waits for credit; the download still ends at the size it began with.
     std::fs::OpenOptions::new().append(true).open(&path).unwrap().write_all(&vec![2u8; 1 << 20]).unwrap();
     agent.send(Frame::json(Kind::FileCredit, 4, &Credit { bytes: 16 << 20 }));
-    let mut total = first.payload.len();
-    loop {
-        let f = agent.next();
-        match f.kind {
-            Kind::FileData => total += f.payload.len(),
-            Kind::FileOk => break,
-            other => panic!("unexpected {other:?}"),
-        }
-    }
-    assert_eq!(total, 300 << 10);
+    assert_eq!(agent.receive_file(first.payload).len(), 300 << 10);
 }
