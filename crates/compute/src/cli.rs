@@ -7,7 +7,7 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use compute_control::{Control, ControlConfig};
 
-use crate::client::{ApiClient, Output};
+use crate::client::{ApiClient, Format, Output};
 use crate::runtime_file::{self, AdminCredentials};
 use crate::settings::{self, Layer, Settings};
 
@@ -18,14 +18,6 @@ use crate::settings::{self, Layer, Settings};
 struct Cli {
     #[command(subcommand)]
     command: Command,
-}
-
-/// How a listing or an inspection is printed.
-#[derive(Args, Debug, Clone)]
-struct Format {
-    /// text (a table for people) or json (the API's own objects, for scripts: `-o json | jq`).
-    #[arg(long, short = 'o', value_enum, default_value_t = Output::Text)]
-    output: Output,
 }
 
 impl Format {

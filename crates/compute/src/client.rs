@@ -29,6 +29,14 @@ pub enum Output {
     Json,
 }
 
+/// How a listing or an inspection is printed (`-o`/`--output` on the ls and inspect commands).
+#[derive(clap::Args, Debug, Clone)]
+pub struct Format {
+    /// text (a table for people) or json (the API's own objects, for scripts: `-o json | jq`).
+    #[arg(long, short = 'o', value_enum, default_value_t = Output::Text)]
+    pub output: Output,
+}
+
 /// A signed-in connection to the data directory's running server.
 pub struct ApiClient {
     channel: Channel,
@@ -44,6 +52,11 @@ pub fn message_json<M: prost::Message>(full_name: &str, m: &M) -> anyhow::Result
         .with_context(|| format!("no message type {full_name} in the schema"))?;
     let dynamic = prost_reflect::DynamicMessage::decode(desc, m.encode_to_vec().as_slice())?;
     Ok(serde_json::to_value(&dynamic)?)
+}
+
+/// Messages of one type as the API's JSON, in order (see [`message_json`]).
+pub fn messages_json<M: prost::Message>(full_name: &str, items: &[M]) -> anyhow::Result<Vec<serde_json::Value>> {
+    items.iter().map(|m| message_json(full_name, m)).collect()
 }
 
 /// Prints a JSON value, indented, with a final newline.
@@ -189,8 +202,7 @@ impl ApiClient {
         let req = ListContainersRequest { include_stopped: Some(all), limit: Some(1000), ..Default::default() };
         let list = c.list_containers(self.req(req)).await.map_err(status_error)?.into_inner();
         if self.json() {
-            let all = list.containers.iter().map(|s| message_json("chalk.container.v1.ContainerResponse", s));
-            return self.finish_json(all.collect::<anyhow::Result<_>>()?);
+            return self.finish_json(messages_json("chalk.container.v1.ContainerResponse", &list.containers)?);
         }
         println!("{:<22} {:<24} {:<11} {:<26} CREATED", "ID", "NAME", "STATUS", "IMAGE");
         for s in list.containers {

@@ -14,7 +14,7 @@ use compute_proto::chalk::runtime::v1::function_queue_meta_service_client::Funct
 use compute_proto::chalk::runtime::v1::{GetCallCountRequest, GetRecentCallsRequest, RemoteCallStatus};
 use tonic::transport::Channel;
 
-use crate::client::{ago, message_json, print_json, status_error, ApiClient, Output};
+use crate::client::{ago, message_json, messages_json, print_json, status_error, ApiClient, Format};
 
 /// `compute fn`.
 #[derive(Subcommand, Debug)]
@@ -24,17 +24,15 @@ pub enum FunctionCommand {
         /// Include deleted ones.
         #[arg(short, long)]
         all: bool,
-        /// text (a table for people) or json (the API's own objects, for scripts).
-        #[arg(long, short = 'o', value_enum, default_value_t = Output::Text)]
-        output: Output,
+        #[command(flatten)]
+        format: Format,
     },
     /// A function's version, policies, schedule, replicas, queue and versions.
     Inspect {
         /// Function name.
         name: String,
-        /// text (lines for people) or json (the API's own objects, for scripts).
-        #[arg(long, short = 'o', value_enum, default_value_t = Output::Text)]
-        output: Output,
+        #[command(flatten)]
+        format: Format,
     },
     /// The output of a function's replicas (what its code printed), each under a header.
     Logs {
@@ -63,8 +61,8 @@ pub enum FunctionCommand {
 pub async fn function(data_dir: &Path, cmd: FunctionCommand) -> anyhow::Result<()> {
     let client = ApiClient::connect(data_dir).await?;
     match cmd {
-        FunctionCommand::Ls { all, output } => client.with_output(output).fn_ls(all).await,
-        FunctionCommand::Inspect { name, output } => client.with_output(output).fn_inspect(&name).await,
+        FunctionCommand::Ls { all, format } => client.with_output(format.output).fn_ls(all).await,
+        FunctionCommand::Inspect { name, format } => client.with_output(format.output).fn_inspect(&name).await,
         FunctionCommand::Logs { name, follow } => client.fn_logs(data_dir, &name, follow).await,
         FunctionCommand::Runs { name, limit } => client.fn_runs(&name, limit).await,
         FunctionCommand::Rm { name } => client.fn_rm(&name).await,
@@ -113,11 +111,8 @@ impl ApiClient {
         };
         let list = self.catalog().list_external_functions(self.req(req)).await.map_err(status_error)?.into_inner();
         if self.json() {
-            let all = list
-                .functions
-                .iter()
-                .map(|f| message_json("chalk.externalfunctioncatalog.v1.ExternalFunctionSummary", f));
-            return self.finish_json(all.collect::<anyhow::Result<_>>()?);
+            let summary = "chalk.externalfunctioncatalog.v1.ExternalFunctionSummary";
+            return self.finish_json(messages_json(summary, &list.functions)?);
         }
         println!(
             "{:<28} {:>7} {:<13} {:>7} {:<16} {:<20} URL",

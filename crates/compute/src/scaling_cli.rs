@@ -8,7 +8,7 @@ use compute_proto::chalk::scalinggroup::v1::{
     ScalingGroupResponse,
 };
 
-use crate::client::{ago, message_json, print_json, status_error, ApiClient};
+use crate::client::{ago, message_json, messages_json, print_json, status_error, ApiClient};
 
 fn number(g: &ScalingGroupResponse, key: &str) -> i64 {
     match g.metadata.get(key).and_then(|v| v.kind.as_ref()) {
@@ -41,8 +41,8 @@ impl ApiClient {
         let req = ListScalingGroupsRequest { limit: Some(1000), include_deleted: Some(all), ..Default::default() };
         let list = self.groups().list_scaling_groups(self.req(req)).await.map_err(status_error)?.into_inner();
         if self.json() {
-            let all = list.scaling_groups.iter().map(|g| message_json("chalk.scalinggroup.v1.ScalingGroupResponse", g));
-            return self.finish_json(all.collect::<anyhow::Result<_>>()?);
+            return self
+                .finish_json(messages_json("chalk.scalinggroup.v1.ScalingGroupResponse", &list.scaling_groups)?);
         }
         println!("{:<22} {:<24} {:<13} {:>7} {:<20} URL", "ID", "NAME", "STATUS", "READY", "CREATED");
         for g in list.scaling_groups {
@@ -73,11 +73,7 @@ impl ApiClient {
         };
         let revs = self.groups().list_scaling_group_revisions(self.req(req)).await.map_err(status_error)?.into_inner();
         if self.json() {
-            let revisions = revs
-                .revisions
-                .iter()
-                .map(|r| message_json("chalk.scalinggroup.v1.ScalingGroupRevisionResponse", r))
-                .collect::<anyhow::Result<Vec<_>>>()?;
+            let revisions = messages_json("chalk.scalinggroup.v1.ScalingGroupRevisionResponse", &revs.revisions)?;
             let group = message_json("chalk.scalinggroup.v1.ScalingGroupResponse", &g)?;
             return print_json(&serde_json::json!({ "scalingGroup": group, "revisions": revisions }));
         }

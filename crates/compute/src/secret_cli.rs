@@ -10,7 +10,7 @@ use anyhow::Context;
 use clap::{Args, Subcommand};
 use compute_control::{Control, Principal, Scope, ScopeKind};
 
-use crate::client::{print_json, Output};
+use crate::client::{print_json, Format, Output};
 
 /// Which environment a command acts in.
 #[derive(Args, Debug, Clone)]
@@ -43,9 +43,8 @@ pub enum SecretCommand {
     Ls {
         #[command(flatten)]
         env: EnvFlag,
-        /// text (a table for people) or json (for scripts).
-        #[arg(long, short = 'o', value_enum, default_value_t = Output::Text)]
-        output: Output,
+        #[command(flatten)]
+        format: Format,
     },
     /// Delete a secret.
     Rm {
@@ -83,9 +82,8 @@ pub enum IntegrationCommand {
     Ls {
         #[command(flatten)]
         env: EnvFlag,
-        /// text (a table for people) or json (for scripts).
-        #[arg(long, short = 'o', value_enum, default_value_t = Output::Text)]
-        output: Output,
+        #[command(flatten)]
+        format: Format,
     },
     /// Delete an integration.
     Rm {
@@ -150,10 +148,10 @@ pub fn secret(control: &Control, cmd: SecretCommand) -> anyhow::Result<()> {
             let rec = control.secrets().upsert(&who, &name, &scope, &value)?;
             println!("secret {} set ({}, id {})", rec.name, scope.describe(), rec.id);
         }
-        SecretCommand::Ls { env, output } => {
+        SecretCommand::Ls { env, format } => {
             let who = operator(control, &env)?;
             let all = control.secrets().list(&who, true)?;
-            if output == Output::Json {
+            if format.output == Output::Json {
                 let items = all.iter().map(|rec| {
                     let scope = Scope { kind: rec.scope, name: rec.scope_ref.clone() };
                     serde_json::json!({ "id": rec.id, "name": rec.name, "scope": scope.describe(),
@@ -203,10 +201,10 @@ pub fn integration(control: &Control, cmd: IntegrationCommand) -> anyhow::Result
             let view = control.secrets().set_integration(&env_id, &name, &kind, map)?;
             println!("integration {} ({}) set: exposes {}", view.name, view.kind, view.variables.join(", "));
         }
-        IntegrationCommand::Ls { env, output } => {
+        IntegrationCommand::Ls { env, format } => {
             let env_id = control.environment_id(&env.environment)?;
             let all = control.secrets().integrations(&env_id)?;
-            if output == Output::Json {
+            if format.output == Output::Json {
                 let items = all.iter().map(
                     |v| serde_json::json!({ "name": v.name, "kind": v.kind, "keys": v.keys, "variables": v.variables }),
                 );

@@ -179,7 +179,8 @@ impl Workloads {
         self.published.served_as(id)
     }
 
-    fn environment_name(&self, environment_id: &str) -> String {
+    /// The name of an environment (its id when it has none any more), as ingress routes are keyed.
+    pub(crate) fn environment_name(&self, environment_id: &str) -> String {
         self.store
             .read(|r| r.environments().get(environment_id))
             .ok()

@@ -85,13 +85,7 @@ pub(super) async fn run(
         environment_id: group.environment_id.clone(),
         expires_at: i64::MAX,
     };
-    let env_name = groups
-        .store
-        .read(|r| r.environments().get(&group.environment_id))
-        .ok()
-        .flatten()
-        .map(|e| e.name)
-        .unwrap_or_else(|| group.environment_id.clone());
+    let env_name = groups.workloads.environment_name(&group.environment_id);
     let route = GroupRoute::new(
         group.environment_id.clone(),
         RouteSettings {
